@@ -1,0 +1,1 @@
+"""Autoscaling policies (heuristic and learned) behind one ``predict()`` protocol, plus evaluation."""

@@ -1,0 +1,1 @@
+"""Gymnasium environments for operator-level and model-level autoscaling."""

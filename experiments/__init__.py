@@ -1,0 +1,1 @@
+"""Named experiments: the paper's table, sweeps, plots."""

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``opscale`` CLI, one module each (see :mod:`opscale.cli`)."""

@@ -1,0 +1,1 @@
+"""GPU-cluster LLM-serving simulator at operator granularity (no Gymnasium or torch here)."""

@@ -1,0 +1,1 @@
+"""Request traces: loaders for public traces, synthetic generators, the embedded default workload."""
