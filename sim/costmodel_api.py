@@ -1,0 +1,143 @@
+"""The cost-model interface shared by every backend: the :class:`CostModel` protocol and the
+:class:`AttentionBatch` statistics the simulator hands it (see :mod:`opscale.sim.costmodel`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from opscale.sim.hardware import GPUSpec
+from opscale.sim.models import ModelSpec, UnitKind
+
+__all__ = ["AttentionBatch", "CostModel", "UnitBreakdown", "as_nonnegative_array", "split_prefill_pairs"]
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Sufficient statistics of one iteration's attention work on one replica.
+
+    :param num_decodes: decode requests (one new token each).
+    :param decode_context_tokens: sum over decodes of the KV length each reads.
+    :param prefill_tokens: new prompt tokens in the iteration (all prefill chunks).
+    :param prefill_attention_pairs: sum over prefill chunks of
+        ``chunk * prior_context + chunk * (chunk + 1) / 2`` (causal query-key pairs).
+    :param num_prefills: prefill chunks (requests) in the iteration.
+    """
+
+    num_decodes: int = 0
+    decode_context_tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_attention_pairs: float = 0.0
+    num_prefills: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_decodes",
+            "decode_context_tokens",
+            "prefill_tokens",
+            "prefill_attention_pairs",
+            "num_prefills",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AttentionBatch.{name} must be >= 0, got {getattr(self, name)}")
+        if (self.num_prefills == 0) != (self.prefill_tokens == 0):
+            raise ValueError(
+                f"AttentionBatch: prefill_tokens ({self.prefill_tokens}) and num_prefills ({self.num_prefills}) "
+                "must be both zero or both positive"
+            )
+        if self.prefill_attention_pairs < self.prefill_tokens:
+            raise ValueError(
+                f"AttentionBatch: prefill_attention_pairs ({self.prefill_attention_pairs}) < prefill_tokens "
+                f"({self.prefill_tokens}); every token attends at least to itself"
+            )
+        if self.decode_context_tokens < self.num_decodes:
+            raise ValueError(
+                f"AttentionBatch: decode_context_tokens ({self.decode_context_tokens}) < num_decodes "
+                f"({self.num_decodes}); each decode reads at least its own token"
+            )
+
+    @classmethod
+    def from_requests(
+        cls, decode_context_lengths: Sequence[int] = (), prefill_chunks: Sequence[tuple[int, int]] = ()
+    ) -> AttentionBatch:
+        """Build from per-request figures.
+
+        :param decode_context_lengths: KV length read by each decode (including its new token).
+        :param prefill_chunks: ``(chunk_tokens, prior_context_tokens)`` per prefill chunk.
+        """
+        pairs = sum(c * p + c * (c + 1) / 2 for c, p in prefill_chunks)
+        return cls(
+            num_decodes=len(decode_context_lengths),
+            decode_context_tokens=int(sum(decode_context_lengths)),
+            prefill_tokens=int(sum(c for c, _ in prefill_chunks)),
+            prefill_attention_pairs=float(pairs),
+            num_prefills=len(prefill_chunks),
+        )
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """How long operators and collectives take. All times in seconds."""
+
+    def unit_time_s(self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, num_tokens: int) -> float:
+        """One call serving ``num_tokens`` tokens through all layers of a non-attention unit on one TP
+        group, including that unit's TP collective; 0 tokens -> 0.0."""
+        ...
+
+    def unit_time_s_array(
+        self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, tokens: np.ndarray
+    ) -> np.ndarray:
+        """Vectorised :meth:`unit_time_s` over an array of token counts."""
+        ...
+
+    def attention_time_s(self, model: ModelSpec, gpu: GPUSpec, tp: int, batch: AttentionBatch) -> float:
+        """Attention over all layers for one iteration's batch on one TP group."""
+        ...
+
+    def allreduce_time_s(self, gpu: GPUSpec, tp: int, num_bytes: float) -> float:
+        """All-reduce of ``num_bytes`` (the full tensor) across ``tp`` GPUs; 0 when ``tp == 1``."""
+        ...
+
+    def send_recv_time_s(self, gpu: GPUSpec, num_bytes: float, cross_node: bool = False) -> float:
+        """Point-to-point transfer of ``num_bytes`` (pipeline hop)."""
+        ...
+
+    def bound(self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, num_tokens: int) -> str:
+        """``"compute"`` or ``"memory"``: which roof limits the unit at this size."""
+        ...
+
+
+@dataclass(frozen=True)
+class UnitBreakdown:
+    """Roofline terms of one unit call over all layers (for ``opscale costmodel show``)."""
+
+    unit: UnitKind
+    time_s: float
+    flops: float
+    bytes_moved: float
+    collective_s: float
+    bound: str
+
+
+def as_nonnegative_array(tokens: np.ndarray | Sequence[float] | float) -> np.ndarray:
+    """``tokens`` as a float64 array; raises ``ValueError`` naming the first negative or non-finite entry."""
+    array = np.asarray(tokens, dtype=np.float64)
+    if array.size and (not np.all(np.isfinite(array)) or array.min() < 0):
+        bad = array[~np.isfinite(array) | (array < 0)].flat[0]
+        raise ValueError(f"token counts must be finite and >= 0, got {bad}")
+    return array
+
+
+def split_prefill_pairs(
+    prefill_tokens: np.ndarray, pairs: np.ndarray, num_prefills: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split causal query-key pairs into new (within the chunk) and cached (earlier context) pairs.
+
+    The statistics do not carry each chunk's size; the split assumes equal chunks, for which
+    ``new = T (T/n + 1) / 2`` is exact (one chunk per request per iteration is the common case).
+    """
+    chunks = np.maximum(num_prefills, 1)
+    new = np.minimum(pairs, prefill_tokens * (prefill_tokens / chunks + 1.0) / 2.0)
+    return new, np.maximum(pairs - new, 0.0)

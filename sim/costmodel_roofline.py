@@ -1,0 +1,410 @@
+"""The calibrated analytic (roofline) backend of :mod:`opscale.sim.costmodel`.
+
+GEMMs: ``launch + (t_c**p + t_m**p)**(1/p)``, one parameter set per GPU shared by every GEMM and model;
+elementwise kernels: ``latency + bytes / (HBM x efficiency)`` each; prefill attention: separate
+efficiencies for new-token and cached-context query-key pairs (bounded below by reading the KV once);
+decode attention: memory-bound with a floor and a per-sequence term; collectives: alpha-beta fits.
+Efficiencies are <= 1, so no answer is faster than peak FLOP/s or HBM bandwidth allow, and every
+term grows monotonically with tokens and context, at any length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from opscale.sim.costmodel_api import AttentionBatch, UnitBreakdown, as_nonnegative_array, split_prefill_pairs
+from opscale.sim.costmodel_coefficients import (
+    FITTED_COEFFICIENTS,
+    AttentionCoefficients,
+    CollectiveCoefficients,
+    ElementwiseCoefficients,
+    GemmCoefficients,
+    GpuCoefficients,
+)
+from opscale.sim.hardware import GPUSpec
+from opscale.sim.models import GemmShape, ModelSpec, UnitKind
+
+__all__ = ["DEFAULT_GPUS_PER_NODE", "RooflineCostModel", "elementwise_time_s", "gemm_time_s"]
+
+#: GPUs per node assumed by the collectives when a TP group size alone must tell intra- from
+#: cross-node (DGX A100 / H100 / H200).
+DEFAULT_GPUS_PER_NODE = 8
+
+#: Entries kept by the per-instance memo of :meth:`RooflineCostModel.unit_time_s` before it is
+#: cleared (bounded memory; a clear costs one recomputation per key).
+UNIT_CACHE_MAX_ENTRIES = 1 << 18
+
+
+def _pnorm(a: np.ndarray, b: np.ndarray, p: float) -> np.ndarray:
+    """``(a**p + b**p) ** (1/p)`` computed stably (scaled by the larger term)."""
+    top = np.maximum(a, b)
+    safe = np.where(top > 0, top, 1.0)
+    return np.where(top > 0, top * ((a / safe) ** p + (b / safe) ** p) ** (1.0 / p), 0.0)
+
+
+def gemm_time_s(
+    shape: GemmShape, tokens: np.ndarray, gpu: GPUSpec, coeffs: GemmCoefficients, dtype_bytes: int
+) -> np.ndarray:
+    """Time of one layer's ``shape`` GEMM(s) for each token count (0 tokens -> 0)."""
+    compute_s = shape.flops(tokens) / (gpu.peak_flops * coeffs.compute_efficiency)
+    memory_s = shape.bytes_moved(tokens, dtype_bytes) / (
+        gpu.hbm_bandwidth_bytes_per_s * coeffs.memory_efficiency
+    )
+    busy = coeffs.launch_s * shape.kernels + _pnorm(compute_s, memory_s, coeffs.smoothing_p)
+    return np.where(tokens > 0, busy, 0.0)
+
+
+def elementwise_time_s(
+    bytes_per_token: float, tokens: np.ndarray, gpu: GPUSpec, coeffs: ElementwiseCoefficients
+) -> np.ndarray:
+    """Time of one bandwidth-bound kernel over ``tokens`` rows (0 tokens -> 0)."""
+    busy = coeffs.latency_s + tokens * bytes_per_token / (
+        gpu.hbm_bandwidth_bytes_per_s * coeffs.memory_efficiency
+    )
+    return np.where(tokens > 0, busy, 0.0)
+
+
+class RooflineCostModel:
+    """The calibrated analytic cost model (see the module docstring for the formulas).
+
+    Instances keep a bounded memo of :meth:`unit_time_s` (per instance, keyed on the model, unit,
+    GPU, TP degree and tokens). The array methods compute directly and never touch it.
+
+    :param coefficients: per-GPU-name coefficients; defaults to the fitted values.
+    :param gpus_per_node: GPUs per node, for telling intra- from cross-node TP collectives.
+    """
+
+    def __init__(
+        self,
+        coefficients: Mapping[str, GpuCoefficients] | None = None,
+        gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
+    ) -> None:
+        self.coefficients: Mapping[str, GpuCoefficients] = (
+            FITTED_COEFFICIENTS if coefficients is None else coefficients
+        )
+        self.gpus_per_node = gpus_per_node
+        self._unit_cache: dict[tuple[object, ...], float] = {}
+        self._gemm_cache: dict[tuple[object, ...], tuple[GemmShape, ...]] = {}
+
+    # ------------------------------------------------------------------ lookup
+    def coefficients_for(self, gpu: GPUSpec) -> GpuCoefficients:
+        """Coefficients of ``gpu``.
+
+        :raises ValueError: when the GPU has no coefficients, naming those that do.
+        """
+        try:
+            return self.coefficients[gpu.name]
+        except KeyError:
+            raise ValueError(
+                f"no cost-model coefficients for GPU {gpu.name!r}; calibrated GPUs: {', '.join(sorted(self.coefficients))}"
+            ) from None
+
+    def _gemms(self, model: ModelSpec, unit: UnitKind, tp: int) -> tuple[GemmShape, ...]:
+        key = (model, unit, tp)
+        shapes = self._gemm_cache.get(key)
+        if shapes is None:
+            shapes = model.gemms(unit, tp)
+            self._gemm_cache[key] = shapes
+        return shapes
+
+    # ------------------------------------------------------------------ units
+    def unit_time_s(self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, num_tokens: int) -> float:
+        """See :meth:`CostModel.unit_time_s`; memoised per instance."""
+        key = (model, unit, gpu, tp, num_tokens)
+        cached = self._unit_cache.get(key)
+        if cached is not None:
+            return cached
+        value = float(
+            self.unit_time_s_array(model, unit, gpu, tp, np.array([num_tokens], dtype=np.float64))[0]
+        )
+        if len(self._unit_cache) >= UNIT_CACHE_MAX_ENTRIES:
+            self._unit_cache.clear()
+        self._unit_cache[key] = value
+        return value
+
+    def unit_time_s_array(
+        self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, tokens: np.ndarray
+    ) -> np.ndarray:
+        """Vectorised :meth:`unit_time_s`: one time per entry of ``tokens``.
+
+        :raises ValueError: for ``attention`` (use :meth:`attention_time_s`), a unit the model lacks,
+            a bad TP degree, or negative token counts.
+        """
+        unit = UnitKind(unit)
+        if unit is UnitKind.ATTENTION:
+            raise ValueError("attention depends on context, not only tokens: use attention_time_s(...)")
+        model.validate_tp(tp)
+        tokens = as_nonnegative_array(tokens)
+        compute_s, collective_s = self._unit_terms(model, unit, gpu, tp, tokens)
+        return compute_s + collective_s
+
+    def _unit_terms(
+        self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, tokens: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(kernel time, TP collective time) over all layers, each per entry of ``tokens``."""
+        coeffs = self.coefficients_for(gpu)
+        layers = model.layers_of(unit)
+        d = model.dtype_bytes
+        hidden_bytes = tokens * model.hidden_size * d
+        zero = np.zeros_like(tokens)
+        if unit is UnitKind.EMBED:
+            kernel = elementwise_time_s(2.0 * model.hidden_size * d, tokens, gpu, coeffs.embedding)
+            return kernel, self.allreduce_time_s_array(gpu, tp, hidden_bytes)
+        if unit is UnitKind.NORM:
+            kernel = zero.copy()
+            for name, per_token in model.elementwise_bytes_per_token(tp).items():
+                kernel += elementwise_time_s(per_token, tokens, gpu, coeffs.elementwise[name])
+            return kernel * layers, zero
+        kernel = zero.copy()
+        for shape in self._gemms(model, unit, tp):
+            kernel += gemm_time_s(shape, tokens, gpu, coeffs.gemm, d)
+        if unit is UnitKind.VISION_ENCODER:
+            return self._vision_extra(model, gpu, tp, tokens, kernel)
+        kernel = kernel * layers
+        if unit in (UnitKind.O_PROJ, UnitKind.FFN, UnitKind.MOE):
+            return kernel, self.allreduce_time_s_array(gpu, tp, hidden_bytes) * layers
+        if unit is UnitKind.LM_HEAD:
+            # vocabulary-parallel logits are gathered: an all-gather moves half an all-reduce's bytes
+            return kernel, self.allreduce_time_s_array(gpu, tp, tokens * model.vocab_size * d / 2.0)
+        return kernel, zero
+
+    def _vision_extra(
+        self, model: ModelSpec, gpu: GPUSpec, tp: int, tokens: np.ndarray, gemm_s: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """ViT: add full attention over each image's patches, the per-block elementwise kernels
+        (two LayerNorms, GELU, two residual adds) and two all-reduces per block when sharded."""
+        assert model.vision is not None
+        vision = model.vision
+        coeffs = self.coefficients_for(gpu)
+        d = model.dtype_bytes
+        pairs = tokens * np.minimum(tokens, vision.patches_per_image)
+        images = np.ceil(tokens / vision.patches_per_image)
+        attention = coeffs.attention
+        attn_flops = 4.0 * vision.hidden_size / tp * pairs
+        attn_s = np.where(
+            tokens > 0,
+            attention.prefill_floor_s
+            + images * attention.prefill_per_sequence_s
+            + attn_flops / (gpu.peak_flops * attention.prefill_new_efficiency),
+            0.0,
+        )
+        norm_coeffs = coeffs.elementwise["input_layernorm"]
+        elementwise = 2 * elementwise_time_s(2.0 * vision.hidden_size * d, tokens, gpu, norm_coeffs)
+        elementwise += elementwise_time_s(
+            2.0 * vision.mlp_size / tp * d, tokens, gpu, coeffs.elementwise["mlp_act"]
+        )
+        elementwise += 2 * elementwise_time_s(
+            3.0 * vision.hidden_size * d, tokens, gpu, coeffs.elementwise["add"]
+        )
+        kernel = gemm_s + (attn_s + elementwise) * vision.num_layers
+        collective = (
+            2 * vision.num_layers * self.allreduce_time_s_array(gpu, tp, tokens * vision.hidden_size * d)
+        )
+        return kernel, collective
+
+    # ------------------------------------------------------------------ attention
+    def attention_time_s(self, model: ModelSpec, gpu: GPUSpec, tp: int, batch: AttentionBatch) -> float:
+        """See :meth:`CostModel.attention_time_s`."""
+        return float(
+            self.attention_time_s_array(
+                model,
+                gpu,
+                tp,
+                num_decodes=np.array([batch.num_decodes], dtype=np.float64),
+                decode_context_tokens=np.array([batch.decode_context_tokens], dtype=np.float64),
+                prefill_tokens=np.array([batch.prefill_tokens], dtype=np.float64),
+                prefill_attention_pairs=np.array([batch.prefill_attention_pairs], dtype=np.float64),
+                num_prefills=np.array([batch.num_prefills], dtype=np.float64),
+            )[0]
+        )
+
+    def attention_time_s_array(
+        self,
+        model: ModelSpec,
+        gpu: GPUSpec,
+        tp: int,
+        num_decodes: np.ndarray,
+        decode_context_tokens: np.ndarray,
+        prefill_tokens: np.ndarray,
+        prefill_attention_pairs: np.ndarray,
+        num_prefills: np.ndarray,
+    ) -> np.ndarray:
+        """Vectorised :meth:`attention_time_s`: arrays of the :class:`AttentionBatch` fields
+        (broadcast together); returns the time over all layers per entry."""
+        prefill_s, decode_s = self.attention_terms_per_layer(
+            model,
+            gpu,
+            tp,
+            num_decodes,
+            decode_context_tokens,
+            prefill_tokens,
+            prefill_attention_pairs,
+            num_prefills,
+        )
+        return (prefill_s + decode_s) * model.num_layers
+
+    def attention_terms_per_layer(
+        self,
+        model: ModelSpec,
+        gpu: GPUSpec,
+        tp: int,
+        num_decodes: np.ndarray,
+        decode_context_tokens: np.ndarray,
+        prefill_tokens: np.ndarray,
+        prefill_attention_pairs: np.ndarray,
+        num_prefills: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(prefill kernel time, decode kernel time) of one layer on one TP shard."""
+        model.validate_tp(tp)
+        arrays = [
+            as_nonnegative_array(a)
+            for a in (
+                num_decodes,
+                decode_context_tokens,
+                prefill_tokens,
+                prefill_attention_pairs,
+                num_prefills,
+            )
+        ]
+        num_decodes, decode_context_tokens, prefill_tokens, prefill_attention_pairs, num_prefills = (
+            np.broadcast_arrays(*arrays)
+        )
+        coeffs: AttentionCoefficients = self.coefficients_for(gpu).attention
+        heads = model.heads_per_shard(tp)
+        kv_bytes_per_token = 2.0 * model.kv_heads_per_shard(tp) * model.head_dim * model.dtype_bytes
+        flops_per_pair = 4.0 * model.head_dim * heads
+        bandwidth = gpu.hbm_bandwidth_bytes_per_s
+
+        new_pairs, cached_pairs = split_prefill_pairs(prefill_tokens, prefill_attention_pairs, num_prefills)
+        prefill_compute_s = flops_per_pair * (
+            new_pairs / (gpu.peak_flops * coeffs.prefill_new_efficiency)
+            + cached_pairs / (gpu.peak_flops * coeffs.prefill_cached_efficiency)
+        )
+        # KV of the earlier context is read at least once (cached pairs / mean chunk = prior tokens)
+        mean_chunk = prefill_tokens / np.maximum(num_prefills, 1)
+        prior_tokens = cached_pairs / np.maximum(mean_chunk, 1.0)
+        prefill_memory_s = (
+            (prior_tokens + prefill_tokens)
+            * kv_bytes_per_token
+            / (bandwidth * coeffs.decode_memory_efficiency)
+        )
+        prefill_s = np.where(
+            prefill_tokens > 0,
+            coeffs.prefill_floor_s
+            + coeffs.prefill_per_sequence_s * num_prefills
+            + np.maximum(prefill_compute_s, prefill_memory_s),
+            0.0,
+        )
+
+        decode_memory_s = (
+            decode_context_tokens * kv_bytes_per_token / (bandwidth * coeffs.decode_memory_efficiency)
+        )
+        decode_compute_s = flops_per_pair * decode_context_tokens / gpu.peak_flops
+        decode_s = np.where(
+            num_decodes > 0,
+            coeffs.decode_floor_s
+            + coeffs.decode_per_sequence_s * num_decodes
+            + np.maximum(decode_memory_s, decode_compute_s),
+            0.0,
+        )
+        return prefill_s, decode_s
+
+    # ------------------------------------------------------------------ collectives
+    def allreduce_time_s(self, gpu: GPUSpec, tp: int, num_bytes: float) -> float:
+        """See :meth:`CostModel.allreduce_time_s`. TP groups larger than a node use the cross-node fit."""
+        return float(self.allreduce_time_s_array(gpu, tp, np.array([num_bytes], dtype=np.float64))[0])
+
+    def allreduce_time_s_array(self, gpu: GPUSpec, tp: int, num_bytes: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`allreduce_time_s` over message sizes."""
+        num_bytes = as_nonnegative_array(num_bytes)
+        if tp < 1:
+            raise ValueError(f"TP degree must be >= 1, got {tp}")
+        if tp == 1:
+            return np.zeros_like(num_bytes)
+        c: CollectiveCoefficients = self.coefficients_for(gpu).collectives
+        ring_factor = 2.0 * (tp - 1) / tp
+        if tp <= self.gpus_per_node:
+            latency = c.allreduce_latency_s + c.allreduce_latency_per_rank_s * (tp - 2)
+            bandwidth = c.allreduce_bus_bandwidth_bytes_per_s
+        else:
+            latency = c.cross_node_allreduce_latency_s + c.allreduce_latency_per_rank_s * (tp - 2)
+            bandwidth = c.cross_node_allreduce_bus_bandwidth_bytes_per_s
+        return np.where(num_bytes > 0, latency + ring_factor * num_bytes / bandwidth, 0.0)
+
+    def send_recv_time_s(self, gpu: GPUSpec, num_bytes: float, cross_node: bool = False) -> float:
+        """See :meth:`CostModel.send_recv_time_s`."""
+        return float(self.send_recv_time_s_array(gpu, np.array([num_bytes], dtype=np.float64), cross_node)[0])
+
+    def send_recv_time_s_array(
+        self, gpu: GPUSpec, num_bytes: np.ndarray, cross_node: bool = False
+    ) -> np.ndarray:
+        """Vectorised :meth:`send_recv_time_s` over message sizes."""
+        num_bytes = as_nonnegative_array(num_bytes)
+        c = self.coefficients_for(gpu).collectives
+        if cross_node:
+            latency, bandwidth = (
+                c.cross_node_send_recv_latency_s,
+                c.cross_node_send_recv_bandwidth_bytes_per_s,
+            )
+        else:
+            latency, bandwidth = c.send_recv_latency_s, c.send_recv_bandwidth_bytes_per_s
+        return np.where(num_bytes > 0, latency + num_bytes / bandwidth, 0.0)
+
+    # ------------------------------------------------------------------ reporting
+    def bound(self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, num_tokens: int) -> str:
+        """``"compute"`` when the unit's FLOP time at peak exceeds its byte time at full HBM speed.
+
+        For ``attention`` the call is read as a fresh prefill of ``num_tokens`` tokens.
+        """
+        unit = UnitKind(unit)
+        tokens = float(as_nonnegative_array(num_tokens))
+        if unit is UnitKind.ATTENTION:
+            flops = model.flops(unit, tokens, tp, context_tokens=tokens * (tokens + 1) / 2)
+            bytes_moved = model.bytes_moved(unit, tokens, tp, kv_tokens_read=tokens)
+        else:
+            flops = model.flops(unit, tokens, tp)
+            bytes_moved = model.bytes_moved(unit, tokens, tp)
+        compute_s = flops / gpu.peak_flops
+        memory_s = bytes_moved / gpu.hbm_bandwidth_bytes_per_s
+        return "compute" if compute_s > memory_s else "memory"
+
+    def breakdown(
+        self, model: ModelSpec, gpu: GPUSpec, tp: int, num_tokens: int, context_tokens: int = 0
+    ) -> list[UnitBreakdown]:
+        """Per-unit time, FLOPs, bytes and bound for a batch of ``num_tokens`` tokens.
+
+        Attention is taken as one prefill chunk of ``num_tokens`` tokens after ``context_tokens`` of
+        cached context when ``num_tokens > 1``, else as one decode reading ``context_tokens + 1``.
+        """
+        rows: list[UnitBreakdown] = []
+        tokens = np.array([float(num_tokens)])
+        for unit in model.units:
+            if unit is UnitKind.ATTENTION:
+                if num_tokens > 1:
+                    batch = AttentionBatch.from_requests(prefill_chunks=[(num_tokens, context_tokens)])
+                    kv_read = context_tokens + num_tokens
+                    pairs = batch.prefill_attention_pairs
+                else:
+                    batch = AttentionBatch.from_requests(decode_context_lengths=[context_tokens + 1])
+                    kv_read = context_tokens + 1
+                    pairs = float(kv_read)
+                time_s = self.attention_time_s(model, gpu, tp, batch)
+                flops = model.flops(unit, num_tokens, tp, context_tokens=pairs)
+                bytes_moved = model.bytes_moved(unit, num_tokens, tp, kv_tokens_read=kv_read)
+                compute_s, memory_s = flops / gpu.peak_flops, bytes_moved / gpu.hbm_bandwidth_bytes_per_s
+                bound = "compute" if compute_s > memory_s else "memory"
+                rows.append(UnitBreakdown(unit, time_s, flops, bytes_moved, 0.0, bound))
+                continue
+            kernel, collective = self._unit_terms(model, unit, gpu, tp, tokens)
+            rows.append(
+                UnitBreakdown(
+                    unit,
+                    float(kernel[0] + collective[0]),
+                    model.flops(unit, num_tokens, tp),
+                    model.bytes_moved(unit, num_tokens, tp),
+                    float(collective[0]),
+                    self.bound(model, unit, gpu, tp, num_tokens),
+                )
+            )
+        return rows
