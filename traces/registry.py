@@ -9,6 +9,7 @@ its extension and header.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -193,6 +194,8 @@ def detect_format(path: Path) -> TraceFormat:
 def _missing_data_error(spec: NamedTrace, path: Path, data_dir: str | Path | None) -> TraceDataNotFoundError:
     if data_dir is not None:
         looked = f"the data_dir argument {data_dir}"
+    elif os.environ.get("OPSCALE_DATA"):
+        looked = f"$OPSCALE_DATA={os.environ['OPSCALE_DATA']}"
     else:
         looked = f"the data directory {paths.data_dir()} (searched: {paths.searched_locations('OPSCALE_DATA', 'traces')})"
     return TraceDataNotFoundError(
