@@ -1,0 +1,387 @@
+"""Shared logic of the autoscaling environments (HighwayEnv style: the simulator is kept apart).
+
+:class:`AutoscaleEnv` owns what both granularities share: configuration, the trace and its episode
+windows, building a fresh simulator per episode through :func:`opscale.sim.simulator.simulator_class`,
+turning interval metrics into observations (:class:`opscale.envs.spaces.ObservationLayout`) and rewards
+(:class:`opscale.envs.reward.RewardFunction`), ``info``, masks and rendering. A subclass only says how
+actions are encoded (:meth:`AutoscaleEnv._make_codec`), what the default deployment is and how many
+replicas (or instances) it may add.
+
+The per-step path is kept thin for the ``fluid`` fidelity (thousands of steps per second): no
+``dataclasses.asdict``, no deep copies, the action is checked with two vectorised comparisons and the
+observation is filled into one list then normalised in numpy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+from opscale.envs.config import EnvConfig, resolve_config
+from opscale.envs.render import render_ansi
+from opscale.envs.reward import RewardFunction
+from opscale.envs.spaces import WAITING_SCALE_REQUESTS, ActionCodec, ObservationLayout, addable_replicas
+from opscale.sim.config import SimConfig
+from opscale.sim.costmodel import default_cost_model
+from opscale.sim.deployment import Deployment, Granularity
+from opscale.sim.hardware import ClusterSpec
+from opscale.sim.metrics import SLO, IntervalMetrics, default_slo
+from opscale.sim.models import UnitKind
+from opscale.sim.simulator import ServingSimulator, simulator_class
+from opscale.traces.trace import RequestTrace
+
+__all__ = ["AutoscaleEnv", "interval_metrics_dict"]
+
+_SECONDS_PER_DAY = 86400.0
+_RESET_OPTIONS = frozenset({"start_s"})
+#: Enum ``.value`` goes through a descriptor; a dict lookup is several times cheaper on the step path.
+_UNIT_NAMES: dict[UnitKind, str] = {unit: unit.value for unit in UnitKind}
+
+
+def interval_metrics_dict(metrics: IntervalMetrics) -> dict[str, Any]:
+    """``metrics`` as a fresh plain dict (units keyed by name).
+
+    Much cheaper than ``dataclasses.asdict`` (no recursion, no deep copies): the metrics dataclasses
+    hold numbers only, so a shallow copy of each instance's ``__dict__`` is a full copy.
+    """
+    data: dict[str, Any] = dict(vars(metrics))
+    data["units"] = {
+        _UNIT_NAMES[unit]: dict(vars(unit_metrics)) for unit, unit_metrics in metrics.units.items()
+    }
+    return data
+
+
+class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
+    """Base class; see :class:`opscale.envs.operator_autoscale.OperatorAutoscaleEnv` for the full contract.
+
+    :param config: a (partial) configuration mapping, merged over :func:`opscale.envs.config.default_config`.
+    :param render_mode: ``None`` or ``"ansi"``.
+    :param overrides: further configuration keys (what ``gym.make(id, key=value)`` passes).
+    :raises ValueError: for an unknown key, model, GPU, trace or render mode, or any invalid value.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012 (Gymnasium API)
+    #: The deployment granularity the subclass's actions drive.
+    granularity: ClassVar[Granularity]
+
+    def __init__(
+        self, config: Mapping[str, Any] | None = None, render_mode: str | None = None, **overrides: Any
+    ):
+        super().__init__()
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(
+                f"unknown render_mode {render_mode!r}; valid: None, {', '.join(self.metadata['render_modes'])}"
+            )
+        self.render_mode = render_mode
+        self.config: EnvConfig = resolve_config(config, **overrides)
+        cfg = self.config
+        self.model = cfg.model
+        self.cluster = ClusterSpec.homogeneous(cfg.gpu, cfg.num_nodes, cfg.gpus_per_node)
+        self.slo: SLO = cfg.slo or default_slo(cfg.model)
+        self.sim_config: SimConfig = self._make_sim_config()
+        self.cost_model = default_cost_model()
+        self.trace: RequestTrace = self._load_trace()
+        self.control_interval_s = cfg.control_interval_s
+        self.episode_length_s = (cfg.warmup_intervals + cfg.horizon) * cfg.control_interval_s
+        self._check_episode_fits()
+        self.units: tuple[UnitKind, ...] = cfg.model.units
+        self.initial_deployment: Deployment = cfg.initial_deployment or self._default_deployment()
+        self.initial_deployment.validate(gpus_per_node=cfg.gpus_per_node)
+        if self.initial_deployment.granularity != self.granularity:
+            raise ValueError(
+                f"{type(self).__name__} needs a {self.granularity}-level initial_deployment, "
+                f"got granularity {self.initial_deployment.granularity!r}"
+            )
+        self.max_replicas = self._max_replicas()
+        self.codec: ActionCodec = self._make_codec()
+        self.action_space = self.codec.space()
+        rate_scale = cfg.rate_scale_per_s or self._peak_interval_rate_per_s()
+        self.max_power_w = self.cluster.num_gpus * cfg.gpu.tdp_watts
+        self.observation_layout = ObservationLayout(
+            self.units,
+            {
+                "max_replicas": float(self.max_replicas),
+                "queue_tokens": cfg.queue_scale_tokens,
+                "tbt_slo": self.slo.tbt_s,
+                "ttft_slo": self.slo.ttft_s,
+                "max_batch_cap": float(cfg.batch_cap_buckets_tokens[-1]),
+                "rate": rate_scale,
+                "waiting_requests": WAITING_SCALE_REQUESTS,
+                "num_gpus": float(self.cluster.num_gpus),
+                "max_power_w": self.max_power_w,
+            },
+        )
+        self.observation_space = self.observation_layout.space()
+        self.reward_function = RewardFunction(
+            cfg.reward_weights, cfg.slo_penalty, cfg.slo_target, self.cluster.num_gpus, self.max_power_w
+        )
+        self._nvec = self.codec.nvec
+        self._sim: ServingSimulator | None = None
+        self._window_start_s = 0.0
+        self._steps = 0
+        self._last_rate_per_s = 0.0
+        self._last_metrics: IntervalMetrics | None = None
+        self._last_reward_components: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ construction helpers
+    def _make_sim_config(self) -> SimConfig:
+        """``SimConfig`` defaults, then ``sim_config`` overrides, then ``cold_start`` overrides."""
+        return SimConfig().with_changes(**{**self.config.sim_config, **self.config.cold_start})
+
+    def _load_trace(self) -> RequestTrace:
+        cfg = self.config
+        if isinstance(cfg.trace, RequestTrace):
+            trace = cfg.trace
+        else:
+            from opscale.traces import load_trace
+
+            extra: dict[str, Any] = (
+                {} if cfg.trace_duration_s is None else {"duration_s": cfg.trace_duration_s}
+            )
+            trace = load_trace(cfg.trace, seed=cfg.trace_seed, **extra)
+        if cfg.trace_rate_scale != 1.0:
+            trace = trace.scale_rate(cfg.trace_rate_scale, np.random.default_rng(cfg.trace_seed))
+        return trace
+
+    def _check_episode_fits(self) -> None:
+        span_s = self.trace.duration_s
+        if span_s < self.episode_length_s:
+            raise ValueError(
+                f"trace {self.trace.name!r} spans {span_s:.1f} s, shorter than one episode of "
+                f"(warmup_intervals + horizon) x control_interval_s = {self.episode_length_s:.1f} s; "
+                "lower the horizon or use a longer trace"
+            )
+        if self.config.episode_start_s is not None:
+            self._check_start(self.config.episode_start_s)
+
+    def _check_start(self, start_s: float) -> float:
+        earliest, latest = self.trace.start_s, self.trace.end_s - self.episode_length_s
+        if not (math.isfinite(start_s) and earliest <= start_s <= latest):
+            raise ValueError(
+                f"episode start {start_s} s is outside the trace: valid starts are {earliest:.1f}..{latest:.1f} s "
+                f"(trace {self.trace.name!r} ends at {self.trace.end_s:.1f} s, an episode lasts {self.episode_length_s:.1f} s)"
+            )
+        return float(start_s)
+
+    def _peak_interval_rate_per_s(self) -> float:
+        """The trace's highest arrival rate over one control interval (the observation's rate scale)."""
+        _, rates = self.trace.rate_curve(self.control_interval_s)
+        return max(float(rates.max()), 1e-6)
+
+    @abstractmethod
+    def _make_codec(self) -> ActionCodec:
+        """The action encoding of this granularity."""
+
+    @abstractmethod
+    def _default_deployment(self) -> Deployment:
+        """The starting deployment when the config gives none (sized from the trace's rate)."""
+
+    @abstractmethod
+    def _max_replicas(self) -> int:
+        """Cap on replicas per unit (operator level) or on instances (model level)."""
+
+    @abstractmethod
+    def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(replicas, addable)`` per action group, for :meth:`action_masks`."""
+
+    # ------------------------------------------------------------------ Gymnasium API
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start an episode on a trace window.
+
+        :param seed: seeds ``self.np_random`` (window start and the simulator's seed are drawn from it).
+        :param options: ``{"start_s": float}`` to start the window at a given trace time.
+        """
+        super().reset(seed=seed)
+        options = options or {}
+        unknown = set(options) - _RESET_OPTIONS
+        if unknown:
+            raise ValueError(
+                f"unknown reset options {sorted(unknown)}; valid: {', '.join(sorted(_RESET_OPTIONS))}"
+            )
+        if "start_s" in options:
+            start_s = self._check_start(float(options["start_s"]))
+        elif self.config.episode_start_s is not None:
+            start_s = self.config.episode_start_s
+        else:
+            start_s = float(
+                self.np_random.uniform(self.trace.start_s, self.trace.end_s - self.episode_length_s)
+            )
+        self._window_start_s = start_s
+        window = self.trace.window(start_s, start_s + self.episode_length_s)
+        simulator_cls = simulator_class(self.config.fidelity)
+        self._sim = simulator_cls(
+            self.cluster,
+            self.model,
+            copy.deepcopy(self.initial_deployment),
+            window,
+            slo=self.slo,
+            cost_model=self.cost_model,
+            config=self.sim_config,
+            seed=int(self.np_random.integers(0, 2**62)),
+        )
+        self._steps = 0
+        self._last_rate_per_s = 0.0
+        self._last_metrics = None
+        self._last_reward_components = None
+        for _ in range(self.config.warmup_intervals):
+            self._record_rate(self._sim.advance(self.control_interval_s))
+        observation = self._observation()
+        info: dict[str, Any] = {"start_s": start_s, "time_s": self._sim.now_s}
+        if self._last_metrics is not None:
+            info["interval"] = interval_metrics_dict(self._last_metrics)
+        return observation, info
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        """Apply ``action`` at the control boundary and simulate one control interval.
+
+        :raises RuntimeError: before the first :meth:`reset`.
+        :raises ValueError: if ``action`` is not in :attr:`action_space`.
+        """
+        sim = self._sim
+        if sim is None:
+            raise RuntimeError("call reset() before step()")
+        vector = np.asarray(action)
+        if (
+            vector.shape != self._nvec.shape
+            or vector.dtype.kind not in "iu"
+            or vector.min() < 0
+            or (vector >= self._nvec).any()
+        ):
+            raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
+        report = sim.apply(self.codec.decode(vector))
+        metrics = sim.advance(self.control_interval_s)
+        self._steps += 1
+        reward, components = self.reward_function(metrics)
+        observation = self._observation_after(metrics)
+        self._last_reward_components = components
+        info = {
+            "time_s": metrics.end_s,
+            "reward_components": components,
+            "interval": interval_metrics_dict(metrics),
+            "repairs": report.repairs,
+            "repair_messages": list(report.messages),
+        }
+        return observation, reward, False, self._steps >= self.config.horizon, info
+
+    def _observation_after(self, metrics: IntervalMetrics) -> np.ndarray:
+        observation = self._observation_from(metrics)
+        self._record_rate(metrics)
+        return observation
+
+    def _record_rate(self, metrics: IntervalMetrics) -> None:
+        self._last_rate_per_s = metrics.arrival_rate_per_s
+        self._last_metrics = metrics
+
+    def _observation(self) -> np.ndarray:
+        """The observation at a reset: from the last warm-up interval, or from the deployment alone."""
+        if self._last_metrics is not None:
+            # the trend of the first observation compares the warm-up interval with itself: zero
+            return self._observation_from(self._last_metrics)
+        assert self._sim is not None
+        deployment = self._sim.deployment
+        physical: list[float] = []
+        for unit in self.units:
+            unit_deployment = deployment.units[unit]
+            physical += [unit_deployment.replicas, 0.0, 0.0, 0.0, 0.0, 0.0, unit_deployment.batch_cap_tokens]
+        physical += [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, *self._time_features(self._sim.now_s)]
+        return self.observation_layout.normalise(np.array(physical))
+
+    def _observation_from(self, metrics: IntervalMetrics) -> np.ndarray:
+        physical: list[float] = []
+        unit_metrics = metrics.units
+        for unit in self.units:
+            m = unit_metrics[unit]
+            physical += [
+                m.replicas + m.pending_replicas,
+                m.pending_replicas,
+                m.utilisation,
+                m.queue_tokens,
+                m.batch_fill,
+                m.mean_wait_s + m.mean_service_s,
+                m.batch_cap_tokens,
+            ]
+        rate = metrics.arrival_rate_per_s
+        trend = 0.0 if self._last_metrics is metrics else rate - self._last_rate_per_s
+        physical += [
+            rate,
+            trend,
+            metrics.slo_attainment,
+            metrics.ttft_p99_s,
+            metrics.tbt_p99_s,
+            metrics.waiting_requests,
+            metrics.gpus_powered_mean,
+            metrics.mean_power_w,
+            *self._time_features(metrics.end_s),
+        ]
+        return self.observation_layout.normalise(np.array(physical))
+
+    def _time_features(self, sim_time_s: float) -> tuple[float, float, float]:
+        angle = 2.0 * math.pi * ((self._window_start_s + sim_time_s) % _SECONDS_PER_DAY) / _SECONDS_PER_DAY
+        return math.sin(angle), math.cos(angle), self._steps / self.config.horizon
+
+    # ------------------------------------------------------------------ masks, decoding, rendering
+    def action_masks(self) -> np.ndarray:
+        """Per-dimension boolean masks (``sum(nvec)`` entries) for ``sb3_contrib.MaskablePPO``.
+
+        A replica (instance) delta is allowed if it keeps at least one replica, at most
+        ``max_replicas``, and adds no more than fit in free GPU memory now; no-change is always allowed.
+        Joint infeasibility (two units competing for the same free memory) is left to the simulator's
+        repair, which is counted in ``info["repairs"]``.
+        """
+        if self._sim is None:
+            raise RuntimeError("call reset() before action_masks()")
+        replicas, addable = self._mask_state()
+        return self.codec.masks(replicas, addable, self.max_replicas)
+
+    def _free_bytes_per_gpu(self) -> np.ndarray:
+        assert self._sim is not None
+        used = np.asarray(self._sim.snapshot().gpu_memory_used_bytes, dtype=np.float64)
+        capacity = np.array(
+            [
+                self.cluster.gpu_of(i).memory_bytes * self.sim_config.gpu_memory_fraction
+                for i in range(used.size)
+            ]
+        )
+        return capacity - used
+
+    def _addable_from(self, free_bytes_per_gpu: np.ndarray, replica_bytes_per_gpu: float, tp: int) -> int:
+        return addable_replicas(free_bytes_per_gpu, replica_bytes_per_gpu, tp, self.config.gpus_per_node)
+
+    def decode_observation(self, observation: np.ndarray, *, physical: bool = False) -> dict[str, Any]:
+        """Named values of ``observation`` (see :func:`opscale.envs.spaces.decode_observation`)."""
+        from opscale.envs.spaces import decode_observation
+
+        return decode_observation(observation, self.observation_layout, physical=physical)
+
+    @property
+    def simulator(self) -> ServingSimulator:
+        """The current episode's simulator (for evaluation code that wants its summary)."""
+        if self._sim is None:
+            raise RuntimeError("call reset() first")
+        return self._sim
+
+    def render(self) -> str | None:
+        """``"ansi"``: a text table of units, replicas, GPUs and SLO status; ``None`` without a render mode."""
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' to gym.make")
+            return None
+        if self._sim is None:
+            raise RuntimeError("call reset() before render()")
+        return render_ansi(
+            deployment=self._sim.deployment,
+            metrics=self._last_metrics,
+            reward_components=self._last_reward_components,
+            slo=self.slo,
+            slo_target=self.config.slo_target,
+            step=self._steps,
+            horizon=self.config.horizon,
+            num_gpus=self.cluster.num_gpus,
+            time_s=self._window_start_s + self._sim.now_s,
+        )

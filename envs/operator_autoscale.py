@@ -1,0 +1,152 @@
+"""``opscale/OperatorAutoscale-v0`` (DES) and ``opscale/OperatorAutoscale-fast-v0`` (fluid)."""
+
+from __future__ import annotations
+
+import numpy as np
+from opscale.envs.base import AutoscaleEnv
+from opscale.envs.sizing import size_operator_level
+from opscale.envs.spaces import ActionCodec, OperatorActionCodec
+from opscale.sim.cluster import ClusterState
+from opscale.sim.deployment import Deployment
+from opscale.sim.models import UnitKind
+
+__all__ = ["OperatorAutoscaleEnv"]
+
+
+class OperatorAutoscaleEnv(AutoscaleEnv):
+    """Operator-level autoscaling of one LLM on a GPU cluster.
+
+    ## Description
+
+    A model is served as a graph of *scaling units* (``embed``, ``norm``, ``qkv_proj``, ``attention``,
+    ``o_proj``, ``ffn`` or ``moe``, ``lm_head``; ``vision_encoder`` first for VL models), each with its
+    own pool of replicas, batch-size cap and placement (arXiv 2511.02248). Requests from a trace window
+    arrive; every ``control_interval_s`` (default 5 s) the agent changes each unit's replica count,
+    batch cap and placement policy. New replicas serve only after their weights load (cold start);
+    removed replicas drain. The agent should keep the latency SLO (TTFT and TBT) with as few GPUs and
+    as little energy as possible. ``-v0`` runs the request-level discrete-event simulator (truth for
+    evaluation); ``-fast-v0`` runs the per-interval analytic (fluid) model for fast training. Both
+    share every other setting.
+
+    ## Action Space
+
+    ``MultiDiscrete`` with three dimensions per unit ``i`` (units in the model's forward order,
+    ``env.unwrapped.units``), ``3 x units`` in all (21 for a dense LLM):
+
+    ==========  ==========================================================================
+    Dimension   Meaning
+    ==========  ==========================================================================
+    ``3i``      replica delta: value ``k`` -> ``replica_deltas[k]`` (default -2..+2; 2 = keep)
+    ``3i + 1``  batch cap: 0 keeps it; ``k >= 1`` -> ``batch_cap_buckets_tokens[k - 1]``
+                (default 256, 512, 1024, 2048, 4096, 8192 tokens; attention: token budget)
+    ``3i + 2``  placement of replicas added now: 0 pack, 1 spread-gpu, 2 spread-node
+    ==========  ==========================================================================
+
+    Parts that cannot be carried out (fewer than one replica, no GPU with room) are repaired by the
+    simulator (clipped to what fits) and counted in ``info["repairs"]``. ``env.action_masks()``
+    masks deltas that would leave fewer than one replica, exceed ``max_replicas_per_unit`` or add more
+    replicas than free memory holds (for ``sb3_contrib.MaskablePPO``). An action outside the space
+    raises ``ValueError``. ``env.unwrapped.codec`` encodes a ``ScalingAction`` into this space.
+
+    ## Observation Space
+
+    ``Box(float32)`` of ``7 x units + 11`` values (60 for a dense LLM), clipped to the bounds below.
+    Unit ``i`` fills indices ``7i .. 7i + 6``; the global block starts at ``G = 7 x units`` (49 for a
+    dense LLM). ``env.unwrapped.observation_layout.table()`` prints every index by name, and
+    :func:`opscale.envs.spaces.decode_observation` returns a named (optionally physical) dict.
+
+    ============  ===================  ========  =========================================================
+    Index         Name                 Bounds    Meaning (physical value / scale)
+    ============  ===================  ========  =========================================================
+    ``7i``        ``<unit>.replicas``  [0, 1]    replicas serving or loading / ``max_replicas_per_unit``
+    ``7i + 1``    ``<unit>.pending``   [0, 1]    replicas loading weights / ``max_replicas_per_unit``
+    ``7i + 2``    ``.utilisation``     [0, 1]    busy time / (serving replicas x interval)
+    ``7i + 3``    ``.queue``           [0, 1]    log1p(queued tokens) / log1p(``queue_scale_tokens``)
+    ``7i + 4``    ``.batch_fill``      [0, 1]    mean tokens per call / batch cap
+    ``7i + 5``    ``.latency``         [0, 10]   mean wait + service of a call / TBT SLO
+    ``7i + 6``    ``.batch_cap``       [0, 1]    batch cap / largest bucket
+    ``G``         ``arrival_rate``     [0, 4]    arrivals per s / ``rate_scale_per_s`` (trace peak)
+    ``G + 1``     ``arrival_trend``    [-4, 4]   change in arrivals per s since the interval before / scale
+    ``G + 2``     ``slo_attainment``   [0, 1]    share of requests decided in the interval meeting the SLO
+    ``G + 3``     ``ttft_p99``         [0, 10]   p99 TTFT / TTFT SLO
+    ``G + 4``     ``tbt_p99``          [0, 10]   p99 TBT / TBT SLO
+    ``G + 5``     ``waiting``          [0, 1]    log1p(requests waiting for admission) / log1p(1e4)
+    ``G + 6``     ``gpus_powered``     [0, 1]    time-averaged GPUs holding a replica / cluster GPUs
+    ``G + 7``     ``power``            [0, 1]    mean cluster power / (cluster GPUs x TDP)
+    ``G + 8``     ``time_of_day_sin``  [-1, 1]   sin(2 pi t / 1 day) of the trace clock
+    ``G + 9``     ``time_of_day_cos``  [-1, 1]   cos(2 pi t / 1 day) of the trace clock
+    ``G + 10``    ``episode_progress`` [0, 1]    steps taken / horizon
+    ============  ===================  ========  =========================================================
+
+    ## Rewards
+
+    ``reward = slo + gpu + energy`` (see :mod:`opscale.envs.reward`), each in ``info["reward_components"]``:
+    ``slo = -w_slo x penalty(attainment)`` (default hinge ``max(0, target - a) / target``, target 0.95),
+    ``gpu = -w_gpu x GPUs powered / cluster GPUs``, ``energy = -w_energy x power / (GPUs x TDP)``;
+    default weights 10, 1, 0.5. ``info`` also holds ``"interval"`` (the interval's metrics as a plain
+    dict), ``"repairs"`` and ``"repair_messages"``, and ``"time_s"``.
+
+    ## Starting State
+
+    ``initial_deployment`` (default: sized for the trace's mean rate with the cost model at
+    ``initial_utilisation``, see :mod:`opscale.envs.sizing`) on an empty cluster at the start of a trace
+    window of ``(warmup_intervals + horizon) x control_interval_s`` seconds. The window starts at
+    ``reset(options={"start_s": s})``, else at ``episode_start_s``, else uniformly at random in the trace
+    (from ``self.np_random``). ``warmup_intervals`` (default 1) are simulated with no action before the
+    first observation. The simulator's own seed is drawn from ``self.np_random``.
+
+    ## Episode End
+
+    Never terminated. Truncated after ``horizon`` steps (default 120 = 10 simulated minutes).
+
+    ## Arguments
+
+    ``gym.make("opscale:opscale/OperatorAutoscale-fast-v0", render_mode="ansi", config={...}, **keys)``
+    with any key of :func:`opscale.envs.config.default_config` (model, gpu, num_nodes, trace, window,
+    control interval, horizon, SLO, reward weights and penalty shape, cold-start figures, initial
+    deployment, fidelity, action buckets, observation scales). Unknown or invalid values raise
+    ``ValueError`` at construction.
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    granularity = "operator"
+
+    def _make_codec(self) -> ActionCodec:
+        return OperatorActionCodec(
+            self.units, self.config.replica_deltas, self.config.batch_cap_buckets_tokens
+        )
+
+    def _max_replicas(self) -> int:
+        return self.config.max_replicas_per_unit or self.cluster.num_gpus
+
+    def _default_deployment(self) -> Deployment:
+        return size_operator_level(
+            self.model,
+            self.cluster,
+            self.trace,
+            self.slo,
+            self.cost_model,
+            self.sim_config,
+            target_utilisation=self.config.initial_utilisation,
+            max_replicas=self._max_replicas(),
+        )
+
+    def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
+        deployment = self.simulator.deployment
+        free = self._free_bytes_per_gpu()
+        memory = ClusterState(self.cluster, self.model, self.sim_config)
+        replicas = np.empty(len(self.units), dtype=np.int64)
+        addable = np.empty(len(self.units), dtype=np.int64)
+        for i, unit in enumerate(self.units):
+            unit_deployment = deployment.units[unit]
+            tp = unit_deployment.tp
+            need = memory.replica_bytes_per_gpu(unit, tp, unit_deployment.batch_cap_tokens)
+            if unit is UnitKind.ATTENTION:
+                # an attention replica needs room for at least one request of the longest context
+                need += self.model.max_context * memory.kv_bytes_per_token_per_gpu(tp)
+            replicas[i] = unit_deployment.replicas
+            addable[i] = self._addable_from(free, need, tp)
+        return replicas, addable

@@ -1,0 +1,503 @@
+"""Observation layout and action encodings of the autoscaling environments.
+
+Observations are one flat ``float32`` vector: a block of :data:`UNIT_FEATURES` per scaling unit (in the
+model's forward order), then :data:`GLOBAL_FEATURES`. :class:`ObservationLayout` names every index,
+holds the bounds of the ``Box`` and the scale that maps each physical quantity to its normalised value,
+and :func:`decode_observation` turns a vector back into named (optionally physical) values, so policies
+written by hand never index the vector by number.
+
+Actions are flat ``MultiDiscrete`` vectors. :class:`OperatorActionCodec` has three dimensions per unit
+(replica delta, batch-cap bucket, placement); :class:`ModelActionCodec` has two (instance delta, one
+batch-cap bucket for every unit). Both decode to :class:`opscale.sim.deployment.ScalingAction`, encode
+one back (raising when the action is not representable), and build the per-dimension boolean masks that
+``sb3_contrib.MaskablePPO`` reads from ``env.action_masks()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from gymnasium import spaces
+from opscale.sim.deployment import Placement, ScalingAction, UnitAction
+from opscale.sim.models import UnitKind
+
+__all__ = [
+    "GLOBAL_FEATURES",
+    "KEEP_BATCH_CAP",
+    "PLACEMENT_CHOICES",
+    "UNIT_FEATURES",
+    "ActionCodec",
+    "FeatureSpec",
+    "ModelActionCodec",
+    "ObservationFeature",
+    "ObservationLayout",
+    "OperatorActionCodec",
+    "addable_replicas",
+    "decode_observation",
+]
+
+#: Placement choices in the order of the placement dimension of an operator action.
+PLACEMENT_CHOICES: tuple[Placement, ...] = (Placement.PACK, Placement.SPREAD_GPU, Placement.SPREAD_NODE)
+#: Batch-cap dimension value meaning "keep the current cap"; value ``i >= 1`` selects bucket ``i - 1``.
+KEEP_BATCH_CAP = 0
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One observation feature before its scale is known.
+
+    :param key: short name (``"utilisation"``); unit features are named ``"<unit>.<key>"`` in a layout.
+    :param low: lower bound of the normalised value.
+    :param high: upper bound of the normalised value (values are clipped into ``[low, high]``).
+    :param scale_key: what the physical value is divided by, resolved per env by :class:`ObservationLayout`
+        (``"one"`` for already-normalised quantities).
+    :param log: ``True``: normalised = ``log1p(x) / log1p(scale)``; else ``x / scale``.
+    :param description: what the physical value is, with its unit.
+    """
+
+    key: str
+    low: float
+    high: float
+    scale_key: str
+    log: bool
+    description: str
+
+
+#: Per scaling unit, in this order.
+UNIT_FEATURES: tuple[FeatureSpec, ...] = (
+    FeatureSpec(
+        "replicas", 0.0, 1.0, "max_replicas", False, "replicas serving or loading, / max replicas per unit"
+    ),
+    FeatureSpec(
+        "pending", 0.0, 1.0, "max_replicas", False, "replicas still loading weights, / max replicas per unit"
+    ),
+    FeatureSpec(
+        "utilisation", 0.0, 1.0, "one", False, "busy time / (serving replicas x interval), last interval"
+    ),
+    FeatureSpec(
+        "queue", 0.0, 1.0, "queue_tokens", True, "time-averaged queued tokens, log1p(x)/log1p(queue scale)"
+    ),
+    FeatureSpec("batch_fill", 0.0, 1.0, "one", False, "mean tokens per call / batch cap, last interval"),
+    FeatureSpec("latency", 0.0, 10.0, "tbt_slo", False, "mean wait + service time of a call, s / TBT SLO"),
+    FeatureSpec(
+        "batch_cap", 0.0, 1.0, "max_batch_cap", False, "batch cap (tokens per call) / largest bucket"
+    ),
+)
+
+#: After the unit blocks, in this order.
+GLOBAL_FEATURES: tuple[FeatureSpec, ...] = (
+    FeatureSpec("arrival_rate", 0.0, 4.0, "rate", False, "arrivals per s in the last interval / rate scale"),
+    FeatureSpec(
+        "arrival_trend",
+        -4.0,
+        4.0,
+        "rate",
+        False,
+        "change of the arrival rate since the interval before, / rate scale",
+    ),
+    FeatureSpec(
+        "slo_attainment",
+        0.0,
+        1.0,
+        "one",
+        False,
+        "share of requests decided in the last interval that met the SLO",
+    ),
+    FeatureSpec("ttft_p99", 0.0, 10.0, "ttft_slo", False, "p99 TTFT of the last interval, s / TTFT SLO"),
+    FeatureSpec("tbt_p99", 0.0, 10.0, "tbt_slo", False, "p99 TBT of the last interval, s / TBT SLO"),
+    FeatureSpec(
+        "waiting", 0.0, 1.0, "waiting_requests", True, "requests waiting for admission, log1p(x)/log1p(scale)"
+    ),
+    FeatureSpec(
+        "gpus_powered", 0.0, 1.0, "num_gpus", False, "GPUs holding a replica (time-averaged) / cluster GPUs"
+    ),
+    FeatureSpec("power", 0.0, 1.0, "max_power_w", False, "mean cluster power, W / (cluster GPUs x TDP)"),
+    FeatureSpec("time_of_day_sin", -1.0, 1.0, "one", False, "sin(2 pi t / 86400 s) of the trace clock"),
+    FeatureSpec("time_of_day_cos", -1.0, 1.0, "one", False, "cos(2 pi t / 86400 s) of the trace clock"),
+    FeatureSpec("episode_progress", 0.0, 1.0, "one", False, "steps taken / horizon"),
+)
+
+#: Waiting requests that map to observation value 1 (log scale).
+WAITING_SCALE_REQUESTS = 1.0e4
+
+
+@dataclass(frozen=True)
+class ObservationFeature:
+    """One index of the observation vector.
+
+    :param index: position in the vector.
+    :param name: ``"<unit>.<key>"`` for unit features, ``"<key>"`` for global ones.
+    :param unit: the scaling unit, or ``None`` for global features.
+    :param spec: bounds, scaling rule and description.
+    :param scale: physical value that maps to 1 (linear) or whose ``log1p`` maps to 1 (log).
+    """
+
+    index: int
+    name: str
+    unit: UnitKind | None
+    spec: FeatureSpec
+    scale: float
+
+
+class ObservationLayout:
+    """Every index of an environment's observation vector, its bounds and its normalisation.
+
+    :param units: scaling units in the order of their blocks.
+    :param scales: physical scale per ``scale_key`` used by the features (``"one"`` is implied).
+    """
+
+    def __init__(self, units: Sequence[UnitKind], scales: Mapping[str, float]) -> None:
+        self.units: tuple[UnitKind, ...] = tuple(units)
+        resolved = {"one": 1.0, **scales}
+        missing = {spec.scale_key for spec in (*UNIT_FEATURES, *GLOBAL_FEATURES)} - set(resolved)
+        if missing:
+            raise ValueError(f"observation layout is missing scales {sorted(missing)}")
+        for key, value in resolved.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"observation scale {key!r} must be a positive finite number, got {value}")
+        self.scales: dict[str, float] = resolved
+        features: list[ObservationFeature] = []
+        for unit in self.units:
+            for spec in UNIT_FEATURES:
+                name = f"{unit.value}.{spec.key}"
+                features.append(ObservationFeature(len(features), name, unit, spec, resolved[spec.scale_key]))
+        for spec in GLOBAL_FEATURES:
+            features.append(ObservationFeature(len(features), spec.key, None, spec, resolved[spec.scale_key]))
+        self.features: tuple[ObservationFeature, ...] = tuple(features)
+        self.index: dict[str, int] = {feature.name: feature.index for feature in features}
+        self.low = np.array([f.spec.low for f in features], dtype=np.float32)
+        self.high = np.array([f.spec.high for f in features], dtype=np.float32)
+        self._is_log = np.array([f.spec.log for f in features], dtype=bool)
+        self._log_positions = np.flatnonzero(self._is_log)
+        # normalised = physical * multiplier (linear) or log1p(physical) * multiplier (log)
+        self._multiplier = np.array(
+            [1.0 / (math.log1p(f.scale) if f.spec.log else f.scale) for f in features], dtype=np.float64
+        )
+        self._low64 = self.low.astype(np.float64)
+        self._high64 = self.high.astype(np.float64)
+
+    @property
+    def size(self) -> int:
+        """Length of the observation vector."""
+        return len(self.features)
+
+    @property
+    def unit_block_size(self) -> int:
+        """Features per unit."""
+        return len(UNIT_FEATURES)
+
+    @property
+    def global_offset(self) -> int:
+        """Index of the first global feature."""
+        return len(self.units) * len(UNIT_FEATURES)
+
+    def space(self) -> spaces.Box:
+        """The ``Box`` observation space (``float32``, finite bounds)."""
+        return spaces.Box(low=self.low, high=self.high, dtype=np.float32)
+
+    def normalise(self, physical: np.ndarray) -> np.ndarray:
+        """Map a vector of physical values (layout order, float64) to a fresh ``float32`` observation,
+        clipped to the bounds. Negative inputs of log features (counts) are clipped to zero first."""
+        values = physical * self._multiplier
+        log_positions = self._log_positions
+        values[log_positions] = (
+            np.log1p(np.maximum(physical[log_positions], 0.0)) * self._multiplier[log_positions]
+        )
+        # np.maximum/np.minimum with out= avoid np.clip's Python-level dispatch (it matters at ~5k steps/s)
+        np.minimum(np.maximum(values, self._low64, out=values), self._high64, out=values)
+        return values.astype(np.float32)
+
+    def physical(self, observation: np.ndarray) -> np.ndarray:
+        """Invert :meth:`normalise` (up to clipping): the physical value of every index."""
+        values = np.asarray(observation, dtype=np.float64) / self._multiplier
+        if self._log_positions.size:
+            values[self._log_positions] = np.expm1(values[self._log_positions])
+        return values
+
+    def table(self) -> str:
+        """A reST table of every index (what the environment docstrings show)."""
+        rows = [("Index", "Name", "Bounds", "Meaning")]
+        for feature in self.features:
+            bounds = f"[{feature.spec.low:g}, {feature.spec.high:g}]"
+            rows.append((str(feature.index), feature.name, bounds, feature.spec.description))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        rule = "  ".join("=" * w for w in widths)
+        lines = [rule, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths, strict=True)), rule]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows[1:]]
+        lines.append(rule)
+        return "\n".join(lines)
+
+
+def decode_observation(
+    observation: np.ndarray, layout: ObservationLayout, *, physical: bool = False
+) -> dict[str, dict[str, float] | float]:
+    """Name every value of an observation vector.
+
+    :param observation: one observation (shape ``(layout.size,)``).
+    :param layout: the environment's layout (``env.unwrapped.observation_layout``).
+    :param physical: return physical quantities (replica counts, tokens, seconds, W, arrivals per s)
+        instead of normalised values. Clipped values decode to the clip bound's physical value.
+    :returns: ``{"<unit>": {"replicas": ..., ...}, ..., "arrival_rate": ..., ...}``: one nested dict per
+        unit (keyed by the unit's name) and the global features at the top level.
+    :raises ValueError: if the vector does not have the layout's length.
+    """
+    vector = np.asarray(observation, dtype=np.float64)
+    if vector.shape != (layout.size,):
+        raise ValueError(f"observation has shape {vector.shape}, the layout expects ({layout.size},)")
+    values = layout.physical(vector) if physical else vector
+    decoded: dict[str, dict[str, float] | float] = {}
+    for feature in layout.features:
+        if feature.unit is None:
+            decoded[feature.name] = float(values[feature.index])
+        else:
+            block = decoded.setdefault(feature.unit.value, {})
+            assert isinstance(block, dict)
+            block[feature.spec.key] = float(values[feature.index])
+    return decoded
+
+
+def addable_replicas(
+    free_bytes_per_gpu: np.ndarray, replica_bytes: float, tp: int, gpus_per_node: int
+) -> int:
+    """How many more replicas of ``replica_bytes`` per GPU (``tp`` GPUs of one node each) fit in free memory.
+
+    Counts, per node, the replica slots its GPUs have (``floor(free / replica_bytes)`` each) and divides by
+    ``tp`` (a TP replica needs one slot on each of ``tp`` GPUs of the node). It is an upper bound used for
+    action masks; the simulator's placement is the authority and repairs what does not fit.
+    """
+    if replica_bytes <= 0:
+        return 1 << 30
+    slots = np.floor(np.maximum(free_bytes_per_gpu, 0.0) / replica_bytes).astype(np.int64)
+    if tp == 1:
+        return int(slots.sum())
+    total = 0
+    for node_slots in slots.reshape(-1, gpus_per_node):
+        # k TP replicas fit on a node iff its GPUs offer k*tp slots with at most k on any one GPU
+        groups = 0
+        while np.minimum(node_slots, groups + 1).sum() >= (groups + 1) * tp:
+            groups += 1
+        total += groups
+    return total
+
+
+class ActionCodec(Protocol):
+    """Maps a flat ``MultiDiscrete`` action to a :class:`ScalingAction` and back, and builds masks."""
+
+    @property
+    def nvec(self) -> np.ndarray: ...
+
+    def space(self) -> spaces.MultiDiscrete: ...
+
+    def decode(self, action: np.ndarray) -> ScalingAction: ...
+
+    def encode(self, action: ScalingAction) -> np.ndarray: ...
+
+    def noop(self) -> np.ndarray: ...
+
+    def masks(self, replicas: np.ndarray, addable: np.ndarray, max_replicas: int) -> np.ndarray: ...
+
+
+def _delta_mask(deltas: np.ndarray, replicas: int, addable: int, max_replicas: int) -> np.ndarray:
+    """Replica deltas keeping ``1 <= replicas + delta <= max_replicas`` and adding at most ``addable``.
+    Zero (no change) is always allowed, so a mask never has an all-false dimension."""
+    after = replicas + deltas
+    allowed = (after >= 1) & (after <= max_replicas) & (deltas <= addable)
+    allowed[deltas == 0] = True
+    return allowed
+
+
+def _bucket_index(batch_cap_tokens: int | None, buckets: tuple[int, ...]) -> int:
+    if batch_cap_tokens is None:
+        return KEEP_BATCH_CAP
+    if batch_cap_tokens not in buckets:
+        raise ValueError(f"batch cap {batch_cap_tokens} is not a bucket; valid: {buckets} or None (keep)")
+    return buckets.index(batch_cap_tokens) + 1
+
+
+def _delta_index(delta: int, deltas: tuple[int, ...], what: str) -> int:
+    if delta not in deltas:
+        raise ValueError(f"{what} {delta} is not representable; valid deltas: {deltas}")
+    return deltas.index(delta)
+
+
+class OperatorActionCodec:
+    """Operator-level action: for each unit ``u`` (index ``i``), three dimensions.
+
+    * ``3i``: replica delta, value ``k`` -> ``replica_deltas[k]`` (default -2..+2, so 2 means no change);
+    * ``3i+1``: batch cap, ``0`` keeps the cap, ``k >= 1`` sets ``batch_cap_buckets_tokens[k-1]``;
+    * ``3i+2``: placement of replicas added by this action: 0 pack, 1 spread-gpu, 2 spread-node.
+
+    :param units: scaling units, in the model's forward order.
+    :param replica_deltas: sorted deltas, including 0.
+    :param batch_cap_buckets_tokens: sorted batch caps.
+    """
+
+    dims_per_unit = 3
+
+    def __init__(
+        self,
+        units: Sequence[UnitKind],
+        replica_deltas: Sequence[int],
+        batch_cap_buckets_tokens: Sequence[int],
+    ) -> None:
+        self.units = tuple(units)
+        self.replica_deltas = tuple(replica_deltas)
+        self.batch_cap_buckets_tokens = tuple(batch_cap_buckets_tokens)
+        per_unit = [len(self.replica_deltas), len(self.batch_cap_buckets_tokens) + 1, len(PLACEMENT_CHOICES)]
+        self._nvec = np.array(per_unit * len(self.units), dtype=np.int64)
+        self._deltas = np.array(self.replica_deltas, dtype=np.int64)
+        self._caps: tuple[int | None, ...] = (None, *self.batch_cap_buckets_tokens)
+        # Every (delta, cap, placement) triple decoded once: decoding is then three list lookups per unit.
+        # The simulator only reads actions, so these instances are shared between steps.
+        self._unit_actions = [
+            [
+                [
+                    UnitAction(replica_delta=delta, batch_cap_tokens=cap, placement=placement)
+                    for placement in PLACEMENT_CHOICES
+                ]
+                for cap in self._caps
+            ]
+            for delta in self.replica_deltas
+        ]
+        self._unit_slots = tuple((unit, 3 * i) for i, unit in enumerate(self.units))
+
+    @property
+    def nvec(self) -> np.ndarray:
+        return self._nvec
+
+    def space(self) -> spaces.MultiDiscrete:
+        return spaces.MultiDiscrete(self._nvec)
+
+    def decode(self, action: np.ndarray) -> ScalingAction:
+        """The :class:`ScalingAction` for a valid action vector (checked by the environment).
+
+        Its :class:`UnitAction` values are shared, precomputed instances: read them, do not mutate them.
+        """
+        values = action.tolist()
+        table = self._unit_actions
+        units = {unit: table[values[j]][values[j + 1]][values[j + 2]] for unit, j in self._unit_slots}
+        return ScalingAction(units=units)
+
+    def encode(self, action: ScalingAction) -> np.ndarray:
+        """The action vector of ``action`` (units it omits get no change, pack placement).
+
+        :raises ValueError: for a unit not in this env, an unrepresentable delta or a cap that is no bucket.
+        """
+        unknown = set(action.units) - set(self.units)
+        if unknown:
+            raise ValueError(
+                f"action names units {sorted(u.value for u in unknown)}; this env's units: "
+                f"{', '.join(u.value for u in self.units)}"
+            )
+        vector = self.noop()
+        for i, unit in enumerate(self.units):
+            unit_action = action.units.get(unit)
+            if unit_action is None:
+                continue
+            vector[3 * i] = _delta_index(
+                unit_action.replica_delta, self.replica_deltas, f"{unit.value} replica delta"
+            )
+            vector[3 * i + 1] = _bucket_index(unit_action.batch_cap_tokens, self.batch_cap_buckets_tokens)
+            placement = unit_action.placement or Placement.PACK
+            vector[3 * i + 2] = PLACEMENT_CHOICES.index(Placement(placement))
+        return vector
+
+    def noop(self) -> np.ndarray:
+        """The action that changes nothing."""
+        vector = np.zeros(self._nvec.size, dtype=np.int64)
+        vector[0::3] = self.replica_deltas.index(0)
+        return vector
+
+    def masks(self, replicas: np.ndarray, addable: np.ndarray, max_replicas: int) -> np.ndarray:
+        """Flat boolean mask (``sum(nvec)`` entries, dimension after dimension).
+
+        :param replicas: per unit, replicas serving or loading.
+        :param addable: per unit, replicas that still fit in free GPU memory.
+        :param max_replicas: the per-unit replica cap.
+        """
+        parts: list[np.ndarray] = []
+        caps_and_placements = np.ones(len(self._caps) + len(PLACEMENT_CHOICES), dtype=bool)
+        for i in range(len(self.units)):
+            parts.append(_delta_mask(self._deltas, int(replicas[i]), int(addable[i]), max_replicas))
+            parts.append(caps_and_placements)
+        return np.concatenate(parts)
+
+
+class ModelActionCodec:
+    """Model-level action: two dimensions.
+
+    * ``0``: instance delta, value ``k`` -> ``replica_deltas[k]`` whole instances (every unit scales together);
+    * ``1``: batch cap, ``0`` keeps it, ``k >= 1`` sets ``batch_cap_buckets_tokens[k-1]`` on every unit
+      (for ``attention`` that is the instance's per-iteration token budget).
+
+    :param units: the model's scaling units (all receive the batch cap).
+    :param replica_deltas: sorted instance deltas, including 0.
+    :param batch_cap_buckets_tokens: sorted batch caps.
+    """
+
+    def __init__(
+        self,
+        units: Sequence[UnitKind],
+        replica_deltas: Sequence[int],
+        batch_cap_buckets_tokens: Sequence[int],
+    ) -> None:
+        self.units = tuple(units)
+        self.replica_deltas = tuple(replica_deltas)
+        self.batch_cap_buckets_tokens = tuple(batch_cap_buckets_tokens)
+        self._nvec = np.array(
+            [len(self.replica_deltas), len(self.batch_cap_buckets_tokens) + 1], dtype=np.int64
+        )
+        self._deltas = np.array(self.replica_deltas, dtype=np.int64)
+        self._caps: tuple[int | None, ...] = (None, *self.batch_cap_buckets_tokens)
+
+    @property
+    def nvec(self) -> np.ndarray:
+        return self._nvec
+
+    def space(self) -> spaces.MultiDiscrete:
+        return spaces.MultiDiscrete(self._nvec)
+
+    def decode(self, action: np.ndarray) -> ScalingAction:
+        delta_index, cap_index = action.tolist()
+        cap = self._caps[cap_index]
+        units = {} if cap is None else {unit: UnitAction(batch_cap_tokens=cap) for unit in self.units}
+        return ScalingAction(units=units, instance_delta=self.replica_deltas[delta_index])
+
+    def encode(self, action: ScalingAction) -> np.ndarray:
+        """The action vector of ``action``; its per-unit batch caps must all be equal (or absent).
+
+        :raises ValueError: for an unrepresentable delta, per-unit replica deltas, or differing caps.
+        """
+        if any(unit_action.replica_delta for unit_action in action.units.values()):
+            raise ValueError(
+                "model-level actions scale whole instances: use instance_delta, not per-unit deltas"
+            )
+        caps = {unit_action.batch_cap_tokens for unit_action in action.units.values()}
+        if len(caps) > 1:
+            raise ValueError(
+                f"model-level actions set one batch cap for every unit, got {sorted(caps, key=str)}"
+            )
+        cap = caps.pop() if caps else None
+        return np.array(
+            [
+                _delta_index(action.instance_delta, self.replica_deltas, "instance delta"),
+                _bucket_index(cap, self.batch_cap_buckets_tokens),
+            ],
+            dtype=np.int64,
+        )
+
+    def noop(self) -> np.ndarray:
+        return np.array([self.replica_deltas.index(0), KEEP_BATCH_CAP], dtype=np.int64)
+
+    def masks(self, replicas: np.ndarray, addable: np.ndarray, max_replicas: int) -> np.ndarray:
+        """Flat boolean mask; ``replicas`` / ``addable`` hold one entry: instances now / instances that fit."""
+        return np.concatenate(
+            [
+                _delta_mask(self._deltas, int(replicas[0]), int(addable[0]), max_replicas),
+                np.ones(len(self._caps), dtype=bool),
+            ]
+        )
