@@ -16,6 +16,7 @@ __all__ = [
     "ELEMENTWISE_KERNELS",
     "FITTED_COEFFICIENTS",
     "HELD_OUT_COEFFICIENTS",
+    "STARTING_COEFFICIENTS",
     "AttentionCoefficients",
     "CollectiveCoefficients",
     "ElementwiseCoefficients",
@@ -84,7 +85,7 @@ class AttentionCoefficients:
 class CollectiveCoefficients:
     """NCCL collectives as alpha-beta models.
 
-    All-reduce (ring): ``latency + 2 (n-1)/n * bytes / bus_bandwidth``; send/recv:
+    All-reduce (ring): ``latency + per_rank (n-2) + 2 (n-1)/n * bytes / bus_bandwidth``; send/recv:
     ``latency + bytes / bandwidth``. Intra-node (NVLink) and cross-node (InfiniBand) sets apart.
     """
 
@@ -92,6 +93,7 @@ class CollectiveCoefficients:
     allreduce_latency_per_rank_s: float
     allreduce_bus_bandwidth_bytes_per_s: float
     cross_node_allreduce_latency_s: float
+    cross_node_allreduce_latency_per_rank_s: float
     cross_node_allreduce_bus_bandwidth_bytes_per_s: float
     send_recv_latency_s: float
     send_recv_bandwidth_bytes_per_s: float
@@ -117,7 +119,6 @@ def _elementwise(latency_s: float, memory_efficiency: float) -> Mapping[str, Ele
     )
 
 
-# --- Uncalibrated public-figure starting point (replaced by the fit below once calibrated). -------------
 _A100 = GpuCoefficients(
     gemm=GemmCoefficients(compute_efficiency=0.70, memory_efficiency=0.80, smoothing_p=4.0, launch_s=8e-6),
     elementwise=_elementwise(4e-6, 0.75),
@@ -136,6 +137,7 @@ _A100 = GpuCoefficients(
         allreduce_latency_per_rank_s=1e-6,
         allreduce_bus_bandwidth_bytes_per_s=200e9,
         cross_node_allreduce_latency_s=30e-6,
+        cross_node_allreduce_latency_per_rank_s=1e-6,
         cross_node_allreduce_bus_bandwidth_bytes_per_s=40e9,
         send_recv_latency_s=12e-6,
         send_recv_bandwidth_bytes_per_s=150e9,
@@ -162,6 +164,7 @@ _H100 = GpuCoefficients(
         allreduce_latency_per_rank_s=1e-6,
         allreduce_bus_bandwidth_bytes_per_s=300e9,
         cross_node_allreduce_latency_s=30e-6,
+        cross_node_allreduce_latency_per_rank_s=1e-6,
         cross_node_allreduce_bus_bandwidth_bytes_per_s=40e9,
         send_recv_latency_s=12e-6,
         send_recv_bandwidth_bytes_per_s=200e9,
@@ -171,11 +174,370 @@ _H100 = GpuCoefficients(
     source="public figures (uncalibrated)",
 )
 
-#: Coefficients per GPU name. The H200 has no profiles: it reuses the H100 fit (same GH100 compute);
-#: its own HBM bandwidth enters through :class:`opscale.sim.hardware.GPUSpec`.
+#: Public-figure starting point of the fit (and what a GPU without profiles would fall back to).
+STARTING_COEFFICIENTS: Mapping[str, GpuCoefficients] = MappingProxyType({"a100": _A100, "h100": _H100})
+
+# Coefficients per GPU name. The H200 has no profiles: it reuses the H100 fit (same GH100 compute);
+# its own HBM bandwidth enters through opscale.sim.hardware.GPUSpec.
+# BEGIN FITTED (generated block)
+# Written by experiments/calibrate_costmodel.py from the Vidur profiles (microsoft/vidur 7d47513,
+# MIT). Do not edit by hand: rerun the script.
 FITTED_COEFFICIENTS: Mapping[str, GpuCoefficients] = MappingProxyType(
-    {"a100": _A100, "h100": _H100, "h200": _H100}
+    {
+        "a100": GpuCoefficients(
+            gemm=GemmCoefficients(
+                compute_efficiency=0.738687,
+                memory_efficiency=0.813662,
+                smoothing_p=1.47783,
+                launch_s=4.97397e-06,
+            ),
+            elementwise=MappingProxyType(
+                {
+                    "input_layernorm": ElementwiseCoefficients(
+                        latency_s=1.30255e-06,
+                        memory_efficiency=0.367828,
+                    ),
+                    "post_attention_layernorm": ElementwiseCoefficients(
+                        latency_s=1.01202e-06,
+                        memory_efficiency=0.349251,
+                    ),
+                    "attn_rope": ElementwiseCoefficients(
+                        latency_s=2.19553e-06,
+                        memory_efficiency=0.452871,
+                    ),
+                    "mlp_act": ElementwiseCoefficients(
+                        latency_s=1.84195e-06,
+                        memory_efficiency=0.493857,
+                    ),
+                    "add": ElementwiseCoefficients(
+                        latency_s=7.69164e-07,
+                        memory_efficiency=0.935131,
+                    ),
+                }
+            ),
+            embedding=ElementwiseCoefficients(
+                latency_s=2.30075e-06,
+                memory_efficiency=0.154861,
+            ),
+            attention=AttentionCoefficients(
+                prefill_floor_s=2.48886e-05,
+                prefill_new_efficiency=0.179126,
+                prefill_cached_efficiency=0.422626,
+                prefill_per_sequence_s=0.0,
+                decode_floor_s=1.43574e-05,
+                decode_per_sequence_s=2.16552e-08,
+                decode_memory_efficiency=0.784591,
+            ),
+            collectives=CollectiveCoefficients(
+                allreduce_latency_s=4.23486e-05,
+                allreduce_latency_per_rank_s=1.31373e-06,
+                allreduce_bus_bandwidth_bytes_per_s=1.68625e11,
+                cross_node_allreduce_latency_s=0.000151638,
+                cross_node_allreduce_latency_per_rank_s=4.39804e-06,
+                cross_node_allreduce_bus_bandwidth_bytes_per_s=1.74211e10,
+                send_recv_latency_s=1.3804e-05,
+                send_recv_bandwidth_bytes_per_s=3.08776e11,
+                cross_node_send_recv_latency_s=2.79292e-05,
+                cross_node_send_recv_bandwidth_bytes_per_s=7.76351e09,
+            ),
+            source="fitted by experiments/calibrate_costmodel.py on the Vidur a100 profiles",
+        ),
+        "h100": GpuCoefficients(
+            gemm=GemmCoefficients(
+                compute_efficiency=0.737704,
+                memory_efficiency=0.954396,
+                smoothing_p=1.53418,
+                launch_s=5.87466e-06,
+            ),
+            elementwise=MappingProxyType(
+                {
+                    "input_layernorm": ElementwiseCoefficients(
+                        latency_s=2.41942e-06,
+                        memory_efficiency=0.451015,
+                    ),
+                    "post_attention_layernorm": ElementwiseCoefficients(
+                        latency_s=1.62105e-06,
+                        memory_efficiency=0.385539,
+                    ),
+                    "attn_rope": ElementwiseCoefficients(
+                        latency_s=1.85551e-06,
+                        memory_efficiency=0.526421,
+                    ),
+                    "mlp_act": ElementwiseCoefficients(
+                        latency_s=1.61767e-06,
+                        memory_efficiency=0.578962,
+                    ),
+                    "add": ElementwiseCoefficients(
+                        latency_s=4.62569e-07,
+                        memory_efficiency=1.0,
+                    ),
+                }
+            ),
+            embedding=ElementwiseCoefficients(
+                latency_s=2.33111e-06,
+                memory_efficiency=0.18936,
+            ),
+            attention=AttentionCoefficients(
+                prefill_floor_s=2.48886e-05,
+                prefill_new_efficiency=0.0858825,
+                prefill_cached_efficiency=0.202629,
+                prefill_per_sequence_s=0.0,
+                decode_floor_s=1.43574e-05,
+                decode_per_sequence_s=2.16552e-08,
+                decode_memory_efficiency=0.784591,
+            ),
+            collectives=CollectiveCoefficients(
+                allreduce_latency_s=2.45972e-05,
+                allreduce_latency_per_rank_s=8.42821e-07,
+                allreduce_bus_bandwidth_bytes_per_s=3.47621e11,
+                cross_node_allreduce_latency_s=0.000151638,
+                cross_node_allreduce_latency_per_rank_s=4.39804e-06,
+                cross_node_allreduce_bus_bandwidth_bytes_per_s=8.15024e10,
+                send_recv_latency_s=7.63842e-06,
+                send_recv_bandwidth_bytes_per_s=3.61084e11,
+                cross_node_send_recv_latency_s=1.87243e-05,
+                cross_node_send_recv_bandwidth_bytes_per_s=3.63206e10,
+            ),
+            source="fitted by experiments/calibrate_costmodel.py on the Vidur h100 profiles; attention and cross-node all-reduce derived from A100",
+        ),
+        "h200": GpuCoefficients(
+            gemm=GemmCoefficients(
+                compute_efficiency=0.737704,
+                memory_efficiency=0.954396,
+                smoothing_p=1.53418,
+                launch_s=5.87466e-06,
+            ),
+            elementwise=MappingProxyType(
+                {
+                    "input_layernorm": ElementwiseCoefficients(
+                        latency_s=2.41942e-06,
+                        memory_efficiency=0.451015,
+                    ),
+                    "post_attention_layernorm": ElementwiseCoefficients(
+                        latency_s=1.62105e-06,
+                        memory_efficiency=0.385539,
+                    ),
+                    "attn_rope": ElementwiseCoefficients(
+                        latency_s=1.85551e-06,
+                        memory_efficiency=0.526421,
+                    ),
+                    "mlp_act": ElementwiseCoefficients(
+                        latency_s=1.61767e-06,
+                        memory_efficiency=0.578962,
+                    ),
+                    "add": ElementwiseCoefficients(
+                        latency_s=4.62569e-07,
+                        memory_efficiency=1.0,
+                    ),
+                }
+            ),
+            embedding=ElementwiseCoefficients(
+                latency_s=2.33111e-06,
+                memory_efficiency=0.18936,
+            ),
+            attention=AttentionCoefficients(
+                prefill_floor_s=2.48886e-05,
+                prefill_new_efficiency=0.0858825,
+                prefill_cached_efficiency=0.202629,
+                prefill_per_sequence_s=0.0,
+                decode_floor_s=1.43574e-05,
+                decode_per_sequence_s=2.16552e-08,
+                decode_memory_efficiency=0.784591,
+            ),
+            collectives=CollectiveCoefficients(
+                allreduce_latency_s=2.45972e-05,
+                allreduce_latency_per_rank_s=8.42821e-07,
+                allreduce_bus_bandwidth_bytes_per_s=3.47621e11,
+                cross_node_allreduce_latency_s=0.000151638,
+                cross_node_allreduce_latency_per_rank_s=4.39804e-06,
+                cross_node_allreduce_bus_bandwidth_bytes_per_s=8.15024e10,
+                send_recv_latency_s=7.63842e-06,
+                send_recv_bandwidth_bytes_per_s=3.61084e11,
+                cross_node_send_recv_latency_s=1.87243e-05,
+                cross_node_send_recv_bandwidth_bytes_per_s=3.63206e10,
+            ),
+            source="fitted by experiments/calibrate_costmodel.py on the Vidur h100 profiles; attention and cross-node all-reduce derived from A100; H200 reuses the H100 fit",
+        ),
+    }
 )
 
-#: The same fit done without CodeLlama-34B (for the held-out check).
-HELD_OUT_COEFFICIENTS: Mapping[str, GpuCoefficients] = FITTED_COEFFICIENTS
+#: The same fit without codellama-34b (scored on it by ``opscale costmodel validate``).
+HELD_OUT_COEFFICIENTS: Mapping[str, GpuCoefficients] = MappingProxyType(
+    {
+        "a100": GpuCoefficients(
+            gemm=GemmCoefficients(
+                compute_efficiency=0.737767,
+                memory_efficiency=0.811932,
+                smoothing_p=1.47718,
+                launch_s=4.83321e-06,
+            ),
+            elementwise=MappingProxyType(
+                {
+                    "input_layernorm": ElementwiseCoefficients(
+                        latency_s=1.25434e-06,
+                        memory_efficiency=0.366402,
+                    ),
+                    "post_attention_layernorm": ElementwiseCoefficients(
+                        latency_s=9.51948e-07,
+                        memory_efficiency=0.347502,
+                    ),
+                    "attn_rope": ElementwiseCoefficients(
+                        latency_s=2.11477e-06,
+                        memory_efficiency=0.448554,
+                    ),
+                    "mlp_act": ElementwiseCoefficients(
+                        latency_s=1.87003e-06,
+                        memory_efficiency=0.495239,
+                    ),
+                    "add": ElementwiseCoefficients(
+                        latency_s=7.38244e-07,
+                        memory_efficiency=0.931973,
+                    ),
+                }
+            ),
+            embedding=ElementwiseCoefficients(
+                latency_s=2.21729e-06,
+                memory_efficiency=0.153083,
+            ),
+            attention=AttentionCoefficients(
+                prefill_floor_s=2.48886e-05,
+                prefill_new_efficiency=0.179126,
+                prefill_cached_efficiency=0.422626,
+                prefill_per_sequence_s=0.0,
+                decode_floor_s=1.43574e-05,
+                decode_per_sequence_s=2.16552e-08,
+                decode_memory_efficiency=0.784591,
+            ),
+            collectives=CollectiveCoefficients(
+                allreduce_latency_s=4.23486e-05,
+                allreduce_latency_per_rank_s=1.31373e-06,
+                allreduce_bus_bandwidth_bytes_per_s=1.68625e11,
+                cross_node_allreduce_latency_s=0.000151638,
+                cross_node_allreduce_latency_per_rank_s=4.39804e-06,
+                cross_node_allreduce_bus_bandwidth_bytes_per_s=1.74211e10,
+                send_recv_latency_s=1.3804e-05,
+                send_recv_bandwidth_bytes_per_s=3.08776e11,
+                cross_node_send_recv_latency_s=2.79292e-05,
+                cross_node_send_recv_bandwidth_bytes_per_s=7.76351e09,
+            ),
+            source="fitted by experiments/calibrate_costmodel.py on the Vidur a100 profiles",
+        ),
+        "h100": GpuCoefficients(
+            gemm=GemmCoefficients(
+                compute_efficiency=0.748522,
+                memory_efficiency=0.964448,
+                smoothing_p=1.46368,
+                launch_s=5.77222e-06,
+            ),
+            elementwise=MappingProxyType(
+                {
+                    "input_layernorm": ElementwiseCoefficients(
+                        latency_s=2.4673e-06,
+                        memory_efficiency=0.452073,
+                    ),
+                    "post_attention_layernorm": ElementwiseCoefficients(
+                        latency_s=1.87682e-06,
+                        memory_efficiency=0.400589,
+                    ),
+                    "attn_rope": ElementwiseCoefficients(
+                        latency_s=1.78121e-06,
+                        memory_efficiency=0.521998,
+                    ),
+                    "mlp_act": ElementwiseCoefficients(
+                        latency_s=1.61763e-06,
+                        memory_efficiency=0.578529,
+                    ),
+                    "add": ElementwiseCoefficients(
+                        latency_s=4.83605e-07,
+                        memory_efficiency=1.0,
+                    ),
+                }
+            ),
+            embedding=ElementwiseCoefficients(
+                latency_s=2.31636e-06,
+                memory_efficiency=0.186778,
+            ),
+            attention=AttentionCoefficients(
+                prefill_floor_s=2.48886e-05,
+                prefill_new_efficiency=0.0858825,
+                prefill_cached_efficiency=0.202629,
+                prefill_per_sequence_s=0.0,
+                decode_floor_s=1.43574e-05,
+                decode_per_sequence_s=2.16552e-08,
+                decode_memory_efficiency=0.784591,
+            ),
+            collectives=CollectiveCoefficients(
+                allreduce_latency_s=2.45972e-05,
+                allreduce_latency_per_rank_s=8.42821e-07,
+                allreduce_bus_bandwidth_bytes_per_s=3.47621e11,
+                cross_node_allreduce_latency_s=0.000151638,
+                cross_node_allreduce_latency_per_rank_s=4.39804e-06,
+                cross_node_allreduce_bus_bandwidth_bytes_per_s=8.15024e10,
+                send_recv_latency_s=7.63842e-06,
+                send_recv_bandwidth_bytes_per_s=3.61084e11,
+                cross_node_send_recv_latency_s=1.87243e-05,
+                cross_node_send_recv_bandwidth_bytes_per_s=3.63206e10,
+            ),
+            source="fitted by experiments/calibrate_costmodel.py on the Vidur h100 profiles; attention and cross-node all-reduce derived from A100",
+        ),
+        "h200": GpuCoefficients(
+            gemm=GemmCoefficients(
+                compute_efficiency=0.748522,
+                memory_efficiency=0.964448,
+                smoothing_p=1.46368,
+                launch_s=5.77222e-06,
+            ),
+            elementwise=MappingProxyType(
+                {
+                    "input_layernorm": ElementwiseCoefficients(
+                        latency_s=2.4673e-06,
+                        memory_efficiency=0.452073,
+                    ),
+                    "post_attention_layernorm": ElementwiseCoefficients(
+                        latency_s=1.87682e-06,
+                        memory_efficiency=0.400589,
+                    ),
+                    "attn_rope": ElementwiseCoefficients(
+                        latency_s=1.78121e-06,
+                        memory_efficiency=0.521998,
+                    ),
+                    "mlp_act": ElementwiseCoefficients(
+                        latency_s=1.61763e-06,
+                        memory_efficiency=0.578529,
+                    ),
+                    "add": ElementwiseCoefficients(
+                        latency_s=4.83605e-07,
+                        memory_efficiency=1.0,
+                    ),
+                }
+            ),
+            embedding=ElementwiseCoefficients(
+                latency_s=2.31636e-06,
+                memory_efficiency=0.186778,
+            ),
+            attention=AttentionCoefficients(
+                prefill_floor_s=2.48886e-05,
+                prefill_new_efficiency=0.0858825,
+                prefill_cached_efficiency=0.202629,
+                prefill_per_sequence_s=0.0,
+                decode_floor_s=1.43574e-05,
+                decode_per_sequence_s=2.16552e-08,
+                decode_memory_efficiency=0.784591,
+            ),
+            collectives=CollectiveCoefficients(
+                allreduce_latency_s=2.45972e-05,
+                allreduce_latency_per_rank_s=8.42821e-07,
+                allreduce_bus_bandwidth_bytes_per_s=3.47621e11,
+                cross_node_allreduce_latency_s=0.000151638,
+                cross_node_allreduce_latency_per_rank_s=4.39804e-06,
+                cross_node_allreduce_bus_bandwidth_bytes_per_s=8.15024e10,
+                send_recv_latency_s=7.63842e-06,
+                send_recv_bandwidth_bytes_per_s=3.61084e11,
+                cross_node_send_recv_latency_s=1.87243e-05,
+                cross_node_send_recv_bandwidth_bytes_per_s=3.63206e10,
+            ),
+            source="fitted by experiments/calibrate_costmodel.py on the Vidur h100 profiles; attention and cross-node all-reduce derived from A100; H200 reuses the H100 fit",
+        ),
+    }
+)
+# END FITTED

@@ -25,7 +25,16 @@ from opscale.sim.costmodel_coefficients import (
 from opscale.sim.hardware import GPUSpec
 from opscale.sim.models import GemmShape, ModelSpec, UnitKind
 
-__all__ = ["DEFAULT_GPUS_PER_NODE", "RooflineCostModel", "elementwise_time_s", "gemm_time_s"]
+__all__ = [
+    "DEFAULT_GPUS_PER_NODE",
+    "RooflineCostModel",
+    "allreduce_time_s",
+    "decode_attention_time_s",
+    "elementwise_time_s",
+    "gemm_time_s",
+    "prefill_attention_time_s",
+    "send_recv_time_s",
+]
 
 #: GPUs per node assumed by the collectives when a TP group size alone must tell intra- from
 #: cross-node (DGX A100 / H100 / H200).
@@ -63,6 +72,101 @@ def elementwise_time_s(
         gpu.hbm_bandwidth_bytes_per_s * coeffs.memory_efficiency
     )
     return np.where(tokens > 0, busy, 0.0)
+
+
+def attention_kv_bytes_per_token(model: ModelSpec, tp: int) -> float:
+    """KV bytes one cached token adds per layer on one TP shard."""
+    return 2.0 * model.kv_heads_per_shard(tp) * model.head_dim * model.dtype_bytes
+
+
+def prefill_attention_time_s(
+    model: ModelSpec,
+    gpu: GPUSpec,
+    tp: int,
+    coeffs: AttentionCoefficients,
+    prefill_tokens: np.ndarray,
+    prefill_attention_pairs: np.ndarray,
+    num_prefills: np.ndarray,
+) -> np.ndarray:
+    """Prefill (FlashAttention) time of one layer on one TP shard.
+
+    ``floor + per_sequence * chunks + max(compute, memory)``: compute charges new (within-chunk) and
+    cached (earlier-context) query-key pairs at their own efficiencies; memory reads the KV of the
+    earlier context and of the chunk once.
+    """
+    flops_per_pair = 4.0 * model.head_dim * model.heads_per_shard(tp)
+    new_pairs, cached_pairs = split_prefill_pairs(prefill_tokens, prefill_attention_pairs, num_prefills)
+    compute_s = flops_per_pair * (
+        new_pairs / (gpu.peak_flops * coeffs.prefill_new_efficiency)
+        + cached_pairs / (gpu.peak_flops * coeffs.prefill_cached_efficiency)
+    )
+    # cached pairs / mean chunk = earlier-context tokens whose KV is read
+    mean_chunk = prefill_tokens / np.maximum(num_prefills, 1)
+    prior_tokens = cached_pairs / np.maximum(mean_chunk, 1.0)
+    memory_s = (
+        (prior_tokens + prefill_tokens)
+        * attention_kv_bytes_per_token(model, tp)
+        / (gpu.hbm_bandwidth_bytes_per_s * coeffs.decode_memory_efficiency)
+    )
+    busy = (
+        coeffs.prefill_floor_s
+        + coeffs.prefill_per_sequence_s * num_prefills
+        + np.maximum(compute_s, memory_s)
+    )
+    return np.where(prefill_tokens > 0, busy, 0.0)
+
+
+def decode_attention_time_s(
+    model: ModelSpec,
+    gpu: GPUSpec,
+    tp: int,
+    coeffs: AttentionCoefficients,
+    num_decodes: np.ndarray,
+    decode_context_tokens: np.ndarray,
+) -> np.ndarray:
+    """Paged decode attention time of one layer on one TP shard: memory-bound KV read with a floor
+    and a per-sequence term (bounded below by the FLOPs at peak)."""
+    memory_s = (
+        decode_context_tokens
+        * attention_kv_bytes_per_token(model, tp)
+        / (gpu.hbm_bandwidth_bytes_per_s * coeffs.decode_memory_efficiency)
+    )
+    compute_s = 4.0 * model.head_dim * model.heads_per_shard(tp) * decode_context_tokens / gpu.peak_flops
+    busy = (
+        coeffs.decode_floor_s + coeffs.decode_per_sequence_s * num_decodes + np.maximum(memory_s, compute_s)
+    )
+    return np.where(num_decodes > 0, busy, 0.0)
+
+
+def allreduce_time_s(
+    coeffs: CollectiveCoefficients, workers: int | np.ndarray, num_bytes: np.ndarray, cross_node: bool
+) -> np.ndarray:
+    """Ring all-reduce of ``num_bytes`` over ``workers`` GPUs:
+    ``latency + per_rank * (workers - 2) + 2 (workers-1)/workers * bytes / bus_bandwidth``."""
+    workers_f = np.asarray(workers, dtype=np.float64)
+    ring_factor = 2.0 * (workers_f - 1.0) / workers_f
+    if cross_node:
+        latency = coeffs.cross_node_allreduce_latency_s
+        per_rank = coeffs.cross_node_allreduce_latency_per_rank_s
+        bandwidth = coeffs.cross_node_allreduce_bus_bandwidth_bytes_per_s
+    else:
+        latency = coeffs.allreduce_latency_s
+        per_rank = coeffs.allreduce_latency_per_rank_s
+        bandwidth = coeffs.allreduce_bus_bandwidth_bytes_per_s
+    busy = latency + per_rank * (workers_f - 2.0) + ring_factor * num_bytes / bandwidth
+    return np.where((num_bytes > 0) & (workers_f > 1), busy, 0.0)
+
+
+def send_recv_time_s(coeffs: CollectiveCoefficients, num_bytes: np.ndarray, cross_node: bool) -> np.ndarray:
+    """Point-to-point NCCL send/recv: ``latency + bytes / bandwidth``."""
+    if cross_node:
+        latency, bandwidth = (
+            coeffs.cross_node_send_recv_latency_s,
+            coeffs.cross_node_send_recv_bandwidth_bytes_per_s,
+        )
+    else:
+        latency, bandwidth = coeffs.send_recv_latency_s, coeffs.send_recv_bandwidth_bytes_per_s
+    return np.where(num_bytes > 0, latency + num_bytes / bandwidth, 0.0)
 
 
 class RooflineCostModel:
@@ -270,44 +374,11 @@ class RooflineCostModel:
         num_decodes, decode_context_tokens, prefill_tokens, prefill_attention_pairs, num_prefills = (
             np.broadcast_arrays(*arrays)
         )
-        coeffs: AttentionCoefficients = self.coefficients_for(gpu).attention
-        heads = model.heads_per_shard(tp)
-        kv_bytes_per_token = 2.0 * model.kv_heads_per_shard(tp) * model.head_dim * model.dtype_bytes
-        flops_per_pair = 4.0 * model.head_dim * heads
-        bandwidth = gpu.hbm_bandwidth_bytes_per_s
-
-        new_pairs, cached_pairs = split_prefill_pairs(prefill_tokens, prefill_attention_pairs, num_prefills)
-        prefill_compute_s = flops_per_pair * (
-            new_pairs / (gpu.peak_flops * coeffs.prefill_new_efficiency)
-            + cached_pairs / (gpu.peak_flops * coeffs.prefill_cached_efficiency)
+        coeffs = self.coefficients_for(gpu).attention
+        prefill_s = prefill_attention_time_s(
+            model, gpu, tp, coeffs, prefill_tokens, prefill_attention_pairs, num_prefills
         )
-        # KV of the earlier context is read at least once (cached pairs / mean chunk = prior tokens)
-        mean_chunk = prefill_tokens / np.maximum(num_prefills, 1)
-        prior_tokens = cached_pairs / np.maximum(mean_chunk, 1.0)
-        prefill_memory_s = (
-            (prior_tokens + prefill_tokens)
-            * kv_bytes_per_token
-            / (bandwidth * coeffs.decode_memory_efficiency)
-        )
-        prefill_s = np.where(
-            prefill_tokens > 0,
-            coeffs.prefill_floor_s
-            + coeffs.prefill_per_sequence_s * num_prefills
-            + np.maximum(prefill_compute_s, prefill_memory_s),
-            0.0,
-        )
-
-        decode_memory_s = (
-            decode_context_tokens * kv_bytes_per_token / (bandwidth * coeffs.decode_memory_efficiency)
-        )
-        decode_compute_s = flops_per_pair * decode_context_tokens / gpu.peak_flops
-        decode_s = np.where(
-            num_decodes > 0,
-            coeffs.decode_floor_s
-            + coeffs.decode_per_sequence_s * num_decodes
-            + np.maximum(decode_memory_s, decode_compute_s),
-            0.0,
-        )
+        decode_s = decode_attention_time_s(model, gpu, tp, coeffs, num_decodes, decode_context_tokens)
         return prefill_s, decode_s
 
     # ------------------------------------------------------------------ collectives
@@ -322,15 +393,8 @@ class RooflineCostModel:
             raise ValueError(f"TP degree must be >= 1, got {tp}")
         if tp == 1:
             return np.zeros_like(num_bytes)
-        c: CollectiveCoefficients = self.coefficients_for(gpu).collectives
-        ring_factor = 2.0 * (tp - 1) / tp
-        if tp <= self.gpus_per_node:
-            latency = c.allreduce_latency_s + c.allreduce_latency_per_rank_s * (tp - 2)
-            bandwidth = c.allreduce_bus_bandwidth_bytes_per_s
-        else:
-            latency = c.cross_node_allreduce_latency_s + c.allreduce_latency_per_rank_s * (tp - 2)
-            bandwidth = c.cross_node_allreduce_bus_bandwidth_bytes_per_s
-        return np.where(num_bytes > 0, latency + ring_factor * num_bytes / bandwidth, 0.0)
+        collectives = self.coefficients_for(gpu).collectives
+        return allreduce_time_s(collectives, tp, num_bytes, cross_node=tp > self.gpus_per_node)
 
     def send_recv_time_s(self, gpu: GPUSpec, num_bytes: float, cross_node: bool = False) -> float:
         """See :meth:`CostModel.send_recv_time_s`."""
@@ -341,15 +405,7 @@ class RooflineCostModel:
     ) -> np.ndarray:
         """Vectorised :meth:`send_recv_time_s` over message sizes."""
         num_bytes = as_nonnegative_array(num_bytes)
-        c = self.coefficients_for(gpu).collectives
-        if cross_node:
-            latency, bandwidth = (
-                c.cross_node_send_recv_latency_s,
-                c.cross_node_send_recv_bandwidth_bytes_per_s,
-            )
-        else:
-            latency, bandwidth = c.send_recv_latency_s, c.send_recv_bandwidth_bytes_per_s
-        return np.where(num_bytes > 0, latency + num_bytes / bandwidth, 0.0)
+        return send_recv_time_s(self.coefficients_for(gpu).collectives, num_bytes, cross_node)
 
     # ------------------------------------------------------------------ reporting
     def bound(self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, num_tokens: int) -> str:
