@@ -85,6 +85,8 @@ def _layout(units: tuple[UnitKind, ...] = DENSE_UNITS) -> ObservationLayout:
         ({"horizion": 10}, "unknown config keys \\['horizion'\\]; valid keys: .*horizon"),
         ({"cold_start": {"warm_s": 1.0}}, "unknown cold_start keys"),
         ({"slo": {"ttft_s": 0.0, "tbt_s": 0.1}}, "'slo.ttft_s' must be > 0"),
+        ({"trace": "azure-chat"}, "unknown trace 'azure-chat'; valid names: .*azure-conv.*default"),
+        ({"trace": 42}, "unknown trace 42"),
     ],
 )
 def test_bad_config_raises_naming_value_and_choices(
