@@ -44,7 +44,10 @@ from opscale.sim.calibration import (
     KIND_GEMM,
     ObservationSet,
     build_observations,
+    check_power,
+    check_targets,
     default_profiles_dir,
+    load_splitwise_runs,
     validate,
 )
 from opscale.sim.costmodel_coefficients import (
@@ -53,6 +56,8 @@ from opscale.sim.costmodel_coefficients import (
     GemmCoefficients,
     GpuCoefficients,
 )
+from opscale.sim.costmodel_roofline import RooflineCostModel
+from opscale.sim.power import POWER_PRESETS, PowerModel, PowerPreset
 from opscale.sim.profile_table import VidurProfiles
 from scipy.optimize import least_squares
 
@@ -325,6 +330,24 @@ def write_coefficients(source: str, path: Path = _COEFFICIENTS_FILE) -> None:
     path.write_text(_MARKER.sub(lambda m: m.group(1) + source + m.group(3), text))
 
 
+def fit_memory_bound_power(gpu: str = "a100") -> float:
+    """Memory-bound power (W) of ``gpu`` that best fits SplitwiseSim's measured average power, with idle
+    and compute-bound power kept at the public constants (the ``splitwise-measured`` power preset)."""
+    runs = [run for run in load_splitwise_runs() if run.gpu == gpu]
+    base = POWER_PRESETS[PowerPreset.SPLITWISE_CONSTANTS]
+    cost_model = RooflineCostModel()
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        profile = dataclasses.replace(base[gpu], memory_bound_w=float(x[0]))
+        checks = check_power(runs, cost_model, PowerModel(profiles={**base, gpu: profile}))
+        return np.array(
+            [(c.predicted_average_w - c.measured_average_w) / c.measured_average_w for c in checks]
+        )
+
+    start = base[gpu].memory_bound_w
+    return float(_fit(residuals, (start,), (base[gpu].idle_w,), (base[gpu].compute_bound_w,))[0])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", type=Path, default=None, help="Vidur data/profiling directory")
@@ -335,10 +358,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     observations = build_observations(VidurProfiles.load(args.profiles or default_profiles_dir()))
     fitted = fit_all(observations)
     held_out = fit_all(observations, exclude_model=HELD_OUT_MODEL)
-    for row in validate(observations, fitted, held_out):
+    rows = validate(observations, fitted, held_out)
+    for row in rows:
+        print(f"{row.gpu:5s} {row.operator:26s} {row.scope:14s} n={row.count:6d} MAPE={row.mape:6.1%}")
+    for check in check_targets(rows):
         print(
-            f"{row.gpu:5s} {row.operator:26s} {row.scope:14s} n={row.count:6d} MAPE={row.mape:6.1%} p90={row.p90_ape:6.1%}"
+            f"target {check.name:45s} {check.value:7.3f} <= {check.limit:5.3f} {'ok' if check.ok else 'MISSED'}"
         )
+    memory_bound_w = fit_memory_bound_power("a100")
+    print(
+        f"A100 memory-bound power fitted to SplitwiseSim: {memory_bound_w:.0f} W (A100_MEASURED_MEMORY_BOUND_W)"
+    )
     source = coefficients_source(fitted, held_out)
     if args.dry_run:
         print(source)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from opscale.sim.costmodel_api import AttentionBatch, CostModel
 from opscale.sim.costmodel_coefficients import ELEMENTWISE_KERNELS, GpuCoefficients
 from opscale.sim.costmodel_roofline import (
     allreduce_time_s,
@@ -34,8 +35,9 @@ from opscale.sim.costmodel_roofline import (
     send_recv_time_s,
 )
 from opscale.sim.hardware import GPUSpec, get_gpu
-from opscale.sim.models import MODEL_CATALOG, ModelSpec, UnitKind
-from opscale.sim.profile_table import VidurProfiles
+from opscale.sim.models import MODEL_CATALOG, ModelSpec, UnitKind, get_model
+from opscale.sim.power import PowerModel
+from opscale.sim.profile_table import VidurProfiles, read_vidur_csv
 
 from opscale.paths import reference_dir
 
@@ -373,3 +375,252 @@ def validate(
             )
         )
     return rows
+
+
+# ----------------------------------------------------------------------------- power (SplitwiseSim)
+#: SplitwiseSim's ``perf_model.csv`` below :func:`opscale.paths.reference_dir`.
+SPLITWISE_PERF_MODEL = Path("splitwise_sim_perf_model") / "data" / "perf_model.csv"
+
+_SPLITWISE_COLUMNS = (
+    "model",
+    "hardware",
+    "prompt_size",
+    "batch_size",
+    "token_size",
+    "peak_power",
+    "average_power",
+    "prompt_time",
+    "token_time",
+    "e2e_time",
+    "tensor_parallel",
+)
+_SPLITWISE_MODELS = {"llama2-70b": "llama-2-70b"}
+_SPLITWISE_HARDWARE = {"a100-80gb": "a100", "h100-80gb": "h100"}
+
+
+@dataclass(frozen=True)
+class SplitwiseRun:
+    """One configuration of SplitwiseSim's measurements (repetitions averaged).
+
+    Times in s; powers as fractions of TDP, as in the file.
+    """
+
+    model: str
+    gpu: str
+    tp: int
+    prompt_tokens: int
+    batch_size: int
+    output_tokens: int
+    prompt_time_s: float
+    token_time_s: float
+    e2e_time_s: float
+    average_power_tdp: float
+    peak_power_tdp: float
+
+
+def load_splitwise_runs(path: Path | None = None) -> list[SplitwiseRun]:
+    """Runs of catalog models on catalog GPUs with non-zero power columns, whose prompt plus output
+    fits the model's context (Llama-2-70B: 4,096; the 8,192-token rows report near-idle power and are
+    left out as invalid).
+
+    :raises ValueError: when the CSV lacks a required column.
+    """
+    columns = read_vidur_csv(path or reference_dir() / SPLITWISE_PERF_MODEL, _SPLITWISE_COLUMNS)
+    groups: dict[tuple[str, str, int, int, int, int], list[int]] = {}
+    for index, (model, hardware) in enumerate(zip(columns["model"], columns["hardware"], strict=True)):
+        if model not in _SPLITWISE_MODELS or hardware not in _SPLITWISE_HARDWARE:
+            continue
+        if float(columns["average_power"][index]) <= 0:
+            continue
+        key = (
+            _SPLITWISE_MODELS[model],
+            _SPLITWISE_HARDWARE[hardware],
+            int(columns["tensor_parallel"][index]),
+            int(columns["prompt_size"][index]),
+            int(columns["batch_size"][index]),
+            int(columns["token_size"][index]),
+        )
+        if key[3] + key[5] > get_model(key[0]).max_context:
+            continue
+        groups.setdefault(key, []).append(index)
+
+    def mean(name: str, rows: list[int]) -> float:
+        return float(np.mean([float(columns[name][i]) for i in rows]))
+
+    return [
+        SplitwiseRun(
+            model=model,
+            gpu=gpu,
+            tp=tp,
+            prompt_tokens=prompt,
+            batch_size=batch,
+            output_tokens=output,
+            prompt_time_s=mean("prompt_time", rows) * 1e-3,
+            token_time_s=mean("token_time", rows) * 1e-3,
+            e2e_time_s=mean("e2e_time", rows) * 1e-3,
+            average_power_tdp=mean("average_power", rows),
+            peak_power_tdp=mean("peak_power", rows),
+        )
+        for (model, gpu, tp, prompt, batch, output), rows in sorted(groups.items())
+    ]
+
+
+@dataclass(frozen=True)
+class PowerCheck:
+    """Predicted against measured power of one Splitwise run (W per GPU).
+
+    ``prefill_busy`` / ``decode_busy``: kernel time from the cost model over the measured phase time.
+    """
+
+    run: SplitwiseRun
+    prefill_busy: float
+    decode_busy: float
+    predicted_average_w: float
+    measured_average_w: float
+    predicted_peak_w: float
+    measured_peak_w: float
+
+
+def _iteration_kernel_s(
+    cost_model: CostModel, model: ModelSpec, gpu: GPUSpec, tp: int, tokens: int, batch: AttentionBatch
+) -> tuple[float, float]:
+    """(kernel time, compute-bound part of it) of one forward pass of all units."""
+    total = compute = 0.0
+    for unit in model.units:
+        if unit is UnitKind.ATTENTION:
+            seconds = cost_model.attention_time_s(model, gpu, tp, batch)
+            bound = "compute" if batch.num_prefills else "memory"
+        else:
+            seconds = cost_model.unit_time_s(model, unit, gpu, tp, tokens)
+            bound = cost_model.bound(model, unit, gpu, tp, tokens)
+        total += seconds
+        compute += seconds if bound == "compute" else 0.0
+    return total, compute
+
+
+def check_power(
+    runs: Sequence[SplitwiseRun], cost_model: CostModel, power_model: PowerModel
+) -> list[PowerCheck]:
+    """Predict each run's average and peak per-GPU power.
+
+    The prefill phase lasts the measured ``prompt_time`` with the GPU busy for the cost model's
+    kernel time of the batch's prompts; the decode phase fills the rest of ``e2e_time`` with
+    iterations of ``token_time``, each busy for the kernel time of one decode step at the mean
+    context. Average = time-weighted phase powers; peak = the larger phase power.
+    """
+    checks = []
+    for run in runs:
+        model, gpu = get_model(run.model), get_gpu(run.gpu)
+        prefill_s, prefill_compute_s = _iteration_kernel_s(
+            cost_model,
+            model,
+            gpu,
+            run.tp,
+            run.batch_size * run.prompt_tokens,
+            AttentionBatch.from_requests(prefill_chunks=[(run.prompt_tokens, 0)] * run.batch_size),
+        )
+        context = run.prompt_tokens + run.output_tokens // 2
+        decode_s, decode_compute_s = _iteration_kernel_s(
+            cost_model,
+            model,
+            gpu,
+            run.tp,
+            run.batch_size,
+            AttentionBatch.from_requests([context] * run.batch_size),
+        )
+        prefill_busy = min(1.0, prefill_s / run.prompt_time_s)
+        decode_busy = min(1.0, decode_s / run.token_time_s)
+        prefill_w = power_model.power_w(gpu, prefill_busy, prefill_compute_s / prefill_s)
+        decode_w = power_model.power_w(gpu, decode_busy, decode_compute_s / decode_s)
+        decode_phase_s = max(run.e2e_time_s - run.prompt_time_s, 0.0)
+        average_w = (prefill_w * run.prompt_time_s + decode_w * decode_phase_s) / (
+            run.prompt_time_s + decode_phase_s
+        )
+        checks.append(
+            PowerCheck(
+                run=run,
+                prefill_busy=prefill_busy,
+                decode_busy=decode_busy,
+                predicted_average_w=average_w,
+                measured_average_w=run.average_power_tdp * gpu.tdp_watts,
+                predicted_peak_w=max(prefill_w, decode_w),
+                measured_peak_w=run.peak_power_tdp * gpu.tdp_watts,
+            )
+        )
+    return checks
+
+
+def power_errors(checks: Sequence[PowerCheck]) -> dict[str, float]:
+    """MAPE of the average and of the peak power over ``checks``."""
+    average = [abs(c.predicted_average_w - c.measured_average_w) / c.measured_average_w for c in checks]
+    peak = [abs(c.predicted_peak_w - c.measured_peak_w) / c.measured_peak_w for c in checks]
+    return {
+        "count": float(len(checks)),
+        "average_mape": float(np.mean(average)),
+        "peak_mape": float(np.mean(peak)),
+    }
+
+
+# ----------------------------------------------------------------------------- targets (issue 3)
+#: GEMM-mean MAPE limits per GPU; other limits below apply to every GPU with the rows.
+GEMM_MEAN_MAPE_LIMIT = {"a100": 0.08, "h100": 0.10}
+GEMM_EACH_MAPE_LIMIT = 0.13
+ATTENTION_MAPE_LIMIT = 0.15
+NETWORK_MAPE_LIMIT = 0.15
+LAYER_SUM_MAPE_LIMIT = 0.07
+HELD_OUT_RATIO_LIMIT = 1.5
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One accuracy target: ``value <= limit``."""
+
+    name: str
+    value: float
+    limit: float
+
+    @property
+    def ok(self) -> bool:
+        """Whether the target is met."""
+        return bool(self.value <= self.limit)
+
+
+def _mape(rows: Sequence[ValidationRow], gpu: str, operators: Sequence[str], scope: str) -> float:
+    values = [r.mape for r in rows if r.gpu == gpu and r.operator in operators and r.scope == scope]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def check_targets(rows: Sequence[ValidationRow]) -> list[TargetCheck]:
+    """The accuracy targets of the cost-model issue, evaluated on validation rows."""
+    checks = []
+    gemms = tuple(GEMM_OPERATORS)
+    for gpu in sorted({r.gpu for r in rows}):
+        in_sample = {r.operator: r for r in rows if r.gpu == gpu and r.scope == "in-sample"}
+        if all(op in in_sample for op in gemms):
+            limit = GEMM_MEAN_MAPE_LIMIT.get(gpu, max(GEMM_MEAN_MAPE_LIMIT.values()))
+            checks.append(TargetCheck(f"{gpu} GEMM mean MAPE", _mape(rows, gpu, gemms, "in-sample"), limit))
+            checks += [
+                TargetCheck(f"{gpu} {op} MAPE", in_sample[op].mape, GEMM_EACH_MAPE_LIMIT) for op in gemms
+            ]
+        for op in ("attention_prefill", "attention_decode"):
+            if op in in_sample:
+                checks.append(TargetCheck(f"{gpu} {op} MAPE", in_sample[op].mape, ATTENTION_MAPE_LIMIT))
+        for op in ("all_reduce", "send_recv"):
+            if op in in_sample:
+                checks.append(
+                    TargetCheck(f"{gpu} {op} (intra-node) MAPE", in_sample[op].mape, NETWORK_MAPE_LIMIT)
+                )
+        if "layer_sum" in in_sample:
+            checks.append(
+                TargetCheck(f"{gpu} layer_sum MAPE", in_sample["layer_sum"].mape, LAYER_SUM_MAPE_LIMIT)
+            )
+        for label, operators in (("GEMM mean", gemms), ("layer_sum", ("layer_sum",))):
+            held_out = _mape(rows, gpu, operators, "held-out")
+            if np.isfinite(held_out):
+                ratio = held_out / _mape(rows, gpu, operators, "in-sample")
+                checks.append(
+                    TargetCheck(
+                        f"{gpu} held-out {HELD_OUT_MODEL} {label} / in-sample", ratio, HELD_OUT_RATIO_LIMIT
+                    )
+                )
+    return checks
