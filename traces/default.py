@@ -10,7 +10,7 @@ section 1), fitted by ``experiments/fit_default_trace.py`` (rerun it to regenera
   to ~3.3 req/s. Beyond the fitted 3,501.7 s the curve is played backward, then forward again
   (:class:`~opscale.traces.synthetic.ReflectedRate`), so any duration works and the rate stays in the
   observed range.
-* Lengths: prompt and output tokens drawn independently from 44-knot quantile tables (the real
+* Lengths: prompt and output tokens drawn independently from 46-knot quantile tables (the real
   Spearman rank correlation between them is 0.07, so independence loses little).
 
 Same seed, same trace. With the defaults (3,600 s) it matches the real trace's mean rate within ~1 %
@@ -47,20 +47,21 @@ RATE_KNOT_REQUESTS_PER_S = (
 QUANTILE_LEVELS = (
     0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.275, 0.3, 0.325, 0.35,
     0.375, 0.4, 0.425, 0.45, 0.475, 0.5, 0.525, 0.55, 0.575, 0.6, 0.625, 0.65, 0.675, 0.7, 0.725, 0.75,
-    0.775, 0.8, 0.825, 0.85, 0.875, 0.9, 0.925, 0.95, 0.975, 0.99, 0.999, 1,
+    0.775, 0.8, 0.825, 0.85, 0.875, 0.9, 0.925, 0.95, 0.975, 0.985, 0.99, 0.995, 0.999, 1,
 )
 #: Prompt tokens at each level (multimodal: clusters near 400, 1,050 and 4,100 tokens).
 PROMPT_TOKEN_QUANTILES = (
     2.0, 29.0, 120.0, 181.0, 200.0, 207.0, 235.0, 372.0, 379.0, 387.0, 393.0, 396.0, 400.0, 403.0,
     407.0, 414.0, 428.0, 703.0, 922.0, 984.0, 1005.0, 1020.0, 1033.6, 1045.0, 1058.0, 1071.0, 1083.0,
     1097.0, 1112.0, 1130.0, 1153.0, 1189.0, 1276.9, 1315.0, 1434.2, 1876.2, 2309.4, 2734.5, 4075.0,
-    4083.0, 4092.0, 4142.0, 6179.1, 14050.0,
+    4083.0, 4092.0, 4110.0, 4142.0, 4831.0, 6179.1, 14050.0,
 )
 #: Output tokens at each level (the service caps generation at 1,000).
 OUTPUT_TOKEN_QUANTILES = (
     7.0, 16.0, 28.0, 41.0, 48.0, 54.0, 60.0, 67.0, 72.0, 77.0, 82.0, 85.0, 88.0, 91.0, 93.0, 96.0, 99.0,
     103.0, 108.0, 113.0, 120.0, 129.0, 138.6, 151.0, 162.0, 177.0, 195.1, 217.0, 373.0, 384.0, 391.0,
-    395.0, 396.0, 400.0, 406.0, 411.0, 416.0, 424.0, 430.0, 451.0, 522.0, 601.0, 954.0, 1000.0,
+    395.0, 396.0, 400.0, 406.0, 411.0, 416.0, 424.0, 430.0, 451.0, 522.0, 571.0, 601.0, 643.2, 954.0,
+    1000.0,
 )
 # fmt: on
 

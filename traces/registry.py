@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from opscale.traces.default import DEFAULT_TRACE_NAME, default_trace
-from opscale.traces.errors import TraceDataNotFoundError
+from opscale.traces.errors import TraceDataNotFoundError, TraceFormatError
 from opscale.traces.loaders import load_azure_csv, load_csv, load_mooncake_jsonl, load_vidur_csv
 from opscale.traces.servegen import DEFAULT_DURATION_S, DEFAULT_START_S, servegen_trace
 from opscale.traces.trace import RequestTrace
@@ -108,6 +108,23 @@ def _servegen_start_s(trace: str, options: dict[str, Any]) -> float:
     return float(options.pop("start_s", DEFAULT_START_S))
 
 
+_AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+_VIDUR_COLUMNS = ("arrived_at", "num_prefill_tokens", "num_decode_tokens")
+
+
+def _load_generic_csv(
+    path: Path, name: str, _rng: np.random.Generator, options: dict[str, Any]
+) -> RequestTrace:
+    required = ("time_column", "prompt_column", "output_column")
+    missing = [option for option in required if option not in options]
+    if missing:
+        raise ValueError(
+            f"{path} is neither an Azure ({','.join(_AZURE_COLUMNS)}) nor a Vidur ({','.join(_VIDUR_COLUMNS)}) "
+            f"CSV; name its columns with the options {list(required)} (missing: {missing})"
+        )
+    return load_csv(path, name=name, **options)
+
+
 def _load_mooncake(path: Path, name: str, rng: np.random.Generator, options: dict[str, Any]) -> RequestTrace:
     spread = bool(options.pop("spread_ticks", False))
     return load_mooncake_jsonl(path, name=name, rng=rng, spread_tick_requests=spread, **options)
@@ -142,7 +159,7 @@ _FILE_LOADERS: dict[TraceFormat, tuple[tuple[str, ...], FileLoader]] = {
             "sort",
             "rebase",
         ),
-        lambda path, name, _rng, options: load_csv(path, name=name, **options),
+        _load_generic_csv,
     ),
     TraceFormat.MOONCAKE_JSONL: (("skip_bad_rows", "spread_ticks"), _load_mooncake),
     TraceFormat.SERVEGEN_DIR: (
@@ -181,9 +198,12 @@ def detect_format(path: Path) -> TraceFormat:
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:
             header = {column.strip() for column in next(csv.reader(handle), [])}
-        if {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} <= header:
+        if not header:
+            raise TraceFormatError(path, None, "file is empty (expected a header line)")
+        # One signature column is enough: the loader then names any column that is missing.
+        if header & set(_AZURE_COLUMNS):
             return TraceFormat.AZURE_CSV
-        if {"arrived_at", "num_prefill_tokens", "num_decode_tokens"} <= header:
+        if header & set(_VIDUR_COLUMNS):
             return TraceFormat.VIDUR_CSV
         return TraceFormat.GENERIC_CSV
     raise ValueError(

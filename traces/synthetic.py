@@ -15,7 +15,6 @@ numpy's Generator, ``math.gamma`` gives the Weibull mean).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -466,8 +465,3 @@ def synthetic_trace(
         name=name,
         time_range_s=(0.0, float(duration_s)),
     )
-
-
-def superpose(arrivals: Sequence[np.ndarray]) -> np.ndarray:
-    """Merge several arrival-time arrays into one sorted array."""
-    return np.sort(np.concatenate(list(arrivals))) if arrivals else np.zeros(0)

@@ -244,9 +244,11 @@ class RequestTrace:
         gaps_s = np.empty(count)
         if count:
             gaps_s[:-1] = np.diff(self.arrival_s)
-            # The last request has no successor: use the mean gap, clipped to the covered range.
+            # The last request has no successor: use the mean gap (clipped to an explicit time range).
             mean_gap_s = self.duration_s / max(count - 1, 1)
-            gaps_s[-1] = max(0.0, min(mean_gap_s, self.end_s - self.arrival_s[-1]))
+            if self.time_range_s is not None:
+                mean_gap_s = max(0.0, min(mean_gap_s, self.end_s - self.arrival_s[-1]))
+            gaps_s[-1] = mean_gap_s
         arrival_s = (
             self.arrival_s[source] + np.where(copy_index > 0, rng.random(source.size), 0.0) * gaps_s[source]
         )
