@@ -28,10 +28,20 @@ _OPTION_FLAGS: tuple[tuple[str, str, type, str], ...] = (
 
 
 def _add_trace_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="a registered trace name (see 'opscale trace list') or a trace file path")
-    parser.add_argument("--seed", type=int, default=0, help="seed for traces that draw random numbers (default 0)")
-    parser.add_argument("--data-dir", default=None, help="folder holding the public traces (default: $OPSCALE_DATA, else ../shared/traces)")
-    parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows (counted) instead of failing")
+    parser.add_argument(
+        "name", help="a registered trace name (see 'opscale trace list') or a trace file path"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for traces that draw random numbers (default 0)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding the public traces (default: $OPSCALE_DATA, else ../shared/traces)",
+    )
+    parser.add_argument(
+        "--skip-bad-rows", action="store_true", help="drop malformed rows (counted) instead of failing"
+    )
     for flag, dest, kind, text in _OPTION_FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
 
@@ -43,7 +53,9 @@ def add_parser(subparsers: Any) -> None:
     list_parser = actions.add_parser("list", help="list the named traces and whether their data is found")
     list_parser.add_argument("--data-dir", default=None, help="folder holding the public traces")
     list_parser.set_defaults(func=_list)
-    stats_parser = actions.add_parser("stats", help="print requests, span, rates, IAT CV and length percentiles")
+    stats_parser = actions.add_parser(
+        "stats", help="print requests, span, rates, IAT CV and length percentiles"
+    )
     _add_trace_arguments(stats_parser)
     stats_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats_parser.set_defaults(func=_stats)
@@ -56,7 +68,9 @@ def add_parser(subparsers: Any) -> None:
 def _load(args: argparse.Namespace) -> Any:
     from opscale.traces import load_trace
 
-    options: dict[str, Any] = {dest: getattr(args, dest) for _, dest, _, _ in _OPTION_FLAGS if getattr(args, dest) is not None}
+    options: dict[str, Any] = {
+        dest: getattr(args, dest) for _, dest, _, _ in _OPTION_FLAGS if getattr(args, dest) is not None
+    }
     if args.skip_bad_rows:
         options["skip_bad_rows"] = True
     return load_trace(args.name, seed=args.seed, data_dir=args.data_dir, **options)
@@ -78,7 +92,11 @@ def _list(args: argparse.Namespace) -> int:
     root = Path(args.data_dir) if args.data_dir else data_dir()
     print(f"data directory: {root}")
     for spec in NAMED_TRACES.values():
-        found = "embedded" if spec.relative_path is None else ("found" if (root / spec.relative_path).exists() else "MISSING")
+        found = (
+            "embedded"
+            if spec.relative_path is None
+            else ("found" if (root / spec.relative_path).exists() else "MISSING")
+        )
         print(f"  {spec.name:<22} {found:<8} {spec.description}")
     return 0
 
@@ -114,7 +132,9 @@ def _plot(args: argparse.Namespace) -> int:
     minute_start_s, minute_rate_per_s = trace.rate_curve(60.0)
     rate_axis.step((bin_start_s - trace.start_s) / 60, rate_per_s, where="post", label=f"{bin_s:.0f}-s bins")
     rate_axis.step((minute_start_s - trace.start_s) / 60, minute_rate_per_s, where="post", label="60-s bins")
-    rate_axis.set(xlabel="time (min)", ylabel="arrival rate (req/s)", title=f"{trace.name}: {len(trace):,} requests")
+    rate_axis.set(
+        xlabel="time (min)", ylabel="arrival rate (req/s)", title=f"{trace.name}: {len(trace):,} requests"
+    )
     rate_axis.legend()
     for axis, tokens, label in (
         (prompt_axis, trace.prompt_tokens, "prompt tokens"),
@@ -123,8 +143,15 @@ def _plot(args: argparse.Namespace) -> int:
         bins = np.logspace(0, np.log10(max(2, int(tokens.max()))), 60)
         axis.hist(tokens, bins=bins)
         axis.set(xscale="log", xlabel=label, ylabel="requests")
-        axis.axvline(float(np.median(tokens)), color="k", linestyle="--", label=f"p50 {np.median(tokens):,.0f}")
-        axis.axvline(float(np.percentile(tokens, 99)), color="r", linestyle=":", label=f"p99 {np.percentile(tokens, 99):,.0f}")
+        axis.axvline(
+            float(np.median(tokens)), color="k", linestyle="--", label=f"p50 {np.median(tokens):,.0f}"
+        )
+        axis.axvline(
+            float(np.percentile(tokens, 99)),
+            color="r",
+            linestyle=":",
+            label=f"p99 {np.percentile(tokens, 99):,.0f}",
+        )
         axis.legend()
     figure.tight_layout()
     figure.savefig(args.output, dpi=110)
