@@ -1,0 +1,298 @@
+"""Cluster state of the discrete-event engine: GPUs, replicas, memory, placement, busy/power accounting.
+
+Memory per GPU (``GPUSpec.memory_bytes x SimConfig.gpu_memory_fraction`` usable) holds, per resident
+replica shard, its weights (:meth:`ModelSpec.weight_bytes` at the replica's TP degree), an activation
+buffer (``activation_bytes_per_token x batch cap x 2``: one layer's input and output, reused layer by
+layer) and, for attention replicas, the KV cache. An attention replica takes the memory left on its
+GPUs after the stateless replicas placed there (split evenly between attention replicas sharing a
+GPU); a later stateless replica can only use memory no KV cache holds.
+
+Placement policies (:class:`opscale.sim.deployment.Placement`) choose a TP group of ``tp`` GPUs inside
+one node whose free memory fits the replica:
+
+* ``pack``: best fit among powered GPUs (least free memory left), then unpowered ones (fewest GPUs);
+* ``spread-gpu``: the GPUs with the fewest resident replicas (least contention), most free memory;
+* ``spread-node``: the node with the fewest replicas of this unit, then as ``spread-gpu``.
+
+A GPU is *powered* while any replica (loading, serving or draining) resides on it, *busy* while any
+of its replicas runs a call. Busy and compute-bound seconds are integrated per GPU for utilisation and
+energy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from opscale.sim.config import SimConfig
+from opscale.sim.deployment import Placement
+from opscale.sim.hardware import ClusterSpec, GPUSpec
+from opscale.sim.models import ModelSpec, UnitKind
+
+__all__ = ["ClusterState", "GpuState", "PlacementError", "Replica", "ReplicaState"]
+
+_GB = 1e9
+
+
+class PlacementError(ValueError):
+    """A replica does not fit anywhere (the message names the unit, the need and the best free memory)."""
+
+
+class ReplicaState(str, Enum):
+    """Life cycle of a replica."""
+
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+    RELEASED = "released"
+
+
+@dataclass
+class GpuState:
+    """One GPU: memory, residents and time integrals.
+
+    :param index: global GPU index.
+    :param node: node index.
+    :param spec: GPU type.
+    :param capacity_bytes: usable memory (HBM x ``gpu_memory_fraction``).
+    """
+
+    index: int
+    node: int
+    spec: GPUSpec
+    capacity_bytes: float
+    used_bytes: float = 0.0
+    residents: int = 0
+    busy: int = 0
+    busy_since_s: float = 0.0
+    powered_since_s: float = 0.0
+    #: integrals since the last :meth:`ClusterState.take_interval`.
+    busy_s: float = 0.0
+    compute_bound_s: float = 0.0
+    powered_s: float = 0.0
+
+    @property
+    def free_bytes(self) -> float:
+        return self.capacity_bytes - self.used_bytes
+
+    @property
+    def powered(self) -> bool:
+        return self.residents > 0
+
+
+@dataclass(eq=False)
+class Replica:
+    """One replica of one scaling unit on a TP group of GPUs.
+
+    :param replica_id: unique per simulator run.
+    :param unit: the scaling unit.
+    :param gpus: global indices of its TP group (first is where its activations leave from).
+    :param memory_bytes_per_gpu: weights + activations (+ KV for attention) reserved on each GPU.
+    :param batch_cap_tokens: tokens per call (attention: token budget per iteration).
+    :param ready_s: when it starts serving (after the weight load).
+    :param kv_tokens: attention only: KV-cache capacity in tokens.
+    """
+
+    replica_id: int
+    unit: UnitKind
+    gpus: tuple[int, ...]
+    memory_bytes_per_gpu: float
+    batch_cap_tokens: int
+    ready_s: float
+    kv_tokens: int = 0
+    state: ReplicaState = ReplicaState.LOADING
+    busy: bool = False
+    #: busy seconds since the last interval boundary (for per-unit utilisation).
+    busy_s: float = 0.0
+    busy_since_s: float = 0.0
+    #: called once a draining replica has gone idle and left
+    on_released: Callable[[Replica], None] | None = None
+
+    @property
+    def tp(self) -> int:
+        return len(self.gpus)
+
+    @property
+    def home_gpu(self) -> int:
+        return self.gpus[0]
+
+
+@dataclass
+class ClusterState:
+    """Mutable GPU state of one simulation.
+
+    :param spec: the cluster.
+    :param model: the served model (for weight and KV sizes).
+    :param config: engine constants (memory fraction).
+    """
+
+    spec: ClusterSpec
+    model: ModelSpec
+    config: SimConfig
+    gpus: list[GpuState] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gpus = [
+            GpuState(
+                index=index,
+                node=self.spec.node_of(index),
+                spec=self.spec.gpu_of(index),
+                capacity_bytes=self.spec.gpu_of(index).memory_bytes * self.config.gpu_memory_fraction,
+            )
+            for index in range(self.spec.num_gpus)
+        ]
+
+    # ------------------------------------------------------------------ memory
+    def replica_bytes_per_gpu(self, unit: UnitKind, tp: int, batch_cap_tokens: int) -> float:
+        """Weights + activation buffer of one shard of a stateless (or attention, without KV) replica."""
+        weights = self.model.weight_bytes(unit, tp)
+        activations = 2.0 * self.model.activation_bytes_per_token(unit) * batch_cap_tokens / tp
+        return weights + activations
+
+    def kv_bytes_per_token_per_gpu(self, tp: int) -> float:
+        """KV bytes one token occupies on each GPU of a TP-``tp`` attention replica (all layers)."""
+        return self.model.kv_bytes_per_token(tp)
+
+    def reserve(self, gpus: tuple[int, ...], bytes_per_gpu: float, now_s: float) -> None:
+        """Reserve memory on ``gpus`` and count a resident replica on each.
+
+        :raises PlacementError: if any GPU lacks the memory (the message names it and the limit).
+        """
+        for index in gpus:
+            gpu = self.gpus[index]
+            if gpu.free_bytes + 1e-3 < bytes_per_gpu:
+                raise PlacementError(
+                    f"GPU {index} ({gpu.spec.name}) has {gpu.free_bytes / _GB:.2f} GB free of "
+                    f"{gpu.capacity_bytes / _GB:.2f} GB usable; the replica needs {bytes_per_gpu / _GB:.2f} GB"
+                )
+        for index in gpus:
+            gpu = self.gpus[index]
+            if gpu.residents == 0:
+                gpu.powered_since_s = now_s
+            gpu.residents += 1
+            gpu.used_bytes += bytes_per_gpu
+
+    def grow(self, gpus: tuple[int, ...], bytes_per_gpu: float) -> None:
+        """Enlarge a resident replica's reservation (an attention replica taking leftover memory for KV)."""
+        for index in gpus:
+            gpu = self.gpus[index]
+            if gpu.free_bytes + 1e-3 < bytes_per_gpu:
+                raise PlacementError(
+                    f"GPU {index} has {gpu.free_bytes / _GB:.2f} GB free, asked {bytes_per_gpu / _GB:.2f} GB"
+                )
+            gpu.used_bytes += bytes_per_gpu
+
+    def release(self, gpus: tuple[int, ...], bytes_per_gpu: float, now_s: float) -> None:
+        """Free a replica's memory; a GPU left with no resident is powered off."""
+        for index in gpus:
+            gpu = self.gpus[index]
+            gpu.used_bytes = max(0.0, gpu.used_bytes - bytes_per_gpu)
+            gpu.residents -= 1
+            if gpu.residents == 0:
+                gpu.powered_s += now_s - gpu.powered_since_s
+
+    # ------------------------------------------------------------------ placement
+    def find_group(
+        self,
+        tp: int,
+        bytes_per_gpu: float,
+        policy: Placement,
+        *,
+        unit_count_by_node: dict[int, int] | None = None,
+        exclude: frozenset[int] = frozenset(),
+    ) -> tuple[int, ...] | None:
+        """A TP group of ``tp`` GPUs in one node, each with ``bytes_per_gpu`` free, chosen by ``policy``;
+        ``None`` when no node has one.
+
+        :param unit_count_by_node: replicas of the unit per node (``spread-node``).
+        :param exclude: GPUs not to use.
+        """
+        best: tuple[tuple[float, ...], tuple[int, ...]] | None = None
+        for node_index in range(len(self.spec.nodes)):
+            candidates = [
+                self.gpus[i]
+                for i in self.spec.gpus_of_node(node_index)
+                if i not in exclude and self.gpus[i].free_bytes + 1e-3 >= bytes_per_gpu
+            ]
+            if len(candidates) < tp:
+                continue
+            if policy is Placement.PACK:
+                candidates.sort(key=lambda g: (not g.powered, g.free_bytes, g.index))
+            else:
+                candidates.sort(key=lambda g: (g.residents, -g.free_bytes, g.index))
+            group = candidates[:tp]
+            if policy is Placement.PACK:
+                key: tuple[float, ...] = (
+                    sum(not g.powered for g in group),
+                    sum(g.free_bytes for g in group),
+                    node_index,
+                )
+            elif policy is Placement.SPREAD_GPU:
+                key = (sum(g.residents for g in group), -sum(g.free_bytes for g in group), node_index)
+            else:
+                node_units = 0 if unit_count_by_node is None else unit_count_by_node.get(node_index, 0)
+                key = (
+                    node_units,
+                    sum(g.residents for g in group),
+                    -sum(g.free_bytes for g in group),
+                    node_index,
+                )
+            if best is None or key < best[0]:
+                best = (key, tuple(sorted(g.index for g in group)))
+        return None if best is None else best[1]
+
+    def best_free_bytes(self) -> float:
+        """Largest free memory on any GPU (for error messages)."""
+        return max(g.free_bytes for g in self.gpus)
+
+    def check_gpus_exist(self, gpus: tuple[int, ...], what: str) -> None:
+        """:raises ValueError: if a GPU index is outside the cluster (names it and the range)."""
+        for index in gpus:
+            if not 0 <= index < len(self.gpus):
+                raise ValueError(
+                    f"{what} placed on GPU {index}, which does not exist; the cluster has GPUs 0..{len(self.gpus) - 1}"
+                )
+
+    # ------------------------------------------------------------------ busy / power accounting
+    def mark_busy(self, gpus: tuple[int, ...], now_s: float) -> None:
+        """A replica on ``gpus`` starts a call."""
+        for index in gpus:
+            gpu = self.gpus[index]
+            if gpu.busy == 0:
+                gpu.busy_since_s = now_s
+            gpu.busy += 1
+
+    def mark_idle(self, gpus: tuple[int, ...], now_s: float, compute_bound_s: float = 0.0) -> None:
+        """A replica on ``gpus`` ends a call; ``compute_bound_s`` of it was compute-bound work."""
+        for index in gpus:
+            gpu = self.gpus[index]
+            gpu.busy -= 1
+            gpu.compute_bound_s += compute_bound_s
+            if gpu.busy == 0:
+                gpu.busy_s += now_s - gpu.busy_since_s
+
+    def busy_others(self, gpus: tuple[int, ...]) -> int:
+        """Most other busy replicas on any GPU of ``gpus`` (the caller is not yet marked busy)."""
+        return max(self.gpus[i].busy for i in gpus)
+
+    def take_interval(self, now_s: float) -> list[tuple[GPUSpec, float, float, float]]:
+        """Per GPU ``(spec, powered_s, busy_s, compute_bound_s)`` since the previous call; resets them."""
+        out = []
+        for gpu in self.gpus:
+            if gpu.powered:
+                gpu.powered_s += now_s - gpu.powered_since_s
+                gpu.powered_since_s = now_s
+            if gpu.busy:
+                gpu.busy_s += now_s - gpu.busy_since_s
+                gpu.busy_since_s = now_s
+            out.append((gpu.spec, gpu.powered_s, gpu.busy_s, min(gpu.compute_bound_s, gpu.busy_s)))
+            gpu.powered_s = gpu.busy_s = gpu.compute_bound_s = 0.0
+        return out
+
+    @property
+    def gpus_powered(self) -> int:
+        return sum(1 for g in self.gpus if g.powered)
+
+    def memory_used_bytes(self) -> list[float]:
+        return [g.used_bytes for g in self.gpus]

@@ -1,0 +1,1136 @@
+"""The request-level, operator-disaggregated discrete-event engine (fidelity ``des``), on SimPy.
+
+Serving semantics (DESIGN.md 2.4):
+
+* **Attention replicas are streams** (:mod:`opscale.sim.streams`): continuous batching with chunked
+  prefill, decodes first, KV-block admission, preemption by recompute. New requests go to the stream
+  with the least capacity-weighted work (prefill + decode tokens still owed, running and queued, over
+  its KV capacity), among streams whose KV cache can hold the request at all.
+* **Model-level deployments** run each instance as :class:`~opscale.sim.streams.InstanceStream`
+  (every unit dedicated and co-located: an iteration is one event; PP as ``pp`` micro-batch streams;
+  pure-decode runs fast-forwarded). **Operator-level deployments** run every attention replica as a
+  :class:`~opscale.sim.pools.PooledStream` whose iterations visit shared unit pools
+  (:mod:`opscale.sim.pools`: per-unit batching across streams up to the batch cap, one job per unit
+  for all layers, transfers per layer between GPUs, contention between co-located busy replicas).
+* **Reconfiguration** (:meth:`DiscreteEventSimulator.apply`): new replicas serve after
+  :meth:`SimConfig.replica_load_time_s`; removed stateless replicas finish their call; removed
+  attention replicas hand their requests over (``migrate``: KV moved over the link, queued requests
+  re-routed) or finish them (``finish``), per :attr:`SimConfig.attention_drain`. Impossible parts of
+  an action (no memory, last replica) are repaired and counted in the :class:`ApplyReport`.
+* **Metrics**: :mod:`opscale.sim.metrics` (the "decided" rule for per-interval SLO attainment);
+  interval TTFT figures include requests decided by a passed TTFT deadline, at their waiting time so
+  far (a lower bound); interval TBT and end-to-end figures cover requests that completed. Run-level
+  ``tbt_p99_s`` is the 99th percentile over requests of their TBT statistic (p99 or max gap).
+* **Energy**: per GPU and interval, ``powered_s x P(busy fraction, compute-bound fraction)`` from the
+  power model; released GPUs draw nothing, powered idle GPUs their idle power.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import simpy
+from opscale.sim.cluster import ClusterState, PlacementError, Replica, ReplicaState
+from opscale.sim.config import AttentionDrain, ContentionModel, SimConfig
+from opscale.sim.costmodel import CostModel, default_cost_model
+from opscale.sim.deployment import (
+    ApplyReport,
+    Deployment,
+    Placement,
+    ScalingAction,
+    UnitDeployment,
+)
+from opscale.sim.hardware import ClusterSpec, GPUSpec
+from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
+from opscale.sim.models import ModelSpec, UnitKind, get_model
+from opscale.sim.overhead import engine_overhead
+from opscale.sim.pools import Link, PooledStream, UnitPool
+from opscale.sim.recorder import IntervalAccumulator, LogSketch, RequestRecords, TbtHistograms
+from opscale.sim.simulator import Snapshot
+from opscale.sim.streams import ActiveRequest, InstanceStream, IterationTimer, Stream
+from opscale.traces.trace import RequestTrace
+
+__all__ = ["DiscreteEventSimulator", "linear_power_w"]
+
+#: Batch caps an action may set, tokens (larger values are clipped and counted as repairs).
+MAX_BATCH_CAP_TOKENS = 1 << 17
+
+
+def linear_power_w(gpu: GPUSpec, busy_fraction: float, compute_bound_fraction: float) -> float:
+    """Power of one GPU: idle power plus, for the busy share, the decode (memory-bound) or prefill
+    (compute-bound) power (SplitwiseSim's per-phase constants, interpolated by the mix)."""
+    busy_w = gpu.decode_watts + compute_bound_fraction * (gpu.prefill_watts - gpu.decode_watts)
+    return gpu.idle_watts + busy_fraction * (busy_w - gpu.idle_watts)
+
+
+PowerFunction = Callable[[GPUSpec, float, float], float]
+
+
+def _adopt(target: Stream, request: ActiveRequest, _event: simpy.Event) -> None:
+    """Event callback: a migrated request's KV has arrived at ``target``."""
+    target.adopt(request)
+
+
+@dataclass(eq=False)
+class _Instance:
+    """A model-level instance: ``tp x pp`` GPUs, every unit on them, ``pp`` streams."""
+
+    gpus: tuple[int, ...]
+    bytes_per_gpu: float
+    streams: list[InstanceStream]
+    state: ReplicaState = ReplicaState.LOADING
+    pending_streams: int = 0
+
+
+@dataclass
+class _RunTotals:
+    """Whole-run aggregates (streaming)."""
+
+    decided: int = 0
+    slo_met: int = 0
+    completed: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    preemptions: int = 0
+    gpu_seconds: float = 0.0
+    energy_j: float = 0.0
+    gpus_peak: int = 0
+    ttft: LogSketch = field(default_factory=LogSketch)
+    tbt: LogSketch = field(default_factory=LogSketch)
+    e2e: LogSketch = field(default_factory=LogSketch)
+    unit_busy_s: dict[UnitKind, float] = field(default_factory=dict)
+    unit_capacity_s: dict[UnitKind, float] = field(default_factory=dict)
+
+
+class DiscreteEventSimulator:
+    """Request-level discrete-event simulation of one deployment serving one trace.
+
+    :param cluster: the GPU cluster (must have the deployment's GPU type and enough GPUs).
+    :param model: the served model (spec or catalog name); must match ``deployment.model``.
+    :param deployment: the initial deployment (model- or operator-level).
+    :param trace: the requests (arrival times are simulated seconds).
+    :param slo: latency SLO; default :func:`opscale.sim.metrics.default_slo`.
+    :param cost_model: operator times; default :func:`opscale.sim.costmodel.default_cost_model`.
+    :param config: engine constants; default :class:`SimConfig()`.
+    :param seed: seed of the generator behind every random draw.
+    :param power_w: ``(gpu, busy_fraction, compute_bound_fraction) -> watts``; default
+        :func:`linear_power_w`.
+    :raises ValueError: a deployment that names a missing or foreign unit, a GPU that does not exist,
+        a GPU type other than the cluster's, a replica that does not fit in GPU memory, or a request
+        longer than the model's context limit or any attention replica's KV cache (unless
+        ``config.clip_long_requests``, which clips and counts in :attr:`clipped_requests`).
+    """
+
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        model: ModelSpec | str,
+        deployment: Deployment,
+        trace: RequestTrace,
+        *,
+        slo: SLO | None = None,
+        cost_model: CostModel | None = None,
+        config: SimConfig | None = None,
+        seed: int = 0,
+        power_w: PowerFunction | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.model = get_model(model) if isinstance(model, str) else model
+        self.slo = slo or default_slo(self.model)
+        self.config = config or SimConfig()
+        self.cost_model: CostModel = cost_model or default_cost_model()
+        self.rng = np.random.default_rng(seed)
+        self.power_w: PowerFunction = power_w or linear_power_w
+        self.env = simpy.Environment()
+        self.state = ClusterState(cluster, self.model, self.config)
+        self.link = Link(cluster)
+        self._check_deployment(deployment)
+        self._granularity = deployment.granularity
+        self._tp = deployment.tp
+        self._pp = deployment.pp
+        self._unit_configs: dict[UnitKind, UnitDeployment] = {
+            unit: replace(config) for unit, config in deployment.units.items()
+        }
+        self._timers: dict[tuple[GPUSpec, int], IterationTimer] = {}
+        self.streams: list[Stream] = []
+        self.instances: list[_Instance] = []
+        self.pools: dict[UnitKind, UnitPool] = {}
+        self._attention_replicas: dict[Stream, Replica] = {}
+        self._next_replica_id = 0
+        self._load_trace(trace)
+        self.tbt = TbtHistograms()
+        self.records = RequestRecords(self._num_requests) if self.config.record_requests else None
+        self._interval = IntervalAccumulator()
+        self._interval_start_s = 0.0
+        self._totals = _RunTotals()
+        self._active = 0
+        self._arrived = 0
+        self._last_interval: IntervalMetrics | None = None
+        if self._granularity == "model":
+            for _ in range(deployment.instances):
+                self._add_instance(ready_now=True)
+        else:
+            self._build_operator_level()
+        self._check_requests_fit()
+        self._totals.gpus_peak = self.state.gpus_powered
+        if self._num_requests:
+            self._schedule_arrival(0)
+
+    # ------------------------------------------------------------------ construction
+    def _check_deployment(self, deployment: Deployment) -> None:
+        gpus_per_node = self.cluster.nodes[0].gpus_per_node
+        deployment.validate(gpus_per_node=gpus_per_node)
+        if get_model(deployment.model).name != self.model.name:
+            raise ValueError(
+                f"deployment is for model {deployment.model!r}, the simulator for {self.model.name!r}"
+            )
+        cluster_types = {node.gpu.name for node in self.cluster.nodes}
+        from opscale.sim.hardware import get_gpu
+
+        if get_gpu(deployment.gpu).name not in cluster_types:
+            raise ValueError(
+                f"deployment is for GPU {deployment.gpu!r}; the cluster has {', '.join(sorted(cluster_types))}"
+            )
+        for unit, config in deployment.units.items():
+            for group in config.gpus or []:
+                self.state.check_gpus_exist(tuple(group), f"unit {unit.value!r} replica")
+        if (
+            deployment.granularity == "model"
+            and deployment.instances * deployment.tp * deployment.pp > self.cluster.num_gpus
+        ):
+            raise ValueError(
+                f"{deployment.instances} instances of {deployment.tp * deployment.pp} GPUs need "
+                f"{deployment.instances * deployment.tp * deployment.pp} GPUs; the cluster has {self.cluster.num_gpus}"
+            )
+
+    def _load_trace(self, trace: RequestTrace) -> None:
+        arrival = np.asarray(trace.arrival_s, dtype=np.float64)
+        prompt = np.asarray(trace.prompt_tokens, dtype=np.int64).copy()
+        output = np.asarray(trace.output_tokens, dtype=np.int64).copy()
+        image = getattr(trace, "image_tokens", None)
+        if image is not None and UnitKind.VISION_ENCODER in self.model.units:
+            # image tokens are prefilled with the prompt (the vision encoder's output joins the context)
+            prompt = prompt + np.asarray(image, dtype=np.int64)
+        limit = self.model.max_context
+        too_long = np.flatnonzero(prompt + output > limit)
+        self.clipped_requests = 0
+        if too_long.size:
+            if not self.config.clip_long_requests:
+                i = int(too_long[0])
+                raise ValueError(
+                    f"request {i} needs {int(prompt[i])} prompt + {int(output[i])} output = "
+                    f"{int(prompt[i] + output[i])} tokens, above the context limit {limit} of model "
+                    f"{self.model.name!r} ({too_long.size} such requests; set SimConfig.clip_long_requests "
+                    "to clip them)"
+                )
+            output[too_long] = np.minimum(output[too_long], limit - 1)
+            prompt[too_long] = limit - output[too_long]
+            self.clipped_requests = int(too_long.size)
+        self._arrival_s = arrival.tolist()
+        self._prompt = prompt.tolist()
+        self._output = output.tolist()
+        self._num_requests = len(self._arrival_s)
+        self._max_request_tokens = int((prompt + output).max()) if self._num_requests else 0
+
+    def _check_requests_fit(self) -> None:
+        if not self.streams or not self._num_requests:
+            return
+        largest = max(s.kv_tokens for s in self.streams)
+        if self._max_request_tokens > largest:
+            raise ValueError(
+                f"a request needs {self._max_request_tokens} tokens of KV cache; the largest attention "
+                f"replica holds {largest} tokens (raise TP, or give attention replicas more memory)"
+            )
+
+    def timer(self, gpu: GPUSpec, tp: int) -> IterationTimer:
+        key = (gpu, tp)
+        timer = self._timers.get(key)
+        if timer is None:
+            timer = IterationTimer(self.model, gpu, tp, self.cost_model)
+            self._timers[key] = timer
+        return timer
+
+    def _new_replica_id(self) -> int:
+        self._next_replica_id += 1
+        return self._next_replica_id - 1
+
+    def _stream_kwargs(self, kv_tokens: int, token_budget: int, gpu: GPUSpec, ranks: int) -> dict[str, Any]:
+        return {
+            "kv_tokens": kv_tokens,
+            "block_tokens": self.config.kv_block_tokens,
+            "token_budget": token_budget,
+            "max_running": self.config.max_running_requests,
+            "overhead": engine_overhead(self.config.engine_overhead, gpu),
+            "overhead_ranks": ranks,
+        }
+
+    # ------------------------------------------------------------------ model-level instances
+    def _instance_weight_bytes_per_gpu(self) -> float:
+        tp, pp = self._tp, self._pp
+        weights = self.model.total_weight_bytes(tp) / pp
+        budget = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens
+        activations = 2.0 * self.model.hidden_size * self.model.dtype_bytes * budget / tp
+        return weights + activations
+
+    def _add_instance(self, *, ready_now: bool) -> _Instance | None:
+        """Place and start one instance; ``None`` if no node has room (caller repairs)."""
+        tp, pp = self._tp, self._pp
+        need = self._instance_weight_bytes_per_gpu()
+        kv_per_token = self.model.kv_bytes_per_token(tp) / pp
+        min_kv = need + kv_per_token * self.config.kv_block_tokens * 16
+        group = self.state.find_group(tp * pp, min_kv, Placement.PACK)
+        if group is None:
+            if ready_now:
+                usable = self.state.gpus[0].capacity_bytes
+                raise PlacementError(
+                    f"instance of {self.model.name!r} at tp={tp} pp={pp} needs {need / 1e9:.1f} GB of weights "
+                    f"and activations per GPU plus KV cache; {self.state.gpus[0].spec.name} has "
+                    f"{usable / 1e9:.1f} GB usable (memory x gpu_memory_fraction "
+                    f"{self.config.gpu_memory_fraction}), best free {self.state.best_free_bytes() / 1e9:.1f} GB"
+                )
+            return None
+        free = min(self.state.gpus[i].free_bytes for i in group)
+        kv_tokens = int((free - need) / kv_per_token)
+        bytes_per_gpu = need + kv_tokens * kv_per_token
+        now = self.env.now
+        self.state.reserve(group, bytes_per_gpu, now)
+        gpu = self.state.gpus[group[0]].spec
+        timer = self.timer(gpu, tp)
+        hop_bytes = self.model.hidden_size * self.model.dtype_bytes
+        cross_node = len({self.state.gpus[i].node for i in group}) > 1
+
+        # pipeline hops are alpha-beta (latency + bytes / bandwidth): probe the line once
+        pp_hop_s = (0.0, 0.0)
+        if pp > 1:
+            one = self.cost_model.send_recv_time_s(gpu, hop_bytes * 1024, cross_node)
+            two = self.cost_model.send_recv_time_s(gpu, hop_bytes * 2048, cross_node)
+            per_token = (two - one) / 1024
+            pp_hop_s = ((pp - 1) * (one - per_token * 1024), (pp - 1) * per_token)
+
+        budget = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens
+        streams = [
+            InstanceStream(
+                len(self.streams) + k,
+                self,
+                timer=timer,
+                units=self.model.units,
+                pp_hop_s=pp_hop_s,
+                fast_forward=self.config.fast_forward_decode,
+                **self._stream_kwargs(kv_tokens // pp, budget, gpu, tp * pp),
+            )
+            for k in range(pp)
+        ]
+        instance = _Instance(gpus=group, bytes_per_gpu=bytes_per_gpu, streams=streams)
+        for stream in streams:
+            stream.instance = instance
+        self.streams.extend(streams)
+        self.instances.append(instance)
+        if ready_now:
+            self._instance_ready(instance)
+        else:
+            weights = self.model.total_weight_bytes(tp) / pp
+            delay = self.config.replica_load_time_s(weights, whole_instance=True)
+            self.env.timeout(delay).callbacks.append(lambda _e: self._instance_ready(instance))
+        return instance
+
+    def _instance_ready(self, instance: _Instance) -> None:
+        if instance.state is not ReplicaState.LOADING:
+            return
+        instance.state = ReplicaState.SERVING
+        for stream in instance.streams:
+            stream.start_serving()
+
+    # ------------------------------------------------------------------ operator-level pools
+    def _build_operator_level(self) -> None:
+        for unit in self.model.units:
+            if unit is UnitKind.ATTENTION:
+                continue
+            self.pools[unit] = self._make_pool(unit)
+        # stateless replicas first, attention replicas take the memory left
+        order = [u for u in self.model.units if u is not UnitKind.ATTENTION] + [UnitKind.ATTENTION]
+        for unit in order:
+            config = self._unit_configs[unit]
+            for index in range(config.replicas):
+                explicit = None if config.gpus is None else tuple(config.gpus[index])
+                if unit is UnitKind.ATTENTION:
+                    ok = self._add_attention_replica(config, explicit, ready_now=True, share_evenly=True)
+                else:
+                    ok = self._add_pool_replica(unit, config, explicit, ready_now=True)
+                if not ok:
+                    raise PlacementError(self._no_room_message(unit, config))
+        self._share_attention_memory()
+
+    def _no_room_message(self, unit: UnitKind, config: UnitDeployment) -> str:
+        need = self.state.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
+        return (
+            f"deployment does not fit: a replica of unit {unit.value!r} at tp={config.tp} needs "
+            f"{need / 1e9:.2f} GB per GPU (plus KV cache for attention); the best GPU has "
+            f"{self.state.best_free_bytes() / 1e9:.2f} GB free of {self.state.gpus[0].capacity_bytes / 1e9:.1f} GB "
+            f"usable ({len(self.state.gpus)} GPUs)"
+        )
+
+    def _make_pool(self, unit: UnitKind) -> UnitPool:
+        units = self.model.units
+        position = units.index(unit)
+        previous = units[position - 1] if position > 0 else None
+        per_token = 4.0 if previous is None else self.model.activation_bytes_per_token(previous)
+        hops = self.model.layers_of(unit)
+        gpu = self.state.gpus[0].spec
+        return UnitPool(
+            self.env,
+            unit,
+            self.state,
+            lambda tp: self.timer(gpu, tp),
+            self.link,
+            inbound_bytes_per_token=per_token * hops,
+            hops=hops,
+            config=self.config,
+            rng=self.rng,
+            batch_cap_tokens=self._unit_configs[unit].batch_cap_tokens,
+        )
+
+    def _unit_counts_by_node(self, unit: UnitKind) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        replicas = (
+            [r for r in self._attention_replicas.values()]
+            if unit is UnitKind.ATTENTION
+            else self.pools[unit].replicas
+        )
+        for replica in replicas:
+            node = self.state.gpus[replica.home_gpu].node
+            counts[node] = counts.get(node, 0) + 1
+        return counts
+
+    def _place(
+        self,
+        unit: UnitKind,
+        config: UnitDeployment,
+        need: float,
+        explicit: tuple[int, ...] | None,
+        policy: Placement,
+    ) -> tuple[int, ...] | None:
+        if explicit is not None:
+            if any(self.state.gpus[i].free_bytes + 1e-3 < need for i in explicit):
+                return None
+            return explicit
+        return self.state.find_group(
+            config.tp, need, policy, unit_count_by_node=self._unit_counts_by_node(unit)
+        )
+
+    def _add_pool_replica(
+        self,
+        unit: UnitKind,
+        config: UnitDeployment,
+        explicit: tuple[int, ...] | None,
+        *,
+        ready_now: bool,
+        policy: Placement | None = None,
+    ) -> bool:
+        need = self.state.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
+        group = self._place(unit, config, need, explicit, policy or config.placement)
+        if group is None:
+            return False
+        now = self.env.now
+        self.state.reserve(group, need, now)
+        weights = self.model.weight_bytes(unit, config.tp)
+        delay = 0.0 if ready_now else self.config.replica_load_time_s(weights, whole_instance=False)
+        replica = Replica(
+            replica_id=self._new_replica_id(),
+            unit=unit,
+            gpus=group,
+            memory_bytes_per_gpu=need,
+            batch_cap_tokens=config.batch_cap_tokens,
+            ready_s=now + delay,
+        )
+        pool = self.pools[unit]
+        pool.add_replica(replica)
+        if ready_now:
+            pool.replica_ready(replica)
+        else:
+            self.env.timeout(delay).callbacks.append(
+                lambda _e: pool.replica_ready(replica) if replica.state is ReplicaState.LOADING else None
+            )
+        return True
+
+    def _add_attention_replica(
+        self,
+        config: UnitDeployment,
+        explicit: tuple[int, ...] | None,
+        *,
+        ready_now: bool,
+        share_evenly: bool = False,
+        policy: Placement | None = None,
+    ) -> bool:
+        tp = config.tp
+        base = self.state.replica_bytes_per_gpu(UnitKind.ATTENTION, tp, config.batch_cap_tokens)
+        kv_per_token = self.model.kv_bytes_per_token(tp)
+        min_kv_tokens = max(self._max_request_tokens, self.config.kv_block_tokens * 16)
+        group = self._place(
+            UnitKind.ATTENTION,
+            config,
+            base + kv_per_token * min_kv_tokens,
+            explicit,
+            policy or config.placement,
+        )
+        if group is None:
+            return False
+        # at build time the KV share is settled once every attention replica is placed
+        kv_tokens = (
+            min_kv_tokens
+            if share_evenly
+            else int((min(self.state.gpus[i].free_bytes for i in group) - base) / kv_per_token)
+        )
+        need = base + kv_tokens * kv_per_token
+        now = self.env.now
+        self.state.reserve(group, need, now)
+        gpu = self.state.gpus[group[0]].spec
+        replica = Replica(
+            replica_id=self._new_replica_id(),
+            unit=UnitKind.ATTENTION,
+            gpus=group,
+            memory_bytes_per_gpu=need,
+            batch_cap_tokens=config.batch_cap_tokens,
+            ready_s=now,
+            kv_tokens=kv_tokens,
+        )
+        path: list[UnitPool | None] = [
+            None if u is UnitKind.ATTENTION else self.pools[u] for u in self.model.units
+        ]
+        contention = (
+            self.config.contention_factor
+            if self.config.contention is ContentionModel.PROCESSOR_SHARING
+            else 0.0
+        )
+        stream = PooledStream(
+            len(self.streams),
+            self,
+            replica=replica,
+            path=path,
+            timer=self.timer(gpu, tp),
+            cluster=self.state,
+            link=self.link,
+            model=self.model,
+            contention_factor=contention,
+            **self._stream_kwargs(kv_tokens, config.batch_cap_tokens, gpu, tp),
+        )
+        self.streams.append(stream)
+        self._attention_replicas[stream] = replica
+        if ready_now:
+            replica.state = ReplicaState.SERVING
+            stream.start_serving()
+        else:
+            delay = self.config.replica_load_time_s(0.0, whole_instance=False)
+            replica.ready_s = now + delay
+
+            def ready(_event: simpy.Event) -> None:
+                if replica.state is ReplicaState.LOADING:
+                    replica.state = ReplicaState.SERVING
+                    stream.start_serving()
+
+            self.env.timeout(delay).callbacks.append(ready)
+        return True
+
+    def _share_attention_memory(self) -> None:
+        """Give every attention replica an even share of the memory left on its GPUs."""
+        sharers: dict[int, int] = {}
+        for replica in self._attention_replicas.values():
+            for index in replica.gpus:
+                sharers[index] = sharers.get(index, 0) + 1
+        free = {index: self.state.gpus[index].free_bytes for index in sharers}
+        for stream, replica in self._attention_replicas.items():
+            extra_bytes = min(free[i] / sharers[i] for i in replica.gpus)
+            kv_per_token = self.model.kv_bytes_per_token(replica.tp)
+            extra_tokens = int(extra_bytes / kv_per_token)
+            extra_blocks = extra_tokens // self.config.kv_block_tokens
+            grow = extra_blocks * self.config.kv_block_tokens * kv_per_token
+            self.state.grow(replica.gpus, grow)
+            replica.memory_bytes_per_gpu += grow
+            stream.total_blocks += extra_blocks
+            stream.free_blocks += extra_blocks
+            replica.kv_tokens = stream.kv_tokens
+
+    # ------------------------------------------------------------------ arrivals and routing
+    def _schedule_arrival(self, index: int) -> None:
+        delay = max(0.0, self._arrival_s[index] - self.env.now)
+        self.env.timeout(delay).callbacks.append(lambda _e: self._arrive(index))
+
+    def _arrive(self, index: int) -> None:
+        request = ActiveRequest(
+            index, self._arrival_s[index], self._prompt[index], self._output[index], self.tbt.allocate()
+        )
+        self._arrived += 1
+        self._active += 1
+        self._interval.arrivals += 1
+        self._route(request)
+        if index + 1 < self._num_requests:
+            self._schedule_arrival(index + 1)
+
+    def _route(self, request: ActiveRequest, exclude: Stream | None = None) -> Stream:
+        work = request.remaining_work_tokens
+        need = request.prompt + request.output
+        best: Stream | None = None
+        best_key = (True, math.inf)
+        fallback: Stream | None = None
+        for stream in self.streams:
+            if not stream.accepting or stream is exclude:
+                continue
+            if fallback is None or stream.kv_tokens > fallback.kv_tokens:
+                fallback = stream
+            if not stream.fits(need):
+                continue
+            key = (not stream.serving, stream.load_score(work))
+            if key < best_key:
+                best, best_key = stream, key
+        target = best or fallback
+        if target is None:
+            raise RuntimeError("no attention replica accepts requests (every one is draining)")
+        target.submit(request)
+        return target
+
+    # ------------------------------------------------------------------ stream host callbacks
+    def on_tokens(self, stream: Stream, prompt_tokens: int, output_tokens: int, preemptions: int) -> None:
+        interval = self._interval
+        interval.prompt_tokens += prompt_tokens
+        interval.output_tokens += output_tokens
+        interval.preemptions += preemptions
+
+    def on_gap(self, rows: list[int], gap_s: float) -> None:
+        if rows:
+            self.tbt.add_gap(rows, gap_s)
+
+    def on_gap_ramp(self, rows: list[int], first_gap_s: float, last_gap_s: float, count: int) -> None:
+        if rows:
+            self.tbt.add_gap_ramp(rows, first_gap_s, last_gap_s, count)
+
+    def on_first_token(self, request: ActiveRequest, now_s: float) -> None:
+        ttft = now_s - request.arrival_s
+        self._totals.ttft.add(ttft)
+        if ttft > self.slo.ttft_s and not request.ttft_decided:
+            self._decide_violation(request, ttft)
+
+    def _decide_violation(self, request: ActiveRequest, ttft_s: float) -> None:
+        request.ttft_decided = True
+        self._interval.ttft_s.append(ttft_s)
+        self._totals.decided += 1
+
+    def on_complete(self, request: ActiveRequest, now_s: float) -> None:
+        p50, p99 = self.tbt.quantiles(request.hist_row)
+        tbt_max = request.tbt_max_s
+        p99 = min(p99, tbt_max) if request.gap_count else 0.0
+        p50 = min(p50, tbt_max) if request.gap_count else 0.0
+        self.tbt.release(request.hist_row)
+        ttft = request.first_token_s - request.arrival_s
+        e2e = now_s - request.arrival_s
+        statistic = tbt_max if self.slo.tbt_statistic == "max" else p99
+        met = ttft <= self.slo.ttft_s and statistic <= self.slo.tbt_s
+        interval = self._interval
+        totals = self._totals
+        if not request.ttft_decided:
+            interval.ttft_s.append(ttft)
+            totals.decided += 1
+            if met:
+                interval.slo_met += 1
+                totals.slo_met += 1
+        interval.completions += 1
+        interval.e2e_s.append(e2e)
+        if request.gap_count:
+            interval.tbt_s.append(statistic)
+            interval.tbt_mean_s.append(request.gap_sum_s / request.gap_count)
+            totals.tbt.add(statistic)
+        totals.e2e.add(e2e)
+        totals.completed += 1
+        totals.preemptions += request.preemptions
+        self._active -= 1
+        records = self.records
+        if records is not None:
+            i = request.index
+            records.arrival_s[i] = request.arrival_s
+            records.prompt_tokens[i] = request.prompt
+            records.output_tokens[i] = request.output
+            records.ttft_s[i] = ttft
+            records.e2e_s[i] = e2e
+            records.tbt_p50_s[i] = p50
+            records.tbt_p99_s[i] = p99
+            records.tbt_max_s[i] = tbt_max
+            records.preemptions[i] = request.preemptions
+            records.stream[i] = request.stream.stream_id if request.stream is not None else -1
+            records.slo_met[i] = met
+
+    def on_stream_active(self, stream: Stream) -> None:
+        if isinstance(stream, InstanceStream):
+            instance: _Instance = stream.instance
+            if not any(s.active for s in instance.streams if s is not stream):
+                self.state.mark_busy(instance.gpus, self.env.now)
+
+    def on_stream_idle(self, stream: Stream) -> None:
+        if isinstance(stream, InstanceStream):
+            instance: _Instance = stream.instance
+            if not any(s.active for s in instance.streams):
+                self.state.mark_idle(instance.gpus, self.env.now)
+
+    def on_stream_drained(self, stream: Stream) -> bool:
+        """Hand a draining stream's requests over (``migrate``) or wait until it is empty (``finish``)."""
+        if self.config.attention_drain is AttentionDrain.FINISH and stream.num_requests:
+            return False
+        held = stream.release_requests()
+        now = self.env.now
+        for request in held:
+            if request.ctx and request.computed >= request.target:
+                target = self._pick_target(request, stream)
+                kv_bytes = request.ctx * self.model.kv_bytes_per_token(1)
+                delay = self.link.time_s(self._stream_home(stream), self._stream_home(target), kv_bytes, 1)
+                self.env.timeout(delay).callbacks.append(functools.partial(_adopt, target, request))
+            else:
+                request.ctx = request.computed = 0
+                request.target = request.prompt + request.generated
+                self._route(request, exclude=stream)
+        if stream.active:
+            stream.active = False
+            stream.busy_s += now - stream.busy_since_s
+            self.on_stream_idle(stream)
+        self._retire_stream(stream)
+        return True
+
+    def _pick_target(self, request: ActiveRequest, leaving: Stream) -> Stream:
+        candidates = [
+            s
+            for s in self.streams
+            if s.accepting and s is not leaving and s.fits(request.prompt + request.output)
+        ]
+        if not candidates:
+            raise RuntimeError("no attention replica can take over a migrated request")
+        return min(candidates, key=lambda s: (not s.serving, s.load_score(request.remaining_work_tokens)))
+
+    def _stream_home(self, stream: Stream) -> int:
+        if isinstance(stream, PooledStream):
+            return stream.replica.home_gpu
+        return stream.instance.gpus[0]
+
+    def _retire_stream(self, stream: Stream) -> None:
+        now = self.env.now
+        stream.serving = False
+        self.streams.remove(stream)
+        if isinstance(stream, PooledStream):
+            replica = self._attention_replicas.pop(stream)
+            replica.state = ReplicaState.RELEASED
+            self.state.release(replica.gpus, replica.memory_bytes_per_gpu, now)
+            return
+        instance: _Instance = stream.instance
+        instance.streams.remove(stream)
+        if not instance.streams:
+            instance.state = ReplicaState.RELEASED
+            self.instances.remove(instance)
+            self.state.release(instance.gpus, instance.bytes_per_gpu, now)
+
+    # ------------------------------------------------------------------ control interface
+    @property
+    def now_s(self) -> float:
+        return float(self.env.now)
+
+    @property
+    def finished(self) -> bool:
+        return self._arrived == self._num_requests and self._active == 0
+
+    @property
+    def deployment(self) -> Deployment:
+        gpus_per_node = self.cluster.nodes[0].gpus_per_node
+        units = {}
+        for unit, config in self._unit_configs.items():
+            if self._granularity == "model":
+                count = len(self.instances)
+            elif unit is UnitKind.ATTENTION:
+                count = sum(1 for s in self.streams if s.accepting)
+            else:
+                count = sum(1 for r in self.pools[unit].replicas if r.state is not ReplicaState.DRAINING)
+            units[unit] = replace(config, replicas=count, gpus=None)
+        return Deployment(
+            model=self.model.name,
+            gpu=self.state.gpus[0].spec.name,
+            num_nodes=self.cluster.num_gpus // gpus_per_node,
+            granularity=self._granularity,
+            units=units,
+            instances=len([i for i in self.instances if i.streams and i.streams[0].accepting]),
+            tp=self._tp,
+            pp=self._pp,
+        )
+
+    def apply(self, action: ScalingAction) -> ApplyReport:
+        """Apply a scaling action now (a control boundary). Infeasible parts are repaired and counted."""
+        report = ApplyReport()
+        for unit, unit_action in action.units.items():
+            unit = UnitKind(unit)
+            if unit not in self._unit_configs:
+                report.repairs += 1
+                report.messages.append(f"unit {unit.value!r} is not a unit of {self.model.name!r}; ignored")
+                continue
+            if unit_action.batch_cap_tokens is not None:
+                self._set_batch_cap(unit, unit_action.batch_cap_tokens, report)
+            if self._granularity == "operator" and unit_action.replica_delta:
+                self._scale_unit(unit, unit_action.replica_delta, unit_action.placement, report)
+            elif unit_action.replica_delta:
+                report.repairs += 1
+                report.messages.append(
+                    f"replica_delta for {unit.value!r} ignored: model-level deployments scale by instance_delta"
+                )
+        if action.instance_delta:
+            if self._granularity == "model":
+                self._scale_instances(action.instance_delta, report)
+            else:
+                report.repairs += 1
+                report.messages.append("instance_delta ignored: operator-level deployments scale per unit")
+        self._totals.gpus_peak = max(self._totals.gpus_peak, self.state.gpus_powered)
+        return report
+
+    def _set_batch_cap(self, unit: UnitKind, cap: int, report: ApplyReport) -> None:
+        clipped = min(max(int(cap), 1), MAX_BATCH_CAP_TOKENS)
+        if clipped != cap:
+            report.repairs += 1
+            report.messages.append(
+                f"batch cap {cap} for {unit.value!r} clipped to {clipped} (1..{MAX_BATCH_CAP_TOKENS})"
+            )
+        self._unit_configs[unit] = replace(self._unit_configs[unit], batch_cap_tokens=clipped)
+        if unit is UnitKind.ATTENTION:
+            for stream in self.streams:
+                stream.token_budget = clipped
+        elif self._granularity == "operator":
+            pool = self.pools[unit]
+            pool.batch_cap_tokens = clipped
+            for replica in pool.replicas:
+                replica.batch_cap_tokens = clipped
+
+    def _scale_unit(
+        self, unit: UnitKind, delta: int, placement: Placement | None, report: ApplyReport
+    ) -> None:
+        config = self._unit_configs[unit]
+        if delta > 0:
+            added = 0
+            for _ in range(delta):
+                if unit is UnitKind.ATTENTION:
+                    ok = self._add_attention_replica(config, None, ready_now=False, policy=placement)
+                else:
+                    ok = self._add_pool_replica(unit, config, None, ready_now=False, policy=placement)
+                if not ok:
+                    break
+                added += 1
+            if added < delta:
+                report.repairs += 1
+                report.messages.append(
+                    f"{unit.value}: asked +{delta} replicas, added {added} (no GPU with "
+                    f"{self.state.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens) / 1e9:.2f} GB free)"
+                )
+            if added:
+                report.replicas_added[unit] = added
+            return
+        removed = self._remove_unit_replicas(unit, -delta)
+        if removed < -delta:
+            report.repairs += 1
+            report.messages.append(
+                f"{unit.value}: asked {delta} replicas, removed {removed} (keeps at least one)"
+            )
+        if removed:
+            report.replicas_removed[unit] = removed
+
+    def _remove_unit_replicas(self, unit: UnitKind, count: int) -> int:
+        now = self.env.now
+        if unit is UnitKind.ATTENTION:
+            live = [s for s in self.streams if s.accepting]
+            # loading first, then the least loaded
+            live.sort(key=lambda s: (s.serving, s.pending_work_tokens))
+            removable = live[: max(0, min(count, len(live) - 1))]
+            for stream in removable:
+                stream.accepting = False
+                stream.draining = True
+                if not stream.serving:
+                    self._attention_replicas[stream].state = ReplicaState.RELEASED
+                    self.on_stream_drained(stream)
+                elif not stream.active:
+                    self.on_stream_drained(stream)
+                else:
+                    stream.on_new_work()
+            return len(removable)
+        pool = self.pools[unit]
+        live_replicas = [r for r in pool.replicas if r.state in (ReplicaState.LOADING, ReplicaState.SERVING)]
+        live_replicas.sort(key=lambda r: (r.state is ReplicaState.SERVING, r.busy))
+        removable_replicas = live_replicas[: max(0, min(count, len(live_replicas) - 1))]
+        for replica in removable_replicas:
+            pool.drain(replica, lambda r: self.state.release(r.gpus, r.memory_bytes_per_gpu, self.env.now))
+        del now
+        return len(removable_replicas)
+
+    def _scale_instances(self, delta: int, report: ApplyReport) -> None:
+        if delta > 0:
+            added = 0
+            for _ in range(delta):
+                if self._add_instance(ready_now=False) is None:
+                    break
+                added += 1
+            if added < delta:
+                report.repairs += 1
+                report.messages.append(
+                    f"instances: asked +{delta}, added {added} (no free GPUs of tp*pp={self._tp * self._pp})"
+                )
+            if added:
+                for unit in self._unit_configs:
+                    report.replicas_added[unit] = added
+            return
+        live = [i for i in self.instances if i.streams and i.streams[0].accepting]
+        live.sort(
+            key=lambda i: (i.state is ReplicaState.SERVING, sum(s.pending_work_tokens for s in i.streams))
+        )
+        removable = live[: max(0, min(-delta, len(live) - 1))]
+        for instance in removable:
+            for stream in list(instance.streams):
+                stream.accepting = False
+                stream.draining = True
+                if not stream.serving or not stream.active:
+                    self.on_stream_drained(stream)
+                else:
+                    stream.on_new_work()
+        if len(removable) < -delta:
+            report.repairs += 1
+            report.messages.append(f"instances: asked {delta}, removed {len(removable)} (keeps at least one)")
+        if removable:
+            for unit in self._unit_configs:
+                report.replicas_removed[unit] = len(removable)
+
+    def advance(self, dt_s: float) -> IntervalMetrics:
+        """Run ``dt_s`` simulated seconds; events at exactly the boundary belong to the next interval."""
+        if not dt_s > 0:
+            raise ValueError(f"advance needs dt_s > 0, got {dt_s}")
+        end = self.env.now + dt_s
+        self.env.run(until=end)
+        for stream in self.streams:
+            if isinstance(stream, InstanceStream):
+                stream.commit_until(end)
+        self._decide_deadlines(end)
+        metrics = self._close_interval(end)
+        self._last_interval = metrics
+        return metrics
+
+    def run_to_completion(
+        self, interval_s: float = 60.0, max_time_s: float | None = None
+    ) -> list[IntervalMetrics]:
+        """Advance in ``interval_s`` steps until every request finished (or ``max_time_s``)."""
+        out = []
+        while not self.finished and (max_time_s is None or self.now_s < max_time_s):
+            out.append(self.advance(interval_s))
+        return out
+
+    def _decide_deadlines(self, now_s: float) -> None:
+        deadline = self.slo.ttft_s
+        for stream in self.streams:
+            queues: tuple[Iterable[ActiveRequest], ...] = (stream.waiting, stream.prefilling, stream.adopted)
+            for queue in queues:
+                for request in queue:
+                    if (
+                        request.first_token_s < 0
+                        and not request.ttft_decided
+                        and now_s - request.arrival_s > deadline
+                    ):
+                        self._decide_violation(request, now_s - request.arrival_s)
+
+    def _close_interval(self, end_s: float) -> IntervalMetrics:
+        start = self._interval_start_s
+        duration = end_s - start
+        acc = self._interval
+        totals = self._totals
+        # per-stream compute-bound seconds go to their GPUs before the cluster integrals are read
+        for stream in self.streams:
+            if isinstance(stream, InstanceStream) and stream.compute_bound_s:
+                for index in stream.instance.gpus:
+                    self.state.gpus[index].compute_bound_s += stream.compute_bound_s / self._pp
+                stream.compute_bound_s = 0.0
+        gpu_rows = self.state.take_interval(end_s)
+        energy = 0.0
+        gpu_seconds = 0.0
+        for spec, powered_s, busy_s, compute_s in gpu_rows:
+            if powered_s <= 0:
+                continue
+            gpu_seconds += powered_s
+            busy_fraction = min(1.0, busy_s / powered_s)
+            compute_fraction = compute_s / busy_s if busy_s > 0 else 0.0
+            energy += powered_s * self.power_w(spec, busy_fraction, min(1.0, compute_fraction))
+        units = self._unit_metrics(duration, end_s)
+        ttft = np.asarray(acc.ttft_s)
+        tbt = np.asarray(acc.tbt_s)
+        running = sum(s.num_running for s in self.streams)
+        waiting = sum(len(s.waiting) for s in self.streams)
+        metrics = IntervalMetrics(
+            start_s=start,
+            end_s=end_s,
+            arrivals=acc.arrivals,
+            completions=acc.completions,
+            decided=acc.decided,
+            slo_met=acc.slo_met,
+            slo_attainment=acc.slo_met / acc.decided if acc.decided else 1.0,
+            ttft_mean_s=float(ttft.mean()) if ttft.size else 0.0,
+            ttft_p50_s=float(np.percentile(ttft, 50)) if ttft.size else 0.0,
+            ttft_p99_s=float(np.percentile(ttft, 99)) if ttft.size else 0.0,
+            tbt_mean_s=float(np.mean(acc.tbt_mean_s)) if acc.tbt_mean_s else 0.0,
+            tbt_p99_s=float(np.percentile(tbt, 99)) if tbt.size else 0.0,
+            e2e_mean_s=float(np.mean(acc.e2e_s)) if acc.e2e_s else 0.0,
+            prompt_tokens_served=acc.prompt_tokens,
+            output_tokens_served=acc.output_tokens,
+            preemptions=acc.preemptions,
+            running_requests=running,
+            waiting_requests=waiting,
+            gpus_powered=self.state.gpus_powered,
+            gpus_powered_mean=gpu_seconds / duration if duration > 0 else 0.0,
+            gpu_seconds=gpu_seconds,
+            energy_j=energy,
+            units=units,
+        )
+        totals.prompt_tokens += acc.prompt_tokens
+        totals.output_tokens += acc.output_tokens
+        totals.gpu_seconds += gpu_seconds
+        totals.energy_j += energy
+        totals.gpus_peak = max(totals.gpus_peak, self.state.gpus_powered)
+        for unit, unit_metrics in units.items():
+            capacity = unit_metrics.replicas * duration
+            totals.unit_busy_s[unit] = totals.unit_busy_s.get(unit, 0.0) + unit_metrics.utilisation * capacity
+            totals.unit_capacity_s[unit] = totals.unit_capacity_s.get(unit, 0.0) + capacity
+        self._interval = IntervalAccumulator()
+        self._interval_start_s = end_s
+        return metrics
+
+    def _unit_metrics(self, duration: float, end_s: float) -> dict[UnitKind, UnitIntervalMetrics]:
+        units: dict[UnitKind, UnitIntervalMetrics] = {}
+        streams = self.streams
+        waiting_token_s = sum(s.take_waiting_token_s() for s in streams)
+        if self._granularity == "model":
+            serving = sum(
+                1 for i in self.instances if i.state is ReplicaState.SERVING and i.streams[0].accepting
+            )
+            pending = sum(1 for i in self.instances if i.state is ReplicaState.LOADING)
+            draining = sum(1 for i in self.instances if i.streams and not i.streams[0].accepting)
+            busy: dict[UnitKind, float] = {}
+            iterations = tokens = 0
+            for stream in streams:
+                assert isinstance(stream, InstanceStream)
+                for unit, seconds in stream.take_unit_busy().items():
+                    busy[unit] = busy.get(unit, 0.0) + seconds
+                iterations += stream.iterations
+                tokens += stream.tokens_scheduled
+                stream.iterations = stream.tokens_scheduled = 0
+                stream.take_busy(end_s)
+            capacity = max(1, serving) * self._pp * duration
+            budget = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens
+            for unit, config in self._unit_configs.items():
+                units[unit] = UnitIntervalMetrics(
+                    replicas=serving,
+                    pending_replicas=pending,
+                    draining_replicas=draining,
+                    utilisation=min(1.0, busy.get(unit, 0.0) / capacity) if duration > 0 else 0.0,
+                    queue_tokens=waiting_token_s / duration
+                    if unit is UnitKind.ATTENTION and duration > 0
+                    else 0.0,
+                    batch_fill=min(1.0, tokens / (iterations * budget)) if iterations else 0.0,
+                    mean_wait_s=0.0,
+                    mean_service_s=busy.get(unit, 0.0) / iterations if iterations else 0.0,
+                    batch_cap_tokens=config.batch_cap_tokens,
+                )
+            return units
+        for unit, pool in self.pools.items():
+            stats, busy_s = pool.take_interval(end_s)
+            serving = pool.count(ReplicaState.SERVING)
+            cap = self._unit_configs[unit].batch_cap_tokens
+            units[unit] = UnitIntervalMetrics(
+                replicas=serving,
+                pending_replicas=pool.count(ReplicaState.LOADING),
+                draining_replicas=pool.count(ReplicaState.DRAINING),
+                utilisation=min(1.0, busy_s / (serving * duration)) if serving and duration > 0 else 0.0,
+                queue_tokens=stats.queue_token_s / duration if duration > 0 else 0.0,
+                batch_fill=min(1.0, stats.tokens / (stats.calls * cap)) if stats.calls else 0.0,
+                mean_wait_s=stats.wait_s / stats.jobs if stats.jobs else 0.0,
+                mean_service_s=stats.service_s / stats.calls if stats.calls else 0.0,
+                batch_cap_tokens=cap,
+            )
+        attention_busy = 0.0
+        calls = tokens = 0
+        service = 0.0
+        for stream in streams:
+            assert isinstance(stream, PooledStream)
+            stats = stream.attention_stats
+            calls += stats.calls
+            tokens += stats.tokens
+            service += stats.service_s
+            stream.attention_stats = type(stats)()
+            replica = stream.replica
+            if replica.busy:
+                replica.busy_s += end_s - replica.busy_since_s
+                replica.busy_since_s = end_s
+            attention_busy += replica.busy_s
+            replica.busy_s = 0.0
+            stream.take_busy(end_s)
+        serving_streams = sum(1 for s in streams if s.serving and s.accepting)
+        cap = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens
+        units[UnitKind.ATTENTION] = UnitIntervalMetrics(
+            replicas=serving_streams,
+            pending_replicas=sum(1 for s in streams if not s.serving and s.accepting),
+            draining_replicas=sum(1 for s in streams if not s.accepting),
+            utilisation=min(1.0, attention_busy / (serving_streams * duration))
+            if serving_streams and duration > 0
+            else 0.0,
+            queue_tokens=waiting_token_s / duration if duration > 0 else 0.0,
+            batch_fill=min(1.0, tokens / (calls * cap)) if calls else 0.0,
+            mean_wait_s=0.0,
+            mean_service_s=service / calls if calls else 0.0,
+            batch_cap_tokens=cap,
+        )
+        return units
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            time_s=self.now_s,
+            deployment=self.deployment,
+            gpus_powered=self.state.gpus_powered,
+            gpu_memory_used_bytes=self.state.memory_used_bytes(),
+            last_interval=self._last_interval,
+        )
+
+    def summary(self) -> RunSummary:
+        """Whole-run figures up to now (percentiles exact from records when kept, else 1 % sketches)."""
+        totals = self._totals
+        duration = self.now_s
+        records = self.records
+        if records is not None and totals.completed:
+            done = ~np.isnan(records.e2e_s)
+            ttft = records.ttft_s[done]
+            statistic = records.tbt_max_s if self.slo.tbt_statistic == "max" else records.tbt_p99_s
+            has_gaps = done & (records.output_tokens > 1)
+            ttft_p99 = float(np.percentile(ttft, 99))
+            ttft_mean = float(ttft.mean())
+            tbt_p99 = float(np.percentile(statistic[has_gaps], 99)) if has_gaps.any() else 0.0
+            e2e_mean = float(records.e2e_s[done].mean())
+        else:
+            ttft_p99, ttft_mean = totals.ttft.quantile(0.99), totals.ttft.mean
+            tbt_p99 = totals.tbt.quantile(0.99)
+            e2e_mean = totals.e2e.mean
+        tokens = totals.prompt_tokens + totals.output_tokens
+        return RunSummary(
+            duration_s=duration,
+            requests=self._arrived,
+            completed=totals.completed,
+            slo_attainment=totals.slo_met / totals.decided if totals.decided else 1.0,
+            ttft_mean_s=ttft_mean,
+            ttft_p99_s=ttft_p99,
+            tbt_p99_s=tbt_p99,
+            e2e_mean_s=e2e_mean,
+            throughput_requests_per_s=totals.completed / duration if duration > 0 else 0.0,
+            throughput_tokens_per_s=tokens / duration if duration > 0 else 0.0,
+            goodput_requests_per_s=totals.slo_met / duration if duration > 0 else 0.0,
+            preemptions=totals.preemptions,
+            gpus_mean=totals.gpu_seconds / duration if duration > 0 else 0.0,
+            gpus_peak=totals.gpus_peak,
+            gpu_seconds=totals.gpu_seconds,
+            energy_j=totals.energy_j,
+            unit_utilisation={
+                unit: totals.unit_busy_s[unit] / capacity if capacity > 0 else 0.0
+                for unit, capacity in totals.unit_capacity_s.items()
+            },
+        )

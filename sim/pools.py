@@ -1,0 +1,385 @@
+"""Stateless scaling units as shared replica pools, and the stream that walks them.
+
+A :class:`UnitPool` holds the replicas of one stateless unit (``embed``, ``norm``, ``qkv_proj``,
+``o_proj``, ``ffn``/``moe``, ``lm_head``, ``vision_encoder``) and one FIFO queue. A free replica
+takes queued jobs, from any streams, up to its batch cap in tokens and serves them in one call
+(a job larger than the cap is served alone in back-to-back cap-sized calls). When the head job's
+source GPU has an idle replica, that one serves (keeps co-located chains local).
+
+One job serves a unit for **all its layers** (the service time is the cost model's all-layer time);
+the per-layer ping-pong between units is not simulated event by event. Transfers are still counted
+per layer: a job whose input sits on another GPU pays ``layers x link latency + bytes / bandwidth``
+(bytes = activation bytes per token and layer of the previous unit x tokens x layers), added to the
+call (the call waits for its slowest input).
+
+Contention (:class:`opscale.sim.config.ContentionModel`): a call starting while ``k`` other replicas
+on its GPUs are busy runs ``1 + contention_factor * k`` times longer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import simpy
+from opscale.sim.cluster import ClusterState, Replica, ReplicaState
+from opscale.sim.config import ContentionModel, ServiceTimeDistribution, SimConfig
+from opscale.sim.hardware import ClusterSpec
+from opscale.sim.models import ModelSpec, UnitKind
+from opscale.sim.streams import Batch, IterationTimer, Stream, StreamHost
+
+__all__ = ["Link", "PoolClient", "PooledStream", "UnitPool", "UnitStats"]
+
+
+class PoolClient(Protocol):
+    """A job owner: one job in flight at a time (a stream's iteration at one unit)."""
+
+    job_tokens: int
+    job_source_gpu: int
+    job_enqueued_s: float
+
+    def unit_done(self, now_s: float, replica: Replica) -> None: ...
+
+
+@dataclass
+class UnitStats:
+    """Per-interval statistics of a pool (reset at each boundary)."""
+
+    calls: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+    jobs: int = 0
+    service_s: float = 0.0
+    queue_token_s: float = 0.0
+
+
+class Link:
+    """Transfer times between GPUs, per unit boundary (memoised per GPU pair)."""
+
+    def __init__(self, cluster: ClusterSpec) -> None:
+        self.cluster = cluster
+        self._pairs: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def time_s(self, src: int, dst: int, num_bytes: float, hops: int) -> float:
+        """``hops`` transfers totalling ``num_bytes`` from GPU ``src`` to ``dst`` (0 on the same GPU)."""
+        if src == dst or num_bytes <= 0:
+            return 0.0
+        pair = self._pairs.get((src, dst))
+        if pair is None:
+            link = self.cluster.link_between(src, dst)
+            pair = (0.0, float("inf")) if link is None else (link.latency_s, link.bandwidth_bytes_per_s)
+            self._pairs[(src, dst)] = pair
+        return hops * pair[0] + num_bytes / pair[1]
+
+
+class UnitPool:
+    """Replicas of one stateless unit with a shared queue.
+
+    :param env: the SimPy environment.
+    :param unit: the unit.
+    :param cluster: GPU state (busy accounting and contention).
+    :param timers: TP degree -> memoised kernel times.
+    :param link: transfer times.
+    :param inbound_bytes_per_token: bytes per token (all layers) entering this unit from the previous one.
+    :param hops: transfers per pass (the unit's layer count).
+    :param config: engine constants.
+    :param rng: seeded generator (exponential service only).
+    :param service_time_s: optional override ``(tokens, replica) -> seconds`` (closed-form tests).
+    """
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        unit: UnitKind,
+        cluster: ClusterState,
+        timers: Callable[[int], IterationTimer],
+        link: Link,
+        *,
+        inbound_bytes_per_token: float,
+        hops: int,
+        config: SimConfig,
+        rng: np.random.Generator,
+        batch_cap_tokens: int,
+        service_time_s: Callable[[int, Replica], float] | None = None,
+    ) -> None:
+        self.env = env
+        self.unit = unit
+        self.cluster = cluster
+        self.timers = timers
+        self.link = link
+        self.inbound_bytes_per_token = inbound_bytes_per_token
+        self.hops = hops
+        self.config = config
+        self.rng = rng
+        self.batch_cap_tokens = batch_cap_tokens
+        self.service_time_s = service_time_s
+        self.replicas: list[Replica] = []
+        self.idle: list[Replica] = []
+        self.queue: deque[PoolClient] = deque()
+        self.queued_tokens = 0
+        self.stats = UnitStats()
+        self._queue_changed_s = 0.0
+        self._exponential = config.service_time_distribution is ServiceTimeDistribution.EXPONENTIAL
+        self._contention = (
+            config.contention_factor if config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
+        )
+        self._compute_bound: dict[tuple[int, int], bool] = {}
+
+    # ------------------------------------------------------------------ replicas
+    def add_replica(self, replica: Replica) -> None:
+        """Track ``replica``; it serves once :meth:`replica_ready` is called."""
+        self.replicas.append(replica)
+
+    def replica_ready(self, replica: Replica) -> None:
+        replica.state = ReplicaState.SERVING
+        self.idle.append(replica)
+        self.dispatch()
+
+    def drain(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
+        """Stop giving ``replica`` work; ``on_released`` runs once it is idle (at once if it is)."""
+        was_loading = replica.state is ReplicaState.LOADING
+        replica.state = ReplicaState.DRAINING
+        if replica in self.idle:
+            self.idle.remove(replica)
+        if not replica.busy or was_loading:
+            self._release(replica, on_released)
+        else:
+            replica.on_released = on_released
+
+    def _release(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
+        replica.state = ReplicaState.RELEASED
+        self.replicas.remove(replica)
+        on_released(replica)
+
+    def count(self, state: ReplicaState) -> int:
+        return sum(1 for r in self.replicas if r.state is state)
+
+    # ------------------------------------------------------------------ work
+    def _note_queue(self) -> None:
+        now = self.env.now
+        self.stats.queue_token_s += self.queued_tokens * (now - self._queue_changed_s)
+        self._queue_changed_s = now
+
+    def submit(self, client: PoolClient) -> None:
+        """Queue one job and start it if a replica is free."""
+        self._note_queue()
+        client.job_enqueued_s = self.env.now
+        self.queue.append(client)
+        self.queued_tokens += client.job_tokens
+        if self.idle:
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """Start calls while jobs wait and replicas are free."""
+        queue, idle = self.queue, self.idle
+        while queue and idle:
+            self._note_queue()
+            source = queue[0].job_source_gpu
+            replica = idle[-1]
+            for candidate in idle:
+                if candidate.home_gpu == source:
+                    replica = candidate
+                    break
+            idle.remove(replica)
+            cap = replica.batch_cap_tokens
+            jobs = [queue.popleft()]
+            tokens = jobs[0].job_tokens
+            while queue and tokens + queue[0].job_tokens <= cap:
+                job = queue.popleft()
+                jobs.append(job)
+                tokens += job.job_tokens
+            self.queued_tokens -= tokens
+            self._start(replica, jobs, tokens)
+
+    def _kernel_s(self, tokens: int, replica: Replica) -> float:
+        if self.service_time_s is not None:
+            return self.service_time_s(tokens, replica)
+        timer = self.timers(replica.tp)
+        cap = replica.batch_cap_tokens
+        if tokens <= cap:
+            return timer.unit_s(self.unit, tokens)
+        full, rest = divmod(tokens, cap)
+        return full * timer.unit_s(self.unit, cap) + timer.unit_s(self.unit, rest)
+
+    def _is_compute_bound(self, tokens: int, tp: int) -> bool:
+        key = (tokens, tp)
+        value = self._compute_bound.get(key)
+        if value is None:
+            timer = self.timers(tp)
+            value = timer.cost_model.bound(timer.model, self.unit, timer.gpu, tp, tokens) == "compute"
+            self._compute_bound[key] = value
+        return value
+
+    def _start(self, replica: Replica, jobs: list[PoolClient], tokens: int) -> None:
+        now = self.env.now
+        kernel = self._kernel_s(tokens, replica)
+        if self._exponential:
+            kernel = float(self.rng.exponential(kernel))
+        if self._contention:
+            kernel *= 1.0 + self._contention * self.cluster.busy_others(replica.gpus)
+        transfer = 0.0
+        stats = self.stats
+        per_token = self.inbound_bytes_per_token
+        for job in jobs:
+            stats.wait_s += now - job.job_enqueued_s
+            t = self.link.time_s(job.job_source_gpu, replica.home_gpu, per_token * job.job_tokens, self.hops)
+            if t > transfer:
+                transfer = t
+        duration = kernel + transfer
+        stats.calls += 1
+        stats.jobs += len(jobs)
+        stats.tokens += tokens
+        stats.service_s += duration
+        replica.busy = True
+        replica.busy_since_s = now
+        self.cluster.mark_busy(replica.gpus, now)
+        compute_s = (
+            kernel if self.service_time_s is None and self._is_compute_bound(tokens, replica.tp) else 0.0
+        )
+        event = self.env.timeout(duration)
+        event.callbacks.append(lambda _e: self._done(replica, jobs, compute_s))
+
+    def _done(self, replica: Replica, jobs: list[PoolClient], compute_s: float) -> None:
+        now = self.env.now
+        replica.busy = False
+        replica.busy_s += now - replica.busy_since_s
+        self.cluster.mark_idle(replica.gpus, now, compute_s)
+        if replica.state is ReplicaState.DRAINING and replica.on_released is not None:
+            self._release(replica, replica.on_released)
+        else:
+            self.idle.append(replica)
+        for job in jobs:
+            job.unit_done(now, replica)
+        if self.queue and self.idle:
+            self.dispatch()
+
+    def take_interval(self, now_s: float) -> tuple[UnitStats, float]:
+        """(stats, busy replica-seconds) since the previous call; resets them."""
+        self._note_queue()
+        busy = 0.0
+        for replica in self.replicas:
+            if replica.busy:
+                replica.busy_s += now_s - replica.busy_since_s
+                replica.busy_since_s = now_s
+            busy += replica.busy_s
+            replica.busy_s = 0.0
+        stats, self.stats = self.stats, UnitStats()
+        return stats, busy
+
+
+class PooledStream(Stream):
+    """An operator-level attention replica: each iteration visits the unit pools in model order,
+    runs attention (plus the engine overhead of the iteration) on its own replica, and ends after the
+    last unit. The LM head serves one token per sequence sampled (decodes and finished prefills)."""
+
+    def __init__(
+        self,
+        stream_id: int,
+        host: StreamHost,
+        *,
+        replica: Replica,
+        path: list[UnitPool | None],
+        timer: IterationTimer,
+        cluster: ClusterState,
+        link: Link,
+        model: ModelSpec,
+        contention_factor: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(stream_id, host, **kwargs)
+        self.replica = replica
+        self.path = path
+        self.timer = timer
+        self.cluster = cluster
+        self.link = link
+        self.contention_factor = contention_factor
+        self.qkv_bytes_per_token = model.activation_bytes_per_token(UnitKind.QKV_PROJ) * model.num_layers
+        self.layers = model.num_layers
+        self.job_tokens = 0
+        self.job_source_gpu = replica.home_gpu
+        self.job_enqueued_s = 0.0
+        self._step = 0
+        self._batch: Batch | None = None
+        self._sequences = 0
+        self.attention_stats = UnitStats()
+
+    def _next_iteration(self) -> None:
+        if self.draining and self.host.on_stream_drained(self):
+            return
+        if not self.serving:
+            self._stop_busy()
+            return
+        batch, preemptions = self.schedule()
+        if preemptions:
+            self.host.on_tokens(self, 0, 0, preemptions)
+        if not batch.decodes and not batch.chunks:
+            self._stop_busy()
+            return
+        self._batch = batch
+        self._sequences = len(batch.decodes) + len(batch.chunks)
+        self.job_tokens = batch.num_tokens
+        self.tokens_scheduled += batch.num_tokens
+        self.job_source_gpu = self.replica.home_gpu
+        self._step = 0
+        self._advance()
+
+    def _advance(self) -> None:
+        path = self.path
+        while self._step < len(path):
+            pool = path[self._step]
+            if pool is None:
+                self._run_attention()
+                return
+            if pool.unit is UnitKind.LM_HEAD:
+                self.job_tokens = self._sequences
+            pool.submit(self)
+            return
+        batch = self._batch
+        assert batch is not None
+        self._batch = None
+        self.finish(batch, self.env.now)
+        self._next_iteration()
+
+    def _run_attention(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        now = self.env.now
+        replica = self.replica
+        kernel = self.timer.attention_s(batch)
+        if self.contention_factor:
+            kernel *= 1.0 + self.contention_factor * self.cluster.busy_others(replica.gpus)
+        host_s = self.overhead.iteration_s(self.overhead_ranks, self._sequences)
+        transfer = self.link.time_s(
+            self.job_source_gpu, replica.home_gpu, self.qkv_bytes_per_token * batch.num_tokens, self.layers
+        )
+        duration = host_s + kernel + transfer
+        stats = self.attention_stats
+        stats.calls += 1
+        stats.jobs += 1
+        stats.tokens += batch.num_tokens
+        stats.service_s += duration
+        replica.busy = True
+        replica.busy_since_s = now
+        self.cluster.mark_busy(replica.gpus, now)
+        compute_s = kernel if batch.chunks else 0.0
+        event = self.env.timeout(duration)
+        event.callbacks.append(lambda _e: self._attention_done(compute_s))
+
+    def _attention_done(self, compute_s: float) -> None:
+        now = self.env.now
+        replica = self.replica
+        replica.busy = False
+        replica.busy_s += now - replica.busy_since_s
+        self.cluster.mark_idle(replica.gpus, now, compute_s)
+        self.job_source_gpu = replica.home_gpu
+        self._step += 1
+        self._advance()
+
+    def unit_done(self, now_s: float, replica: Replica) -> None:
+        self.job_source_gpu = replica.home_gpu
+        self._step += 1
+        self._advance()
