@@ -43,7 +43,7 @@ from opscale.traces.synthetic import (
     poisson_arrivals,
     synthetic_trace,
 )
-from opscale.traces.trace import PREFIX_BLOCK_TOKENS, TRUNCATION_POLICIES, RequestTrace
+from opscale.traces.trace import PREFIX_BLOCK_TOKENS, TRUNCATION_POLICIES, RequestTrace, TruncationPolicy
 
 __all__ = [
     "NAMED_TRACES",
@@ -69,6 +69,7 @@ __all__ = [
     "TraceDataNotFoundError",
     "TraceFormat",
     "TraceFormatError",
+    "TruncationPolicy",
     "default_trace",
     "detect_format",
     "format_stats",

@@ -8,14 +8,23 @@ be shared freely between the simulator, environments and experiments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 import numpy as np
 
 #: Tokens per Mooncake prefix block (``hash_ids`` granularity, ``shared/traces/README.md`` section 2).
 PREFIX_BLOCK_TOKENS = 512
 
-TruncationPolicy = str  # one of TRUNCATION_POLICIES
-TRUNCATION_POLICIES: tuple[str, ...] = ("clip", "drop", "error")
+
+class TruncationPolicy(str, Enum):
+    """What :meth:`RequestTrace.truncate_lengths` does with a request longer than the context limit."""
+
+    CLIP = "clip"  # shorten it (prompt first), counted in the notes
+    DROP = "drop"  # remove it, counted in the notes
+    ERROR = "error"  # raise
+
+
+TRUNCATION_POLICIES: tuple[str, ...] = tuple(policy.value for policy in TruncationPolicy)
 
 
 def _frozen_array(values: object, dtype: type, name: str) -> np.ndarray:
@@ -221,7 +230,7 @@ class RequestTrace:
         * ``factor`` > 1 replicates: ``floor(factor)`` copies of every request, plus one more with
           probability ``factor - floor(factor)``. Each extra copy arrives uniformly inside the gap to the
           next request of the original, so it lands where the original traffic was dense (bursts stay
-          bursts) and never coincides with another arrival. A copy keeps its request's lengths; its prefix
+          bursts) and does not coincide with another arrival (unless the original gap is 0). A copy keeps its request's lengths; its prefix
           ids are moved to a disjoint id range per copy index, so every copy is an independent user
           population with the original's prefix-reuse structure (reuse is not inflated by duplicates).
 
@@ -271,7 +280,9 @@ class RequestTrace:
             name=f"{self.name}*rate{factor:g}",
         )
 
-    def truncate_lengths(self, max_context: int, *, policy: TruncationPolicy = "clip") -> RequestTrace:
+    def truncate_lengths(
+        self, max_context: int, *, policy: TruncationPolicy | str = TruncationPolicy.CLIP
+    ) -> RequestTrace:
         """Fit every request into a context window of ``max_context`` tokens (prompt + image + output).
 
         :param max_context: the context limit in tokens (>= 2: one prompt and one output token).
@@ -281,6 +292,7 @@ class RequestTrace:
         """
         if policy not in TRUNCATION_POLICIES:
             raise ValueError(f"unknown truncation policy {policy!r}; choose one of {TRUNCATION_POLICIES}")
+        policy = TruncationPolicy(policy)
         if max_context < 2:
             raise ValueError(f"max_context must be >= 2 tokens, got {max_context}")
         image_tokens = (
@@ -291,7 +303,7 @@ class RequestTrace:
         over_count = int(too_long.sum())
         if over_count == 0:
             return self
-        if policy == "error":
+        if policy is TruncationPolicy.ERROR:
             index = int(np.argmax(too_long))
             raise ValueError(
                 f"request {index} of trace {self.name!r} needs {int(context[index])} context tokens "
@@ -299,7 +311,7 @@ class RequestTrace:
                 f"output {int(self.output_tokens[index])}) > max_context {max_context}; "
                 f"{over_count} requests exceed it (use policy='clip' or 'drop')"
             )
-        if policy == "drop":
+        if policy is TruncationPolicy.DROP:
             return self._select(
                 ~too_long,
                 notes=self._with_note(
