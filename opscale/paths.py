@@ -47,6 +47,7 @@ def reference_dir() -> Path:
 
 def searched_locations(env_var: str, sub: str) -> str:
     """Human-readable list of the places :func:`data_dir` / :func:`reference_dir` looked, for errors."""
-    places = [f"${env_var} (unset)" if not os.environ.get(env_var) else f"${env_var}={os.environ[env_var]}"]
-    places += [str(p) for p in _candidates(sub)]
-    return ", ".join(places)
+    override = os.environ.get(env_var)
+    if override:
+        return f"${env_var}={override}"
+    return ", ".join([f"${env_var} (unset)"] + [str(p) for p in _candidates(sub)])
