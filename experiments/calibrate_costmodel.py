@@ -38,6 +38,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
+from scipy.optimize import least_squares
+
 from opscale.sim import costmodel_coefficients
 from opscale.sim.calibration import (
     HELD_OUT_MODEL,
@@ -59,7 +61,6 @@ from opscale.sim.costmodel_coefficients import (
 from opscale.sim.costmodel_roofline import RooflineCostModel
 from opscale.sim.power import POWER_PRESETS, PowerModel, PowerPreset
 from opscale.sim.profile_table import VidurProfiles
-from scipy.optimize import least_squares
 
 #: FlashAttention-2 forward utilisation of peak: ~73 % on A100 (FA2 paper, Dao 2023), ~35 % on H100
 #: (FA3 paper, Shah et al. 2024). Used only to derive H100 attention from the A100 fit.

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from opscale.paths import reference_dir
 from opscale.sim.costmodel_api import AttentionBatch, CostModel
 from opscale.sim.costmodel_coefficients import ELEMENTWISE_KERNELS, GpuCoefficients
 from opscale.sim.costmodel_roofline import (
@@ -38,8 +40,6 @@ from opscale.sim.hardware import GPUSpec, get_gpu
 from opscale.sim.models import MODEL_CATALOG, ModelSpec, UnitKind, get_model
 from opscale.sim.power import PowerModel
 from opscale.sim.profile_table import VidurProfiles, read_vidur_csv
-
-from opscale.paths import reference_dir
 
 __all__ = [
     "GEMM_OPERATORS",

@@ -20,7 +20,7 @@ vocabulary-parallel ``embed``; logits gather after ``lm_head``).
 
 from __future__ import annotations
 
-from opscale.sim.costmodel_api import AttentionBatch, CostModel, UnitBreakdown
+from opscale.sim.costmodel_api import AttentionBatch, CostModel, UnitBreakdown, unit_breakdown
 from opscale.sim.costmodel_roofline import RooflineCostModel
 from opscale.sim.profile_table import ProfileTableCostModel
 
@@ -31,6 +31,7 @@ __all__ = [
     "RooflineCostModel",
     "UnitBreakdown",
     "default_cost_model",
+    "unit_breakdown",
 ]
 
 

@@ -8,10 +8,18 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
 from opscale.sim.hardware import GPUSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
-__all__ = ["AttentionBatch", "CostModel", "UnitBreakdown", "as_nonnegative_array", "split_prefill_pairs"]
+__all__ = [
+    "AttentionBatch",
+    "CostModel",
+    "UnitBreakdown",
+    "as_nonnegative_array",
+    "split_prefill_pairs",
+    "unit_breakdown",
+]
 
 
 @dataclass(frozen=True)
@@ -141,3 +149,48 @@ def split_prefill_pairs(
     chunks = np.maximum(num_prefills, 1)
     new = np.minimum(pairs, prefill_tokens * (prefill_tokens / chunks + 1.0) / 2.0)
     return new, np.maximum(pairs - new, 0.0)
+
+
+def unit_breakdown(
+    cost_model: CostModel, model: ModelSpec, gpu: GPUSpec, tp: int, num_tokens: int, context_tokens: int = 0
+) -> list[UnitBreakdown]:
+    """Per-unit time, FLOPs, bytes and bound of one pass of ``num_tokens`` tokens, all layers.
+
+    Attention is taken as one prefill chunk of ``num_tokens`` tokens after ``context_tokens`` of cached
+    context when ``num_tokens > 1``, else as one decode reading ``context_tokens + 1`` KV entries.
+    ``collective_s`` is the unit's TP collective (:meth:`ModelSpec.tp_allreduce`) as the cost model
+    prices it.
+    """
+    model.validate_tp(tp)
+    rows: list[UnitBreakdown] = []
+    for unit in model.units:
+        if unit is UnitKind.ATTENTION:
+            if num_tokens > 1:
+                batch = AttentionBatch.from_requests(prefill_chunks=[(num_tokens, context_tokens)])
+                pairs, kv_read = batch.prefill_attention_pairs, context_tokens + num_tokens
+            else:
+                batch = AttentionBatch.from_requests(decode_context_lengths=[context_tokens + 1])
+                pairs, kv_read = float(context_tokens + 1), context_tokens + 1
+            flops = model.flops(unit, num_tokens, tp, context_tokens=pairs)
+            bytes_moved = model.bytes_moved(unit, num_tokens, tp, kv_tokens_read=kv_read)
+            bound = (
+                "compute"
+                if flops / gpu.peak_flops > bytes_moved / gpu.hbm_bandwidth_bytes_per_s
+                else "memory"
+            )
+            time_s = cost_model.attention_time_s(model, gpu, tp, batch)
+            rows.append(UnitBreakdown(unit, time_s, flops, bytes_moved, 0.0, bound))
+            continue
+        bytes_per_token, collectives = model.tp_allreduce(unit)
+        collective_s = collectives * cost_model.allreduce_time_s(gpu, tp, bytes_per_token * num_tokens)
+        rows.append(
+            UnitBreakdown(
+                unit,
+                cost_model.unit_time_s(model, unit, gpu, tp, num_tokens),
+                model.flops(unit, num_tokens, tp),
+                model.bytes_moved(unit, num_tokens, tp),
+                collective_s,
+                cost_model.bound(model, unit, gpu, tp, num_tokens),
+            )
+        )
+    return rows

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from opscale.sim.costmodel_api import AttentionBatch, UnitBreakdown, as_nonnegative_array, split_prefill_pairs
+
+from opscale.sim.costmodel_api import AttentionBatch, as_nonnegative_array, split_prefill_pairs
 from opscale.sim.costmodel_coefficients import (
     FITTED_COEFFICIENTS,
     AttentionCoefficients,
@@ -249,35 +250,25 @@ class RooflineCostModel:
         """(kernel time, TP collective time) over all layers, each per entry of ``tokens``."""
         coeffs = self.coefficients_for(gpu)
         layers = model.layers_of(unit)
-        d = model.dtype_bytes
-        hidden_bytes = tokens * model.hidden_size * d
-        zero = np.zeros_like(tokens)
+        bytes_per_token, collectives_per_pass = model.tp_allreduce(unit)
+        collective = self.allreduce_time_s_array(gpu, tp, tokens * bytes_per_token) * collectives_per_pass
         if unit is UnitKind.EMBED:
-            kernel = elementwise_time_s(2.0 * model.hidden_size * d, tokens, gpu, coeffs.embedding)
-            return kernel, self.allreduce_time_s_array(gpu, tp, hidden_bytes)
+            per_token = 2.0 * model.hidden_size * model.dtype_bytes
+            return elementwise_time_s(per_token, tokens, gpu, coeffs.embedding), collective
+        kernel = np.zeros_like(tokens)
         if unit is UnitKind.NORM:
-            kernel = zero.copy()
             for name, per_token in model.elementwise_bytes_per_token(tp).items():
                 kernel += elementwise_time_s(per_token, tokens, gpu, coeffs.elementwise[name])
-            return kernel * layers, zero
-        kernel = zero.copy()
+            return kernel * layers, collective
         for shape in self._gemms(model, unit, tp):
-            kernel += gemm_time_s(shape, tokens, gpu, coeffs.gemm, d)
+            kernel += gemm_time_s(shape, tokens, gpu, coeffs.gemm, model.dtype_bytes)
         if unit is UnitKind.VISION_ENCODER:
-            return self._vision_extra(model, gpu, tp, tokens, kernel)
-        kernel = kernel * layers
-        if unit in (UnitKind.O_PROJ, UnitKind.FFN, UnitKind.MOE):
-            return kernel, self.allreduce_time_s_array(gpu, tp, hidden_bytes) * layers
-        if unit is UnitKind.LM_HEAD:
-            # vocabulary-parallel logits are gathered: an all-gather moves half an all-reduce's bytes
-            return kernel, self.allreduce_time_s_array(gpu, tp, tokens * model.vocab_size * d / 2.0)
-        return kernel, zero
+            kernel += self._vision_extra_s(model, gpu, tp, tokens)
+        return kernel * layers, collective
 
-    def _vision_extra(
-        self, model: ModelSpec, gpu: GPUSpec, tp: int, tokens: np.ndarray, gemm_s: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """ViT: add full attention over each image's patches, the per-block elementwise kernels
-        (two LayerNorms, GELU, two residual adds) and two all-reduces per block when sharded."""
+    def _vision_extra_s(self, model: ModelSpec, gpu: GPUSpec, tp: int, tokens: np.ndarray) -> np.ndarray:
+        """ViT work beside its GEMMs: full attention over each image's patches and the per-block
+        elementwise kernels (two LayerNorms, GELU, two residual adds)."""
         assert model.vision is not None
         vision = model.vision
         coeffs = self.coefficients_for(gpu)
@@ -293,19 +284,11 @@ class RooflineCostModel:
             + attn_flops / (gpu.peak_flops * attention.prefill_new_efficiency),
             0.0,
         )
-        norm_coeffs = coeffs.elementwise["input_layernorm"]
-        elementwise = 2 * elementwise_time_s(2.0 * vision.hidden_size * d, tokens, gpu, norm_coeffs)
-        elementwise += elementwise_time_s(
-            2.0 * vision.mlp_size / tp * d, tokens, gpu, coeffs.elementwise["mlp_act"]
-        )
-        elementwise += 2 * elementwise_time_s(
-            3.0 * vision.hidden_size * d, tokens, gpu, coeffs.elementwise["add"]
-        )
-        kernel = gemm_s + (attn_s + elementwise) * vision.num_layers
-        collective = (
-            2 * vision.num_layers * self.allreduce_time_s_array(gpu, tp, tokens * vision.hidden_size * d)
-        )
-        return kernel, collective
+        layernorm, act, add = (coeffs.elementwise[k] for k in ("input_layernorm", "mlp_act", "add"))
+        elementwise = 2 * elementwise_time_s(2.0 * vision.hidden_size * d, tokens, gpu, layernorm)
+        elementwise += elementwise_time_s(2.0 * vision.mlp_size / tp * d, tokens, gpu, act)
+        elementwise += 2 * elementwise_time_s(3.0 * vision.hidden_size * d, tokens, gpu, add)
+        return (attn_s + elementwise) * vision.num_layers
 
     # ------------------------------------------------------------------ attention
     def attention_time_s(self, model: ModelSpec, gpu: GPUSpec, tp: int, batch: AttentionBatch) -> float:
@@ -424,43 +407,3 @@ class RooflineCostModel:
         compute_s = flops / gpu.peak_flops
         memory_s = bytes_moved / gpu.hbm_bandwidth_bytes_per_s
         return "compute" if compute_s > memory_s else "memory"
-
-    def breakdown(
-        self, model: ModelSpec, gpu: GPUSpec, tp: int, num_tokens: int, context_tokens: int = 0
-    ) -> list[UnitBreakdown]:
-        """Per-unit time, FLOPs, bytes and bound for a batch of ``num_tokens`` tokens.
-
-        Attention is taken as one prefill chunk of ``num_tokens`` tokens after ``context_tokens`` of
-        cached context when ``num_tokens > 1``, else as one decode reading ``context_tokens + 1``.
-        """
-        rows: list[UnitBreakdown] = []
-        tokens = np.array([float(num_tokens)])
-        for unit in model.units:
-            if unit is UnitKind.ATTENTION:
-                if num_tokens > 1:
-                    batch = AttentionBatch.from_requests(prefill_chunks=[(num_tokens, context_tokens)])
-                    kv_read = context_tokens + num_tokens
-                    pairs = batch.prefill_attention_pairs
-                else:
-                    batch = AttentionBatch.from_requests(decode_context_lengths=[context_tokens + 1])
-                    kv_read = context_tokens + 1
-                    pairs = float(kv_read)
-                time_s = self.attention_time_s(model, gpu, tp, batch)
-                flops = model.flops(unit, num_tokens, tp, context_tokens=pairs)
-                bytes_moved = model.bytes_moved(unit, num_tokens, tp, kv_tokens_read=kv_read)
-                compute_s, memory_s = flops / gpu.peak_flops, bytes_moved / gpu.hbm_bandwidth_bytes_per_s
-                bound = "compute" if compute_s > memory_s else "memory"
-                rows.append(UnitBreakdown(unit, time_s, flops, bytes_moved, 0.0, bound))
-                continue
-            kernel, collective = self._unit_terms(model, unit, gpu, tp, tokens)
-            rows.append(
-                UnitBreakdown(
-                    unit,
-                    float(kernel[0] + collective[0]),
-                    model.flops(unit, num_tokens, tp),
-                    model.bytes_moved(unit, num_tokens, tp),
-                    float(collective[0]),
-                    self.bound(model, unit, gpu, tp, num_tokens),
-                )
-            )
-        return rows

@@ -387,6 +387,27 @@ class ModelSpec:
             return self.vision.out_hidden_size * d / self.vision.merge_factor
         return float(self.hidden_size * d)
 
+    def tp_allreduce(self, unit: UnitKind) -> tuple[float, int]:
+        """The tensor-parallel collective a unit ends with: (bytes per token per collective,
+        collectives per pass); ``(0, 0)`` for none.
+
+        Row-parallel ``o_proj`` and ``ffn`` / ``moe`` all-reduce the hidden state every layer; the
+        vocabulary-parallel ``embed`` all-reduces it once; ``lm_head`` gathers its logits (an
+        all-gather moves half an all-reduce's bytes); a ViT block all-reduces twice.
+        """
+        unit = self._check_unit(unit)
+        hidden = float(self.hidden_size * self.dtype_bytes)
+        if unit in (UnitKind.O_PROJ, UnitKind.FFN, UnitKind.MOE):
+            return hidden, self.num_layers
+        if unit is UnitKind.EMBED:
+            return hidden, 1
+        if unit is UnitKind.LM_HEAD:
+            return self.vocab_size * self.dtype_bytes / 2.0, 1
+        if unit is UnitKind.VISION_ENCODER:
+            assert self.vision is not None
+            return float(self.vision.hidden_size * self.dtype_bytes), 2 * self.vision.num_layers
+        return 0.0, 0
+
     # ----------------------------------------------------------------- work per call
     def elementwise_bytes_per_token(self, tp: int = 1) -> dict[str, float]:
         """HBM bytes per token per layer of each elementwise kernel in ``norm`` on one shard.
@@ -431,7 +452,7 @@ class ModelSpec:
             v = self.vision
             pairs = num_tokens * min(num_tokens, v.patches_per_image)
             attn = 4.0 * v.hidden_size / tp * pairs * v.num_layers
-            return attn + sum(g.flops(num_tokens) for g in self.gemms(unit, tp))
+            return float(attn + sum(g.flops(num_tokens) for g in self.gemms(unit, tp)))
         gemm = sum(g.flops(num_tokens) for g in self.gemms(unit, tp))
         elementwise = 0.0
         if unit is UnitKind.NORM:
@@ -439,7 +460,7 @@ class ModelSpec:
             elementwise = (
                 10.0 * num_tokens * sum(self.elementwise_bytes_per_token(tp).values()) / self.dtype_bytes
             )
-        return (gemm + elementwise) * layers
+        return float((gemm + elementwise) * layers)
 
     def bytes_moved(
         self, unit: UnitKind, num_tokens: float, tp: int = 1, kv_tokens_read: float = 0.0
@@ -463,7 +484,7 @@ class ModelSpec:
             return 2.0 * num_tokens * self.hidden_size * d
         if unit is UnitKind.NORM:
             return num_tokens * sum(self.elementwise_bytes_per_token(tp).values()) * layers
-        return sum(g.bytes_moved(num_tokens, d) for g in self.gemms(unit, tp)) * layers
+        return float(sum(g.bytes_moved(num_tokens, d) for g in self.gemms(unit, tp)) * layers)
 
 
 def _check_tokens(num_tokens: float) -> None:

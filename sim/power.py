@@ -28,6 +28,7 @@ from enum import Enum
 from types import MappingProxyType
 
 import numpy as np
+
 from opscale.sim.hardware import GPU_CATALOG, GPUSpec
 
 __all__ = [

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from opscale.sim.costmodel_api import AttentionBatch, as_nonnegative_array, split_prefill_pairs
 from opscale.sim.costmodel_roofline import UNIT_CACHE_MAX_ENTRIES, RooflineCostModel
 from opscale.sim.hardware import GPU_CATALOG, GPUSpec, get_gpu
@@ -382,14 +383,9 @@ class ProfileTableCostModel:
         for op, op_unit in MLP_OPERATIONS.items():
             if op_unit is unit:
                 kernel_per_layer += self._extend_with_roofline(model, unit, gpu, tp, tokens, curves[op])
-        hidden_bytes = tokens * model.hidden_size * model.dtype_bytes
-        if unit is UnitKind.EMBED:
-            return kernel_per_layer + self.allreduce_time_s_array(gpu, tp, hidden_bytes)
-        layers = model.layers_of(unit)
-        collective = np.zeros_like(tokens)
-        if unit in (UnitKind.O_PROJ, UnitKind.FFN):
-            collective = self.allreduce_time_s_array(gpu, tp, hidden_bytes)
-        return (kernel_per_layer + collective) * layers
+        bytes_per_token, collectives_per_pass = model.tp_allreduce(unit)
+        collective = self.allreduce_time_s_array(gpu, tp, tokens * bytes_per_token) * collectives_per_pass
+        return kernel_per_layer * model.layers_of(unit) + collective
 
     def _extend_with_roofline(
         self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, tokens: np.ndarray, curve: _Curve
