@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import simpy
+
 from opscale.sim.cluster import ClusterState, PlacementError, Replica, ReplicaState
 from opscale.sim.config import AttentionDrain, ContentionModel, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
@@ -571,6 +572,7 @@ class DiscreteEventSimulator:
             self._schedule_arrival(index + 1)
 
     def _route(self, request: ActiveRequest, exclude: Stream | None = None) -> Stream:
+        now = self.env.now
         work = request.remaining_work_tokens
         need = request.prompt + request.output
         best: Stream | None = None
@@ -583,7 +585,7 @@ class DiscreteEventSimulator:
                 fallback = stream
             if not stream.fits(need):
                 continue
-            key = (not stream.serving, stream.load_score(work))
+            key = (not stream.serving, stream.load_score(work, now))
             if key < best_key:
                 best, best_key = stream, key
         target = best or fallback
@@ -704,7 +706,10 @@ class DiscreteEventSimulator:
         ]
         if not candidates:
             raise RuntimeError("no attention replica can take over a migrated request")
-        return min(candidates, key=lambda s: (not s.serving, s.load_score(request.remaining_work_tokens)))
+        now = self.env.now
+        return min(
+            candidates, key=lambda s: (not s.serving, s.load_score(request.remaining_work_tokens, now))
+        )
 
     def _stream_home(self, stream: Stream) -> int:
         if isinstance(stream, PooledStream):

@@ -63,9 +63,9 @@ ENGINE_OVERHEAD_PRESETS: Mapping[EngineOverheadPreset, Mapping[str, EngineOverhe
         # Fitted to SplitwiseSim perf_model.csv (llama2-70b token_time medians, TP 2/4/8); see module doc.
         EngineOverheadPreset.SPLITWISE_VLLM_2023: MappingProxyType(
             {
-                "a100": EngineOverhead(fixed_s=0.0, per_tp_rank_s=3.0e-3, per_request_s=60e-6),
-                "h100": EngineOverhead(fixed_s=0.0, per_tp_rank_s=2.0e-3, per_request_s=60e-6),
-                "*": EngineOverhead(fixed_s=0.0, per_tp_rank_s=2.0e-3, per_request_s=60e-6),
+                "a100": EngineOverhead(fixed_s=0.3e-3, per_tp_rank_s=2.85e-3, per_request_s=0.18e-3),
+                "h100": EngineOverhead(fixed_s=5.2e-3, per_tp_rank_s=1.42e-3, per_request_s=0.18e-3),
+                "*": EngineOverhead(fixed_s=5.2e-3, per_tp_rank_s=1.42e-3, per_request_s=0.18e-3),
             }
         ),
     }

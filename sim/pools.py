@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import simpy
+
 from opscale.sim.cluster import ClusterState, Replica, ReplicaState
 from opscale.sim.config import ContentionModel, ServiceTimeDistribution, SimConfig
 from opscale.sim.hardware import ClusterSpec

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import simpy
+
 from opscale.sim.costmodel import AttentionBatch, CostModel
 from opscale.sim.hardware import GPUSpec
 from opscale.sim.models import ModelSpec, UnitKind
@@ -272,9 +273,13 @@ class Stream:
         """Whether a request needing ``request_tokens`` of KV can ever run here."""
         return math.ceil(request_tokens / self.block_tokens) <= self.total_blocks
 
-    def load_score(self, extra_tokens: int) -> float:
+    def work_tokens(self, now_s: float) -> int:
+        """Prefill + decode tokens still owed at ``now_s`` (running and queued)."""
+        return self.pending_work_tokens
+
+    def load_score(self, extra_tokens: int, now_s: float) -> float:
         """Capacity-weighted queue length after adding ``extra_tokens`` of work (lower is better)."""
-        return (self.pending_work_tokens + extra_tokens) / max(1, self.kv_tokens)
+        return (self.work_tokens(now_s) + extra_tokens) / max(1, self.kv_tokens)
 
     @property
     def num_requests(self) -> int:
@@ -694,6 +699,13 @@ class InstanceStream(Stream):
 
     def in_run(self) -> bool:
         return self._run_k > 0
+
+    def work_tokens(self, now_s: float) -> int:
+        """As :meth:`Stream.work_tokens`, counting run iterations finished by ``now_s`` but not yet applied."""
+        if not self._run_k:
+            return self.pending_work_tokens
+        unapplied = self.iterations_finished_by(now_s) - self._run_done
+        return self.pending_work_tokens - len(self.decoding) * unapplied
 
     def on_new_work(self) -> None:
         """An arrival during a run: cut the run after the iteration in progress."""

@@ -1,0 +1,295 @@
+"""Discrete-event engine: sanity of serving semantics, reconfiguration, energy, determinism, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from opscale.sim.config import SimConfig
+from opscale.sim.deployment import Deployment, ScalingAction, UnitAction, UnitDeployment
+from opscale.sim.engine import DiscreteEventSimulator
+from opscale.sim.hardware import ClusterSpec
+from opscale.sim.metrics import SLO
+from opscale.sim.models import UnitKind, get_model
+from opscale.sim.simulator import ServingSimulator, simulator_class
+from opscale.traces.trace import RequestTrace
+
+MODEL = "llama-2-7b"
+
+
+def _trace(
+    n: int = 200, rate: float = 8.0, seed: int = 1, max_prompt: int = 1500, max_output: int = 300
+) -> RequestTrace:
+    rng = np.random.default_rng(seed)
+    return RequestTrace(
+        arrival_s=np.cumsum(rng.exponential(1.0 / rate, n)),
+        prompt_tokens=rng.integers(20, max_prompt, n),
+        output_tokens=rng.integers(2, max_output, n),
+    )
+
+
+def _model_level(instances: int = 2, num_nodes: int = 1, **config: object) -> DiscreteEventSimulator:
+    deployment = Deployment.model_level(MODEL, "a100", instances=instances, tp=1, num_nodes=num_nodes)
+    cluster = ClusterSpec.homogeneous("a100", num_nodes)
+    return DiscreteEventSimulator(cluster, MODEL, deployment, _trace(), config=SimConfig(**config))
+
+
+def test_simulator_protocol_and_registry() -> None:
+    sim = _model_level()
+    assert isinstance(sim, ServingSimulator)
+    assert simulator_class("des") is DiscreteEventSimulator
+
+
+def test_all_requests_complete_with_plausible_latencies() -> None:
+    sim = _model_level()
+    intervals = sim.run_to_completion(interval_s=10.0)
+    summary = sim.summary()
+    assert sim.finished
+    assert summary.completed == summary.requests == 200
+    assert sum(m.arrivals for m in intervals) == 200
+    assert sum(m.completions for m in intervals) == 200
+    records = sim.records
+    assert records is not None
+    # every request's first token comes after its arrival, its completion after its first token
+    assert np.all(records.ttft_s > 0) and np.all(records.e2e_s >= records.ttft_s)
+    # a decode iteration of a 7B model on an A100 takes milliseconds, not seconds or microseconds
+    multi = records.output_tokens > 2
+    assert 0.005 < np.median(records.tbt_p50_s[multi]) < 0.1
+    assert np.all(records.tbt_p50_s[multi] <= records.tbt_max_s[multi] + 1e-12)
+    # tokens served = what the trace asked for
+    trace = _trace()
+    assert sum(m.output_tokens_served for m in intervals) == int(trace.output_tokens.sum())
+    assert sum(m.prompt_tokens_served for m in intervals) >= int(trace.prompt_tokens.sum())
+
+
+def test_fast_forward_is_exact() -> None:
+    fast = _model_level(fast_forward_decode=True)
+    slow = _model_level(fast_forward_decode=False)
+    fast.run_to_completion(10.0)
+    slow.run_to_completion(10.0)
+    assert fast.records is not None and slow.records is not None
+    np.testing.assert_allclose(fast.records.ttft_s, slow.records.ttft_s, rtol=1e-9)
+    np.testing.assert_allclose(fast.records.e2e_s, slow.records.e2e_s, rtol=1e-9)
+    np.testing.assert_allclose(fast.records.tbt_p99_s, slow.records.tbt_p99_s, rtol=1e-9)
+    assert fast.summary().energy_j == pytest.approx(slow.summary().energy_j, rel=1e-9)
+
+
+def test_same_seed_same_results() -> None:
+    runs = []
+    for _ in range(2):
+        deployment = Deployment.operator_level(MODEL, "a100", replicas={u: 1 for u in get_model(MODEL).units})
+        cluster = ClusterSpec.homogeneous("a100", deployment.num_nodes)
+        config = SimConfig(service_time_distribution="exponential")
+        sim = DiscreteEventSimulator(cluster, MODEL, deployment, _trace(n=80), config=config, seed=3)
+        sim.run_to_completion(5.0)
+        runs.append(sim.summary())
+    assert runs[0] == runs[1]
+
+
+def test_operator_level_copy_of_model_level_matches() -> None:
+    """Two TP1 instances vs every unit with two replicas, one per GPU, on the same GPUs."""
+    model = get_model(MODEL)
+    model_level = _model_level(instances=2)
+    model_level.run_to_completion(10.0)
+    deployment = Deployment.operator_level(
+        MODEL,
+        "a100",
+        replicas={u: 2 for u in model.units},
+        gpus={u: [(0,), (1,)] for u in model.units},
+        num_nodes=1,
+    )
+    operator_level = DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, _trace())
+    operator_level.run_to_completion(10.0)
+    a, b = model_level.summary(), operator_level.summary()
+    assert b.completed == a.completed
+    assert b.e2e_mean_s == pytest.approx(a.e2e_mean_s, rel=0.1)
+    assert b.ttft_mean_s == pytest.approx(a.ttft_mean_s, rel=0.25)
+    assert b.gpus_mean == pytest.approx(a.gpus_mean)
+
+
+def _operator_sim(ffn_replicas: int, trace: RequestTrace) -> DiscreteEventSimulator:
+    model = get_model(MODEL)
+    replicas = {u: 4 for u in model.units}
+    replicas[UnitKind.FFN] = ffn_replicas
+    deployment = Deployment.operator_level(
+        MODEL, "a100", replicas=replicas, num_nodes=1, placement="spread-gpu"
+    )
+    config = SimConfig(contention="none")
+    return DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, trace, config=config)
+
+
+def test_more_replicas_of_the_bottleneck_lowers_latency() -> None:
+    trace = _trace(n=300, rate=20.0)
+    latencies = []
+    for ffn in (1, 3):
+        sim = _operator_sim(ffn, trace)
+        sim.run_to_completion(10.0)
+        summary = sim.summary()
+        assert summary.completed == 300
+        latencies.append(summary.e2e_mean_s)
+        if ffn == 1:
+            assert summary.unit_utilisation[UnitKind.FFN] == max(summary.unit_utilisation.values())
+    assert latencies[1] < 0.8 * latencies[0]
+
+
+@pytest.mark.parametrize("drain", ["migrate", "finish"])
+def test_removing_replicas_loses_no_request(drain: str) -> None:
+    model = get_model(MODEL)
+    deployment = Deployment.operator_level(MODEL, "a100", replicas={u: 2 for u in model.units}, num_nodes=1)
+    config = SimConfig(attention_drain=drain)
+    sim = DiscreteEventSimulator(
+        ClusterSpec.homogeneous("a100", 1), MODEL, deployment, _trace(), config=config
+    )
+    sim.advance(8.0)
+    report = sim.apply(
+        ScalingAction(
+            units={
+                UnitKind.ATTENTION: UnitAction(replica_delta=-1),
+                UnitKind.FFN: UnitAction(replica_delta=-5),
+            }
+        )
+    )
+    assert report.replicas_removed == {UnitKind.ATTENTION: 1, UnitKind.FFN: 1}
+    assert report.repairs == 1  # the FFN keeps one replica
+    sim.run_to_completion(10.0)
+    assert sim.finished and sim.summary().completed == 200
+    assert sim.deployment.units[UnitKind.ATTENTION].replicas == 1
+
+
+def test_removing_an_instance_loses_no_request_and_adding_one_waits_for_weights() -> None:
+    sim = _model_level(instances=2)
+    sim.advance(5.0)
+    sim.apply(ScalingAction(instance_delta=-1))
+    sim.advance(5.0)
+    report = sim.apply(ScalingAction(instance_delta=1))
+    assert report.repairs == 0
+    interval = sim.advance(5.0)
+    # the new instance loads its weights for instance_start_s + bytes / bandwidth (> 10 s)
+    assert interval.units[UnitKind.ATTENTION].pending_replicas == 1
+    sim.run_to_completion(10.0)
+    assert sim.summary().completed == 200
+
+
+def test_energy_idle_and_released_gpus() -> None:
+    late = RequestTrace(arrival_s=[1000.0], prompt_tokens=[10], output_tokens=[5])
+    deployment = Deployment.model_level(MODEL, "a100", instances=1, tp=1, num_nodes=2)
+    cluster = ClusterSpec.homogeneous("a100", 2)
+    sim = DiscreteEventSimulator(cluster, MODEL, deployment, late)
+    gpu = cluster.gpu_of(0)
+    interval = sim.advance(10.0)
+    # one powered idle GPU draws idle power; the other 15 are released and draw nothing
+    assert interval.gpus_powered == 1
+    assert interval.energy_j == pytest.approx(gpu.idle_watts * 10.0)
+    sim.apply(ScalingAction(instance_delta=1))
+    assert sim.advance(10.0).energy_j == pytest.approx(2 * gpu.idle_watts * 10.0)
+    sim.apply(ScalingAction(instance_delta=-1))
+    interval = sim.advance(10.0)
+    assert interval.gpus_powered == 1
+    assert interval.energy_j == pytest.approx(gpu.idle_watts * 10.0)
+
+
+def test_busy_gpus_draw_more_than_idle() -> None:
+    sim = _model_level(instances=1)
+    interval = sim.advance(10.0)
+    gpu = sim.cluster.gpu_of(0)
+    assert gpu.idle_watts * 10.0 < interval.energy_j <= gpu.prefill_watts * 10.0
+
+
+def test_slo_attainment_follows_slo() -> None:
+    strict = _model_level()
+    strict.slo = SLO(ttft_s=1e-4, tbt_s=1e-4)
+    strict.run_to_completion(10.0)
+    assert strict.summary().slo_attainment == 0.0
+    loose = _model_level()
+    loose.slo = SLO(ttft_s=100.0, tbt_s=100.0)
+    loose.run_to_completion(10.0)
+    assert loose.summary().slo_attainment == 1.0
+
+
+def test_overload_is_decided_when_the_ttft_deadline_passes() -> None:
+    trace = _trace(n=400, rate=200.0)
+    deployment = Deployment.model_level(MODEL, "a100", instances=1, tp=1)
+    sim = DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, trace)
+    first = sim.advance(5.0)
+    # hundreds waited > 1 s in the first interval: they count now, as violations
+    assert first.decided > first.completions
+    assert first.slo_attainment < 0.5
+
+
+def test_batch_cap_change_is_applied_and_invalid_caps_repaired() -> None:
+    sim = _model_level()
+    report = sim.apply(ScalingAction(units={UnitKind.ATTENTION: UnitAction(batch_cap_tokens=0)}))
+    assert report.repairs == 1
+    report = sim.apply(ScalingAction(units={UnitKind.ATTENTION: UnitAction(batch_cap_tokens=256)}))
+    assert report.repairs == 0
+    assert all(stream.token_budget == 256 for stream in sim.streams)
+    assert sim.deployment.units[UnitKind.ATTENTION].batch_cap_tokens == 256
+
+
+def test_record_requests_off_keeps_aggregates() -> None:
+    on = _model_level()
+    off = _model_level(record_requests=False)
+    on.run_to_completion(10.0)
+    off.run_to_completion(10.0)
+    assert off.records is None
+    a, b = on.summary(), off.summary()
+    assert b.completed == a.completed and b.slo_attainment == a.slo_attainment
+    assert b.ttft_p99_s == pytest.approx(a.ttft_p99_s, rel=0.03)
+    assert b.e2e_mean_s == pytest.approx(a.e2e_mean_s, rel=1e-9)
+
+
+# ---------------------------------------------------------------------- bad input
+def test_deployment_that_does_not_fit_names_the_need_and_limit() -> None:
+    deployment = Deployment.model_level("llama-2-70b", "a100", instances=1, tp=1)
+    with pytest.raises(ValueError, match=r"tp=1.*GB.*usable"):
+        DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), "llama-2-70b", deployment, _trace())
+
+
+def test_operator_unit_that_does_not_fit() -> None:
+    replicas = {u: 1 for u in get_model("llama-2-70b").units}
+    deployment = Deployment.operator_level("llama-2-70b", "a100", replicas=replicas, num_nodes=1)
+    with pytest.raises(ValueError, match="'ffn' at tp=1 needs"):
+        DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), "llama-2-70b", deployment, _trace())
+
+
+def test_missing_unit_is_named() -> None:
+    deployment = Deployment.model_level(MODEL, "a100", instances=1)
+    del deployment.units[UnitKind.O_PROJ]
+    with pytest.raises(ValueError, match=r"lacks unit.*o_proj"):
+        DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, _trace())
+    with pytest.raises(ValueError, match=r"lacks replicas for unit.*o_proj"):
+        Deployment.operator_level(
+            MODEL, "a100", replicas={u: 1 for u in get_model(MODEL).units if u is not UnitKind.O_PROJ}
+        )
+
+
+def test_request_longer_than_context_is_named_or_clipped() -> None:
+    trace = RequestTrace(arrival_s=[0.0, 1.0], prompt_tokens=[100, 4000], output_tokens=[10, 200])
+    deployment = Deployment.model_level(MODEL, "a100", instances=1)
+    cluster = ClusterSpec.homogeneous("a100", 1)
+    with pytest.raises(ValueError, match=r"request 1 .*4200 tokens.*context limit 4096"):
+        DiscreteEventSimulator(cluster, MODEL, deployment, trace)
+    sim = DiscreteEventSimulator(cluster, MODEL, deployment, trace, config=SimConfig(clip_long_requests=True))
+    assert sim.clipped_requests == 1
+    sim.run_to_completion(10.0)
+    assert sim.summary().completed == 2
+
+
+def test_replica_on_missing_gpu_is_named() -> None:
+    model = get_model(MODEL)
+    deployment = Deployment.operator_level(MODEL, "a100", replicas={u: 1 for u in model.units}, num_nodes=1)
+    deployment.units[UnitKind.FFN] = UnitDeployment(replicas=1, gpus=[(9,)])
+    with pytest.raises(ValueError, match=r"GPU 9, which does not exist.*0..7"):
+        DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, _trace())
+    with pytest.raises(ValueError, match="GPU 12, which does not exist"):
+        Deployment.operator_level(
+            MODEL, "a100", replicas={u: 1 for u in model.units}, num_nodes=1, gpus={"ffn": [(12,)]}
+        )
+
+
+def test_wrong_gpu_type_and_model_are_named() -> None:
+    deployment = Deployment.model_level(MODEL, "h100", instances=1)
+    with pytest.raises(ValueError, match=r"GPU 'h100'.*a100"):
+        DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, _trace())
+    with pytest.raises(ValueError, match="for model"):
+        DiscreteEventSimulator(ClusterSpec.homogeneous("h100", 1), "llama-3-8b", deployment, _trace())
