@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -64,6 +65,7 @@ __all__ = [
     "mmc_mean_wait_s",
     "mmc_wait_quantile_s",
     "mmc_wait_tail",
+    "shared_erlang_c_table",
 ]
 
 
@@ -234,6 +236,13 @@ class ErlangCTable:
         high = self._table[flat + 1]
         result: FloatArray = low + frac * (high - low)
         return result
+
+
+@lru_cache(maxsize=4)
+def shared_erlang_c_table(max_servers: int = 128, grid_points: int = 1025) -> ErlangCTable:
+    """One read-only :class:`ErlangCTable` per size, built on first use and shared (building a
+    128-server table takes ~0.1 s; simulators and planners constructed in a loop reuse it)."""
+    return ErlangCTable(max_servers, grid_points)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1125 @@
+"""The fast fidelity (``fluid``): a per-interval analytic model of operator-level LLM serving.
+
+:class:`FluidSimulator` implements :class:`opscale.sim.simulator.ServingSimulator` with the same
+inputs (cluster, model, deployment, trace, SLO, cost model, :class:`SimConfig`) and the same metric
+structures as the discrete-event engine (:mod:`opscale.sim.engine`), but its cost per
+:meth:`~FluidSimulator.advance` does not depend on the request rate: no request is simulated.
+
+Model, per control interval (split at the moments loading replicas become ready):
+
+1. **Arrivals** (:mod:`opscale.sim.fluid_arrivals`): count and lognormal length statistics of the
+   window from cumulative sums (two ``searchsorted``). Prompt and output lengths are represented by
+   :data:`LENGTH_QUANTILES` equal-probability quantile points, rescaled to the window's means.
+2. **Backlog** (fluid): requests not yet admitted are carried across intervals. The streams admit
+   at most their capacity ``x_cap`` per second (token budget, KV cache, ``max_running_requests``
+   and, operator-level, the slowest unit pool); the excess stays queued, so overload and bursts
+   show up as a growing queue and TTFT, and drain later.
+3. **Streams** (attention replicas, or model-level instances x ``pp``): continuous batching with
+   chunked prefill, solved as a fixed point of the mean busy iteration time ``T``. With admission
+   rate ``x`` per stream, the stream is busy with probability ``beta = 1 - exp(-x * E2E)`` (M/G/inf
+   occupancy); a busy iteration carries ``D = x (O - 1) T / beta`` decodes (Little's law) and, in a
+   share of iterations, prefill chunks of ``c_eff`` tokens (one prompt's chunk at light load, the
+   whole remaining budget ``B - D`` when the prefill utilisation ``rho_p = x P T / (beta (B - D))``
+   nears one). ``T`` is the renewal mean of decode-only and prefill iterations; each iteration's
+   time is ``overhead + units + attention (+ transfers)`` from the calibrated cost model
+   (:mod:`opscale.sim.fluid_tables`).
+4. **Unit pools** (operator level): a stateless unit with ``c`` replicas receives one job per busy
+   stream iteration (rate ``S beta / T``, ``k`` tokens). Replicas batch queued jobs up to the batch
+   cap: the jobs per call ``n`` follow the fixed point of :func:`opscale.sim.queueing.batch_service`
+   (one damped step per outer iteration), the service time is the cost model's time for ``n k``
+   tokens (slowed by ``1 + f * busy co-located replicas`` under processor-sharing contention), and
+   the wait is the Erlang-C (M/M/c) queue of calls scaled by 1/2 (Allen-Cunneen for deterministic
+   service), capped by the closed population (a stream has one job in flight). A pool that cannot
+   keep up even at the cap bounds ``T`` from below (``T >= S beta s / (c n)``). Transfers between
+   GPUs (latency per layer + bytes / link bandwidth) use the probability that consecutive units of
+   an iteration sit on different GPUs or nodes, from the placement.
+5. **Latency**: TTFT of a prompt quantile = backlog wait (FCFS drain of the fluid queue) + admission
+   wait (Erlang-C over the ``S`` streams, service = the prompt's share of the prefill budget,
+   Allen-Cunneen correction from the prompt-length spread) + the residual of the running iteration
+   + its prefill iterations. The admission wait is 0 with probability ``1 - C`` and otherwise
+   exponential, so TTFT's distribution (mean, p50, p99, share within the SLO) is a mixture over
+   prompt quantiles. TBT: every gap is an iteration; an iteration carries a prefill chunk with
+   probability ``phi``. A request with ``g`` gaps has its p99 (max) gap above the SLO when at least
+   ``g - floor(0.99 (g - 1))`` (one) of its gaps are over it (the engine's rank rule for the p99 of a
+   request's gaps): Poisson counts over output quantiles.
+6. **SLO attainment** with the "decided" rule of :mod:`opscale.sim.metrics`: served requests are
+   decided (at completion, approximated as the interval they are admitted in) with probability
+   ``P(TTFT ok) x P(TBT ok)`` of meeting the SLO; queued requests whose wait passes the TTFT SLO are
+   decided as violations in the interval their deadline passes.
+7. **GPUs and energy**: GPUs powered come from the same placement as the engine
+   (:mod:`opscale.sim.fluid_layout`); per GPU the busy fraction is ``beta`` (instances) or
+   ``1 - prod(1 - rho)`` over its replicas (pools), the compute-bound share is the prefill share,
+   and power follows the engine's power function.
+
+Approximations to keep in mind (the agreement with the engine is measured by
+``experiments/fidelity_report.py``): completions are counted when requests are admitted (a lag of
+one end-to-end latency); removed replicas leave at once (the engine drains them); preemption is not
+modelled (the KV limit only caps admission); the stream load is split evenly over streams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from statistics import NormalDist
+
+import numpy as np
+from numpy.typing import NDArray
+
+from opscale.sim.config import ContentionModel, SimConfig
+from opscale.sim.costmodel import CostModel, default_cost_model
+from opscale.sim.deployment import ApplyReport, Deployment, Placement, ScalingAction, UnitDeployment
+from opscale.sim.fluid_arrivals import ArrivalIndex
+from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
+from opscale.sim.fluid_tables import AttentionSurrogate, TokenLine, UnitTimeTable
+from opscale.sim.hardware import ClusterSpec, GPUSpec
+from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
+from opscale.sim.models import ModelSpec, UnitKind, get_model
+from opscale.sim.overhead import engine_overhead
+from opscale.sim.power import PowerModel
+from opscale.sim.queueing import shared_erlang_c_table
+from opscale.sim.simulator import Snapshot
+
+__all__ = ["LENGTH_QUANTILES", "FluidSimulator"]
+
+FloatArray = NDArray[np.float64]
+PowerFunction = Callable[[GPUSpec, float, float], float]
+
+#: Equal-probability quantile points representing prompt and output length distributions.
+LENGTH_QUANTILES = 16
+#: Outer fixed-point iterations per interval (warm-started from the previous interval).
+FIXED_POINT_ITERATIONS = 4
+#: Utilisation at which queueing formulas are evaluated at most (beyond it the backlog takes over).
+UTILISATION_CEILING = 0.98
+#: Allen-Cunneen factor ``(ca^2 + cs^2) / 2`` of unit pools: Poisson-like job arrivals, deterministic service.
+POOL_WAIT_FACTOR = 0.5
+#: Largest replica count the Erlang-C table covers (more replicas use its last row).
+MAX_TABLE_SERVERS = 128
+#: Batch caps an action may set, tokens (the engine's limit).
+MAX_BATCH_CAP_TOKENS = 1 << 17
+#: Log-spaced bins (s) of the run-level TTFT / TBT histograms behind :meth:`FluidSimulator.summary`.
+_SUMMARY_BINS_S = np.geomspace(1e-4, 1e4, 801)
+
+_Z = np.array([NormalDist().inv_cdf((i + 0.5) / LENGTH_QUANTILES) for i in range(LENGTH_QUANTILES)])
+
+
+def _quantile_points(mean: float, log_mean: float, log_std: float) -> FloatArray:
+    """Lognormal quantile points rescaled to ``mean`` (tokens, >= 1)."""
+    points = np.exp(log_mean + log_std * _Z)
+    points *= mean / points.mean()
+    result: FloatArray = np.maximum(points, 1.0)
+    return result
+
+
+@dataclass
+class _Pending:
+    """A replica (or instance) that is loading or serving, with its placement record."""
+
+    unit: UnitKind | None
+    placed: PlacedReplica
+
+
+@dataclass
+class _Segment:
+    """Results of one stretch of time with a fixed set of serving replicas."""
+
+    duration_s: float
+    arrivals: int
+    served: float
+    decided: float
+    slo_met: float
+    ttft_mean_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tbt_mean_s: float
+    tbt_p99_s: float
+    e2e_mean_s: float
+    prompt_tokens: float
+    output_tokens: float
+    running: float
+    waiting: float
+    gpu_seconds: float
+    energy_j: float
+    unit_utilisation: FloatArray
+    unit_queue_tokens: FloatArray
+    unit_batch_fill: FloatArray
+    unit_wait_s: FloatArray
+    unit_service_s: FloatArray
+    ttft_cdf: Callable[[FloatArray], FloatArray]
+    tbt_values: FloatArray
+    tbt_weights: FloatArray
+
+
+class FluidSimulator:
+    """Per-interval analytic simulation of one deployment serving one trace (see module docstring).
+
+    :param cluster: the GPU cluster (must have the deployment's GPU type and enough GPUs).
+    :param model: the served model (spec or catalog name); must match ``deployment.model``.
+    :param deployment: the initial deployment (model- or operator-level).
+    :param trace: the requests (:class:`opscale.traces.RequestTrace` or any object with numpy
+        ``arrival_s``, ``prompt_tokens``, ``output_tokens``).
+    :param slo: latency SLO; default :func:`opscale.sim.metrics.default_slo`.
+    :param cost_model: operator times; default :func:`opscale.sim.costmodel.default_cost_model`.
+    :param config: engine constants shared with the engine; default :class:`SimConfig()`.
+    :param seed: accepted for interface parity; the fluid model draws no random numbers.
+    :param power_w: ``(gpu, busy_fraction, compute_bound_fraction) -> watts``; default
+        :class:`opscale.sim.power.PowerModel` (the splitwise-constants preset, the same formula and
+        figures as the engine's default), evaluated for all GPUs in one vectorised call.
+    :raises ValueError: the same bad inputs the engine rejects (unknown or foreign units, GPU type
+        other than the cluster's, a deployment that does not fit, a request longer than the context
+        limit unless ``config.clip_long_requests``).
+    """
+
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        model: ModelSpec | str,
+        deployment: Deployment,
+        trace: object,
+        *,
+        slo: SLO | None = None,
+        cost_model: CostModel | None = None,
+        config: SimConfig | None = None,
+        seed: int = 0,
+        power_w: PowerFunction | PowerModel | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.model = get_model(model) if isinstance(model, str) else model
+        self.slo = slo or default_slo(self.model)
+        self.config = config or SimConfig()
+        self.cost_model: CostModel = cost_model or default_cost_model()
+        self.seed = seed
+        self.power_w: PowerFunction | PowerModel = power_w or PowerModel()
+        self._check_deployment(deployment)
+        self._granularity = deployment.granularity
+        self._tp = deployment.tp
+        self._pp = deployment.pp
+        self._unit_configs: dict[UnitKind, UnitDeployment] = {u: replace(c) for u, c in deployment.units.items()}
+        self._gpu = cluster.gpu_of(0)
+        self._load_trace(trace)
+        self._units = self.model.units
+        self._stateless = tuple(u for u in self._units if u is not UnitKind.ATTENTION)
+        self._lm_head_row = self._stateless.index(UnitKind.LM_HEAD)
+        self._overhead = engine_overhead(self.config.engine_overhead, self._gpu)
+        self._erlang = shared_erlang_c_table(MAX_TABLE_SERVERS)
+        self._build_tables()
+        self.layout = FluidLayout(cluster, self.model, self.config, min_kv_tokens=self._max_request_tokens)
+        self._now_s = 0.0
+        self._pending: list[_Pending] = []
+        self._place_initial(deployment)
+        self._check_requests_fit()
+        self._refresh_layout()
+        # fluid state carried across intervals
+        self._backlog = 0.0
+        self._backlog_decided = 0.0
+        self._iteration_s = 0.0
+        self._ttft_s = 0.0
+        #: mean prefill-iteration time over the chunk distribution / time at the mean chunk (last interval)
+        self._prefill_correction = 1.0
+        self._jobs_per_call = np.ones(len(self._stateless))
+        self._unit_rho = np.zeros(len(self._units))
+        self._served_total = 0.0
+        self._last_interval: IntervalMetrics | None = None
+        self._totals = _RunTotals(len(self._units))
+        self._totals.gpus_peak = self.layout.state.gpus_powered
+
+    # ------------------------------------------------------------------ construction
+    def _check_deployment(self, deployment: Deployment) -> None:
+        gpus_per_node = self.cluster.nodes[0].gpus_per_node
+        deployment.validate(gpus_per_node=gpus_per_node)
+        if get_model(deployment.model).name != self.model.name:
+            raise ValueError(f"deployment is for model {deployment.model!r}, the simulator for {self.model.name!r}")
+        from opscale.sim.hardware import get_gpu
+
+        cluster_types = {node.gpu.name for node in self.cluster.nodes}
+        if get_gpu(deployment.gpu).name not in cluster_types:
+            raise ValueError(
+                f"deployment is for GPU {deployment.gpu!r}; the cluster has {', '.join(sorted(cluster_types))}"
+            )
+        if deployment.granularity == "model" and deployment.instances * deployment.tp * deployment.pp > self.cluster.num_gpus:
+            raise ValueError(
+                f"{deployment.instances} instances of {deployment.tp * deployment.pp} GPUs need "
+                f"{deployment.instances * deployment.tp * deployment.pp} GPUs; the cluster has {self.cluster.num_gpus}"
+            )
+
+    def _load_trace(self, trace: object) -> None:
+        arrival = np.asarray(trace.arrival_s, dtype=np.float64)  # type: ignore[attr-defined]
+        prompt = np.asarray(trace.prompt_tokens, dtype=np.int64).copy()  # type: ignore[attr-defined]
+        output = np.asarray(trace.output_tokens, dtype=np.int64).copy()  # type: ignore[attr-defined]
+        image = getattr(trace, "image_tokens", None)
+        if image is not None and UnitKind.VISION_ENCODER in self.model.units:
+            prompt = prompt + np.asarray(image, dtype=np.int64)
+        limit = self.model.max_context
+        too_long = np.flatnonzero(prompt + output > limit)
+        self.clipped_requests = 0
+        if too_long.size:
+            if not self.config.clip_long_requests:
+                i = int(too_long[0])
+                raise ValueError(
+                    f"request {i} needs {int(prompt[i])} prompt + {int(output[i])} output = "
+                    f"{int(prompt[i] + output[i])} tokens, above the context limit {limit} of model "
+                    f"{self.model.name!r} ({too_long.size} such requests; set SimConfig.clip_long_requests "
+                    "to clip them)"
+                )
+            output[too_long] = np.minimum(output[too_long], limit - 1)
+            prompt[too_long] = limit - output[too_long]
+            self.clipped_requests = int(too_long.size)
+        self._arrivals = ArrivalIndex(arrival, prompt, output)
+        self._max_request_tokens = int((prompt + output).max()) if prompt.size else 0
+
+    def _build_tables(self) -> None:
+        model, gpu = self.model, self._gpu
+        if self._granularity == "model":
+            tps = [self._tp] * len(self._stateless)
+            attention_tp = self._tp
+        else:
+            tps = [self._unit_configs[u].tp for u in self._stateless]
+            attention_tp = self._unit_configs[UnitKind.ATTENTION].tp
+        self._table = UnitTimeTable(model, gpu, self.cost_model, self._stateless, tps)
+        self._attention = AttentionSurrogate(model, gpu, attention_tp, self.cost_model)
+        self._attention_tp = attention_tp
+        # model level: every unit but the LM head at the iteration's tokens, plus the pipeline hops
+        dense = np.delete(self._table.time_s, self._lm_head_row, axis=0).sum(axis=0)
+        if self._granularity == "model" and self._pp > 1:
+            hop_bytes = model.hidden_size * model.dtype_bytes
+            hop = [self.cost_model.send_recv_time_s(gpu, hop_bytes * k, False) for k in (1.0, 1025.0)]
+            per_token = (hop[1] - hop[0]) / 1024.0
+            dense = dense + (self._pp - 1) * (hop[0] - per_token + per_token * self._table.tokens)
+        self._dense_tokens = self._table.tokens
+        self._dense_s = dense
+        self._dense_line = TokenLine(self._table.tokens, dense)
+
+    # ------------------------------------------------------------------ placement
+    def _place_initial(self, deployment: Deployment) -> None:
+        layout = self.layout
+        if self._granularity == "model":
+            budget = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens
+            for _ in range(deployment.instances):
+                placed = layout.place_instance(self._tp, self._pp, budget, 0.0, 0.0)
+                if placed is None:
+                    need = self.model.total_weight_bytes(self._tp) / self._pp
+                    raise layout.placement_error(f"an instance of {self.model.name!r}", self._tp * self._pp, need)
+                self._pending.append(_Pending(None, placed))
+            return
+        for unit in (*self._stateless, UnitKind.ATTENTION):
+            config = self._unit_configs[unit]
+            for index in range(config.replicas):
+                explicit = None if config.gpus is None else tuple(config.gpus[index])
+                placed = self._place_unit(unit, config, explicit, 0.0, share_later=True, policy=config.placement)
+                if placed is None:
+                    need = layout.state.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
+                    raise layout.placement_error(f"a replica of unit {unit.value!r}", config.tp, need)
+        layout.share_attention_memory()
+
+    def _place_unit(
+        self,
+        unit: UnitKind,
+        config: UnitDeployment,
+        explicit: tuple[int, ...] | None,
+        ready_s: float,
+        *,
+        share_later: bool,
+        policy: Placement,
+    ) -> PlacedReplica | None:
+        if unit is UnitKind.ATTENTION:
+            placed = self.layout.place_attention(
+                config.tp, config.batch_cap_tokens, policy, ready_s, self._now_s, share_later=share_later, explicit=explicit
+            )
+        else:
+            placed = self.layout.place_stateless(unit, config.tp, config.batch_cap_tokens, policy, ready_s, self._now_s, explicit)
+        if placed is not None:
+            self._pending.append(_Pending(unit, placed))
+        return placed
+
+    def _check_requests_fit(self) -> None:
+        kv = [r.placed.kv_tokens / (self._pp if r.unit is None else 1) for r in self._pending if r.unit in (None, UnitKind.ATTENTION)]
+        if kv and self._arrivals.num_requests and self._max_request_tokens > max(kv):
+            raise ValueError(
+                f"a request needs {self._max_request_tokens} tokens of KV cache; the largest attention "
+                f"replica holds {int(max(kv))} tokens (raise TP, or give attention replicas more memory)"
+            )
+
+    def _serving(self, now_s: float) -> list[_Pending]:
+        return [r for r in self._pending if r.placed.ready_s <= now_s]
+
+    def _refresh_layout(self) -> None:
+        """Recompute the per-unit arrays that depend on which replicas serve now."""
+        now = self._now_s
+        layout = self.layout
+        self._shards = layout.unit_shards_on_gpu(self._units, now)
+        self._powered = np.array([g.powered for g in layout.state.gpus], dtype=bool)
+        if self._granularity == "model":
+            serving = [r for r in self._pending if r.placed.ready_s <= now]
+            self._replicas = np.full(len(self._units), float(len(serving)))
+            self._streams = len(serving) * self._pp
+            self._kv_per_stream = (
+                sum(r.placed.kv_tokens for r in serving) / (len(serving) * self._pp) if serving else 0.0
+            )
+            self._transfer_fixed_s = np.zeros(len(self._units))
+            self._transfer_per_token_s = np.zeros(len(self._units))
+            return
+        counts = [sum(1 for r in layout.replicas[u] if r.ready_s <= now) for u in self._units]
+        self._replicas = np.array(counts, dtype=np.float64)
+        attention = [r for r in layout.replicas[UnitKind.ATTENTION] if r.ready_s <= now]
+        self._streams = len(attention)
+        self._kv_per_stream = sum(r.kv_tokens for r in attention) / len(attention) if attention else 0.0
+        self._transfer_fixed_s, self._transfer_per_token_s = self._transfer_terms(now)
+
+    def _transfer_terms(self, now_s: float) -> tuple[FloatArray, FloatArray]:
+        """Per unit (model order): expected inbound transfer ``fixed + per_token * tokens`` of one job.
+
+        A job comes from the previous unit's replica (the first unit's from the stream's attention
+        replica); a pool serves it on a replica of the same GPU when it has one (the engine prefers an
+        idle one there), else on any replica (uniformly).
+        """
+        units = self._units
+        gpus = self.cluster.num_gpus
+        homes = np.zeros((len(units), gpus))
+        for column, unit in enumerate(units):
+            for replica in self.layout.replicas[unit]:
+                if replica.ready_s <= now_s:
+                    homes[column, replica.gpus[0]] += 1.0
+        share = homes / np.maximum(homes.sum(axis=1, keepdims=True), 1.0)
+        latency = np.zeros((gpus, gpus))
+        inverse_bandwidth = np.zeros((gpus, gpus))
+        for a in range(gpus):
+            for b in range(gpus):
+                link = self.cluster.link_between(a, b)
+                if link is not None:
+                    latency[a, b] = link.latency_s
+                    inverse_bandwidth[a, b] = 1.0 / link.bandwidth_bytes_per_s
+        fixed = np.zeros(len(units))
+        per_token = np.zeros(len(units))
+        attention_row = units.index(UnitKind.ATTENTION)
+        for column, unit in enumerate(units):
+            source_row = attention_row if column == 0 else column - 1
+            source = share[source_row]
+            local = homes[column] > 0
+            # probability mass of (source GPU, destination GPU) pairs that cross a link
+            pairs = np.outer(source * ~local, share[column])
+            if unit is UnitKind.ATTENTION:
+                hops = self.model.num_layers
+                per_token_bytes = self.model.activation_bytes_per_token(UnitKind.QKV_PROJ) * self.model.num_layers
+            else:
+                previous = units[column - 1] if column > 0 else None
+                hops = self.model.layers_of(unit)
+                per_token_bytes = (4.0 if previous is None else self.model.activation_bytes_per_token(previous)) * hops
+            fixed[column] = hops * float(np.sum(pairs * latency))
+            per_token[column] = per_token_bytes * float(np.sum(pairs * inverse_bandwidth))
+        return fixed, per_token
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def now_s(self) -> float:
+        return self._now_s
+
+    @property
+    def finished(self) -> bool:
+        arrivals = self._arrivals
+        return (
+            self._now_s > arrivals.last_arrival_s
+            and self._backlog < 0.5
+            and self._served_total >= arrivals.num_requests - 0.5
+        )
+
+    @property
+    def deployment(self) -> Deployment:
+        gpus_per_node = self.cluster.nodes[0].gpus_per_node
+        if self._granularity == "model":
+            instances = len(self.layout.instances)
+            units = {u: replace(c, replicas=instances, gpus=None) for u, c in self._unit_configs.items()}
+        else:
+            units = {u: replace(c, replicas=len(self.layout.replicas[u]), gpus=None) for u, c in self._unit_configs.items()}
+            instances = 0
+        return Deployment(
+            model=self.model.name,
+            gpu=self._gpu.name,
+            num_nodes=self.cluster.num_gpus // gpus_per_node,
+            granularity=self._granularity,
+            units=units,
+            instances=instances,
+            tp=self._tp,
+            pp=self._pp,
+        )
+
+    def apply(self, action: ScalingAction) -> ApplyReport:
+        """Apply a scaling action now; infeasible parts are repaired and counted (as the engine does)."""
+        report = ApplyReport()
+        for unit, unit_action in action.units.items():
+            unit = UnitKind(unit)
+            if unit not in self._unit_configs:
+                report.repairs += 1
+                report.messages.append(f"unit {unit.value!r} is not a unit of {self.model.name!r}; ignored")
+                continue
+            if unit_action.batch_cap_tokens is not None:
+                self._set_batch_cap(unit, unit_action.batch_cap_tokens, report)
+            if self._granularity == "operator" and unit_action.replica_delta:
+                self._scale_unit(unit, unit_action.replica_delta, unit_action.placement, report)
+            elif unit_action.replica_delta:
+                report.repairs += 1
+                report.messages.append(
+                    f"replica_delta for {unit.value!r} ignored: model-level deployments scale by instance_delta"
+                )
+        if action.instance_delta:
+            if self._granularity == "model":
+                self._scale_instances(action.instance_delta, report)
+            else:
+                report.repairs += 1
+                report.messages.append("instance_delta ignored: operator-level deployments scale per unit")
+        self._refresh_layout()
+        self._totals.gpus_peak = max(self._totals.gpus_peak, self.layout.state.gpus_powered)
+        return report
+
+    def _set_batch_cap(self, unit: UnitKind, cap: int, report: ApplyReport) -> None:
+        clipped = min(max(int(cap), 1), MAX_BATCH_CAP_TOKENS)
+        if clipped != cap:
+            report.repairs += 1
+            report.messages.append(f"batch cap {cap} for {unit.value!r} clipped to {clipped} (1..{MAX_BATCH_CAP_TOKENS})")
+        self._unit_configs[unit] = replace(self._unit_configs[unit], batch_cap_tokens=clipped)
+
+    def _scale_unit(self, unit: UnitKind, delta: int, placement: Placement | None, report: ApplyReport) -> None:
+        config = self._unit_configs[unit]
+        if delta > 0:
+            if unit is UnitKind.ATTENTION:
+                load_s = self.config.replica_load_time_s(0.0, whole_instance=False)
+            else:
+                load_s = self.config.replica_load_time_s(self.model.weight_bytes(unit, config.tp), whole_instance=False)
+            added = 0
+            for _ in range(delta):
+                placed = self._place_unit(
+                    unit, config, None, self._now_s + load_s, share_later=False, policy=placement or config.placement
+                )
+                if placed is None:
+                    break
+                added += 1
+            if added < delta:
+                report.repairs += 1
+                report.messages.append(
+                    f"{unit.value}: asked +{delta} replicas, added {added} (no GPU with "
+                    f"{self.layout.state.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens) / 1e9:.2f} GB free)"
+                )
+            if added:
+                report.replicas_added[unit] = added
+            return
+        live = [r for r in self._pending if r.unit is unit]
+        # loading replicas go first, then the most recently added
+        live.sort(key=lambda r: (r.placed.ready_s <= self._now_s, -r.placed.ready_s))
+        removable = live[: max(0, min(-delta, len(live) - 1))]
+        for record in removable:
+            self._pending.remove(record)
+            self.layout.remove(unit, record.placed, self._now_s)
+        if len(removable) < -delta:
+            report.repairs += 1
+            report.messages.append(f"{unit.value}: asked {delta} replicas, removed {len(removable)} (keeps at least one)")
+        if removable:
+            report.replicas_removed[unit] = len(removable)
+
+    def _scale_instances(self, delta: int, report: ApplyReport) -> None:
+        if delta > 0:
+            weights = self.model.total_weight_bytes(self._tp) / self._pp
+            ready_s = self._now_s + self.config.replica_load_time_s(weights, whole_instance=True)
+            budget = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens
+            added = 0
+            for _ in range(delta):
+                placed = self.layout.place_instance(self._tp, self._pp, budget, ready_s, self._now_s)
+                if placed is None:
+                    break
+                self._pending.append(_Pending(None, placed))
+                added += 1
+            if added < delta:
+                report.repairs += 1
+                report.messages.append(f"instances: asked +{delta}, added {added} (no free GPUs of tp*pp={self._tp * self._pp})")
+            if added:
+                for unit in self._unit_configs:
+                    report.replicas_added[unit] = added
+            return
+        live = sorted(self._pending, key=lambda r: (r.placed.ready_s <= self._now_s, -r.placed.ready_s))
+        removable = live[: max(0, min(-delta, len(live) - 1))]
+        for record in removable:
+            self._pending.remove(record)
+            self.layout.remove(None, record.placed, self._now_s)
+        if len(removable) < -delta:
+            report.repairs += 1
+            report.messages.append(f"instances: asked {delta}, removed {len(removable)} (keeps at least one)")
+        if removable:
+            for unit in self._unit_configs:
+                report.replicas_removed[unit] = len(removable)
+
+    # ------------------------------------------------------------------ advance
+    def advance(self, dt_s: float) -> IntervalMetrics:
+        """Advance ``dt_s`` simulated seconds and return the interval's metrics."""
+        if not dt_s > 0:
+            raise ValueError(f"advance needs dt_s > 0, got {dt_s}")
+        start = self._now_s
+        end = start + dt_s
+        cuts = sorted({r.placed.ready_s for r in self._pending if start < r.placed.ready_s < end})
+        segments = []
+        segment_start = start
+        for cut in [*cuts, end]:
+            segments.append(self._solve(segment_start, cut))
+            self._now_s = cut
+            if cut < end:
+                self._refresh_layout()
+            segment_start = cut
+        self._now_s = end
+        metrics = self._interval_metrics(start, end, segments)
+        self._totals.add(metrics, segments)
+        self._last_interval = metrics
+        return metrics
+
+    def _iteration_triple(
+        self, decodes: float, chunk_s: float, full_chunk: float, prior: float, context: float, jobs_wait_s: float
+    ) -> tuple[float, float, float]:
+        """Times of a decode-only iteration, one with a prefill chunk of ``chunk_s`` tokens and one with
+        a full chunk of ``full_chunk`` tokens (the fixed point's inner evaluation; scalar fast path for
+        model-level instances)."""
+        if self._granularity == "operator":
+            times = self._iteration_times(decodes, np.array([0.0, chunk_s, full_chunk]), np.array([0.0, prior, prior]), context, jobs_wait_s)
+            return float(times[0]), float(times[1]), float(times[2])
+        overhead = self._overhead
+        host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * decodes
+        decode_attention = self._attention.decode_s(decodes, decodes * context)
+        lm_head = self._table.scalar_time_s(self._lm_head_row, decodes)
+        decode = host + self._dense_scalar(decodes) + lm_head + decode_attention
+        base = host + overhead.per_request_s + decode_attention + self._table.scalar_time_s(self._lm_head_row, decodes + 1.0)
+        with_chunk = base + self._dense_scalar(decodes + chunk_s) + self._attention.prefill_scalar_s(chunk_s, prior)
+        full = base + self._dense_scalar(decodes + full_chunk) + self._attention.prefill_scalar_s(full_chunk, prior)
+        return decode, with_chunk, full
+
+    def _dense_scalar(self, tokens: float) -> float:
+        """Model level: every unit but the LM head (plus pipeline hops) at ``tokens``."""
+        return self._dense_line.at(tokens)
+
+    def _iteration_times(
+        self, decodes: float, chunk: FloatArray, prior: FloatArray, context: float, jobs_wait_s: float
+    ) -> FloatArray:
+        """Iteration time of a busy stream with ``decodes`` decodes and one prefill chunk per entry of
+        ``chunk`` (0 = decode-only) after ``prior`` tokens of that prompt; ``context``: mean KV read per
+        decode; ``jobs_wait_s``: summed pool waits (operator level)."""
+        tokens = decodes + chunk
+        sequences = decodes + (chunk > 0)
+        overhead = self._overhead
+        host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * sequences
+        attention = self._attention.decode_s(decodes, decodes * context) + self._attention.prefill_s(chunk, prior)
+        if self._granularity == "model":
+            dense = np.interp(tokens, self._dense_tokens, self._dense_s)
+            lm_head = self._table.time_s_at(np.broadcast_to(sequences, (len(self._stateless), sequences.size)))[
+                self._lm_head_row
+            ]
+            result: FloatArray = host + dense + lm_head + attention
+            return result
+        jobs = np.broadcast_to(tokens, (len(self._stateless), tokens.size)).copy()
+        jobs[self._lm_head_row] = sequences
+        # a job shares its call with (n - 1) jobs of the mean size
+        calls = jobs + ((self._jobs_per_call - 1.0) * self._mean_job_tokens)[:, None]
+        service = self._table.time_s_at(calls) * self._slowdown[:, None]
+        transfer = self._transfer_fixed_s[self._pool_columns, None] + self._transfer_per_token_s[self._pool_columns, None] * jobs
+        attention_transfer = self._transfer_fixed_s[self._attention_column] + self._transfer_per_token_s[self._attention_column] * tokens
+        attention_slowdown = self._attention_slowdown
+        result = (
+            (host + attention * attention_slowdown + attention_transfer)
+            + service.sum(axis=0)
+            + transfer.sum(axis=0)
+            + jobs_wait_s
+        )
+        return result
+
+    # ------------------------------------------------------------------ the interval model
+    def _pools_ready(self) -> bool:
+        return self._streams > 0 and bool(np.all(self._replicas > 0))
+
+    def _solve(self, start_s: float, end_s: float) -> _Segment:
+        """The fluid model over ``[start_s, end_s)`` with the replicas serving at ``start_s``."""
+        dt = end_s - start_s
+        window = self._arrivals.window(start_s, end_s)
+        streams = self._streams
+        operator = self._granularity == "operator"
+        attention_config = self._unit_configs[UnitKind.ATTENTION]
+        budget = float(attention_config.batch_cap_tokens)
+        self._ranks = self._attention_tp if operator else self._tp * self._pp
+        prompts = _quantile_points(window.prompt_mean, window.prompt_log_mean, window.prompt_log_std)
+        outputs = _quantile_points(window.output_mean, window.output_log_mean, window.output_log_std)
+        prompt_mean = float(prompts.mean())
+        output_mean = float(outputs.mean())
+        gaps_per_request = max(output_mean - 1.0, 0.0)
+        context = prompt_mean + float(np.mean(outputs**2)) / (2.0 * output_mean)
+        kv_per_request = prompt_mean + output_mean / 2.0 + self.config.kv_block_tokens / 2.0
+        running_limit = min(float(self.config.max_running_requests), self._kv_per_stream / kv_per_request)
+        demand = window.count + self._backlog
+        ready = self._pools_ready()
+        x_demand = demand / (streams * dt) if ready else 0.0
+        n_units = len(self._stateless)
+        if operator:
+            self._pool_columns = np.array([self._units.index(u) for u in self._stateless])
+            self._attention_column = self._units.index(UnitKind.ATTENTION)
+            caps = np.array([self._unit_configs[u].batch_cap_tokens for u in self._stateless], dtype=np.float64)
+            pool_replicas = self._replicas[self._pool_columns]
+            contention = (
+                self.config.contention_factor if self.config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
+            )
+        self._slowdown = np.ones(n_units)
+        self._attention_slowdown = 1.0
+        self._mean_job_tokens = np.ones(n_units)
+        pool_wait = np.zeros(n_units)
+        pool_rho = np.zeros(n_units)
+        pool_service = np.zeros(n_units)
+        pool_queue_jobs = np.zeros(n_units)
+
+        iteration_s = self._iteration_s or self._iteration_triple(1.0, 0.0, 0.0, 0.0, context, 0.0)[0]
+        ttft_s = self._ttft_s or iteration_s
+        x_cap = math.inf
+        x = 0.0
+        beta = decodes = rho_prefill = chunk_eff = prefill_rate = 0.0
+        decode_s = prefill_iteration_s = full_s = iteration_s
+        available = budget
+        chunks = np.ones(LENGTH_QUANTILES)
+        for _ in range(FIXED_POINT_ITERATIONS if ready else 0):
+            x = min(x_demand, x_cap)
+            beta = max(-math.expm1(-x * (ttft_s + gaps_per_request * iteration_s)), 1e-9) if x > 0 else 0.0
+            decodes = x * gaps_per_request * iteration_s / beta if x > 0 else 0.0
+            available = max(budget - decodes, 1.0)
+            rho_prefill = min(x * prompt_mean * iteration_s / (beta * available), 1.0) if x > 0 else 0.0
+            chunks = np.ceil(prompts / available)
+            chunk_light = prompt_mean / float(chunks.mean())
+            chunk_eff = chunk_light + rho_prefill * max(available - chunk_light, 0.0)
+            decode_s, prefill_iteration_s, full_s = self._iteration_triple(
+                decodes, chunk_eff, available, 0.5 * prompt_mean, context, float(pool_wait.sum())
+            )
+            prefill_iteration_s *= self._prefill_correction
+            prefill_s_mean = float(chunks.mean() - 1.0) * full_s + prefill_iteration_s
+            prefill_rate = x * prompt_mean / (beta * chunk_eff) if x > 0 else 0.0
+            prefill_share = prefill_rate * prefill_iteration_s
+            new_iteration_s = (
+                prefill_iteration_s if prefill_share >= 1.0 else 1.0 / (prefill_rate + (1.0 - prefill_share) / decode_s)
+            )
+            if operator:
+                phi = min(prefill_rate * new_iteration_s, 1.0)
+                job_tokens = np.full(n_units, decodes + phi * chunk_eff)
+                job_tokens[self._lm_head_row] = decodes + phi
+                self._mean_job_tokens = np.maximum(job_tokens, 1.0)
+                job_rate = streams * beta / new_iteration_s
+                max_jobs = np.maximum(1.0, np.floor(caps / self._mean_job_tokens))
+                transfer = (
+                    self._transfer_fixed_s[self._pool_columns]
+                    + self._transfer_per_token_s[self._pool_columns] * self._mean_job_tokens
+                )
+                pool_service = self._table.time_s_at(self._jobs_per_call * self._mean_job_tokens) * self._slowdown + transfer
+                pool_rho = job_rate * pool_service / (self._jobs_per_call * pool_replicas)
+                # a pool that cannot keep up even at its cap bounds the iteration time from below
+                full_service = self._table.time_s_at(max_jobs * self._mean_job_tokens) * self._slowdown + transfer
+                bound_s = float(np.max(streams * beta * full_service / (max_jobs * pool_replicas)))
+                new_iteration_s = max(new_iteration_s, bound_s)
+                rho = np.minimum(pool_rho, UTILISATION_CEILING)
+                prob_wait = self._erlang.lookup(pool_replicas.astype(np.int64), rho)
+                queue_calls = prob_wait * rho / (1.0 - rho)
+                # closed population: at most one job per busy stream is anywhere in the pools
+                pool_queue_jobs = np.minimum(
+                    queue_calls * self._jobs_per_call, np.maximum(streams * beta - rho * pool_replicas * self._jobs_per_call, 0.0)
+                )
+                pool_wait = POOL_WAIT_FACTOR * pool_queue_jobs / max(job_rate, 1e-12)
+                target = np.clip(1.0 + pool_queue_jobs / pool_replicas, 1.0, max_jobs)
+                self._jobs_per_call = np.sqrt(self._jobs_per_call * target)
+                overhead = self._overhead
+                attention_call_s = (
+                    overhead.fixed_s
+                    + overhead.per_tp_rank_s * self._ranks
+                    + overhead.per_request_s * (decodes + phi)
+                    + self._attention.decode_s(decodes, decodes * context)
+                    + phi * self._attention.prefill_scalar_s(chunk_eff, 0.5 * prompt_mean)
+                ) * self._attention_slowdown
+                attention_busy = beta * attention_call_s / new_iteration_s
+                rho_all = np.zeros(len(self._units))
+                rho_all[self._pool_columns] = np.minimum(pool_rho, 1.0)
+                rho_all[self._attention_column] = min(attention_busy, 1.0)
+                if contention:
+                    gpu_busy = self._shards @ rho_all
+                    shards_per_unit = np.maximum(self._shards.sum(axis=0), 1.0)
+                    others = (self._shards.T @ gpu_busy) / shards_per_unit - rho_all
+                    slowdown = 1.0 + contention * np.maximum(others, 0.0)
+                    self._slowdown = slowdown[self._pool_columns]
+                    self._attention_slowdown = float(slowdown[self._attention_column])
+                self._unit_rho = rho_all
+            iteration_s = new_iteration_s
+            x_cap_budget = budget / ((prompt_mean + gaps_per_request) * iteration_s)
+            x_cap_kv = running_limit / (prefill_s_mean + gaps_per_request * iteration_s)
+            x_cap = min(x_cap_budget, x_cap_kv)
+            ttft_s = 0.5 * beta * iteration_s + prefill_s_mean
+        x = min(x_demand, x_cap) if ready else 0.0
+        # per prompt quantile: its last chunk shares the iteration with other prefills (rho_p of the rest)
+        last = prompts - (chunks - 1.0) * available
+        last_chunk = last + rho_prefill * np.maximum(available - last, 0.0)
+        times = np.concatenate(
+            ([decode_s, prefill_iteration_s, full_s], self._iteration_times(decodes, last_chunk, (chunks - 1.0) * available, context, float(pool_wait.sum())))
+        ) if ready else np.zeros(LENGTH_QUANTILES + 3)
+        prefill_s = (chunks - 1.0) * full_s + times[3:]
+        # prefill iterations over the chunk distribution (full chunks and each quantile's last chunk):
+        # iteration time is convex in tokens, so its mean exceeds the time at the mean chunk (Jensen)
+        prefill_times = np.concatenate(([full_s], times[3:]))
+        prefill_chunks = np.concatenate(([available], last_chunk))
+        prefill_weights = np.concatenate(([float((chunks - 1.0).sum())], np.ones(LENGTH_QUANTILES)))
+        prefill_weights /= prefill_weights.sum()
+        if ready and x > 0:
+            mean_prefill_s = float(prefill_weights @ prefill_times)
+            self._prefill_correction = mean_prefill_s / prefill_iteration_s
+            prefill_iteration_s = mean_prefill_s
+            prefill_share = prefill_rate * prefill_iteration_s
+            iteration_s = max(
+                prefill_iteration_s if prefill_share >= 1.0 else 1.0 / (prefill_rate + (1.0 - prefill_share) / decode_s),
+                iteration_s if operator else 0.0,
+            )
+        served = x * streams * dt
+        backlog_end = max(demand - served, 0.0)
+        backlog_mean = 0.5 * (self._backlog + backlog_end)
+        backlog_wait_s = backlog_mean / (streams * x) if x > 0 else 0.0
+        # admission wait: Erlang-C over the streams, service = a prompt's share of the prefill budget
+        service_s = prompt_mean * iteration_s / available if ready else 0.0
+        admission_rho = min(x * service_s, UTILISATION_CEILING)
+        prompt_cv2 = float(prompts.var()) / prompt_mean**2
+        prob_wait = float(self._erlang.lookup(np.int64(max(streams, 1)), np.float64(admission_rho))) if ready else 0.0
+        admission_wait_s = (
+            prob_wait * service_s / (max(streams, 1) * (1.0 - admission_rho)) * (1.0 + prompt_cv2) / 2.0 if ready else 0.0
+        )
+        residual_s = 0.5 * beta * iteration_s
+        self._iteration_s = iteration_s
+        self._ttft_s = residual_s + admission_wait_s + float(prefill_s.mean())
+
+        # ---- TTFT distribution of served requests: per prompt quantile, a fixed part + the admission wait
+        fixed_s = residual_s + backlog_wait_s + prefill_s
+        wait_given_wait_s = admission_wait_s / prob_wait if prob_wait > 0 else 0.0
+
+        def ttft_cdf(t: FloatArray) -> FloatArray:
+            """P(TTFT <= t) of a served request (``t`` any shape; quantiles on a new last axis)."""
+            slack = np.asarray(t, dtype=np.float64)[..., None] - fixed_s
+            tail = prob_wait * np.exp(-np.maximum(slack, 0.0) / max(wait_given_wait_s, 1e-12))
+            result: FloatArray = np.where(slack >= 0.0, 1.0 - tail, 0.0).mean(axis=-1)
+            return result
+
+        ttft_ok = float(ttft_cdf(np.array(self.slo.ttft_s))) if ready else 0.0
+        # ---- TBT: per output quantile, the chance its p99 (max) gap is over the SLO
+        phi = min(prefill_rate * iteration_s, 1.0)
+        tbt_slo = self.slo.tbt_s
+        over = (1.0 - phi) * float(decode_s > tbt_slo) + phi * float(prefill_weights @ (prefill_times > tbt_slo))
+        request_gaps = np.maximum(outputs - 1.0, 0.0)
+        # the engine's per-request p99 is the gap at rank floor(0.99 (g - 1)) (0-based, no interpolation):
+        # it is a long gap when at least g - floor(0.99 (g - 1)) gaps are long
+        needed = (
+            np.ones(LENGTH_QUANTILES)
+            if self.slo.tbt_statistic == "max"
+            else np.maximum(1.0, np.round(request_gaps) - np.floor(0.99 * np.maximum(np.round(request_gaps) - 1.0, 0.0)))
+        )
+        over_probability = _poisson_at_least(request_gaps * over, needed)
+        over_probability = np.where(request_gaps > 0, over_probability, 0.0)
+        tbt_ok = 1.0 - float(over_probability.mean())
+        # per-request TBT statistic: a prefill iteration's time when a long gap counts, else the decode gap
+        long_share = float(_poisson_at_least(request_gaps * phi, needed).mean())
+        tbt_values = np.concatenate(([decode_s], prefill_times))
+        tbt_weights = np.concatenate(([1.0 - long_share], long_share * prefill_weights))
+
+        # ---- decided requests (metrics.py's rule)
+        served_from_decided = min(served, self._backlog_decided)
+        recent = window.count / dt * self.slo.ttft_s if dt > 0 else 0.0
+        decided_waiting = max(backlog_end - recent, 0.0)
+        newly_decided = max(decided_waiting - (self._backlog_decided - served_from_decided), 0.0)
+        self._backlog_decided = decided_waiting
+        served_fresh = served - served_from_decided
+        decided = served_fresh + newly_decided
+        slo_met = served_fresh * ttft_ok * tbt_ok
+        late_wait_s = max(self.slo.ttft_s, backlog_wait_s)
+        ttft_served_mean = float(fixed_s.mean()) + admission_wait_s
+        ttft_mean = (served_fresh * ttft_served_mean + newly_decided * late_wait_s) / decided if decided > 0 else 0.0
+        late_share = newly_decided / decided if decided > 0 else 0.0
+
+        def decided_cdf(t: FloatArray) -> FloatArray:
+            late = (np.asarray(t) >= late_wait_s).astype(np.float64)
+            result: FloatArray = (1.0 - late_share) * ttft_cdf(t) + late_share * late
+            return result
+
+        ttft_p50, ttft_p99 = _quantiles_from_cdf(decided_cdf, (0.5, 0.99), float(fixed_s.max()) + 50.0 * wait_given_wait_s + late_wait_s)
+        self._backlog = backlog_end
+        self._served_total += served
+
+        # ---- per-unit figures
+        iterations_per_busy_s = 1.0 / iteration_s if ready else 0.0
+        decode_only_rate = max(iterations_per_busy_s - prefill_rate, 0.0)
+        mean_tokens = decodes + phi * chunk_eff
+        utilisation = np.zeros(len(self._units))
+        queue_tokens = np.zeros(len(self._units))
+        batch_fill = np.zeros(len(self._units))
+        wait_s = np.zeros(len(self._units))
+        unit_service_s = np.zeros(len(self._units))
+        attention_column = self._units.index(UnitKind.ATTENTION)
+        attention_decode_s = self._attention.decode_s(decodes, decodes * context)
+        attention_prefill_s = attention_decode_s + float(
+            prefill_weights @ self._attention.prefill_s(prefill_chunks, np.concatenate(([0.5 * prompt_mean], (chunks - 1.0) * available)))
+        )
+        attention_busy = beta * (decode_only_rate * attention_decode_s + prefill_rate * attention_prefill_s)
+        waiting_tokens = (backlog_mean + streams * x * admission_wait_s) * prompt_mean
+        queue_tokens[attention_column] = waiting_tokens
+        batch_fill[attention_column] = min(mean_tokens / budget, 1.0)
+        prefill_kernel_share = prefill_rate * float(prefill_weights @ (prefill_times * prefill_chunks / (decodes + prefill_chunks)))
+        if operator:
+            host = self._overhead.fixed_s + self._overhead.per_tp_rank_s * self._ranks + self._overhead.per_request_s * (decodes + phi)
+            attention_call_s = (
+                host
+                + (attention_decode_s + phi * (attention_prefill_s - attention_decode_s)) * self._attention_slowdown
+                + self._transfer_fixed_s[attention_column]
+                + self._transfer_per_token_s[attention_column] * mean_tokens
+            )
+            attention_rho = min(beta * attention_call_s / iteration_s, 1.0) if ready else 0.0
+            utilisation[self._pool_columns] = np.minimum(pool_rho, 1.0)
+            utilisation[attention_column] = attention_rho
+            queue_tokens[self._pool_columns] = pool_queue_jobs * self._mean_job_tokens
+            batch_fill[self._pool_columns] = np.minimum(self._jobs_per_call * self._mean_job_tokens / caps, 1.0)
+            wait_s[self._pool_columns] = pool_wait
+            unit_service_s[self._pool_columns] = pool_service
+            unit_service_s[attention_column] = attention_call_s
+            rho_all = utilisation
+            compute_flags = np.zeros(len(self._units))
+            compute_flags[self._pool_columns] = self._table.compute_bound_at(self._jobs_per_call * self._mean_job_tokens)
+            busy_gpu = 1.0 - np.exp(self._shards @ np.log1p(-np.minimum(rho_all, 0.999)))
+            compute_busy = self._shards @ (rho_all * compute_flags)
+            compute_busy += self._shards[:, attention_column] * beta * prefill_rate * (attention_prefill_s - attention_decode_s)
+        else:
+            stateless_decode = self._table.time_s_at(np.full(n_units, max(decodes, 1.0)))
+            stateless_prefill = self._table.time_s_at(np.broadcast_to(decodes + prefill_chunks, (n_units, prefill_chunks.size))) @ prefill_weights
+            stateless_decode[self._lm_head_row] = float(self._table.time_s_at(np.full(n_units, max(decodes, 1.0)))[self._lm_head_row])
+            stateless_prefill[self._lm_head_row] = float(self._table.time_s_at(np.full(n_units, decodes + 1.0))[self._lm_head_row])
+            stateless_busy = beta * (decode_only_rate * stateless_decode + prefill_rate * stateless_prefill)
+            columns = np.array([self._units.index(u) for u in self._stateless])
+            utilisation[columns] = np.minimum(stateless_busy, 1.0)
+            utilisation[attention_column] = min(attention_busy, 1.0)
+            batch_fill[:] = min(mean_tokens / budget, 1.0)
+            rate = beta * iterations_per_busy_s
+            unit_service_s[:] = np.where(rate > 0, utilisation / max(rate, 1e-12), 0.0)
+            on_gpu = self._shards[:, 0] > 0
+            busy_gpu = np.where(on_gpu, beta, 0.0)
+            compute_busy = np.where(on_gpu, beta * prefill_kernel_share, 0.0)
+        busy_gpu = np.clip(busy_gpu, 0.0, 1.0)
+        compute_fraction = np.where(busy_gpu > 0, np.minimum(compute_busy / np.maximum(busy_gpu, 1e-12), 1.0), 0.0)
+        powered = self._powered
+        power = self._power_array(busy_gpu[powered], compute_fraction[powered])
+        energy_j = float(power.sum()) * dt
+        return _Segment(
+            duration_s=dt,
+            arrivals=window.count,
+            served=served,
+            decided=decided,
+            slo_met=slo_met,
+            ttft_mean_s=ttft_mean,
+            ttft_p50_s=ttft_p50,
+            ttft_p99_s=ttft_p99,
+            tbt_mean_s=iteration_s if ready and gaps_per_request > 0 else 0.0,
+            tbt_p99_s=_weighted_quantile(tbt_values, tbt_weights, 0.99),
+            e2e_mean_s=ttft_served_mean + gaps_per_request * iteration_s,
+            prompt_tokens=served * prompt_mean,
+            output_tokens=served * output_mean,
+            running=x * streams * (float(prefill_s.mean()) + gaps_per_request * iteration_s),
+            waiting=backlog_end + streams * x * admission_wait_s,
+            gpu_seconds=float(powered.sum()) * dt,
+            energy_j=energy_j,
+            unit_utilisation=utilisation,
+            unit_queue_tokens=queue_tokens,
+            unit_batch_fill=batch_fill,
+            unit_wait_s=wait_s,
+            unit_service_s=unit_service_s,
+            ttft_cdf=decided_cdf,
+            tbt_values=tbt_values,
+            tbt_weights=tbt_weights,
+        )
+
+    def _power_array(self, busy: FloatArray, compute: FloatArray) -> FloatArray:
+        if isinstance(self.power_w, PowerModel):
+            return self.power_w.power_w_array(self._gpu, busy, compute)
+        return np.array([self.power_w(self._gpu, float(b), float(c)) for b, c in zip(busy, compute, strict=True)])
+
+    # ------------------------------------------------------------------ metrics
+    def _interval_metrics(self, start_s: float, end_s: float, segments: list[_Segment]) -> IntervalMetrics:
+        duration = end_s - start_s
+        weights = np.array([s.duration_s for s in segments]) / duration
+        decided = sum(s.decided for s in segments)
+        served = sum(s.served for s in segments)
+
+        def by_decided(values: list[float], counts: list[float]) -> float:
+            total = sum(counts)
+            return sum(v * c for v, c in zip(values, counts, strict=True)) / total if total > 0 else 0.0
+
+        def over_time(values: FloatArray) -> FloatArray:
+            result: FloatArray = weights @ values
+            return result
+
+        stack = lambda name: np.array([getattr(s, name) for s in segments])  # noqa: E731
+        utilisation = over_time(stack("unit_utilisation"))
+        queue = over_time(stack("unit_queue_tokens"))
+        fill = over_time(stack("unit_batch_fill"))
+        wait = over_time(stack("unit_wait_s"))
+        service = over_time(stack("unit_service_s"))
+        last = segments[-1]
+        counts = self._replica_counts()
+        units: dict[UnitKind, UnitIntervalMetrics] = {}
+        for column, unit in enumerate(self._units):
+            serving, pending = counts[unit]
+            units[unit] = UnitIntervalMetrics(
+                replicas=serving,
+                pending_replicas=pending,
+                draining_replicas=0,
+                utilisation=float(utilisation[column]),
+                queue_tokens=float(queue[column]),
+                batch_fill=float(fill[column]),
+                mean_wait_s=float(wait[column]),
+                mean_service_s=float(service[column]),
+                batch_cap_tokens=self._unit_configs[unit].batch_cap_tokens,
+            )
+        decided_counts = [s.decided for s in segments]
+        gpu_seconds = sum(s.gpu_seconds for s in segments)
+        return IntervalMetrics(
+            start_s=start_s,
+            end_s=end_s,
+            arrivals=sum(s.arrivals for s in segments),
+            completions=round(served),
+            decided=round(decided),
+            slo_met=round(sum(s.slo_met for s in segments)),
+            slo_attainment=sum(s.slo_met for s in segments) / decided if decided > 1e-9 else 1.0,
+            ttft_mean_s=by_decided([s.ttft_mean_s for s in segments], decided_counts),
+            ttft_p50_s=max(s.ttft_p50_s for s in segments) if decided > 0 else 0.0,
+            ttft_p99_s=max(s.ttft_p99_s for s in segments) if decided > 0 else 0.0,
+            tbt_mean_s=by_decided([s.tbt_mean_s for s in segments], [s.served for s in segments]),
+            tbt_p99_s=max(s.tbt_p99_s for s in segments) if served > 0 else 0.0,
+            e2e_mean_s=by_decided([s.e2e_mean_s for s in segments], [s.served for s in segments]),
+            prompt_tokens_served=round(sum(s.prompt_tokens for s in segments)),
+            output_tokens_served=round(sum(s.output_tokens for s in segments)),
+            preemptions=0,
+            running_requests=round(last.running),
+            waiting_requests=round(last.waiting),
+            gpus_powered=self.layout.state.gpus_powered,
+            gpus_powered_mean=gpu_seconds / duration,
+            gpu_seconds=gpu_seconds,
+            energy_j=sum(s.energy_j for s in segments),
+            units=units,
+        )
+
+    def _replica_counts(self) -> dict[UnitKind, tuple[int, int]]:
+        now = self._now_s
+        if self._granularity == "model":
+            serving = sum(1 for r in self._pending if r.placed.ready_s <= now)
+            return {u: (serving, len(self._pending) - serving) for u in self._units}
+        counts = {}
+        for unit in self._units:
+            replicas = self.layout.replicas[unit]
+            serving = sum(1 for r in replicas if r.ready_s <= now)
+            counts[unit] = (serving, len(replicas) - serving)
+        return counts
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            time_s=self._now_s,
+            deployment=self.deployment,
+            gpus_powered=self.layout.state.gpus_powered,
+            gpu_memory_used_bytes=self.layout.state.memory_used_bytes(),
+            last_interval=self._last_interval,
+        )
+
+    def summary(self) -> RunSummary:
+        """Whole-run figures up to now (percentiles from the decided-weighted TTFT / TBT mixtures)."""
+        totals = self._totals
+        duration = self._now_s
+        return RunSummary(
+            duration_s=duration,
+            requests=self._arrivals.count_before(duration),
+            completed=round(self._served_total),
+            slo_attainment=totals.slo_met / totals.decided if totals.decided > 0 else 1.0,
+            ttft_mean_s=totals.ttft_sum_s / totals.decided if totals.decided > 0 else 0.0,
+            ttft_p99_s=_histogram_quantile(totals.ttft_mass, 0.99),
+            tbt_p99_s=_histogram_quantile(totals.tbt_mass, 0.99),
+            e2e_mean_s=totals.e2e_sum_s / totals.served if totals.served > 0 else 0.0,
+            throughput_requests_per_s=self._served_total / duration if duration > 0 else 0.0,
+            throughput_tokens_per_s=totals.tokens / duration if duration > 0 else 0.0,
+            goodput_requests_per_s=totals.slo_met / duration if duration > 0 else 0.0,
+            preemptions=0,
+            gpus_mean=totals.gpu_seconds / duration if duration > 0 else 0.0,
+            gpus_peak=totals.gpus_peak,
+            gpu_seconds=totals.gpu_seconds,
+            energy_j=totals.energy_j,
+            unit_utilisation={
+                unit: float(totals.unit_busy_s[column] / totals.unit_capacity_s[column]) if totals.unit_capacity_s[column] > 0 else 0.0
+                for column, unit in enumerate(self._units)
+            },
+        )
+
+
+class _RunTotals:
+    """Whole-run aggregates of the fluid model, including TTFT / TBT mass on log-spaced bins."""
+
+    def __init__(self, num_units: int) -> None:
+        self.decided = 0.0
+        self.slo_met = 0.0
+        self.served = 0.0
+        self.ttft_sum_s = 0.0
+        self.e2e_sum_s = 0.0
+        self.tokens = 0.0
+        self.gpu_seconds = 0.0
+        self.energy_j = 0.0
+        self.gpus_peak = 0
+        self.ttft_mass = np.zeros(_SUMMARY_BINS_S.size)
+        self.tbt_mass = np.zeros(_SUMMARY_BINS_S.size)
+        self.unit_busy_s = np.zeros(num_units)
+        self.unit_capacity_s = np.zeros(num_units)
+
+    def add(self, metrics: IntervalMetrics, segments: list[_Segment]) -> None:
+        for segment in segments:
+            if segment.decided > 0:
+                cdf = segment.ttft_cdf(_SUMMARY_BINS_S)
+                self.ttft_mass += segment.decided * np.diff(cdf, prepend=0.0)
+            if segment.served > 0:
+                bins = np.minimum(np.searchsorted(_SUMMARY_BINS_S, segment.tbt_values), _SUMMARY_BINS_S.size - 1)
+                np.add.at(self.tbt_mass, bins, segment.served * segment.tbt_weights)
+            self.decided += segment.decided
+            self.slo_met += segment.slo_met
+            self.served += segment.served
+            self.ttft_sum_s += segment.decided * segment.ttft_mean_s
+            self.e2e_sum_s += segment.served * segment.e2e_mean_s
+            self.tokens += segment.prompt_tokens + segment.output_tokens
+            self.gpu_seconds += segment.gpu_seconds
+            self.energy_j += segment.energy_j
+        self.gpus_peak = max(self.gpus_peak, metrics.gpus_powered)
+        duration = metrics.duration_s
+        for column, unit_metrics in enumerate(metrics.units.values()):
+            self.unit_busy_s[column] += unit_metrics.utilisation * unit_metrics.replicas * duration
+            self.unit_capacity_s[column] += unit_metrics.replicas * duration
+
+
+def _poisson_at_least(mean: FloatArray, needed: FloatArray) -> FloatArray:
+    """``P(N >= needed)`` for ``N ~ Poisson(mean)`` (elementwise; ``needed`` >= 1 integers)."""
+    mean = np.maximum(np.asarray(mean, dtype=np.float64), 0.0)
+    terms = int(np.max(needed))
+    k = np.arange(terms)
+    with np.errstate(divide="ignore"):
+        log_terms = -mean[..., None] + k * np.log(np.maximum(mean[..., None], 1e-300)) - np.cumsum(np.log(np.maximum(k, 1)))
+    below = np.where(k < needed[..., None], np.exp(log_terms), 0.0).sum(axis=-1)
+    result: FloatArray = np.clip(1.0 - below, 0.0, 1.0)
+    return result
+
+
+def _weighted_quantile(values: FloatArray, weights: FloatArray, quantile: float) -> float:
+    """Quantile of a discrete distribution (values with probability weights)."""
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    if cumulative[-1] <= 0:
+        return 0.0
+    index = int(np.searchsorted(cumulative, quantile * cumulative[-1]))
+    return float(values[order][min(index, values.size - 1)])
+
+
+def _quantiles_from_cdf(cdf: Callable[[FloatArray], FloatArray], levels: tuple[float, ...], upper_s: float) -> tuple[float, ...]:
+    """Quantiles of a distribution on [0, ``upper_s``] from its CDF, on a 256-point grid."""
+    grid = np.linspace(0.0, max(upper_s, 1e-6), 256)
+    values = np.maximum.accumulate(cdf(grid))
+    return tuple(float(np.interp(level, values, grid)) if values[-1] >= level else float(grid[-1]) for level in levels)
+
+
+def _histogram_quantile(mass: FloatArray, quantile: float) -> float:
+    total = float(mass.sum())
+    if total <= 0:
+        return 0.0
+    index = int(np.searchsorted(np.cumsum(mass), quantile * total))
+    return float(_SUMMARY_BINS_S[min(index, _SUMMARY_BINS_S.size - 1)])
