@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -51,25 +51,16 @@ from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMe
 from opscale.sim.models import ModelSpec, UnitKind, get_model
 from opscale.sim.overhead import engine_overhead
 from opscale.sim.pools import Link, PooledStream, UnitPool
+from opscale.sim.power import PowerModel
 from opscale.sim.recorder import IntervalAccumulator, LogSketch, RequestRecords, TbtHistograms
 from opscale.sim.simulator import Snapshot
 from opscale.sim.streams import ActiveRequest, InstanceStream, IterationTimer, Stream
 from opscale.traces.trace import RequestTrace
 
-__all__ = ["DiscreteEventSimulator", "linear_power_w"]
+__all__ = ["DiscreteEventSimulator"]
 
 #: Batch caps an action may set, tokens (larger values are clipped and counted as repairs).
 MAX_BATCH_CAP_TOKENS = 1 << 17
-
-
-def linear_power_w(gpu: GPUSpec, busy_fraction: float, compute_bound_fraction: float) -> float:
-    """Power of one GPU: idle power plus, for the busy share, the decode (memory-bound) or prefill
-    (compute-bound) power (SplitwiseSim's per-phase constants, interpolated by the mix)."""
-    busy_w = gpu.decode_watts + compute_bound_fraction * (gpu.prefill_watts - gpu.decode_watts)
-    return gpu.idle_watts + busy_fraction * (busy_w - gpu.idle_watts)
-
-
-PowerFunction = Callable[[GPUSpec, float, float], float]
 
 
 def _adopt(target: Stream, request: ActiveRequest, _event: simpy.Event) -> None:
@@ -119,8 +110,8 @@ class DiscreteEventSimulator:
     :param cost_model: operator times; default :func:`opscale.sim.costmodel.default_cost_model`.
     :param config: engine constants; default :class:`SimConfig()`.
     :param seed: seed of the generator behind every random draw.
-    :param power_w: ``(gpu, busy_fraction, compute_bound_fraction) -> watts``; default
-        :func:`linear_power_w`.
+    :param power_model: GPU power levels; default :class:`opscale.sim.power.PowerModel()`
+        (SplitwiseSim's per-phase constants).
     :raises ValueError: a deployment that names a missing or foreign unit, a GPU that does not exist,
         a GPU type other than the cluster's, a replica that does not fit in GPU memory, or a request
         longer than the model's context limit or any attention replica's KV cache (unless
@@ -138,7 +129,7 @@ class DiscreteEventSimulator:
         cost_model: CostModel | None = None,
         config: SimConfig | None = None,
         seed: int = 0,
-        power_w: PowerFunction | None = None,
+        power_model: PowerModel | None = None,
     ) -> None:
         self.cluster = cluster
         self.model = get_model(model) if isinstance(model, str) else model
@@ -146,7 +137,7 @@ class DiscreteEventSimulator:
         self.config = config or SimConfig()
         self.cost_model: CostModel = cost_model or default_cost_model()
         self.rng = np.random.default_rng(seed)
-        self.power_w: PowerFunction = power_w or linear_power_w
+        self.power_model = power_model or PowerModel()
         self.env = simpy.Environment()
         self.state = ClusterState(cluster, self.model, self.config)
         self.link = Link(cluster)
@@ -226,8 +217,8 @@ class DiscreteEventSimulator:
                 raise ValueError(
                     f"request {i} needs {int(prompt[i])} prompt + {int(output[i])} output = "
                     f"{int(prompt[i] + output[i])} tokens, above the context limit {limit} of model "
-                    f"{self.model.name!r} ({too_long.size} such requests; set SimConfig.clip_long_requests "
-                    "to clip them)"
+                    f"{self.model.name!r} ({too_long.size} such requests; SimConfig.clip_long_requests (CLI: --clip-long) "
+                    "clips them, counted)"
                 )
             output[too_long] = np.minimum(output[too_long], limit - 1)
             prompt[too_long] = limit - output[too_long]
@@ -959,7 +950,7 @@ class DiscreteEventSimulator:
             gpu_seconds += powered_s
             busy_fraction = min(1.0, busy_s / powered_s)
             compute_fraction = compute_s / busy_s if busy_s > 0 else 0.0
-            energy += powered_s * self.power_w(spec, busy_fraction, min(1.0, compute_fraction))
+            energy += self.power_model.energy_j(spec, powered_s, busy_fraction, min(1.0, compute_fraction))
         units = self._unit_metrics(duration, end_s)
         ttft = np.asarray(acc.ttft_s)
         tbt = np.asarray(acc.tbt_s)
