@@ -10,15 +10,19 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from opscale.sim.hardware import GPUSpec
-from opscale.sim.models import ModelSpec, UnitKind
+from opscale.sim.models import ModelSpec, Numeric, UnitKind
 
 __all__ = [
     "AttentionBatch",
     "CostModel",
+    "Numeric",
     "UnitBreakdown",
     "as_nonnegative_array",
+    "maximum",
+    "minimum",
     "split_prefill_pairs",
     "unit_breakdown",
+    "when_positive",
 ]
 
 
@@ -138,17 +142,38 @@ def as_nonnegative_array(tokens: np.ndarray | Sequence[float] | float) -> np.nda
     return array
 
 
+def maximum(a: Numeric, b: Numeric) -> Numeric:
+    """Elementwise max of floats or arrays."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.maximum(a, b)
+    return a if a >= b else b
+
+
+def minimum(a: Numeric, b: Numeric) -> Numeric:
+    """Elementwise min of floats or arrays."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.minimum(a, b)
+    return a if a <= b else b
+
+
+def when_positive(gate: Numeric, value: Numeric) -> Numeric:
+    """``value`` where ``gate > 0``, else 0 (no work, no time)."""
+    if isinstance(gate, np.ndarray) or isinstance(value, np.ndarray):
+        return np.where(np.asarray(gate) > 0, value, 0.0)
+    return value if gate > 0 else 0.0
+
+
 def split_prefill_pairs(
-    prefill_tokens: np.ndarray, pairs: np.ndarray, num_prefills: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+    prefill_tokens: Numeric, pairs: Numeric, num_prefills: Numeric
+) -> tuple[Numeric, Numeric]:
     """Split causal query-key pairs into new (within the chunk) and cached (earlier context) pairs.
 
     The statistics do not carry each chunk's size; the split assumes equal chunks, for which
     ``new = T (T/n + 1) / 2`` is exact (one chunk per request per iteration is the common case).
     """
-    chunks = np.maximum(num_prefills, 1)
-    new = np.minimum(pairs, prefill_tokens * (prefill_tokens / chunks + 1.0) / 2.0)
-    return new, np.maximum(pairs - new, 0.0)
+    chunks = maximum(num_prefills, 1.0)
+    new = minimum(pairs, prefill_tokens * (prefill_tokens / chunks + 1.0) / 2.0)
+    return new, maximum(pairs - new, 0.0)
 
 
 def unit_breakdown(

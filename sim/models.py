@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import TypeVar
 
 import numpy as np
 
@@ -35,8 +34,8 @@ __all__ = [
 ]
 
 
-#: A float, or a numpy array of them (the formulas below are written once for both).
-FloatOrArray = TypeVar("FloatOrArray", float, np.ndarray)
+#: A float or a float64 array (the formulas below are written once for both).
+Numeric = float | np.ndarray
 
 
 class UnitKind(str, Enum):
@@ -76,19 +75,19 @@ class GemmShape:
     tokens_scale: float = 1.0
     kernels: int = 1
 
-    def flops(self, num_tokens: FloatOrArray) -> FloatOrArray:
+    def flops(self, num_tokens: Numeric) -> Numeric:
         """FLOPs for ``num_tokens`` tokens entering the unit (all ``count`` GEMMs)."""
         return 2.0 * num_tokens * self.tokens_scale * self.k * self.n * self.count
 
-    def matrices_read(self, num_tokens: FloatOrArray) -> FloatOrArray:
+    def matrices_read(self, num_tokens: Numeric) -> Numeric:
         """Weight matrices read: all ``count`` for dense GEMMs; for routed experts
         (``tokens_scale < 1``) the expected number reached by uniform top-k routing,
         ``count * (1 - (1 - top_k/experts) ** tokens)``."""
         if self.tokens_scale >= 1.0 or self.count == 1:
             return self.count + 0.0 * num_tokens
-        return self.count * (1.0 - np.power(1.0 - self.tokens_scale, num_tokens))
+        return self.count * (1.0 - (1.0 - self.tokens_scale) ** num_tokens)
 
-    def bytes_moved(self, num_tokens: FloatOrArray, dtype_bytes: int) -> FloatOrArray:
+    def bytes_moved(self, num_tokens: Numeric, dtype_bytes: int) -> Numeric:
         """HBM bytes: weights read plus input rows read and output rows written."""
         rows = num_tokens * self.tokens_scale * self.count
         return (self.k * self.n * self.matrices_read(num_tokens) + rows * (self.k + self.n)) * dtype_bytes
