@@ -1,0 +1,164 @@
+"""PPO training: configuration, run naming, a tiny real run on the fast env, TensorBoard contents, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from opscale.agents.ppo import Algo, PPOConfig, TrainResult, load_model, run_name, saved_algo, train
+from opscale.cli import main
+
+FAST_ENV = "opscale/OperatorAutoscale-fast-v0"
+#: A short episode so a few hundred steps finish several of them.
+TINY_ENV_KWARGS = {"horizon": 16, "trace_duration_s": 600.0}
+SERVING_TAGS = {
+    "serving/slo_attainment",
+    "serving/gpus",
+    "serving/energy_kwh",
+    "serving/ttft_p99",
+    "serving/tbt_p99",
+    "reward/slo",
+    "reward/gpu",
+    "reward/energy",
+}
+
+
+def _tiny_config(tmp_path: Path, algo: str) -> PPOConfig:
+    return PPOConfig(
+        env_id=FAST_ENV,
+        exp_name="tiny",
+        algo=Algo(algo),
+        total_timesteps=1024,
+        n_envs=2,
+        n_steps=64,
+        batch_size=64,
+        n_epochs=2,
+        net_arch=(32, 32),
+        eval_freq=512,
+        n_eval_episodes=1,
+        env_kwargs=TINY_ENV_KWARGS,
+        logdir=str(tmp_path / "runs"),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainResult]:
+    """One tiny run per algorithm, shared by the tests that inspect them."""
+    tmp_path = tmp_path_factory.mktemp("ppo")
+    return {algo: train(_tiny_config(tmp_path, algo)) for algo in ("ppo", "maskable-ppo")}
+
+
+def _event_accumulator(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_config_loads_from_json_and_toml_and_round_trips(tmp_path: Path) -> None:
+    config = PPOConfig(env_id=FAST_ENV, algo=Algo.MASKABLE_PPO, n_envs=3, net_arch=(64, 32), env_kwargs={"horizon": 8})
+    json_path = tmp_path / "c.json"
+    json_path.write_text(json.dumps(config.to_dict()))
+    assert PPOConfig.from_file(json_path) == config
+    toml_path = tmp_path / "c.toml"
+    toml_path.write_text('algo = "maskable-ppo"\nn_envs = 3\nnet_arch = [64, 32]\n[env_kwargs]\nhorizon = 8\n')
+    loaded = PPOConfig.from_file(toml_path)
+    assert (loaded.algo, loaded.n_envs, loaded.net_arch, dict(loaded.env_kwargs)) == (
+        Algo.MASKABLE_PPO, 3, (64, 32), {"horizon": 8}
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rat": 1e-3}, "unknown PPOConfig keys \\['learning_rat'\\]"),
+        ({"algo": "dqn"}, "unknown algo 'dqn'; valid: ppo, maskable-ppo"),
+        ({"n_envs": 0}, "n_envs must be an int >= 1"),
+        ({"gamma": 1.5}, "gamma must be in"),
+    ],
+)
+def test_bad_config_values_raise_naming_them(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PPOConfig.from_mapping(values)
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        PPOConfig.from_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo: ppo")
+    with pytest.raises(ValueError, match=r"must end in \.json or \.toml"):
+        PPOConfig.from_file(bad)
+
+
+def test_run_name_is_file_name_safe() -> None:
+    config = PPOConfig(env_id="opscale:opscale/OperatorAutoscale-fast-v0", exp_name="base", seed=3)
+    assert run_name(config, started=0.0) == "opscale-OperatorAutoscale-fast-v0__base__3__19700101T000000"
+
+
+def test_bad_env_fails_before_creating_a_run(tmp_path: Path) -> None:
+    config = PPOConfig(env_id=FAST_ENV, env_kwargs={"modle": "qwen2-7b"}, logdir=str(tmp_path))
+    with pytest.raises(ValueError, match="modle"):
+        train(config)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("algo", ["ppo", "maskable-ppo"])
+def test_tiny_run_trains_saves_reloads_and_evaluates(tiny_runs: dict[str, TrainResult], algo: str) -> None:
+    result = tiny_runs[algo]
+    assert result.timesteps == 1024
+    assert result.model_path.is_file() and result.best_model_path is not None
+    assert PPOConfig.from_file(result.run_dir / "config.json").algo is Algo(algo)
+    assert saved_algo(result.model_path) is Algo(algo)
+    model = load_model(result.best_model_path)
+    env = gym.make(FAST_ENV, **TINY_ENV_KWARGS)
+    observation, _ = env.reset(seed=5)
+    steps, done = 0, False
+    while not done:
+        masks = env.unwrapped.action_masks()
+        extra = {"action_masks": masks} if algo == "maskable-ppo" else {}
+        action, _ = model.predict(observation, deterministic=True, **extra)
+        assert env.action_space.contains(action)
+        if algo == "maskable-ppo":
+            # every chosen value is allowed by the env's mask of its dimension
+            offsets = np.concatenate([[0], np.cumsum(env.action_space.nvec)[:-1]])
+            assert masks[offsets + action].all()
+        observation, _, terminated, truncated, _ = env.step(action)
+        done, steps = terminated or truncated, steps + 1
+    assert steps == TINY_ENV_KWARGS["horizon"]
+
+
+def test_tensorboard_has_serving_reward_eval_scalars_figure_and_hparams(tiny_runs: dict[str, TrainResult]) -> None:
+    accumulator = _event_accumulator(tiny_runs["ppo"].run_dir)
+    scalars = set(accumulator.Tags()["scalars"])
+    assert scalars >= SERVING_TAGS
+    assert scalars >= {"eval/mean_reward", "eval/slo_attainment", "eval/gpus", "eval/energy_kwh", "rollout/ep_rew_mean"}
+    gpus = [event.value for event in accumulator.Scalars("serving/gpus")]
+    attainment = [event.value for event in accumulator.Scalars("serving/slo_attainment")]
+    assert len(gpus) == 1024 // (2 * 64)  # one point per rollout
+    assert all(value >= 1 for value in gpus) and all(0 <= value <= 1 for value in attainment)
+    assert all(event.value > 0 for event in accumulator.Scalars("serving/energy_kwh"))
+    assert all(event.value <= 0 for event in accumulator.Scalars("reward/gpu"))
+    assert "eval/episode" in accumulator.Tags()["images"]
+    assert accumulator.PluginTagToContent("hparams")
+
+
+def test_cli_train_runs_and_reports_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config_path = tmp_path / "tiny.toml"
+    config_path.write_text(
+        'n_steps = 64\nbatch_size = 64\nn_epochs = 1\nnet_arch = [16]\neval_freq = 0\n[env_kwargs]\nhorizon = 8\ntrace_duration_s = 600.0\n'
+    )
+    code = main(
+        ["train", "--env", FAST_ENV, "--timesteps", "64", "--n-envs", "1", "--seed", "2",
+         "--config", str(config_path), "--logdir", str(tmp_path / "runs")]
+    )
+    output = capsys.readouterr().out
+    assert code == 0 and "final model:" in output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("opscale-OperatorAutoscale-fast-v0__ppo__2__")
+    assert main(["train", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "config file" in capsys.readouterr().err
