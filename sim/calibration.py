@@ -484,15 +484,18 @@ class PowerCheck:
 def _iteration_kernel_s(
     cost_model: CostModel, model: ModelSpec, gpu: GPUSpec, tp: int, tokens: int, batch: AttentionBatch
 ) -> tuple[float, float]:
-    """(kernel time, compute-bound part of it) of one forward pass of all units."""
+    """(kernel time, compute-bound part of it) of one forward pass of all units; ``lm_head`` runs on
+    one token per sequence (vLLM computes logits only where it samples)."""
     total = compute = 0.0
+    sequences = batch.num_decodes + batch.num_prefills
     for unit in model.units:
         if unit is UnitKind.ATTENTION:
             seconds = cost_model.attention_time_s(model, gpu, tp, batch)
             bound = "compute" if batch.num_prefills else "memory"
         else:
-            seconds = cost_model.unit_time_s(model, unit, gpu, tp, tokens)
-            bound = cost_model.bound(model, unit, gpu, tp, tokens)
+            unit_tokens = sequences if unit is UnitKind.LM_HEAD else tokens
+            seconds = cost_model.unit_time_s(model, unit, gpu, tp, unit_tokens)
+            bound = cost_model.bound(model, unit, gpu, tp, unit_tokens)
         total += seconds
         compute += seconds if bound == "compute" else 0.0
     return total, compute

@@ -95,7 +95,11 @@ class CostModel(Protocol):
 
     def unit_time_s(self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, num_tokens: int) -> float:
         """One call serving ``num_tokens`` tokens through all layers of a non-attention unit on one TP
-        group, including that unit's TP collective; 0 tokens -> 0.0."""
+        group, including that unit's TP collective; 0 tokens -> 0.0.
+
+        For ``lm_head`` pass the tokens whose logits are computed (vLLM: one per sequence that samples
+        this iteration, not every prompt token); for ``vision_encoder`` the image patches.
+        """
         ...
 
     def unit_time_s_array(

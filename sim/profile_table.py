@@ -34,7 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from opscale.sim.costmodel_api import AttentionBatch, as_nonnegative_array, split_prefill_pairs
-from opscale.sim.costmodel_roofline import UNIT_CACHE_MAX_ENTRIES, RooflineCostModel
+from opscale.sim.costmodel_roofline import (
+    UNIT_CACHE_MAX_ENTRIES,
+    RooflineCostModel,
+    decode_attention_time_s,
+    prefill_attention_time_s,
+)
 from opscale.sim.hardware import GPU_CATALOG, GPUSpec, get_gpu
 from opscale.sim.models import ModelSpec, UnitKind
 
@@ -338,7 +343,7 @@ class ProfileTableCostModel:
     ) -> None:
         self.profiles = VidurProfiles.load(profiles_dir, gpu=gpu)
         self.fallback = fallback if fallback is not None else RooflineCostModel()
-        self._unit_cache: dict[tuple[object, ...], float] = {}
+        self._unit_cache: dict[tuple[object, ...], tuple[ModelSpec, GPUSpec, float]] = {}
 
     # ------------------------------------------------------------------ coverage
     def coverage(self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int) -> str:
@@ -357,17 +362,19 @@ class ProfileTableCostModel:
 
     # ------------------------------------------------------------------ units
     def unit_time_s(self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, num_tokens: int) -> float:
-        """See :meth:`opscale.sim.costmodel.CostModel.unit_time_s`; memoised per instance."""
-        key = (model, unit, gpu, tp, num_tokens)
-        cached = self._unit_cache.get(key)
-        if cached is None:
-            cached = float(
-                self.unit_time_s_array(model, unit, gpu, tp, np.array([num_tokens], dtype=np.float64))[0]
-            )
-            if len(self._unit_cache) >= UNIT_CACHE_MAX_ENTRIES:
-                self._unit_cache.clear()
-            self._unit_cache[key] = cached
-        return cached
+        """See :meth:`opscale.sim.costmodel.CostModel.unit_time_s`; memoised per instance (keyed on the
+        identity of ``model`` and ``gpu``, which each entry holds, as in the roofline model)."""
+        key = (id(model), unit, id(gpu), tp, num_tokens)
+        entry = self._unit_cache.get(key)
+        if entry is not None:
+            return entry[2]
+        value = float(
+            self.unit_time_s_array(model, unit, gpu, tp, np.array([num_tokens], dtype=np.float64))[0]
+        )
+        if len(self._unit_cache) >= UNIT_CACHE_MAX_ENTRIES:
+            self._unit_cache.clear()
+        self._unit_cache[key] = (model, gpu, value)
+        return value
 
     def unit_time_s_array(
         self, model: ModelSpec, unit: UnitKind, gpu: GPUSpec, tp: int, tokens: np.ndarray
@@ -405,48 +412,34 @@ class ProfileTableCostModel:
     def attention_time_s(self, model: ModelSpec, gpu: GPUSpec, tp: int, batch: AttentionBatch) -> float:
         """See :meth:`opscale.sim.costmodel.CostModel.attention_time_s`."""
         model.validate_tp(tp)
+        coeffs = self.fallback.coefficients_for(gpu).attention
         key = (gpu.name, (model.hidden_size, model.num_heads, model.num_kv_heads), tp)
         prefill_grid = self.profiles.attention_prefill.get(key)
         decode_grid = self.profiles.attention_decode.get(key)
-        fallback_prefill, fallback_decode = self.fallback.attention_terms_per_layer(
-            model,
-            gpu,
-            tp,
-            np.array([batch.num_decodes], dtype=np.float64),
-            np.array([batch.decode_context_tokens], dtype=np.float64),
-            np.array([batch.prefill_tokens], dtype=np.float64),
-            np.array([batch.prefill_attention_pairs], dtype=np.float64),
-            np.array([batch.num_prefills], dtype=np.float64),
-        )
-        prefill_s = float(fallback_prefill[0])
-        decode_s = float(fallback_decode[0])
-        if prefill_grid is not None and batch.num_prefills:
-            chunk = batch.prefill_tokens / batch.num_prefills
-            _, cached = split_prefill_pairs(
-                np.array([float(batch.prefill_tokens)]),
-                np.array([batch.prefill_attention_pairs]),
-                np.array([float(batch.num_prefills)]),
+
+        def roofline_prefill(chunk: float, prior: float) -> float:
+            """One chunk of ``chunk`` tokens after ``prior`` cached tokens."""
+            pairs = chunk * prior + chunk * (chunk + 1) / 2
+            return float(prefill_attention_time_s(model, gpu, tp, coeffs, chunk, pairs, 1.0))
+
+        def roofline_decode(batch_size: float, mean_context: float) -> float:
+            return float(
+                decode_attention_time_s(model, gpu, tp, coeffs, batch_size, batch_size * mean_context)
             )
-            prior = float(cached[0]) / batch.prefill_tokens
 
-            def roofline_prefill(c: float, p: float) -> float:
-                pairs = np.array([c * p + c * (c + 1) / 2])
-                prefill, _ = self.fallback.attention_terms_per_layer(
-                    model, gpu, tp, np.zeros(1), np.zeros(1), np.array([c]), pairs, np.ones(1)
-                )
-                return float(prefill[0])
-
-            prefill_s = batch.num_prefills * _extend_grid(prefill_grid, chunk, prior, roofline_prefill)
-        if decode_grid is not None and batch.num_decodes:
-            mean_context = batch.decode_context_tokens / batch.num_decodes
-
-            def roofline_decode(b: float, ctx: float) -> float:
-                _, decode = self.fallback.attention_terms_per_layer(
-                    model, gpu, tp, np.array([b]), np.array([b * ctx]), np.zeros(1), np.zeros(1), np.zeros(1)
-                )
-                return float(decode[0])
-
-            decode_s = _extend_grid(decode_grid, batch.num_decodes, mean_context, roofline_decode)
+        tokens, prefills = float(batch.prefill_tokens), float(batch.num_prefills)
+        if prefill_grid is not None and prefills:
+            _, cached = split_prefill_pairs(tokens, float(batch.prefill_attention_pairs), prefills)
+            chunk, prior = tokens / prefills, float(cached) / tokens
+            prefill_s = prefills * _extend_grid(prefill_grid, chunk, prior, roofline_prefill)
+        else:
+            pairs = float(batch.prefill_attention_pairs)
+            prefill_s = float(prefill_attention_time_s(model, gpu, tp, coeffs, tokens, pairs, prefills))
+        decodes, context = float(batch.num_decodes), float(batch.decode_context_tokens)
+        if decode_grid is not None and decodes:
+            decode_s = _extend_grid(decode_grid, decodes, context / decodes, roofline_decode)
+        else:
+            decode_s = float(decode_attention_time_s(model, gpu, tp, coeffs, decodes, context))
         return (prefill_s + decode_s) * model.num_layers
 
     # ------------------------------------------------------------------ collectives
