@@ -22,10 +22,12 @@ from typing import Any, ClassVar, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
+
 from opscale.envs.config import EnvConfig, resolve_config
 from opscale.envs.render import render_ansi
 from opscale.envs.reward import RewardFunction
 from opscale.envs.spaces import WAITING_SCALE_REQUESTS, ActionCodec, ObservationLayout, addable_replicas
+from opscale.sim.cluster import ClusterState
 from opscale.sim.config import SimConfig
 from opscale.sim.costmodel import default_cost_model
 from opscale.sim.deployment import Deployment, Granularity
@@ -121,6 +123,9 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             cfg.reward_weights, cfg.slo_penalty, cfg.slo_target, self.cluster.num_gpus, self.max_power_w
         )
         self._nvec = self.codec.nvec
+        #: the simulators' memory model (per-replica bytes and usable capacity per GPU), for masks
+        self._memory = ClusterState(self.cluster, self.model, self.sim_config)
+        self._gpu_capacity_bytes = np.array([gpu.capacity_bytes for gpu in self._memory.gpus])
         self._sim: ServingSimulator | None = None
         self._window_start_s = 0.0
         self._steps = 0

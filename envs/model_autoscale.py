@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+
 from opscale.envs.base import AutoscaleEnv
 from opscale.envs.sizing import size_model_level
 from opscale.envs.spaces import ActionCodec, ModelActionCodec
-from opscale.sim.cluster import ClusterState
 from opscale.sim.deployment import Deployment
 
 __all__ = ["ModelAutoscaleEnv"]
@@ -89,12 +89,13 @@ class ModelAutoscaleEnv(AutoscaleEnv):
             self.slo,
             self.cost_model,
             self.sim_config,
+            budget_candidates=self.config.batch_cap_buckets_tokens,
             target_utilisation=self.config.initial_utilisation,
         )
 
     def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
         deployment = self.simulator.deployment
-        memory = ClusterState(self.cluster, self.model, self.sim_config)
+        memory = self._memory
         tp, pp = deployment.tp, deployment.pp
         token_budget = max(unit.batch_cap_tokens for unit in deployment.units.values())
         # one GPU of an instance holds 1/pp of every unit's TP shard plus room for one longest request's KV

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+
 from opscale.envs.base import AutoscaleEnv
 from opscale.envs.sizing import size_operator_level
 from opscale.envs.spaces import ActionCodec, OperatorActionCodec
-from opscale.sim.cluster import ClusterState
 from opscale.sim.deployment import Deployment
 from opscale.sim.models import UnitKind
 
@@ -130,6 +130,7 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
             self.slo,
             self.cost_model,
             self.sim_config,
+            budget_candidates=self.config.batch_cap_buckets_tokens,
             target_utilisation=self.config.initial_utilisation,
             max_replicas=self._max_replicas(),
         )
@@ -137,7 +138,7 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
     def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
         deployment = self.simulator.deployment
         free = self._free_bytes_per_gpu()
-        memory = ClusterState(self.cluster, self.model, self.sim_config)
+        memory = self._memory
         replicas = np.empty(len(self.units), dtype=np.int64)
         addable = np.empty(len(self.units), dtype=np.int64)
         for i, unit in enumerate(self.units):

@@ -2,20 +2,24 @@
 
 An episode has to start somewhere; a deployment far from the load makes the first minutes of every
 episode a rescue. The defaults here are a quick analytic sizing (not the greedy planner of
-:mod:`opscale.agents`), aiming at ``target_utilisation`` for the trace's **mean** rate and a TBT of
-half the SLO:
+:mod:`opscale.agents`) for the trace's **mean** rate at ``target_utilisation``:
 
-* tokens per second through every unit: ``T = rate x (mean prompt + mean output)`` tokens;
-* requests in flight (Little's law): ``C = rate x (TTFT_SLO / 2 + mean output x TBT_SLO / 2)``;
-* **operator level**: attention replicas (the streams) so that the KV cache of ``C`` requests at half
-  their output fits (each replica gets ``kv_share`` of one GPU's usable memory) and each runs at most
-  ``max_running_requests``; each stream iterates every ``TBT_SLO / 2`` with ``T x TBT_SLO / 2 / streams``
-  tokens per iteration, so a stateless unit receives ``streams / (TBT_SLO / 2)`` calls per second
-  and needs ``ceil(calls x t_unit(tokens per call) / target_utilisation)`` replicas;
-* **model level**: the smallest TP degree whose weight shard leaves ``kv_share`` of the GPU for KV; an
-  instance's iteration time is the sum of its units' times plus decode attention, and it serves the
-  largest token batch whose iteration fits in ``TBT_SLO / 2``; instances = tokens per second over that
-  throughput (and over the KV need), divided by ``target_utilisation``.
+* tokens per second through every unit: ``T = rate x (mean prompt + mean output)``;
+* requests in flight (Little's law): ``C = rate x (TTFT_SLO / 2 + mean output x TBT_SLO / 2)``,
+  each holding the KV of its prompt plus half its output on average;
+* **token budget** (tokens per iteration of a stream / instance): the largest candidate whose
+  worst iteration (a full prefill chunk at half the mean prompt's prior context, plus the stream's
+  decodes) takes at most half the TBT SLO. A chunk of prefill rides along with every request's decode
+  step, so the budget bounds every TBT gap: the default 2,048 tokens would put Qwen2-7B on an A100 at
+  ~165 ms per iteration, over a 100 ms TBT SLO;
+* **operator level**: streams (attention replicas) for the larger of the KV need (each stream gets
+  :data:`KV_SHARE` of a GPU), the running-request slots and the token throughput (budget tokens per
+  worst iteration); then the iteration time ``t`` at the fixed point of ``b = T x t / streams`` tokens
+  per iteration, and for each stateless unit ``ceil(streams / t x t_unit(b) / target_utilisation)``
+  replicas, at most one per stream (one stream's iteration visits the units in sequence, so replicas
+  beyond the number of streams would idle);
+* **model level**: the smallest TP degree whose weight shard leaves :data:`KV_SHARE` of each GPU for
+  KV; instances for the larger of the token throughput and the KV need.
 
 Counts are capped at what the cluster holds; a cap that binds is reported with ``gymnasium.logger.warn``.
 """
@@ -23,20 +27,25 @@ Counts are capped at what the cluster holds; a cap that binds is reported with `
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import gymnasium as gym
+
+from opscale.sim.cluster import ClusterState
 from opscale.sim.config import SimConfig
 from opscale.sim.costmodel_api import AttentionBatch, CostModel
-from opscale.sim.deployment import DEFAULT_BATCH_CAP_TOKENS, DEFAULT_TOKEN_BUDGET, Deployment
-from opscale.sim.hardware import ClusterSpec
+from opscale.sim.deployment import DEFAULT_BATCH_CAP_TOKENS, Deployment
+from opscale.sim.hardware import ClusterSpec, GPUSpec
 from opscale.sim.metrics import SLO
 from opscale.sim.models import ModelSpec, UnitKind
 from opscale.traces.trace import RequestTrace
 
-__all__ = ["WorkloadFigures", "size_model_level", "size_operator_level"]
+__all__ = ["KV_SHARE", "WorkloadFigures", "model_level_tp", "size_model_level", "size_operator_level"]
 
 #: Share of one GPU's usable memory an attention replica's KV cache is assumed to get when sizing.
 KV_SHARE = 0.5
+#: Fixed-point iterations for the per-iteration token count (converges in a handful).
+_FIXED_POINT_ROUNDS = 30
 
 
 class WorkloadFigures:
@@ -47,14 +56,62 @@ class WorkloadFigures:
     """
 
     def __init__(self, trace: RequestTrace, slo: SLO) -> None:
-        self.rate_per_s = trace.mean_rate_per_s if len(trace) else 0.0
-        self.mean_prompt_tokens = float(trace.prompt_tokens.mean()) if len(trace) else 0.0
-        self.mean_output_tokens = float(trace.output_tokens.mean()) if len(trace) else 0.0
-        self.iteration_s = slo.tbt_s / 2.0
+        if len(trace) == 0:
+            raise ValueError(f"cannot size a deployment for the empty trace {trace.name!r}")
+        self.rate_per_s = trace.mean_rate_per_s
+        self.mean_prompt_tokens = float(trace.prompt_tokens.mean())
+        self.mean_output_tokens = float(trace.output_tokens.mean())
+        self.iteration_budget_s = slo.tbt_s / 2.0
         self.tokens_per_s = self.rate_per_s * (self.mean_prompt_tokens + self.mean_output_tokens)
-        self.in_flight = self.rate_per_s * (slo.ttft_s / 2.0 + self.mean_output_tokens * self.iteration_s)
+        self.in_flight = self.rate_per_s * (
+            slo.ttft_s / 2.0 + self.mean_output_tokens * self.iteration_budget_s
+        )
         #: KV tokens a request holds on average over its life (its prompt plus half its output)
         self.kv_tokens_per_request = self.mean_prompt_tokens + self.mean_output_tokens / 2.0
+
+
+class IterationModel:
+    """Time of one iteration of a stream (all units in sequence) on one TP group, from the cost model.
+
+    :param model: the served model; ``gpu`` its GPU type; ``tp`` the TP degree of every unit.
+    :param cost_model: unit and attention times.
+    :param figures: workload figures (prompt lengths and KV per request).
+    """
+
+    def __init__(
+        self, model: ModelSpec, gpu: GPUSpec, tp: int, cost_model: CostModel, figures: WorkloadFigures
+    ):
+        self.model, self.gpu, self.tp, self.cost_model, self.figures = model, gpu, tp, cost_model, figures
+        self.stateless_units = tuple(u for u in model.units if u is not UnitKind.ATTENTION)
+
+    def unit_s(self, unit: UnitKind, tokens: int) -> float:
+        return self.cost_model.unit_time_s(self.model, unit, self.gpu, self.tp, tokens)
+
+    def iteration_s(self, tokens: int, decodes: int) -> float:
+        """``decodes`` decode tokens (each reading the mean KV of a request) plus a prefill chunk of the
+        remaining ``tokens - decodes`` tokens after half the mean prompt of prior context."""
+        decodes = min(decodes, tokens)
+        chunk = tokens - decodes
+        prior = self.figures.mean_prompt_tokens / 2.0
+        context = max(1, round(self.figures.kv_tokens_per_request))
+        batch = AttentionBatch(
+            num_decodes=decodes,
+            decode_context_tokens=decodes * context,
+            prefill_tokens=chunk,
+            prefill_attention_pairs=chunk * prior + chunk * (chunk + 1) / 2.0,
+            num_prefills=1 if chunk else 0,
+        )
+        attention = self.cost_model.attention_time_s(self.model, self.gpu, self.tp, batch)
+        return attention + sum(self.unit_s(unit, tokens) for unit in self.stateless_units)
+
+    def token_budget(self, candidates: Sequence[int], decodes: int) -> int:
+        """The largest candidate whose full iteration fits the iteration budget (the smallest if none does)."""
+        fitting = [
+            b
+            for b in sorted(candidates)
+            if self.iteration_s(b, min(decodes, b)) <= self.figures.iteration_budget_s
+        ]
+        return fitting[-1] if fitting else min(candidates)
 
 
 def _capped(count: int, cap: int, what: str) -> int:
@@ -74,38 +131,110 @@ def size_operator_level(
     cost_model: CostModel,
     sim_config: SimConfig,
     *,
+    budget_candidates: Sequence[int],
     target_utilisation: float,
     max_replicas: int,
 ) -> Deployment:
-    """Per-unit replica counts for the trace's mean rate (TP 1, default batch caps, pack placement)."""
+    """Per-unit replica counts and the streams' token budget (TP 1, pack placement); see the module doc."""
     gpu = cluster.gpu_of(0)
     figures = WorkloadFigures(trace, slo)
+    iterations = IterationModel(model, gpu, 1, cost_model, figures)
     usable_bytes = gpu.memory_bytes * sim_config.gpu_memory_fraction
-    kv_tokens_per_replica = KV_SHARE * usable_bytes / model.kv_bytes_per_token(1)
-    by_kv = figures.in_flight * figures.kv_tokens_per_request / kv_tokens_per_replica
+    kv_tokens_per_stream = KV_SHARE * usable_bytes / model.kv_bytes_per_token(1)
+    by_kv = figures.in_flight * figures.kv_tokens_per_request / kv_tokens_per_stream
     by_slots = figures.in_flight / sim_config.max_running_requests
+    decodes = math.ceil(figures.in_flight / max(1.0, math.ceil(max(by_kv, by_slots))))
+    budget = iterations.token_budget(budget_candidates, decodes)
+    by_tokens = figures.tokens_per_s * iterations.iteration_s(budget, min(decodes, budget)) / budget
     streams = _capped(
-        math.ceil(max(by_kv, by_slots) / target_utilisation), max_replicas, "attention replicas"
+        math.ceil(max(by_kv, by_slots, by_tokens) / target_utilisation), max_replicas, "attention replicas"
     )
-    tokens_per_call = max(
-        1, min(DEFAULT_BATCH_CAP_TOKENS, round(figures.tokens_per_s * figures.iteration_s / streams))
-    )
-    calls_per_s = streams / figures.iteration_s
+    # fixed point: an iteration carries the tokens that arrive while it runs
+    iteration_s = iterations.iteration_s(1, 1)
+    tokens = 1
+    for _ in range(_FIXED_POINT_ROUNDS):
+        tokens = max(1, min(budget, round(figures.tokens_per_s * iteration_s / streams)))
+        iteration_s = iterations.iteration_s(tokens, min(tokens, math.ceil(figures.in_flight / streams)))
     replicas: dict[UnitKind, int] = {UnitKind.ATTENTION: streams}
-    for unit in model.units:
-        if unit is UnitKind.ATTENTION:
-            continue
-        busy_per_s = calls_per_s * cost_model.unit_time_s(model, unit, gpu, 1, tokens_per_call)
-        replicas[unit] = _capped(
-            math.ceil(busy_per_s / target_utilisation), max_replicas, f"{unit.value} replicas"
+    busy_per_replica: dict[UnitKind, float] = {
+        UnitKind.ATTENTION: _attention_share(iterations, tokens, streams, figures, iteration_s)
+    }
+    for unit in iterations.stateless_units:
+        busy = streams / iteration_s * iterations.unit_s(unit, tokens)
+        replicas[unit] = min(
+            streams, _capped(math.ceil(busy / target_utilisation), max_replicas, f"{unit.value} replicas")
         )
+        busy_per_replica[unit] = busy / replicas[unit]
+    memory = ClusterState(cluster, model, sim_config)
+    bytes_per_replica = {
+        unit: memory.replica_bytes_per_gpu(
+            unit, 1, budget if unit is UnitKind.ATTENTION else DEFAULT_BATCH_CAP_TOKENS
+        )
+        for unit in model.units
+    }
+    bytes_per_replica[UnitKind.ATTENTION] += KV_SHARE * usable_bytes
+    gpus = _place_by_load(
+        replicas, busy_per_replica, bytes_per_replica, usable_bytes, cluster.num_gpus, target_utilisation
+    )
     return Deployment.operator_level(
         model.name,
         gpu.name,
         replicas=replicas,
+        batch_caps={UnitKind.ATTENTION: budget},
         num_nodes=len(cluster.nodes),
+        gpus=gpus,
         gpus_per_node=cluster.nodes[0].gpus_per_node,
     )
+
+
+def _attention_share(
+    iterations: IterationModel, tokens: int, streams: int, figures: WorkloadFigures, iteration_s: float
+) -> float:
+    """Busy share of one stream's attention replica: its attention time over the iteration time."""
+    decodes = min(tokens, math.ceil(figures.in_flight / streams))
+    attention_s = iterations.iteration_s(tokens, decodes) - sum(
+        iterations.unit_s(unit, tokens) for unit in iterations.stateless_units
+    )
+    return attention_s / iteration_s
+
+
+def _place_by_load(
+    replicas: dict[UnitKind, int],
+    busy_per_replica: dict[UnitKind, float],
+    bytes_per_replica: dict[UnitKind, float],
+    usable_bytes: float,
+    num_gpus: int,
+    target_utilisation: float,
+) -> dict[UnitKind, list[tuple[int, ...]]]:
+    """First-fit decreasing by busy share: each replica goes to the first GPU whose summed busy share
+    stays within ``target_utilisation`` and whose memory holds it.
+
+    The simulators' ``pack`` policy fills GPUs by memory alone, which for small operator replicas puts a
+    whole model's compute on one GPU; placing by load keeps co-located replicas from contending. If no
+    GPU satisfies both limits, the replica goes to the GPU with the least busy share that has the memory
+    (a cluster too small for the load still gets a deployment; the simulator shows the overload).
+    """
+    busy = [0.0] * num_gpus
+    used = [0.0] * num_gpus
+    placed: dict[UnitKind, list[tuple[int, ...]]] = {unit: [] for unit in replicas}
+    order = sorted(
+        ((unit, copy) for unit, count in replicas.items() for copy in range(count)),
+        key=lambda item: (-busy_per_replica[item[0]], item[0].value, item[1]),
+    )
+    for unit, _ in order:
+        share, need = busy_per_replica[unit], bytes_per_replica[unit]
+        fits_memory = [g for g in range(num_gpus) if used[g] + need <= usable_bytes]
+        if not fits_memory:
+            raise ValueError(
+                f"default deployment: no GPU has {need / 1e9:.1f} GB free for a {unit.value} replica; "
+                "use more nodes or give an explicit initial_deployment"
+            )
+        within = [g for g in fits_memory if busy[g] + share <= target_utilisation]
+        chosen = within[0] if within else min(fits_memory, key=lambda g: busy[g])
+        busy[chosen] += share
+        used[chosen] += need
+        placed[unit].append((chosen,))
+    return placed
 
 
 def model_level_tp(model: ModelSpec, cluster: ClusterSpec, sim_config: SimConfig) -> int:
@@ -132,41 +261,29 @@ def size_model_level(
     cost_model: CostModel,
     sim_config: SimConfig,
     *,
+    budget_candidates: Sequence[int],
     target_utilisation: float,
 ) -> Deployment:
-    """Whole instances (TP from :func:`model_level_tp`) for the trace's mean rate."""
+    """Whole instances (TP from :func:`model_level_tp`) and their token budget; see the module doc."""
     gpu = cluster.gpu_of(0)
     figures = WorkloadFigures(trace, slo)
     tp = model_level_tp(model, cluster, sim_config)
-    max_instances = cluster.num_gpus // tp
+    iterations = IterationModel(model, gpu, tp, cost_model, figures)
     usable_bytes = gpu.memory_bytes * sim_config.gpu_memory_fraction
     kv_tokens = (usable_bytes - model.total_weight_bytes(tp)) / model.kv_bytes_per_token(tp)
-    context = max(1, round(figures.kv_tokens_per_request))
-
-    def iteration_s(tokens: int) -> float:
-        # decode-dominated iteration: `tokens` requests each reading `context` KV tokens
-        attention = cost_model.attention_time_s(
-            model, gpu, tp, AttentionBatch(num_decodes=tokens, decode_context_tokens=tokens * context)
-        )
-        others = sum(
-            cost_model.unit_time_s(model, u, gpu, tp, tokens)
-            for u in model.units
-            if u is not UnitKind.ATTENTION
-        )
-        return attention + others
-
-    batch = 1
-    while batch * 2 <= DEFAULT_TOKEN_BUDGET and iteration_s(batch * 2) <= figures.iteration_s:
-        batch *= 2
-    throughput = batch / iteration_s(batch)
-    by_tokens = figures.tokens_per_s / throughput
-    by_kv = figures.in_flight * figures.kv_tokens_per_request / max(kv_tokens, 1.0)
-    instances = _capped(math.ceil(max(by_tokens, by_kv) / target_utilisation), max_instances, "instances")
+    by_kv = figures.in_flight * figures.kv_tokens_per_request / kv_tokens
+    decodes = math.ceil(figures.in_flight / max(1.0, math.ceil(by_kv)))
+    budget = iterations.token_budget(budget_candidates, decodes)
+    by_tokens = figures.tokens_per_s * iterations.iteration_s(budget, min(decodes, budget)) / budget
+    instances = _capped(
+        math.ceil(max(by_tokens, by_kv) / target_utilisation), cluster.num_gpus // tp, "instances"
+    )
     return Deployment.model_level(
         model.name,
         gpu.name,
         instances=instances,
         tp=tp,
         num_nodes=len(cluster.nodes),
+        token_budget=budget,
         gpus_per_node=cluster.nodes[0].gpus_per_node,
     )

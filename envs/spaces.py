@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 from gymnasium import spaces
+
 from opscale.sim.deployment import Placement, ScalingAction, UnitAction
 from opscale.sim.models import UnitKind
 
