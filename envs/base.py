@@ -151,7 +151,23 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             trace = load_trace(cfg.trace, seed=cfg.trace_seed, **extra)
         if cfg.trace_rate_scale != 1.0:
             trace = trace.scale_rate(cfg.trace_rate_scale, np.random.default_rng(cfg.trace_seed))
+        self._check_request_lengths(trace)
         return trace
+
+    def _check_request_lengths(self, trace: RequestTrace) -> None:
+        """Fail at construction, not at some later reset, when requests exceed the model's context."""
+        tokens = trace.prompt_tokens + trace.output_tokens
+        if trace.image_tokens is not None and UnitKind.VISION_ENCODER in self.model.units:
+            tokens = tokens + trace.image_tokens
+        #: the longest request's tokens: an attention replica must hold at least its KV (action masks)
+        self.longest_request_tokens = int(min(tokens.max(), self.model.max_context))
+        too_long = int(np.count_nonzero(tokens > self.model.max_context))
+        if too_long and not self.sim_config.clip_long_requests:
+            raise ValueError(
+                f"{too_long} requests of trace {trace.name!r} exceed the {self.model.max_context}-token context of "
+                f"model {self.model.name!r} (longest {int(tokens.max())}); pass sim_config={{'clip_long_requests': "
+                "True}} to clip them (counted), or trace.truncate_lengths(...)"
+            )
 
     def _check_episode_fits(self) -> None:
         span_s = self.trace.duration_s

@@ -98,8 +98,8 @@ class ModelAutoscaleEnv(AutoscaleEnv):
         memory = self._memory
         tp, pp = deployment.tp, deployment.pp
         token_budget = max(unit.batch_cap_tokens for unit in deployment.units.values())
-        # one GPU of an instance holds 1/pp of every unit's TP shard plus room for one longest request's KV
+        # one GPU of an instance holds 1/pp of every unit's TP shard plus room for the KV of the trace's longest request
         need = sum(memory.replica_bytes_per_gpu(unit, tp, token_budget) for unit in self.units) / pp
-        need += self.model.max_context * memory.kv_bytes_per_token_per_gpu(tp) / pp
+        need += self.longest_request_tokens * memory.kv_bytes_per_token_per_gpu(tp) / pp
         addable = self._addable_from(self._free_bytes_per_gpu(), need, tp * pp)
         return np.array([deployment.instances]), np.array([addable])

@@ -146,8 +146,8 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
             tp = unit_deployment.tp
             need = memory.replica_bytes_per_gpu(unit, tp, unit_deployment.batch_cap_tokens)
             if unit is UnitKind.ATTENTION:
-                # an attention replica needs room for at least one request of the longest context
-                need += self.model.max_context * memory.kv_bytes_per_token_per_gpu(tp)
+                # an attention replica needs room for the KV of the trace's longest request
+                need += self.longest_request_tokens * memory.kv_bytes_per_token_per_gpu(tp)
             replicas[i] = unit_deployment.replicas
             addable[i] = self._addable_from(free, need, tp)
         return replicas, addable

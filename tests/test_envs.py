@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 from envs_fake_simulator import FakeSimulator
+
 from opscale.envs import base
 from opscale.envs.config import default_config, resolve_config
 from opscale.envs.model_autoscale import ModelAutoscaleEnv
@@ -111,6 +112,22 @@ def test_bad_config_raises_at_env_construction(trace: RequestTrace, fake_sim: No
         OperatorAutoscaleEnv(trace=trace, episode_start_s=1790.0)
     with pytest.raises(ValueError, match="unknown render_mode 'human'"):
         OperatorAutoscaleEnv(trace=trace, render_mode="human")
+
+
+def test_requests_longer_than_the_context_raise_at_construction(fake_sim: None) -> None:
+    long = RequestTrace(
+        np.arange(200.0) * 5.0,
+        np.full(200, 4000),
+        np.full(200, 100),
+        name="long",
+        time_range_s=(0.0, 1000.0),
+    )
+    with pytest.raises(ValueError, match=r"200 requests of trace 'long' exceed the 4096-token context"):
+        OperatorAutoscaleEnv(trace=long, model="llama-2-7b", horizon=10)
+    clipped = OperatorAutoscaleEnv(
+        trace=long, model="llama-2-7b", horizon=10, sim_config={"clip_long_requests": True}
+    )
+    assert clipped.longest_request_tokens == 4096
 
 
 def test_initial_deployment_of_the_wrong_granularity_raises(trace: RequestTrace, fake_sim: None) -> None:
