@@ -170,3 +170,13 @@ def test_cli_validate_json_reports_targets_and_power(
     assert ("a100", "all_reduce_cross_node", "in-sample") in scopes
     assert all(target["ok"] for target in payload["targets"])
     assert payload["power"]["splitwise-measured"]["average_mape"] < 0.10
+
+
+def test_cli_bench_prints_per_call_times(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["costmodel", "bench", "--model", "mixtral-8x7b", "--gpu", "a100", "--tp", "2", "--calls", "20"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "mixtral-8x7b moe on a100 TP 2" in out
+    assert "memoised" in out and "us/call" in out

@@ -6,6 +6,7 @@ Examples::
     opscale costmodel validate --profiles ../shared/reference/vidur_profiles/data/profiling --json
     opscale costmodel show llama-2-70b --gpu h100 --tp 4 --tokens 512 --context 8192
     opscale costmodel show qwen2-57b-a14b --gpu a100 --tp 2 --tokens 1 --context 4096 --json
+    opscale costmodel bench --model llama-2-70b --gpu h100 --tp 4
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def add_parser(subparsers: Any) -> None:
     )
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
     show.set_defaults(func=_show)
+
+    bench = actions.add_parser("bench", help="time the cost model's hot-path calls (what the simulators pay)")
+    bench.add_argument("--model", default="llama-2-70b", help="model name (default llama-2-70b)")
+    bench.add_argument("--gpu", default="h100", help="GPU name (default h100)")
+    bench.add_argument("--tp", type=int, default=4, help="tensor-parallel degree (default 4)")
+    bench.add_argument("--calls", type=int, default=20000, help="calls per timed loop (default 20000)")
+    bench.set_defaults(func=_bench)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -172,4 +180,41 @@ def _show(args: argparse.Namespace) -> int:
             f"{row.flops / 1e9:11.2f} {row.bytes_moved / 1e9:10.3f} {row.bound:>8s}"
         )
     print(f"{'total':15s} {total_s * 1e3:11.3f}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from opscale.sim.costmodel import AttentionBatch, default_cost_model
+    from opscale.sim.hardware import get_gpu
+    from opscale.sim.models import UnitKind, get_model
+
+    model, gpu = get_model(args.model), get_gpu(args.gpu)
+    model.validate_tp(args.tp)
+    if args.calls < 1:
+        raise ValueError(f"--calls must be >= 1, got {args.calls}")
+    cost_model = default_cost_model()
+    mlp = UnitKind.MOE if model.is_moe else UnitKind.FFN
+    calls = args.calls
+
+    def per_call_us(action: Any, repeats: int) -> float:
+        start = time.perf_counter()
+        for index in range(repeats):
+            action(index)
+        return (time.perf_counter() - start) / repeats * 1e6
+
+    first = per_call_us(lambda i: cost_model.unit_time_s(model, mlp, gpu, args.tp, 1 + i), calls)
+    memo = per_call_us(lambda i: cost_model.unit_time_s(model, mlp, gpu, args.tp, 1 + i % 512), calls)
+    batch = AttentionBatch.from_requests([4096] * 32, [(512, 2048)])
+    attention = per_call_us(lambda i: cost_model.attention_time_s(model, gpu, args.tp, batch), calls)
+    tokens = np.arange(131073, dtype=np.float64)
+    array_us = per_call_us(lambda i: cost_model.unit_time_s_array(model, mlp, gpu, args.tp, tokens), 20)
+    print(f"{model.name} {mlp.value} on {gpu.name} TP {args.tp}, {calls} calls per loop")
+    print(f"  unit_time_s, first call per token count   {first:9.1f} us/call")
+    print(f"  unit_time_s, memoised                     {memo:9.1f} us/call")
+    print(f"  attention_time_s (32 decodes + 1 chunk)   {attention:9.1f} us/call")
+    print(f"  unit_time_s_array, 131,073 token counts   {array_us / 1e3:9.2f} ms/call")
     return 0
