@@ -4,6 +4,17 @@ The numbers in :data:`FITTED_COEFFICIENTS` are written by ``experiments/calibrat
 (rerun it to reproduce them) from the Vidur operator profiles (``microsoft/vidur`` commit
 ``7d47513``, ``data/profiling``; MIT licence) read in place under ``../shared/reference``. Only the
 fitted numbers live here; the profiles are never copied.
+
+Not everything is fitted, because not everything was profiled (each entry's ``source`` says so):
+
+* H100 attention: the only attention table is A100's; the H100 takes the A100 fit with its
+  compute efficiencies scaled by FlashAttention-2's published utilisation on each GPU (~73 % of peak
+  on A100, ~35 % on H100) and the same fraction of HBM bandwidth for decode.
+* H100 cross-node all-reduce: A100 latency, bus bandwidth scaled by the measured H100/A100
+  cross-node send/recv bandwidth ratio.
+* H200: no profiles at all; it reuses every H100 coefficient (same GH100 compute), and its own
+  4.8 TB/s HBM and 141 GB enter through :class:`opscale.sim.hardware.GPUSpec`, so memory-bound work
+  (decode GEMMs, decode attention) runs ~1.4x faster than on an H100 and compute-bound work the same.
 """
 
 from __future__ import annotations

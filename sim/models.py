@@ -5,8 +5,9 @@ transformer layer: ``qkv_proj -> attention -> o_proj -> ffn`` (or ``moe``), with
 all per-layer elementwise work (two RMSNorms, rotary embedding, residual add, SiLU-and-mul); once per
 pass ``embed`` and ``lm_head``; VL models put ``vision_encoder`` first.
 
-Every quantity is for *all layers* of a unit unless its name says ``per_layer``, and for one tensor-
-parallel shard when it takes ``tp`` (vLLM / Megatron sharding: QKV and FFN-up column-parallel, O and
+Weights, FLOPs and bytes moved are for *all layers* of a unit (per-token activation and elementwise byte
+counts are per layer, as their docstrings say), and for one tensor-parallel shard when a method takes
+``tp`` (vLLM / Megatron sharding: QKV and FFN-up column-parallel, O and
 FFN-down row-parallel, embedding and LM head vocabulary-parallel, norms replicated; KV heads are
 replicated when ``tp`` exceeds their count, as vLLM does).
 
@@ -28,6 +29,7 @@ __all__ = [
     "MODEL_CATALOG",
     "GemmShape",
     "ModelSpec",
+    "Numeric",
     "UnitKind",
     "VisionEncoderSpec",
     "get_model",
