@@ -29,7 +29,8 @@ Model, per control interval (split at the moments loading replicas become ready)
    (one damped step per outer iteration), the service time is the cost model's time for ``n k``
    tokens (slowed by ``1 + f * busy co-located replicas`` under processor-sharing contention), and
    the wait is the Erlang-C (M/M/c) queue of calls scaled by 1/2 (Allen-Cunneen for deterministic
-   service), capped by the closed population (a stream has one job in flight). A pool that cannot
+   service), capped by the closed population (a stream has one job in flight, so at most
+   ``S beta - c`` jobs wait: none when a pool has as many replicas as there are busy streams). A pool that cannot
    keep up even at the cap bounds ``T`` from below (``T >= S beta s / (c n)``). Transfers between
    GPUs (latency per layer + bytes / link bandwidth) use the probability that consecutive units of
    an iteration sit on different GPUs or nodes, from the placement.
@@ -47,9 +48,10 @@ Model, per control interval (split at the moments loading replicas become ready)
    ``P(TTFT ok) x P(TBT ok)`` of meeting the SLO; queued requests whose wait passes the TTFT SLO are
    decided as violations in the interval their deadline passes.
 7. **GPUs and energy**: GPUs powered come from the same placement as the engine
-   (:mod:`opscale.sim.fluid_layout`); per GPU the busy fraction is ``beta`` (instances) or
-   ``1 - prod(1 - rho)`` over its replicas (pools), the compute-bound share is the prefill share,
-   and power follows the engine's power function.
+   (:mod:`opscale.sim.fluid_layout`); per GPU the busy fraction is ``beta`` (instances) or, for
+   pools, ``1 - (1 - L / S) ** S`` with ``L`` the summed utilisation of the replicas on it (each
+   stream has one job in service at a time, streams independent); the compute-bound share is the
+   prefill share, and power follows the engine's power function.
 
 Approximations to keep in mind (the agreement with the engine is measured by
 ``experiments/fidelity_report.py``): completions are counted when requests are admitted (a lag of
@@ -212,12 +214,21 @@ class FluidSimulator:
         self._refresh_layout()
         # fluid state carried across intervals
         self._backlog = 0.0
+        #: requests admitted and not yet complete, all streams (fluid)
+        self._in_service = 0.0
         self._backlog_decided = 0.0
         self._iteration_s = 0.0
         self._ttft_s = 0.0
         #: mean prefill-iteration time over the chunk distribution / time at the mean chunk (last interval)
         self._prefill_correction = 1.0
+        #: prefill chunk sizes (tokens) of prefill iterations and their weights (last interval)
+        self._prefill_chunks = np.array([1024.0])
+        self._prefill_weights = np.array([1.0])
         self._jobs_per_call = np.ones(len(self._stateless))
+        self._mean_job_tokens = np.ones(len(self._stateless))
+        #: contention slowdown of each pool's calls and of attention (operator level; last interval)
+        self._slowdown = np.ones(len(self._stateless))
+        self._attention_slowdown = 1.0
         self._unit_rho = np.zeros(len(self._units))
         self._served_total = 0.0
         self._last_interval: IntervalMetrics | None = None
@@ -658,9 +669,6 @@ class FluidSimulator:
             contention = (
                 self.config.contention_factor if self.config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
             )
-        self._slowdown = np.ones(n_units)
-        self._attention_slowdown = 1.0
-        self._mean_job_tokens = np.ones(n_units)
         pool_wait = np.zeros(n_units)
         pool_rho = np.zeros(n_units)
         pool_service = np.zeros(n_units)
@@ -670,14 +678,20 @@ class FluidSimulator:
         ttft_s = self._ttft_s or iteration_s
         x_cap = math.inf
         x = 0.0
+        in_service_start = self._in_service / streams if streams else 0.0
         beta = decodes = rho_prefill = chunk_eff = prefill_rate = 0.0
-        decode_s = prefill_iteration_s = full_s = iteration_s
+        decode_s = prefill_iteration_s = prefill_at_mean_chunk_s = full_s = iteration_s
         available = budget
         chunks = np.ones(LENGTH_QUANTILES)
         for _ in range(FIXED_POINT_ITERATIONS if ready else 0):
             x = min(x_demand, x_cap)
-            beta = max(-math.expm1(-x * (ttft_s + gaps_per_request * iteration_s)), 1e-9) if x > 0 else 0.0
-            decodes = x * gaps_per_request * iteration_s / beta if x > 0 else 0.0
+            # requests in service per stream relax towards x * R with time constant R (the residence
+            # time): the decode population carries over between intervals, as in the engine
+            residence_s = ttft_s + gaps_per_request * iteration_s
+            settle = residence_s / dt * -math.expm1(-dt / residence_s)
+            in_service = x * residence_s + (in_service_start - x * residence_s) * settle
+            beta = max(-math.expm1(-in_service), 1e-9)
+            decodes = in_service * (gaps_per_request * iteration_s / residence_s) / beta
             available = max(budget - decodes, 1.0)
             rho_prefill = min(x * prompt_mean * iteration_s / (beta * available), 1.0) if x > 0 else 0.0
             chunks = np.ceil(prompts / available)
@@ -686,6 +700,7 @@ class FluidSimulator:
             decode_s, prefill_iteration_s, full_s = self._iteration_triple(
                 decodes, chunk_eff, available, 0.5 * prompt_mean, context, float(pool_wait.sum())
             )
+            prefill_at_mean_chunk_s = prefill_iteration_s
             prefill_iteration_s *= self._prefill_correction
             prefill_s_mean = float(chunks.mean() - 1.0) * full_s + prefill_iteration_s
             prefill_rate = x * prompt_mean / (beta * chunk_eff) if x > 0 else 0.0
@@ -704,7 +719,16 @@ class FluidSimulator:
                     self._transfer_fixed_s[self._pool_columns]
                     + self._transfer_per_token_s[self._pool_columns] * self._mean_job_tokens
                 )
-                pool_service = self._table.time_s_at(self._jobs_per_call * self._mean_job_tokens) * self._slowdown + transfer
+                # a call serves one job of the iteration's own composition plus (n - 1) of mean size;
+                # average over decode-only and prefill jobs (the chunk mix of the last interval)
+                others = (self._jobs_per_call - 1.0) * self._mean_job_tokens
+                own = decodes + self._prefill_chunks
+                own_jobs = np.broadcast_to(own, (n_units, own.size)).copy()
+                own_jobs[self._lm_head_row] = decodes + 1.0
+                prefill_call = self._table.time_s_at(np.maximum(own_jobs + others[:, None], 1.0)) @ self._prefill_weights
+                decode_jobs = np.full(n_units, max(decodes, 1.0))
+                decode_call = self._table.time_s_at(decode_jobs + others)
+                pool_service = ((1.0 - phi) * decode_call + phi * prefill_call) * self._slowdown + transfer
                 pool_rho = job_rate * pool_service / (self._jobs_per_call * pool_replicas)
                 # a pool that cannot keep up even at its cap bounds the iteration time from below
                 full_service = self._table.time_s_at(max_jobs * self._mean_job_tokens) * self._slowdown + transfer
@@ -714,9 +738,7 @@ class FluidSimulator:
                 prob_wait = self._erlang.lookup(pool_replicas.astype(np.int64), rho)
                 queue_calls = prob_wait * rho / (1.0 - rho)
                 # closed population: at most one job per busy stream is anywhere in the pools
-                pool_queue_jobs = np.minimum(
-                    queue_calls * self._jobs_per_call, np.maximum(streams * beta - rho * pool_replicas * self._jobs_per_call, 0.0)
-                )
+                pool_queue_jobs = np.minimum(queue_calls * self._jobs_per_call, np.maximum(streams * beta - pool_replicas, 0.0))
                 pool_wait = POOL_WAIT_FACTOR * pool_queue_jobs / max(job_rate, 1e-12)
                 target = np.clip(1.0 + pool_queue_jobs / pool_replicas, 1.0, max_jobs)
                 self._jobs_per_call = np.sqrt(self._jobs_per_call * target)
@@ -733,9 +755,10 @@ class FluidSimulator:
                 rho_all[self._pool_columns] = np.minimum(pool_rho, 1.0)
                 rho_all[self._attention_column] = min(attention_busy, 1.0)
                 if contention:
-                    gpu_busy = self._shards @ rho_all
+                    # busy replicas on each GPU, less the calling stream's own share (one job in flight)
+                    gpu_busy = (self._shards @ rho_all) * (1.0 - 1.0 / streams)
                     shards_per_unit = np.maximum(self._shards.sum(axis=0), 1.0)
-                    others = (self._shards.T @ gpu_busy) / shards_per_unit - rho_all
+                    others = (self._shards.T @ gpu_busy) / shards_per_unit
                     slowdown = 1.0 + contention * np.maximum(others, 0.0)
                     self._slowdown = slowdown[self._pool_columns]
                     self._attention_slowdown = float(slowdown[self._attention_column])
@@ -760,14 +783,11 @@ class FluidSimulator:
         prefill_weights = np.concatenate(([float((chunks - 1.0).sum())], np.ones(LENGTH_QUANTILES)))
         prefill_weights /= prefill_weights.sum()
         if ready and x > 0:
+            # used from the next interval on (one interval's lag keeps the loop cheap)
             mean_prefill_s = float(prefill_weights @ prefill_times)
-            self._prefill_correction = mean_prefill_s / prefill_iteration_s
-            prefill_iteration_s = mean_prefill_s
-            prefill_share = prefill_rate * prefill_iteration_s
-            iteration_s = max(
-                prefill_iteration_s if prefill_share >= 1.0 else 1.0 / (prefill_rate + (1.0 - prefill_share) / decode_s),
-                iteration_s if operator else 0.0,
-            )
+            self._prefill_correction = mean_prefill_s / prefill_at_mean_chunk_s
+            self._prefill_chunks = prefill_chunks
+            self._prefill_weights = prefill_weights
         served = x * streams * dt
         backlog_end = max(demand - served, 0.0)
         backlog_mean = 0.5 * (self._backlog + backlog_end)
@@ -837,6 +857,10 @@ class FluidSimulator:
 
         ttft_p50, ttft_p99 = _quantiles_from_cdf(decided_cdf, (0.5, 0.99), float(fixed_s.max()) + 50.0 * wait_given_wait_s + late_wait_s)
         self._backlog = backlog_end
+        if ready:
+            residence_s = self._ttft_s + gaps_per_request * iteration_s
+            in_service_end = x * residence_s + (in_service_start - x * residence_s) * math.exp(-dt / residence_s)
+            self._in_service = in_service_end * streams
         self._served_total += served
 
         # ---- per-unit figures
@@ -877,7 +901,10 @@ class FluidSimulator:
             rho_all = utilisation
             compute_flags = np.zeros(len(self._units))
             compute_flags[self._pool_columns] = self._table.compute_bound_at(self._jobs_per_call * self._mean_job_tokens)
-            busy_gpu = 1.0 - np.exp(self._shards @ np.log1p(-np.minimum(rho_all, 0.999)))
+            # a stream's job is in service at one replica at a time, so its busy shares on a GPU add up;
+            # the streams are independent: busy = 1 - (1 - load / S) ** S with load = sum of replica rhos
+            gpu_load = np.minimum((self._shards @ rho_all) / max(streams, 1), 1.0)
+            busy_gpu = 1.0 - (1.0 - gpu_load) ** max(streams, 1)
             compute_busy = self._shards @ (rho_all * compute_flags)
             compute_busy += self._shards[:, attention_column] * beta * prefill_rate * (attention_prefill_s - attention_decode_s)
         else:
