@@ -108,14 +108,15 @@ class Replica:
     busy_since_s: float = 0.0
     #: called once a draining replica has gone idle and left
     on_released: Callable[[Replica], None] | None = None
+    #: TP degree (GPUs in the group) and the GPU its activations leave from (hot-loop attributes)
+    tp: int = field(init=False)
+    home_gpu: int = field(init=False)
 
-    @property
-    def tp(self) -> int:
-        return len(self.gpus)
-
-    @property
-    def home_gpu(self) -> int:
-        return self.gpus[0]
+    def __post_init__(self) -> None:
+        if not self.gpus:
+            raise ValueError(f"replica {self.replica_id} of {self.unit.value!r} has no GPU")
+        self.tp = len(self.gpus)
+        self.home_gpu = self.gpus[0]
 
 
 @dataclass

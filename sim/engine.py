@@ -592,14 +592,6 @@ class DiscreteEventSimulator:
         interval.output_tokens += output_tokens
         interval.preemptions += preemptions
 
-    def on_gap(self, rows: list[int], gap_s: float) -> None:
-        if rows:
-            self.tbt.add_gap(rows, gap_s)
-
-    def on_gap_ramp(self, rows: list[int], first_gap_s: float, last_gap_s: float, count: int) -> None:
-        if rows:
-            self.tbt.add_gap_ramp(rows, first_gap_s, last_gap_s, count)
-
     def on_first_token(self, request: ActiveRequest, now_s: float) -> None:
         ttft = now_s - request.arrival_s
         self._totals.ttft.add(ttft)

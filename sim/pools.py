@@ -128,7 +128,9 @@ class UnitPool:
         self._contention = (
             config.contention_factor if config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
         )
-        self._compute_bound: dict[tuple[int, int], bool] = {}
+        self._compute_threshold: dict[int, int] = {}
+        self._transfer_lines: dict[tuple[int, int], tuple[float, float]] = {}
+        self._timer_by_tp: dict[int, IterationTimer] = {}
 
     # ------------------------------------------------------------------ replicas
     def add_replica(self, replica: Replica) -> None:
@@ -167,8 +169,21 @@ class UnitPool:
 
     def submit(self, client: PoolClient) -> None:
         """Queue one job and start it if a replica is free."""
+        now = self.env.now
+        client.job_enqueued_s = now
+        if not self.queue and self.idle:
+            # fast path: nothing queued, a replica is free (the queue integral does not change)
+            idle = self.idle
+            source = client.job_source_gpu
+            replica = idle[-1]
+            for candidate in idle:
+                if candidate.home_gpu == source:
+                    replica = candidate
+                    break
+            idle.remove(replica)
+            self._start(replica, [client], client.job_tokens)
+            return
         self._note_queue()
-        client.job_enqueued_s = self.env.now
         self.queue.append(client)
         self.queued_tokens += client.job_tokens
         if self.idle:
@@ -196,40 +211,86 @@ class UnitPool:
             self.queued_tokens -= tokens
             self._start(replica, jobs, tokens)
 
+    def _timer(self, tp: int) -> IterationTimer:
+        timer = self._timer_by_tp.get(tp)
+        if timer is None:
+            timer = self.timers(tp)
+            self._timer_by_tp[tp] = timer
+        return timer
+
     def _kernel_s(self, tokens: int, replica: Replica) -> float:
         if self.service_time_s is not None:
             return self.service_time_s(tokens, replica)
-        timer = self.timers(replica.tp)
+        timer = self._timer(replica.tp)
         cap = replica.batch_cap_tokens
         if tokens <= cap:
             return timer.unit_s(self.unit, tokens)
         full, rest = divmod(tokens, cap)
         return full * timer.unit_s(self.unit, cap) + timer.unit_s(self.unit, rest)
 
-    def _is_compute_bound(self, tokens: int, tp: int) -> bool:
-        key = (tokens, tp)
-        value = self._compute_bound.get(key)
-        if value is None:
-            timer = self.timers(tp)
-            value = timer.cost_model.bound(timer.model, self.unit, timer.gpu, tp, tokens) == "compute"
-            self._compute_bound[key] = value
-        return value
+    def _compute_bound_from(self, tp: int) -> int:
+        """Smallest token count at which the unit is compute-bound at ``tp`` (the roofline bound is
+        monotone in tokens: memory-bound GEMMs at small batch, compute-bound at large)."""
+        threshold = self._compute_threshold.get(tp)
+        if threshold is None:
+            timer = self._timer(tp)
+
+            def compute(tokens: int) -> bool:
+                return timer.cost_model.bound(timer.model, self.unit, timer.gpu, tp, tokens) == "compute"
+
+            low, high = 0, 1 << 20
+            if not compute(high):
+                threshold = high
+            else:
+                while high - low > 1:
+                    mid = (low + high) // 2
+                    if compute(mid):
+                        high = mid
+                    else:
+                        low = mid
+                threshold = high
+            self._compute_threshold[tp] = threshold
+        return threshold
+
+    def _transfer_line(self, source: int, home: int) -> tuple[float, float]:
+        """``(fixed_s, per_token_s)`` of moving one job's input from ``source`` to ``home``."""
+        key = (source, home)
+        line = self._transfer_lines.get(key)
+        if line is None:
+            per_token = self.inbound_bytes_per_token
+            fixed = self.link.time_s(source, home, per_token, self.hops) - self.link.time_s(
+                source, home, per_token, 0
+            )
+            slope = self.link.time_s(source, home, per_token, 0)
+            line = (fixed, slope)
+            self._transfer_lines[key] = line
+        return line
 
     def _start(self, replica: Replica, jobs: list[PoolClient], tokens: int) -> None:
         now = self.env.now
         kernel = self._kernel_s(tokens, replica)
         if self._exponential:
             kernel = float(self.rng.exponential(kernel))
-        if self._contention:
-            kernel *= 1.0 + self._contention * self.cluster.busy_others(replica.gpus)
+        gpus = replica.gpus
+        cluster_gpus = self.cluster.gpus
+        others = 0
+        for index in gpus:
+            gpu = cluster_gpus[index]
+            if gpu.busy > others:
+                others = gpu.busy
+        if others and self._contention:
+            kernel *= 1.0 + self._contention * others
         transfer = 0.0
         stats = self.stats
-        per_token = self.inbound_bytes_per_token
+        home = replica.home_gpu
         for job in jobs:
             stats.wait_s += now - job.job_enqueued_s
-            t = self.link.time_s(job.job_source_gpu, replica.home_gpu, per_token * job.job_tokens, self.hops)
-            if t > transfer:
-                transfer = t
+            source = job.job_source_gpu
+            if source != home:
+                fixed, per_token = self._transfer_line(source, home)
+                t = fixed + per_token * job.job_tokens
+                if t > transfer:
+                    transfer = t
         duration = kernel + transfer
         stats.calls += 1
         stats.jobs += len(jobs)
@@ -237,12 +298,11 @@ class UnitPool:
         stats.service_s += duration
         replica.busy = True
         replica.busy_since_s = now
-        self.cluster.mark_busy(replica.gpus, now)
-        compute_s = (
-            kernel if self.service_time_s is None and self._is_compute_bound(tokens, replica.tp) else 0.0
-        )
-        event = self.env.timeout(duration)
-        event.callbacks.append(lambda _e: self._done(replica, jobs, compute_s))
+        self.cluster.mark_busy(gpus, now)
+        compute_s = 0.0
+        if self.service_time_s is None and tokens >= self._compute_bound_from(replica.tp):
+            compute_s = kernel
+        self.env.timeout(duration).callbacks.append(lambda _e: self._done(replica, jobs, compute_s))
 
     def _done(self, replica: Replica, jobs: list[PoolClient], compute_s: float) -> None:
         now = self.env.now
@@ -321,6 +381,7 @@ class PooledStream(Stream):
             self._stop_busy()
             return
         self._batch = batch
+        self.iteration_start_s = self.env.now
         self._sequences = len(batch.decodes) + len(batch.chunks)
         self.job_tokens = batch.num_tokens
         self.tokens_scheduled += batch.num_tokens

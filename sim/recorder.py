@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["IntervalAccumulator", "LogSketch", "RequestRecords", "TbtHistograms", "gap_bin"]
+__all__ = ["IntervalAccumulator", "LogSketch", "RequestRecords", "StreamGaps", "TbtHistograms", "gap_bin"]
 
 #: Smallest binned value, s; smaller gaps land in bin 0.
 _BIN_FLOOR_S = 1e-4
@@ -56,46 +56,73 @@ def _histogram_quantile(counts: np.ndarray, quantile: float) -> float:
     return float(BIN_VALUES_S[used[min(position, used.size - 1)]])
 
 
+class StreamGaps:
+    """Cumulative histogram of one stream's iteration gaps (every decoding member shares them)."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(NUM_BINS, dtype=np.int64)
+
+    def add(self, gap_s: float) -> None:
+        self.counts[gap_bin(gap_s)] += 1
+
+    def add_ramp(self, first_gap_s: float, last_gap_s: float, count: int) -> None:
+        """``count`` gaps growing linearly from ``first_gap_s`` to ``last_gap_s`` (a decode run)."""
+        first, last = gap_bin(first_gap_s), gap_bin(last_gap_s)
+        if first == last:
+            self.counts[first] += count
+        else:
+            self.counts += np.bincount(
+                gap_bins(np.linspace(first_gap_s, last_gap_s, count)), minlength=NUM_BINS
+            )
+
+
 class TbtHistograms:
-    """Per-active-request TBT gap histograms, rows recycled on completion."""
+    """Per-active-request TBT gap histograms, rows recycled on completion.
+
+    A decoding request sees exactly its stream's iteration gaps, so its histogram is kept as
+    ``banked + (stream histogram now - stream histogram when it joined)``: a stream iteration (or a
+    whole fast-forwarded run) costs one update of the stream's histogram, not one per request. Gaps a
+    request does not share with its stream (after a preemption or a migration) are banked alone.
+    """
 
     def __init__(self, initial_rows: int = 256) -> None:
-        self.counts = np.zeros((initial_rows, NUM_BINS), dtype=np.uint32)
+        self.banked = np.zeros((initial_rows, NUM_BINS), dtype=np.int64)
+        self.joined = np.zeros((initial_rows, NUM_BINS), dtype=np.int64)
         self._free: list[int] = list(range(initial_rows - 1, -1, -1))
 
     def allocate(self) -> int:
         """A zeroed row for a new request."""
         if not self._free:
-            old = self.counts.shape[0]
-            self.counts = np.concatenate([self.counts, np.zeros_like(self.counts)])
+            old = self.banked.shape[0]
+            self.banked = np.concatenate([self.banked, np.zeros_like(self.banked)])
+            self.joined = np.concatenate([self.joined, np.zeros_like(self.joined)])
             self._free = list(range(2 * old - 1, old - 1, -1))
         return self._free.pop()
 
     def release(self, row: int) -> None:
-        self.counts[row].fill(0)
+        self.banked[row].fill(0)
         self._free.append(row)
 
-    def add_gap(self, rows: list[int], gap_s: float) -> None:
-        """One gap of ``gap_s`` for each request in ``rows``."""
-        if len(rows) == 1:
-            self.counts[rows[0], gap_bin(gap_s)] += 1
-        else:
-            self.counts[rows, gap_bin(gap_s)] += 1
+    def join(self, row: int, stream: StreamGaps) -> None:
+        """The request starts sharing ``stream``'s gaps."""
+        self.joined[row] = stream.counts
 
-    def add_gap_ramp(self, rows: list[int], first_gap_s: float, last_gap_s: float, count: int) -> None:
-        """``count`` gaps growing linearly from ``first_gap_s`` to ``last_gap_s`` for each request in
-        ``rows`` (a fast-forwarded decode run)."""
-        first, last = gap_bin(first_gap_s), gap_bin(last_gap_s)
-        if first == last:
-            self.counts[rows, first] += count
-            return
-        per_bin = np.bincount(gap_bins(np.linspace(first_gap_s, last_gap_s, count)), minlength=NUM_BINS)
-        used = np.flatnonzero(per_bin)
-        self.counts[np.ix_(np.asarray(rows, dtype=np.intp), used)] += per_bin[used].astype(np.uint32)
+    def leave(self, row: int, stream: StreamGaps) -> None:
+        """The request stops sharing ``stream``'s gaps: bank what it saw."""
+        self.banked[row] += stream.counts - self.joined[row]
+
+    def add_own(self, row: int, gap_s: float) -> None:
+        """A gap only this request saw."""
+        self.banked[row, gap_bin(gap_s)] += 1
+
+    def replace_shared(self, row: int, shared_gap_s: float, own_gap_s: float) -> None:
+        """The request (joined) saw ``own_gap_s`` in an iteration whose shared gap is ``shared_gap_s``."""
+        self.joined[row, gap_bin(shared_gap_s)] -= 1
+        self.banked[row, gap_bin(own_gap_s)] += 1
 
     def quantiles(self, row: int) -> tuple[float, float]:
-        """(p50, p99) of the row's gaps (0 when it has none)."""
-        counts = self.counts[row]
+        """(p50, p99) of the row's banked gaps (0 when it has none)."""
+        counts = self.banked[row]
         return _histogram_quantile(counts, 0.5), _histogram_quantile(counts, 0.99)
 
 

@@ -32,6 +32,7 @@ from opscale.sim.costmodel import AttentionBatch, CostModel
 from opscale.sim.hardware import GPUSpec
 from opscale.sim.models import ModelSpec, UnitKind
 from opscale.sim.overhead import EngineOverhead
+from opscale.sim.recorder import StreamGaps, TbtHistograms
 
 __all__ = ["ActiveRequest", "InstanceStream", "IterationTimer", "Stream", "StreamHost"]
 
@@ -97,11 +98,7 @@ class StreamHost(Protocol):
 
     def on_tokens(self, stream: Stream, prompt_tokens: int, output_tokens: int, preemptions: int) -> None: ...
 
-    def on_gap(self, rows: list[int], gap_s: float) -> None: ...
-
-    def on_gap_ramp(self, rows: list[int], first_gap_s: float, last_gap_s: float, count: int) -> None:
-        """``count`` gaps growing linearly from ``first_gap_s`` to ``last_gap_s`` for each of ``rows``."""
-        ...
+    tbt: TbtHistograms
 
     def on_first_token(self, request: ActiveRequest, now_s: float) -> None: ...
 
@@ -259,6 +256,10 @@ class Stream:
         #: compute-bound (prefill) seconds since the last interval boundary (energy)
         self.compute_bound_s = 0.0
         self.tokens_scheduled = 0
+        #: gap histogram shared by the decoding members, and when the current iteration started
+        self.gaps = StreamGaps()
+        self.tbt = host.tbt
+        self.iteration_start_s = 0.0
         #: busy seconds since the last interval boundary
         self.busy_s = 0.0
         self.busy_since_s = 0.0
@@ -327,6 +328,8 @@ class Stream:
 
     def release_requests(self) -> list[ActiveRequest]:
         """Remove and return every request held (queued first, then running); KV is freed."""
+        for r in self.decoding:
+            self.tbt.leave(r.hist_row, self.gaps)
         held = [*self.waiting, *self.adopted, *self.prefilling, *self.decoding]
         self._waiting_delta(-self._waiting_tokens)
         self.waiting.clear()
@@ -373,6 +376,7 @@ class Stream:
             self.prefilling.remove(victim)
         else:
             self.decoding.remove(victim)
+            self.tbt.leave(victim.hist_row, self.gaps)
         self.free_blocks += victim.blocks
         self.pending_work_tokens -= victim.remaining_work_tokens
         victim.blocks = 0
@@ -393,6 +397,7 @@ class Stream:
                 r.blocks = need
                 self.free_blocks -= need
                 self.decoding.append(r)
+                self.tbt.join(r.hist_row, self.gaps)
             else:
                 self.pending_work_tokens -= r.remaining_work_tokens
                 r.ctx = r.computed = r.blocks = 0
@@ -460,10 +465,10 @@ class Stream:
         self.iterations += 1
         output_tokens = len(batch.decodes)
         completed: list[ActiveRequest] = []
+        tbt = self.tbt
         if batch.decodes:
-            # back-to-back iterations give every decode the same gap; anything else is binned alone
-            shared_gap = now_s - batch.decodes[0].last_token_s
-            rows = []
+            # every decode shares the iteration's gap, except after a hand-over (own gap, banked alone)
+            shared_gap = now_s - self.iteration_start_s
             for r in batch.decodes:
                 r.ctx += 1
                 r.generated += 1
@@ -473,13 +478,11 @@ class Stream:
                 r.gap_count += 1
                 if gap > r.tbt_max_s:
                     r.tbt_max_s = gap
-                if gap == shared_gap:
-                    rows.append(r.hist_row)
-                else:
-                    host.on_gap([r.hist_row], gap)
+                if abs(gap - shared_gap) > 1e-9:
+                    tbt.replace_shared(r.hist_row, shared_gap, gap)
                 if r.generated >= r.output:
                     completed.append(r)
-            host.on_gap(rows, shared_gap)
+            self.gaps.add(shared_gap)
         self.pending_work_tokens -= output_tokens
         for r, chunk in batch.chunks:
             r.computed += chunk
@@ -498,19 +501,24 @@ class Stream:
                     r.gap_sum_s += gap
                     r.gap_count += 1
                     r.tbt_max_s = max(r.tbt_max_s, gap)
-                    host.on_gap([r.hist_row], gap)
+                    tbt.add_own(r.hist_row, gap)
                 r.last_token_s = now_s
-                if r.generated >= r.output:
-                    completed.append(r)
-                else:
+                if r.generated < r.output:
                     self.decoding.append(r)
+                    tbt.join(r.hist_row, self.gaps)
+                else:
+                    self._complete(r, now_s)
         host.on_tokens(self, batch.prefill_tokens, output_tokens, 0)
-        for r in completed:
-            if r in self.decoding:
-                self.decoding.remove(r)
-            self.free_blocks += r.blocks
-            r.blocks = 0
-            host.on_complete(r, now_s)
+        if completed:
+            self.decoding = [r for r in self.decoding if r.generated < r.output]
+            for r in completed:
+                tbt.leave(r.hist_row, self.gaps)
+                self._complete(r, now_s)
+
+    def _complete(self, request: ActiveRequest, now_s: float) -> None:
+        self.free_blocks += request.blocks
+        request.blocks = 0
+        self.host.on_complete(request, now_s)
 
     def _next_iteration(self) -> None:
         """Schedule and start the next iteration, or go idle."""
@@ -617,6 +625,7 @@ class InstanceStream(Stream):
         if not batch.decodes and not batch.chunks:
             self._stop_busy()
             return
+        self.iteration_start_s = self.env.now
         tokens = batch.num_tokens
         sequences = len(batch.decodes) + len(batch.chunks)
         attention_s = self.timer.attention_s(batch)
@@ -748,7 +757,6 @@ class InstanceStream(Stream):
         end_s = self._run_end_s(upto)
         decoding = self.decoding
         n = len(decoding)
-        rows = []
         block = self.block_tokens
         for r in decoding:
             # runs follow the previous iteration back to back, so every gap is an iteration duration
@@ -759,12 +767,11 @@ class InstanceStream(Stream):
             if last_gap > r.tbt_max_s:
                 r.tbt_max_s = last_gap
             r.last_token_s = end_s
-            rows.append(r.hist_row)
             needed = -(-r.ctx // block)
             if needed > r.blocks:
                 self._run_reserved_blocks -= needed - r.blocks
                 r.blocks = needed
-        self.host.on_gap_ramp(rows, first_gap, last_gap, count)
+        self.gaps.add_ramp(first_gap, last_gap, count)
         per_iteration = self.overhead.iteration_s(self.overhead_ranks, n) + self.dense_s(n, n)
         self._account_units(n, n, count, total - count * per_iteration)
         self.iterations += count
@@ -785,9 +792,8 @@ class InstanceStream(Stream):
         if completed:
             self.decoding = [r for r in self.decoding if r.generated < r.output]
             for r in completed:
-                self.free_blocks += r.blocks
-                r.blocks = 0
-                self.host.on_complete(r, now)
+                self.tbt.leave(r.hist_row, self.gaps)
+                self._complete(r, now)
         self._next_iteration()
 
     def commit_until(self, time_s: float) -> None:
