@@ -98,17 +98,16 @@ def read_vidur_csv(path: Path, required: Iterable[str]) -> dict[str, list[str]]:
     missing = [name for name in required if name not in header]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; it has {header}")
-    columns: dict[str, list[str]] = {name: [] for name in header}
     for line_number, row in enumerate(rows, start=2):
         if len(row) != len(header):
             raise ValueError(f"{path}:{line_number}: {len(row)} fields, header has {len(header)}")
-        for name, value in zip(header, row, strict=True):
-            columns[name].append(value)
-    return columns
+    transposed = zip(*rows, strict=True) if rows else ([] for _ in header)
+    return {name: list(values) for name, values in zip(header, transposed, strict=True)}
 
 
 def _floats(values: list[str]) -> np.ndarray:
-    return np.array([float(v) if v not in ("", "nan", "NaN") else np.nan for v in values], dtype=np.float64)
+    """Column of numbers; empty cells (Vidur leaves the other phase's times blank) become NaN."""
+    return np.fromiter((float(v) if v else np.nan for v in values), dtype=np.float64, count=len(values))
 
 
 def gpu_name_from_path(path: Path, root: Path) -> str | None:
@@ -148,10 +147,9 @@ class _Curve:
     def build(cls, x: np.ndarray, y: np.ndarray) -> _Curve:
         keep = np.isfinite(x) & np.isfinite(y)
         x, y = x[keep], y[keep]
-        unique_x = np.unique(x)
         # repeated x (several ranks or repetitions): their mean
-        mean_y = np.array([y[x == value].mean() for value in unique_x])
-        return cls(unique_x, mean_y)
+        unique_x, index, counts = np.unique(x, return_inverse=True, return_counts=True)
+        return cls(unique_x, np.bincount(index, weights=y) / counts)
 
 
 @dataclass

@@ -211,7 +211,9 @@ def _bench(args: argparse.Namespace) -> int:
     batch = AttentionBatch.from_requests([4096] * 32, [(512, 2048)])
     attention = per_call_us(lambda i: cost_model.attention_time_s(model, gpu, args.tp, batch), calls)
     tokens = np.arange(131073, dtype=np.float64)
-    array_us = per_call_us(lambda i: cost_model.unit_time_s_array(model, mlp, gpu, args.tp, tokens), 20)
+    array_us = per_call_us(
+        lambda i: cost_model.unit_time_s_array(model, mlp, gpu, args.tp, tokens), min(calls, 20)
+    )
     print(f"{model.name} {mlp.value} on {gpu.name} TP {args.tp}, {calls} calls per loop")
     print(f"  unit_time_s, first call per token count   {first:9.1f} us/call")
     print(f"  unit_time_s, memoised                     {memo:9.1f} us/call")
