@@ -123,6 +123,7 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             cfg.reward_weights, cfg.slo_penalty, cfg.slo_target, self.cluster.num_gpus, self.max_power_w
         )
         self._nvec = self.codec.nvec
+        self._nvec_list: list[int] = self._nvec.tolist()
         #: the simulators' memory model (per-replica bytes and usable capacity per GPU), for masks
         self._memory = ClusterState(self.cluster, self.model, self.sim_config)
         self._gpu_capacity_bytes = np.array([gpu.capacity_bytes for gpu in self._memory.gpus])
@@ -269,14 +270,12 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         if sim is None:
             raise RuntimeError("call reset() before step()")
         vector = np.asarray(action)
-        if (
-            vector.shape != self._nvec.shape
-            or vector.dtype.kind not in "iu"
-            or vector.min() < 0
-            or (vector >= self._nvec).any()
-        ):
+        if vector.shape != self._nvec.shape or vector.dtype.kind not in "iu":
             raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
-        report = sim.apply(self.codec.decode(vector))
+        values = vector.tolist()  # plain ints: checked and decoded faster than with numpy reductions
+        if any(not 0 <= value < bound for value, bound in zip(values, self._nvec_list, strict=True)):
+            raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
+        report = sim.apply(self.codec.decode_values(values))
         metrics = sim.advance(self.control_interval_s)
         self._steps += 1
         reward, components = self.reward_function(metrics)
@@ -315,33 +314,36 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         return self.observation_layout.normalise(np.array(physical))
 
     def _observation_from(self, metrics: IntervalMetrics) -> np.ndarray:
-        physical: list[float] = []
+        # log-scaled features (queue, waiting) enter as log1p here: cheaper on Python floats than in numpy
+        prepared: list[float] = []
         unit_metrics = metrics.units
+        log1p = math.log1p
         for unit in self.units:
             m = unit_metrics[unit]
-            physical += [
+            prepared += [
                 m.replicas + m.pending_replicas,
                 m.pending_replicas,
                 m.utilisation,
-                m.queue_tokens,
+                log1p(max(m.queue_tokens, 0.0)),
                 m.batch_fill,
                 m.mean_wait_s + m.mean_service_s,
                 m.batch_cap_tokens,
             ]
-        rate = metrics.arrival_rate_per_s
+        duration_s = metrics.end_s - metrics.start_s
+        rate = metrics.arrivals / duration_s if duration_s > 0 else 0.0
         trend = 0.0 if self._last_metrics is metrics else rate - self._last_rate_per_s
-        physical += [
+        prepared += [
             rate,
             trend,
             metrics.slo_attainment,
             metrics.ttft_p99_s,
             metrics.tbt_p99_s,
-            metrics.waiting_requests,
+            log1p(max(metrics.waiting_requests, 0)),
             metrics.gpus_powered_mean,
-            metrics.mean_power_w,
+            metrics.energy_j / duration_s if duration_s > 0 else 0.0,
             *self._time_features(metrics.end_s),
         ]
-        return self.observation_layout.normalise(np.array(physical))
+        return self.observation_layout.scale_and_clip(prepared)
 
     def _time_features(self, sim_time_s: float) -> tuple[float, float, float]:
         angle = 2.0 * math.pi * ((self._window_start_s + sim_time_s) % _SECONDS_PER_DAY) / _SECONDS_PER_DAY

@@ -178,6 +178,7 @@ class ObservationLayout:
         self._multiplier = np.array(
             [1.0 / (math.log1p(f.scale) if f.spec.log else f.scale) for f in features], dtype=np.float64
         )
+        self._multiplier32 = self._multiplier.astype(np.float32)
         self._low64 = self.low.astype(np.float64)
         self._high64 = self.high.astype(np.float64)
 
@@ -199,6 +200,20 @@ class ObservationLayout:
     def space(self) -> spaces.Box:
         """The ``Box`` observation space (``float32``, finite bounds)."""
         return spaces.Box(low=self.low, high=self.high, dtype=np.float32)
+
+    @property
+    def log_positions(self) -> np.ndarray:
+        """Indices of the log-scaled features (their physical values enter as ``log1p(max(x, 0))``)."""
+        return self._log_positions
+
+    def scale_and_clip(self, prepared: list[float]) -> np.ndarray:
+        """The step path of :meth:`normalise`: ``prepared`` already holds ``log1p(max(x, 0))`` at
+        :attr:`log_positions` (cheap on Python floats), so only a multiply and a clip remain."""
+        values = np.array(prepared, dtype=np.float32)
+        values *= self._multiplier32
+        np.maximum(values, self.low, out=values)
+        np.minimum(values, self.high, out=values)
+        return values
 
     def normalise(self, physical: np.ndarray) -> np.ndarray:
         """Map a vector of physical values (layout order, float64) to a fresh ``float32`` observation,
@@ -295,6 +310,8 @@ class ActionCodec(Protocol):
 
     def decode(self, action: np.ndarray) -> ScalingAction: ...
 
+    def decode_values(self, values: list[int]) -> ScalingAction: ...
+
     def encode(self, action: ScalingAction) -> np.ndarray: ...
 
     def noop(self) -> np.ndarray: ...
@@ -378,7 +395,10 @@ class OperatorActionCodec:
 
         Its :class:`UnitAction` values are shared, precomputed instances: read them, do not mutate them.
         """
-        values = action.tolist()
+        return self.decode_values(action.tolist())
+
+    def decode_values(self, values: list[int]) -> ScalingAction:
+        """:meth:`decode` of the action as a list of ints (what the environment's step path holds)."""
         table = self._unit_actions
         units = {unit: table[values[j]][values[j + 1]][values[j + 2]] for unit, j in self._unit_slots}
         return ScalingAction(units=units)
@@ -463,7 +483,10 @@ class ModelActionCodec:
         return spaces.MultiDiscrete(self._nvec)
 
     def decode(self, action: np.ndarray) -> ScalingAction:
-        delta_index, cap_index = action.tolist()
+        return self.decode_values(action.tolist())
+
+    def decode_values(self, values: list[int]) -> ScalingAction:
+        delta_index, cap_index = values
         cap = self._caps[cap_index]
         units = {} if cap is None else {unit: UnitAction(batch_cap_tokens=cap) for unit in self.units}
         return ScalingAction(units=units, instance_delta=self.replica_deltas[delta_index])

@@ -353,3 +353,30 @@ def test_repairs_are_counted_in_info(trace: RequestTrace, fake_sim: None) -> Non
     info = env.step(shrink)[4]
     assert info["repairs"] == len(env.units)
     assert len(info["repair_messages"]) == len(env.units)
+
+
+def test_observation_decodes_back_to_the_interval_metrics(trace: RequestTrace, fake_sim: None) -> None:
+    env = OperatorAutoscaleEnv(trace=trace, horizon=3)
+    env.reset(seed=0)
+    observation, _, _, _, info = env.step(env.codec.noop())
+    decoded = env.decode_observation(observation, physical=True)
+    interval = info["interval"]
+    for unit in env.units:
+        metrics, values = interval["units"][unit.value], decoded[unit.value]
+        assert values["replicas"] == pytest.approx(
+            metrics["replicas"] + metrics["pending_replicas"], rel=1e-5
+        )
+        assert values["utilisation"] == pytest.approx(metrics["utilisation"], rel=1e-5)
+        assert values["queue"] == pytest.approx(metrics["queue_tokens"], rel=1e-4, abs=1e-3)
+        assert values["batch_cap"] == pytest.approx(metrics["batch_cap_tokens"], rel=1e-5)
+        assert values["latency"] == pytest.approx(
+            metrics["mean_wait_s"] + metrics["mean_service_s"], rel=1e-5
+        )
+    duration_s = interval["end_s"] - interval["start_s"]
+    assert decoded["arrival_rate"] == pytest.approx(
+        min(interval["arrivals"] / duration_s, 4 * env.observation_layout.scales["rate"]), rel=1e-5
+    )
+    assert decoded["slo_attainment"] == pytest.approx(interval["slo_attainment"], rel=1e-5)
+    assert decoded["waiting"] == pytest.approx(interval["waiting_requests"], abs=1e-3)
+    assert decoded["gpus_powered"] == pytest.approx(interval["gpus_powered_mean"], rel=1e-5)
+    assert decoded["power"] == pytest.approx(interval["energy_j"] / duration_s, rel=1e-5)
