@@ -51,6 +51,7 @@ __all__ = [
     "model_for_attention_shape",
     "model_for_mlp_shape",
     "score",
+    "table_interpolation_rows",
     "validate",
 ]
 
@@ -325,8 +326,9 @@ class ValidationRow:
     """Error of the cost model on one (GPU, operator, scope) group of profile rows.
 
     :param scope: ``in-sample`` (fitted coefficients, all rows), ``held-out`` (coefficients fitted
-        without :data:`HELD_OUT_MODEL`, scored on it) or ``in-sample-34b`` (fitted coefficients on the
-        same held-out rows, the comparison point).
+        without :data:`HELD_OUT_MODEL`, scored on it), ``in-sample-34b`` (fitted coefficients on the
+        same held-out rows, the comparison point) or ``table-interp`` (the profile-table backend on
+        left-out profile points, see :func:`table_interpolation_rows`).
     """
 
     gpu: str
@@ -375,6 +377,53 @@ def validate(
             )
         )
     return rows
+
+
+def _ape_summary(gpu: str, operator: str, errors: Sequence[np.ndarray]) -> ValidationRow:
+    ape = np.abs(np.concatenate(errors))
+    return ValidationRow(
+        gpu,
+        operator,
+        "table-interp",
+        int(ape.size),
+        float(ape.mean()),
+        float(np.quantile(ape, 0.9)),
+        float(ape.max()),
+    )
+
+
+def table_interpolation_rows(profiles: VidurProfiles) -> list[ValidationRow]:
+    """Accuracy of the profile-table backend between profiled points: every other point of each
+    curve (tokens, KV length or message size) is left out, the rest interpolated linearly as
+    :class:`~opscale.sim.profile_table.ProfileTableCostModel` does, and scored on the left-out points
+    (scope ``table-interp``). In-sample the table reproduces its rows exactly."""
+
+    def left_out_errors(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        kept, held = slice(0, None, 2), slice(1, -1, 2)  # held points always lie between kept ones
+        return (np.interp(x[held], x[kept], y[kept]) - y[held]) / y[held]
+
+    grouped: dict[tuple[str, str], list[np.ndarray]] = {}
+    for (gpu, _, _), curves in profiles.mlp.items():
+        for operator, (column, _, _) in GEMM_OPERATORS.items():
+            grouped.setdefault((gpu, operator), []).append(
+                left_out_errors(curves[column].x, curves[column].y)
+            )
+    for name, grids in (
+        ("attention_prefill", profiles.attention_prefill),
+        ("attention_decode", profiles.attention_decode),
+    ):
+        for (gpu, _, _), grid in grids.items():
+            for curve in grid.curves:
+                if len(curve.x) >= 3:
+                    grouped.setdefault((gpu, name), []).append(left_out_errors(curve.x, curve.y))
+    for (gpu, workers, per_node), curve in profiles.all_reduce.items():
+        name = "all_reduce_cross_node" if per_node < workers else "all_reduce"
+        grouped.setdefault((gpu, name), []).append(left_out_errors(curve.x, curve.y))
+    for (gpu, cross), curve in profiles.send_recv.items():
+        grouped.setdefault((gpu, "send_recv_cross_node" if cross else "send_recv"), []).append(
+            left_out_errors(curve.x, curve.y)
+        )
+    return [_ape_summary(gpu, operator, errors) for (gpu, operator), errors in sorted(grouped.items())]
 
 
 # ----------------------------------------------------------------------------- power (SplitwiseSim)

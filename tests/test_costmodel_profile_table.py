@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from opscale.cli import main
+from opscale.sim.calibration import table_interpolation_rows
 from opscale.sim.costmodel import AttentionBatch, CostModel, ProfileTableCostModel, default_cost_model
 from opscale.sim.hardware import get_gpu
 from opscale.sim.models import UnitKind, get_model
@@ -180,3 +181,13 @@ def test_cli_bench_prints_per_call_times(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "mixtral-8x7b moe on a100 TP 2" in out
     assert "memoised" in out and "us/call" in out
+
+
+@pytest.mark.shared
+def test_table_interpolates_left_out_points_within_a_few_percent(table: ProfileTableCostModel) -> None:
+    rows = {(row.gpu, row.operator): row for row in table_interpolation_rows(table.profiles)}
+    for gpu in ("a100", "h100"):
+        for operator in ("qkv_proj", "o_proj", "ffn_up", "ffn_down"):
+            assert rows[(gpu, operator)].mape < 0.05, (gpu, operator)
+    assert rows[("a100", "attention_decode")].mape < 0.05
+    assert rows[("a100", "attention_prefill")].mape < 0.05

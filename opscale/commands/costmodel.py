@@ -79,6 +79,7 @@ def _validate(args: argparse.Namespace) -> int:
         default_profiles_dir,
         load_splitwise_runs,
         power_errors,
+        table_interpolation_rows,
         validate,
     )
     from opscale.sim.costmodel import default_cost_model
@@ -87,9 +88,10 @@ def _validate(args: argparse.Namespace) -> int:
     from opscale.sim.profile_table import VidurProfiles
 
     profiles_dir = args.profiles or default_profiles_dir()
-    observations = build_observations(VidurProfiles.load(profiles_dir))
-    rows = validate(observations, FITTED_COEFFICIENTS, HELD_OUT_COEFFICIENTS)
+    profiles = VidurProfiles.load(profiles_dir)
+    rows = validate(build_observations(profiles), FITTED_COEFFICIENTS, HELD_OUT_COEFFICIENTS)
     targets = check_targets(rows)
+    rows += table_interpolation_rows(profiles)
     power: dict[str, dict[str, float]] = {}
     splitwise = args.splitwise or reference_dir() / SPLITWISE_PERF_MODEL
     if args.splitwise is not None or splitwise.is_file():
