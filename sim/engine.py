@@ -204,10 +204,13 @@ class DiscreteEventSimulator:
         arrival = np.asarray(trace.arrival_s, dtype=np.float64)
         prompt = np.asarray(trace.prompt_tokens, dtype=np.int64).copy()
         output = np.asarray(trace.output_tokens, dtype=np.int64).copy()
-        image = getattr(trace, "image_tokens", None)
-        if image is not None and UnitKind.VISION_ENCODER in self.model.units:
-            # image tokens are prefilled with the prompt (the vision encoder's output joins the context)
-            prompt = prompt + np.asarray(image, dtype=np.int64)
+        image = trace.image_tokens
+        patches = np.zeros_like(prompt)
+        if image is not None and self.model.vision is not None:
+            # image tokens join the prompt; the encoder sees merge_factor patches per image token
+            image = np.asarray(image, dtype=np.int64)
+            prompt = prompt + image
+            patches = image * self.model.vision.merge_factor
         limit = self.model.max_context
         too_long = np.flatnonzero(prompt + output > limit)
         self.clipped_requests = 0
@@ -226,6 +229,7 @@ class DiscreteEventSimulator:
         self._arrival_s = arrival.tolist()
         self._prompt = prompt.tolist()
         self._output = output.tolist()
+        self._patches = patches.tolist()
         self._num_requests = len(self._arrival_s)
         self._max_request_tokens = int((prompt + output).max()) if self._num_requests else 0
 
@@ -553,7 +557,12 @@ class DiscreteEventSimulator:
 
     def _arrive(self, index: int) -> None:
         request = ActiveRequest(
-            index, self._arrival_s[index], self._prompt[index], self._output[index], self.tbt.allocate()
+            index,
+            self._arrival_s[index],
+            self._prompt[index],
+            self._output[index],
+            self.tbt.allocate(),
+            self._patches[index],
         )
         self._arrived += 1
         self._active += 1

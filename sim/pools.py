@@ -366,6 +366,7 @@ class PooledStream(Stream):
         self._step = 0
         self._batch: Batch | None = None
         self._sequences = 0
+        self._batch_tokens = 0
         self.attention_stats = UnitStats()
 
     def _next_iteration(self) -> None:
@@ -383,6 +384,7 @@ class PooledStream(Stream):
         self._batch = batch
         self.iteration_start_s = self.env.now
         self._sequences = len(batch.decodes) + len(batch.chunks)
+        self._batch_tokens = batch.num_tokens
         self.job_tokens = batch.num_tokens
         self.tokens_scheduled += batch.num_tokens
         self.job_source_gpu = self.replica.home_gpu
@@ -396,8 +398,21 @@ class PooledStream(Stream):
             if pool is None:
                 self._run_attention()
                 return
-            if pool.unit is UnitKind.LM_HEAD:
+            unit = pool.unit
+            if unit is UnitKind.VISION_ENCODER:
+                # only requests starting their prefill bring image patches; otherwise skip the encoder
+                batch = self._batch
+                assert batch is not None
+                if not batch.vision_patches:
+                    self._step += 1
+                    continue
+                self.job_tokens = batch.vision_patches
+                pool.submit(self)
+                return
+            if unit is UnitKind.LM_HEAD:
                 self.job_tokens = self._sequences
+            elif self.job_tokens != self._batch_tokens:
+                self.job_tokens = self._batch_tokens
             pool.submit(self)
             return
         batch = self._batch

@@ -50,6 +50,7 @@ class ActiveRequest:
         "gap_sum_s",
         "generated",
         "hist_row",
+        "image_patches",
         "index",
         "last_token_s",
         "output",
@@ -61,8 +62,12 @@ class ActiveRequest:
         "ttft_decided",
     )
 
-    def __init__(self, index: int, arrival_s: float, prompt: int, output: int, hist_row: int) -> None:
+    def __init__(
+        self, index: int, arrival_s: float, prompt: int, output: int, hist_row: int, image_patches: int = 0
+    ) -> None:
         self.index = index
+        #: vision-encoder input patches (encoded once, with the request's first prefill chunk)
+        self.image_patches = image_patches
         self.arrival_s = arrival_s
         self.prompt = prompt
         self.output = output
@@ -122,6 +127,8 @@ class Batch:
     decode_context_tokens: int
     prefill_tokens: int
     prefill_pairs: float
+    #: vision-encoder patches of the requests starting their prefill in this batch
+    vision_patches: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -348,7 +355,7 @@ class Stream:
     def start_serving(self) -> None:
         """The replica finished loading: begin iterating if work is queued."""
         self.serving = True
-        if not self.active and self.waiting:
+        if not self.active and (self.waiting or self.adopted):
             self._start_busy()
             self._next_iteration()
 
@@ -457,7 +464,10 @@ class Stream:
             budget -= chunk
             prefill_tokens += chunk
             pairs += chunk * (chunk + 1) / 2
-        return Batch(self.decoding, chunks, decode_context, prefill_tokens, pairs), preemptions
+        vision_patches = sum(r.image_patches for r, _ in chunks if r.computed == 0)
+        return Batch(
+            self.decoding, chunks, decode_context, prefill_tokens, pairs, vision_patches
+        ), preemptions
 
     def finish(self, batch: Batch, now_s: float) -> None:
         """Apply the end of an iteration: tokens, first tokens, completions."""
@@ -556,7 +566,11 @@ class InstanceStream(Stream):
         super().__init__(stream_id, host, **kwargs)
         self.timer = timer
         # the LM head runs on one token per sampled sequence, not on every prefill token
-        self.dense_units = tuple(u for u in units if u not in (UnitKind.ATTENTION, UnitKind.LM_HEAD))
+        # the vision encoder runs on image patches of requests starting their prefill
+        self.dense_units = tuple(
+            u for u in units if u not in (UnitKind.ATTENTION, UnitKind.LM_HEAD, UnitKind.VISION_ENCODER)
+        )
+        self.has_vision = UnitKind.VISION_ENCODER in units
         self.has_lm_head = UnitKind.LM_HEAD in units
         self.pp_hop_s = pp_hop_s
         self.fast_forward = fast_forward
@@ -574,6 +588,7 @@ class InstanceStream(Stream):
         #: iterations per (tokens, sequences) and attention seconds since the last interval boundary
         self._iteration_shapes: dict[tuple[int, int], int] = {}
         self._attention_busy_s = 0.0
+        self._vision_busy_s = 0.0
 
     def dense_s(self, tokens: int, sequences: int) -> float:
         """Time of every non-attention unit plus the pipeline hops for ``tokens`` tokens of which
@@ -607,8 +622,10 @@ class InstanceStream(Stream):
         if self.has_lm_head:
             busy[UnitKind.LM_HEAD] = lm_head
         busy[UnitKind.ATTENTION] = self._attention_busy_s
+        if self.has_vision:
+            busy[UnitKind.VISION_ENCODER] = self._vision_busy_s
         self._iteration_shapes = {}
-        self._attention_busy_s = 0.0
+        self._attention_busy_s = self._vision_busy_s = 0.0
         return busy
 
     def _next_iteration(self) -> None:
@@ -634,7 +651,14 @@ class InstanceStream(Stream):
             + self.dense_s(tokens, sequences)
             + attention_s
         )
-        self._account_units(tokens, sequences, 1, attention_s)
+        if batch.vision_patches and self.has_vision:
+            vision_s = self.timer.unit_s(UnitKind.VISION_ENCODER, batch.vision_patches)
+            duration += vision_s
+            self._vision_busy_s += vision_s
+        # the attention replica is busy for its kernels and the iteration's engine overhead
+        self._account_units(
+            tokens, sequences, 1, attention_s + self.overhead.iteration_s(self.overhead_ranks, sequences)
+        )
         self.tokens_scheduled += tokens
         if batch.prefill_tokens:
             self.compute_bound_s += duration * batch.prefill_tokens / tokens
@@ -772,8 +796,7 @@ class InstanceStream(Stream):
                 self._run_reserved_blocks -= needed - r.blocks
                 r.blocks = needed
         self.gaps.add_ramp(first_gap, last_gap, count)
-        per_iteration = self.overhead.iteration_s(self.overhead_ranks, n) + self.dense_s(n, n)
-        self._account_units(n, n, count, total - count * per_iteration)
+        self._account_units(n, n, count, total - count * self.dense_s(n, n))
         self.iterations += count
         self.tokens_scheduled += n * count
         self.pending_work_tokens -= n * count

@@ -293,3 +293,36 @@ def test_wrong_gpu_type_and_model_are_named() -> None:
         DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, _trace())
     with pytest.raises(ValueError, match="for model"):
         DiscreteEventSimulator(ClusterSpec.homogeneous("h100", 1), "llama-3-8b", deployment, _trace())
+
+
+def test_vision_encoder_runs_on_image_patches_only() -> None:
+    rng = np.random.default_rng(0)
+    n = 60
+    base = {
+        "arrival_s": np.cumsum(rng.exponential(0.3, n)),
+        "prompt_tokens": rng.integers(20, 400, n),
+        "output_tokens": rng.integers(2, 100, n),
+    }
+    with_images = RequestTrace(**base, image_tokens=np.full(n, 256))
+    without = RequestTrace(**base)
+    model = get_model("qwen2-vl-7b")
+    results = {}
+    for name, trace in (("images", with_images), ("text", without)):
+        for level in ("model", "operator"):
+            if level == "model":
+                deployment = Deployment.model_level(model.name, "h100", instances=1)
+            else:
+                deployment = Deployment.operator_level(
+                    model.name, "h100", replicas={u: 1 for u in model.units}
+                )
+            sim = DiscreteEventSimulator(ClusterSpec.homogeneous("h100", 1), model, deployment, trace)
+            sim.run_to_completion(10.0)
+            results[name, level] = sim.summary()
+    for level in ("model", "operator"):
+        assert results["text", level].unit_utilisation[UnitKind.VISION_ENCODER] == 0.0
+        assert results["images", level].unit_utilisation[UnitKind.VISION_ENCODER] > 0.0
+        assert results["images", level].ttft_mean_s > results["text", level].ttft_mean_s
+    # both granularities agree on a lightly loaded single replica set
+    assert results["images", "operator"].e2e_mean_s == pytest.approx(
+        results["images", "model"].e2e_mean_s, rel=0.1
+    )

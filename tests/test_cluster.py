@@ -1,0 +1,103 @@
+"""Cluster state: memory accounting, placement policies, deployment constructors and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from opscale.sim.cluster import ClusterState, PlacementError
+from opscale.sim.config import SimConfig
+from opscale.sim.deployment import Deployment, Placement
+from opscale.sim.engine import DiscreteEventSimulator
+from opscale.sim.hardware import ClusterSpec
+from opscale.sim.models import UnitKind, get_model
+from opscale.traces.trace import RequestTrace
+
+
+def _state(num_nodes: int = 2) -> ClusterState:
+    return ClusterState(ClusterSpec.homogeneous("a100", num_nodes), get_model("llama-2-7b"), SimConfig())
+
+
+def test_usable_memory_and_reservations() -> None:
+    state = _state(1)
+    gpu = state.gpus[0]
+    assert gpu.capacity_bytes == pytest.approx(80e9 * 0.9)
+    state.reserve((0, 1), 10e9, now_s=0.0)
+    assert state.gpus[0].free_bytes == pytest.approx(62e9)
+    assert state.gpus_powered == 2
+    with pytest.raises(PlacementError, match=r"GPU 0 .*62.00 GB free.*needs 70.00 GB"):
+        state.reserve((0,), 70e9, now_s=0.0)
+    state.release((0, 1), 10e9, now_s=1.0)
+    assert state.gpus_powered == 0 and state.gpus[1].used_bytes == 0.0
+
+
+def test_tp_groups_stay_inside_one_node() -> None:
+    state = _state(2)
+    for _ in range(4):
+        group = state.find_group(4, 70e9, Placement.PACK)
+        assert group is not None
+        assert len({state.gpus[i].node for i in group}) == 1
+        state.reserve(group, 70e9, now_s=0.0)
+    assert state.find_group(4, 70e9, Placement.PACK) is None
+    assert state.find_group(4, 1e9, Placement.PACK) is not None
+
+
+def test_pack_fills_powered_gpus_first_spread_uses_fresh_ones() -> None:
+    state = _state(1)
+    state.reserve((3,), 20e9, now_s=0.0)
+    assert state.find_group(1, 10e9, Placement.PACK) == (3,)
+    assert state.find_group(1, 10e9, Placement.SPREAD_GPU) != (3,)
+    # best fit: of two powered GPUs, the one with less free memory that still fits
+    state.reserve((5,), 50e9, now_s=0.0)
+    assert state.find_group(1, 10e9, Placement.PACK) == (5,)
+    assert state.find_group(1, 30e9, Placement.PACK) == (3,)
+
+
+def test_spread_node_balances_a_unit_across_nodes() -> None:
+    state = _state(2)
+    group = state.find_group(1, 1e9, Placement.SPREAD_NODE, unit_count_by_node={0: 3, 1: 0})
+    assert group is not None and state.gpus[group[0]].node == 1
+
+
+def test_model_level_constructor_sizes_the_cluster() -> None:
+    deployment = Deployment.model_level("llama-2-70b", "a100", instances=8, tp=2, pp=2)
+    assert deployment.num_nodes == 4
+    assert deployment.units[UnitKind.FFN].replicas == 8
+    assert Deployment.from_json(deployment.to_json()) == deployment
+    with pytest.raises(ValueError, match="TP degree 3"):
+        Deployment.model_level("llama-2-70b", "a100", instances=1, tp=3)
+    with pytest.raises(ValueError, match="does not fit a node"):
+        Deployment.model_level("llama-2-70b", "a100", instances=1, tp=8, pp=2)
+
+
+def test_operator_level_constructor_and_validation() -> None:
+    model = get_model("qwen2-7b")
+    replicas = {u.value: 1 for u in model.units}
+    replicas["ffn"] = 3
+    deployment = Deployment.operator_level(
+        "qwen2-7b", "h100", replicas=replicas, tp={"ffn": 2}, batch_caps={"ffn": 512}, placement="spread-gpu"
+    )
+    ffn = deployment.units[UnitKind.FFN]
+    assert (ffn.replicas, ffn.tp, ffn.batch_cap_tokens, ffn.placement) == (3, 2, 512, Placement.SPREAD_GPU)
+    assert Deployment.from_json(deployment.to_json()) == deployment
+    with pytest.raises(ValueError, match="unknown unit 'mlp'"):
+        Deployment.operator_level("qwen2-7b", "h100", replicas={**replicas, "mlp": 1})
+    with pytest.raises(ValueError, match="has no unit 'moe'"):
+        Deployment.operator_level("qwen2-7b", "h100", replicas={**replicas, "moe": 1})
+
+
+def test_attention_replicas_share_the_memory_left() -> None:
+    model = get_model("llama-2-7b")
+    deployment = Deployment.operator_level(
+        model.name, "a100", replicas={u: 1 for u in model.units} | {UnitKind.ATTENTION: 2}, num_nodes=1
+    )
+    trace = RequestTrace(arrival_s=[0.0], prompt_tokens=[10], output_tokens=[2])
+    sim = DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), model, deployment, trace)
+    # pack puts everything on GPU 0; the two attention replicas split what the weights leave
+    used = sim.state.gpus[0].used_bytes
+    assert used == pytest.approx(sim.state.gpus[0].capacity_bytes, rel=1e-3)
+    kv = [s.kv_tokens for s in sim.streams]
+    assert kv[0] == pytest.approx(kv[1], rel=0.01)
+    weights = model.total_weight_bytes(1)
+    expected_tokens = (sim.state.gpus[0].capacity_bytes - weights) / model.kv_bytes_per_token(1) / 2
+    assert kv[0] == pytest.approx(expected_tokens, rel=0.02)
+    assert sim.snapshot().gpus_powered == 1
