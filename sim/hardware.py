@@ -36,7 +36,6 @@ __all__ = [
 
 _GB = 1e9
 _TB = 1e12
-_GIB = 1024.0**3
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,9 @@ class PowerPreset(str, Enum):
     SPLITWISE_MEASURED = "splitwise-measured"
 
 
-_CONSTANTS = {name: GpuPowerProfile.from_gpu(gpu) for name, gpu in GPU_CATALOG.items()}
+_CONSTANTS: Mapping[str, GpuPowerProfile] = MappingProxyType(
+    {name: GpuPowerProfile.from_gpu(gpu) for name, gpu in GPU_CATALOG.items()}
+)
 
 #: A100 memory-bound power refitted to SplitwiseSim's measured average power (Llama-2-70B, TP 2/4/8),
 #: reproduced by ``experiments/calibrate_costmodel.py`` (``fit_memory_bound_power``).
@@ -84,7 +86,7 @@ A100_MEASURED_MEMORY_BOUND_W = 299.0
 #: Power levels per preset and GPU name.
 POWER_PRESETS: Mapping[PowerPreset, Mapping[str, GpuPowerProfile]] = MappingProxyType(
     {
-        PowerPreset.SPLITWISE_CONSTANTS: MappingProxyType(_CONSTANTS),
+        PowerPreset.SPLITWISE_CONSTANTS: _CONSTANTS,
         PowerPreset.SPLITWISE_MEASURED: MappingProxyType(
             {
                 **_CONSTANTS,
