@@ -22,32 +22,41 @@ Scalar semantics (all per rollout of ``n_steps x n_envs`` control intervals):
 ``serving/tbt_p99``         the same for the TBT p99, s
 ``reward/<component>``      mean per step of ``info["reward_components"][component]``
 ==========================  =========================================================================
+
+``eval/*`` (per evaluation, means over its episodes, run through
+:func:`opscale.agents.evaluation.evaluate_policy_on_env` so they are the same figures ``opscale evaluate``
+reports): ``mean_reward``, ``std_reward``, ``mean_ep_length``, ``slo_attainment``, ``gpus_mean``,
+``gpus_peak``, ``energy_kwh``, ``ttft_p99``, ``tbt_p99`` (whole-episode figures from the simulator's run
+summary), ``best_mean_reward``, and the image ``eval/episode`` of the first episode.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
-from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Figure, HParam
 
+if TYPE_CHECKING:
+    from opscale.agents.evaluation import StepSeries
+
 __all__ = [
-    "EpisodeTrace",
     "HParamCallback",
     "ServingEvalCallback",
     "ServingMetricsCallback",
     "plot_episode",
-    "run_episode",
 ]
 
 _JOULES_PER_KWH = 3.6e6
+#: Per-episode figures of :class:`opscale.agents.evaluation.EpisodeResult` logged as ``eval/<name>``
+#: (a trailing ``_s`` dropped, matching the ``serving/*`` names).
+_EVAL_EPISODE_FIELDS = ("slo_attainment", "gpus_mean", "gpus_peak", "energy_kwh", "ttft_p99_s", "tbt_p99_s")
 #: Formats that cannot show a figure or hyperparameters (SB3 raises on them otherwise).
 _TEXT_FORMATS = ("stdout", "log", "json", "csv")
 
@@ -66,14 +75,6 @@ class _IntervalAccumulator:
     latency_intervals: int = 0
     reward_steps: int = 0
     reward_sums: dict[str, float] = field(default_factory=dict)
-
-    def merge(self, other: _IntervalAccumulator) -> None:
-        """Add ``other``'s sums to these."""
-        for item in fields(self):
-            if item.name != "reward_sums":
-                setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
-        for name, value in other.reward_sums.items():
-            self.reward_sums[name] = self.reward_sums.get(name, 0.0) + value
 
     def add(self, info: Mapping[str, Any]) -> None:
         interval = info.get("interval")
@@ -171,71 +172,7 @@ class HParamCallback(BaseCallback):
         return True
 
 
-@dataclass
-class EpisodeTrace:
-    """One evaluation episode, step by step.
-
-    :param time_s: simulated time at the end of each control interval (since the window start).
-    :param arrival_rate_per_s: request arrival rate of each interval.
-    :param replicas: unit name -> serving plus pending replicas at the end of each interval.
-    :param gpus: time-averaged powered GPUs of each interval.
-    :param slo_attainment: SLO attainment of each interval.
-    """
-
-    time_s: list[float] = field(default_factory=list)
-    arrival_rate_per_s: list[float] = field(default_factory=list)
-    replicas: dict[str, list[int]] = field(default_factory=dict)
-    gpus: list[float] = field(default_factory=list)
-    slo_attainment: list[float] = field(default_factory=list)
-    reward: float = 0.0
-    length: int = 0
-    totals: _IntervalAccumulator = field(default_factory=_IntervalAccumulator)
-
-    def add(self, reward: float, info: Mapping[str, Any]) -> None:
-        self.reward += reward
-        self.length += 1
-        self.totals.add(info)
-        interval = info["interval"]
-        duration_s = float(interval["end_s"]) - float(interval["start_s"])
-        self.time_s.append(float(interval["end_s"]))
-        self.arrival_rate_per_s.append(interval["arrivals"] / duration_s if duration_s > 0 else 0.0)
-        self.gpus.append(float(interval["gpus_powered_mean"]))
-        self.slo_attainment.append(float(interval["slo_attainment"]))
-        for unit, unit_metrics in interval["units"].items():
-            self.replicas.setdefault(unit, []).append(int(unit_metrics["replicas"] + unit_metrics["pending_replicas"]))
-
-
-#: ``predict(observation, env) -> action``: how :func:`run_episode` asks a policy for an action.
-ActionFunction = Callable[[np.ndarray, gym.Env], np.ndarray]
-
-
-def model_action_function(model: BaseAlgorithm) -> ActionFunction:
-    """Deterministic actions from an SB3 model, passing ``action_masks()`` to a ``MaskablePPO``."""
-    from sb3_contrib import MaskablePPO
-
-    if isinstance(model, MaskablePPO):
-
-        def masked(observation: np.ndarray, env: gym.Env) -> np.ndarray:
-            masks = env.get_wrapper_attr("action_masks")()
-            return model.predict(observation, deterministic=True, action_masks=masks)[0]
-
-        return masked
-    return lambda observation, _env: model.predict(observation, deterministic=True)[0]
-
-
-def run_episode(act: ActionFunction, env: gym.Env, seed: int) -> EpisodeTrace:
-    """Play one episode of ``env`` from ``reset(seed=seed)`` and record it step by step."""
-    observation, _ = env.reset(seed=seed)
-    episode = EpisodeTrace()
-    done = False
-    while not done:
-        observation, reward, terminated, truncated, info = env.step(act(observation, env))
-        episode.add(float(reward), info)
-        done = terminated or truncated
-    return episode
-
-
-def plot_episode(episode: EpisodeTrace, title: str) -> Any:
+def plot_episode(series: StepSeries, title: str) -> Any:
     """A matplotlib figure: replicas per unit (and powered GPUs) over time, with the load on a twin axis."""
     import matplotlib
 
@@ -243,13 +180,13 @@ def plot_episode(episode: EpisodeTrace, title: str) -> Any:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    for unit, counts in episode.replicas.items():
-        axis.step(episode.time_s, counts, where="post", label=unit, linewidth=1.2)
-    axis.step(episode.time_s, episode.gpus, where="post", label="GPUs powered", color="black", linewidth=2.0)
+    for unit, counts in series.replicas.items():
+        axis.step(series.time_s, counts, where="post", label=unit, linewidth=1.2)
+    axis.step(series.time_s, series.gpus, where="post", label="GPUs powered", color="black", linewidth=2.0)
     axis.set_xlabel("time in episode (s)")
     axis.set_ylabel("replicas / GPUs")
     load_axis = axis.twinx()
-    load_axis.plot(episode.time_s, episode.arrival_rate_per_s, color="grey", linestyle="--", label="load")
+    load_axis.plot(series.time_s, series.arrival_rate_per_s, color="grey", linestyle="--", label="load")
     load_axis.set_ylabel("arrival rate (req/s)")
     handles, labels = axis.get_legend_handles_labels()
     load_handles, load_labels = load_axis.get_legend_handles_labels()
@@ -301,26 +238,24 @@ class ServingEvalCallback(BaseCallback):
 
     def evaluate(self) -> dict[str, float]:
         """Run the evaluation episodes now, log them and return the ``eval/*`` scalars."""
-        act = model_action_function(self.model)
-        episodes = [run_episode(act, self.eval_env, self.eval_seed + i) for i in range(self.n_eval_episodes)]
+        from opscale.agents.evaluation import evaluate_policy_on_env
+        from opscale.agents.registry import SB3Policy
+
+        policy = SB3Policy(self.model, self.eval_env, Path(f"<training step {self.num_timesteps}>"))
+        seeds = [self.eval_seed + i for i in range(self.n_eval_episodes)]
+        episodes = evaluate_policy_on_env(policy, self.eval_env, seeds=seeds, policy_name="ppo")
         rewards = np.array([episode.reward for episode in episodes])
-        totals = _IntervalAccumulator()
-        for episode in episodes:
-            totals.merge(episode.totals)
         scalars = {
             "mean_reward": float(rewards.mean()),
             "std_reward": float(rewards.std()),
-            "mean_ep_length": float(np.mean([episode.length for episode in episodes])),
-            "energy_kwh": totals.energy_j / len(episodes) / _JOULES_PER_KWH,
-            **totals.scalars(),
+            "mean_ep_length": float(np.mean([episode.steps for episode in episodes])),
         }
+        for name in _EVAL_EPISODE_FIELDS:
+            scalars[name.removesuffix("_s")] = float(np.mean([getattr(episode, name) for episode in episodes]))
         for name, value in scalars.items():
             self.logger.record(f"eval/{name}", value)
-        self.logger.record(
-            "eval/episode",
-            Figure(plot_episode(episodes[0], f"evaluation at {self.num_timesteps} steps (seed {self.eval_seed})"), close=True),
-            exclude=_TEXT_FORMATS,
-        )
+        title = f"evaluation at {self.num_timesteps} steps (seed {seeds[0]})"
+        self.logger.record("eval/episode", Figure(plot_episode(episodes[0].series, title), close=True), exclude=_TEXT_FORMATS)
         self.evaluations += 1
         if scalars["mean_reward"] > self.best_mean_reward:
             self.best_mean_reward = scalars["mean_reward"]
