@@ -73,6 +73,7 @@ from opscale.sim.config import ContentionModel, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
 from opscale.sim.deployment import ApplyReport, Deployment, Placement, ScalingAction, UnitDeployment
 from opscale.sim.fluid_arrivals import ArrivalIndex
+from opscale.sim.fluid_latency import LogHistogram, TtftMixture, poisson_at_least, weighted_quantile
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
 from opscale.sim.fluid_tables import AttentionSurrogate, TokenLine, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec, GPUSpec
@@ -100,8 +101,6 @@ POOL_WAIT_FACTOR = 0.5
 MAX_TABLE_SERVERS = 128
 #: Batch caps an action may set, tokens (the engine's limit).
 MAX_BATCH_CAP_TOKENS = 1 << 17
-#: Log-spaced bins (s) of the run-level TTFT / TBT histograms behind :meth:`FluidSimulator.summary`.
-_SUMMARY_BINS_S = np.geomspace(1e-4, 1e4, 801)
 
 _Z = np.array([NormalDist().inv_cdf((i + 0.5) / LENGTH_QUANTILES) for i in range(LENGTH_QUANTILES)])
 
@@ -109,7 +108,7 @@ _Z = np.array([NormalDist().inv_cdf((i + 0.5) / LENGTH_QUANTILES) for i in range
 def _quantile_points(mean: float, log_mean: float, log_std: float) -> FloatArray:
     """Lognormal quantile points rescaled to ``mean`` (tokens, >= 1)."""
     points = np.exp(log_mean + log_std * _Z)
-    points *= mean / points.mean()
+    points *= mean * LENGTH_QUANTILES / float(points.sum())
     result: FloatArray = np.maximum(points, 1.0)
     return result
 
@@ -148,7 +147,7 @@ class _Segment:
     unit_batch_fill: FloatArray
     unit_wait_s: FloatArray
     unit_service_s: FloatArray
-    ttft_cdf: Callable[[FloatArray], FloatArray]
+    ttft: TtftMixture
     tbt_values: FloatArray
     tbt_weights: FloatArray
 
@@ -199,6 +198,10 @@ class FluidSimulator:
         self._pp = deployment.pp
         self._unit_configs: dict[UnitKind, UnitDeployment] = {u: replace(c) for u, c in deployment.units.items()}
         self._gpu = cluster.gpu_of(0)
+        self._power_levels: tuple[float, float, float] | None = None
+        if isinstance(self.power_w, PowerModel):
+            profile = self.power_w.profile(self._gpu)
+            self._power_levels = (profile.idle_w, profile.memory_bound_w, profile.compute_bound_w)
         self._load_trace(trace)
         self._units = self.model.units
         self._stateless = tuple(u for u in self._units if u is not UnitKind.ATTENTION)
@@ -605,20 +608,17 @@ class FluidSimulator:
     def _iteration_times(
         self, decodes: float, chunk: FloatArray, prior: FloatArray, context: float, jobs_wait_s: float
     ) -> FloatArray:
-        """Iteration time of a busy stream with ``decodes`` decodes and one prefill chunk per entry of
-        ``chunk`` (0 = decode-only) after ``prior`` tokens of that prompt; ``context``: mean KV read per
-        decode; ``jobs_wait_s``: summed pool waits (operator level)."""
+        """Iteration time of a busy stream with ``decodes`` decodes and one prefill chunk (> 0 tokens) per
+        entry of ``chunk`` after ``prior`` tokens of that prompt; ``context``: mean KV read per decode;
+        ``jobs_wait_s``: summed pool waits (operator level)."""
         tokens = decodes + chunk
-        sequences = decodes + (chunk > 0)
+        sequences = decodes + 1.0  # every entry carries a prefill chunk that samples one token
         overhead = self._overhead
         host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * sequences
         attention = self._attention.decode_s(decodes, decodes * context) + self._attention.prefill_s(chunk, prior)
         if self._granularity == "model":
-            dense = np.interp(tokens, self._dense_tokens, self._dense_s)
-            lm_head = self._table.time_s_at(np.broadcast_to(sequences, (len(self._stateless), sequences.size)))[
-                self._lm_head_row
-            ]
-            result: FloatArray = host + dense + lm_head + attention
+            fixed = host + self._table.scalar_time_s(self._lm_head_row, sequences)
+            result: FloatArray = fixed + np.interp(tokens, self._dense_tokens, self._dense_s) + attention
             return result
         jobs = np.broadcast_to(tokens, (len(self._stateless), tokens.size)).copy()
         jobs[self._lm_head_row] = sequences
@@ -651,10 +651,11 @@ class FluidSimulator:
         self._ranks = self._attention_tp if operator else self._tp * self._pp
         prompts = _quantile_points(window.prompt_mean, window.prompt_log_mean, window.prompt_log_std)
         outputs = _quantile_points(window.output_mean, window.output_log_mean, window.output_log_std)
-        prompt_mean = float(prompts.mean())
-        output_mean = float(outputs.mean())
+        inverse_quantiles = 1.0 / LENGTH_QUANTILES
+        prompt_mean = float(prompts.sum()) * inverse_quantiles
+        output_mean = float(outputs.sum()) * inverse_quantiles
         gaps_per_request = max(output_mean - 1.0, 0.0)
-        context = prompt_mean + float(np.mean(outputs**2)) / (2.0 * output_mean)
+        context = prompt_mean + float(outputs @ outputs) * inverse_quantiles / (2.0 * output_mean)
         kv_per_request = prompt_mean + output_mean / 2.0 + self.config.kv_block_tokens / 2.0
         running_limit = min(float(self.config.max_running_requests), self._kv_per_stream / kv_per_request)
         demand = window.count + self._backlog
@@ -695,14 +696,15 @@ class FluidSimulator:
             available = max(budget - decodes, 1.0)
             rho_prefill = min(x * prompt_mean * iteration_s / (beta * available), 1.0) if x > 0 else 0.0
             chunks = np.ceil(prompts / available)
-            chunk_light = prompt_mean / float(chunks.mean())
+            mean_chunks = float(chunks.sum()) * inverse_quantiles
+            chunk_light = prompt_mean / mean_chunks
             chunk_eff = chunk_light + rho_prefill * max(available - chunk_light, 0.0)
             decode_s, prefill_iteration_s, full_s = self._iteration_triple(
                 decodes, chunk_eff, available, 0.5 * prompt_mean, context, float(pool_wait.sum())
             )
             prefill_at_mean_chunk_s = prefill_iteration_s
             prefill_iteration_s *= self._prefill_correction
-            prefill_s_mean = float(chunks.mean() - 1.0) * full_s + prefill_iteration_s
+            prefill_s_mean = (mean_chunks - 1.0) * full_s + prefill_iteration_s
             prefill_rate = x * prompt_mean / (beta * chunk_eff) if x > 0 else 0.0
             prefill_share = prefill_rate * prefill_iteration_s
             new_iteration_s = (
@@ -795,44 +797,37 @@ class FluidSimulator:
         # admission wait: Erlang-C over the streams, service = a prompt's share of the prefill budget
         service_s = prompt_mean * iteration_s / available if ready else 0.0
         admission_rho = min(x * service_s, UTILISATION_CEILING)
-        prompt_cv2 = float(prompts.var()) / prompt_mean**2
-        prob_wait = float(self._erlang.lookup(np.int64(max(streams, 1)), np.float64(admission_rho))) if ready else 0.0
+        prompt_cv2 = float(prompts @ prompts) * inverse_quantiles / prompt_mean**2 - 1.0
+        prob_wait = self._erlang.lookup_scalar(max(streams, 1), admission_rho) if ready else 0.0
         admission_wait_s = (
             prob_wait * service_s / (max(streams, 1) * (1.0 - admission_rho)) * (1.0 + prompt_cv2) / 2.0 if ready else 0.0
         )
         residual_s = 0.5 * beta * iteration_s
         self._iteration_s = iteration_s
-        self._ttft_s = residual_s + admission_wait_s + float(prefill_s.mean())
+        prefill_s_mean = float(prefill_s.sum()) * inverse_quantiles
+        self._ttft_s = residual_s + admission_wait_s + prefill_s_mean
 
-        # ---- TTFT distribution of served requests: per prompt quantile, a fixed part + the admission wait
+        # ---- TTFT of served requests: per prompt quantile a fixed part, plus the admission wait
         fixed_s = residual_s + backlog_wait_s + prefill_s
-        wait_given_wait_s = admission_wait_s / prob_wait if prob_wait > 0 else 0.0
-
-        def ttft_cdf(t: FloatArray) -> FloatArray:
-            """P(TTFT <= t) of a served request (``t`` any shape; quantiles on a new last axis)."""
-            slack = np.asarray(t, dtype=np.float64)[..., None] - fixed_s
-            tail = prob_wait * np.exp(-np.maximum(slack, 0.0) / max(wait_given_wait_s, 1e-12))
-            result: FloatArray = np.where(slack >= 0.0, 1.0 - tail, 0.0).mean(axis=-1)
-            return result
-
-        ttft_ok = float(ttft_cdf(np.array(self.slo.ttft_s))) if ready else 0.0
-        # ---- TBT: per output quantile, the chance its p99 (max) gap is over the SLO
+        wait_mean_s = admission_wait_s / prob_wait if prob_wait > 0 else 0.0
+        served_ttft = TtftMixture(fixed_s, prob_wait, wait_mean_s)
+        ttft_ok = float(served_ttft.cdf(np.array(self.slo.ttft_s))) if ready else 0.0
+        # ---- TBT: per output quantile, the chance its p99 (max) gap is over the SLO, and that it is long
         phi = min(prefill_rate * iteration_s, 1.0)
         tbt_slo = self.slo.tbt_s
         over = (1.0 - phi) * float(decode_s > tbt_slo) + phi * float(prefill_weights @ (prefill_times > tbt_slo))
-        request_gaps = np.maximum(outputs - 1.0, 0.0)
+        request_gaps = np.round(np.maximum(outputs - 1.0, 0.0))
         # the engine's per-request p99 is the gap at rank floor(0.99 (g - 1)) (0-based, no interpolation):
         # it is a long gap when at least g - floor(0.99 (g - 1)) gaps are long
-        needed = (
-            np.ones(LENGTH_QUANTILES)
-            if self.slo.tbt_statistic == "max"
-            else np.maximum(1.0, np.round(request_gaps) - np.floor(0.99 * np.maximum(np.round(request_gaps) - 1.0, 0.0)))
-        )
-        over_probability = _poisson_at_least(request_gaps * over, needed)
-        over_probability = np.where(request_gaps > 0, over_probability, 0.0)
-        tbt_ok = 1.0 - float(over_probability.mean())
-        # per-request TBT statistic: a prefill iteration's time when a long gap counts, else the decode gap
-        long_share = float(_poisson_at_least(request_gaps * phi, needed).mean())
+        if self.slo.tbt_statistic == "max":
+            needed = np.ones(LENGTH_QUANTILES)
+        else:
+            needed = np.maximum(1.0, request_gaps - np.floor(0.99 * np.maximum(request_gaps - 1.0, 0.0)))
+        tails = poisson_at_least(np.stack((request_gaps * over, request_gaps * phi)), needed)
+        tails *= request_gaps > 0
+        tbt_ok = 1.0 - float(tails[0].sum()) * inverse_quantiles
+        long_share = float(tails[1].sum()) * inverse_quantiles
+        # per-request TBT statistic: a prefill iteration's time when long gaps count, else the decode gap
         tbt_values = np.concatenate(([decode_s], prefill_times))
         tbt_weights = np.concatenate(([1.0 - long_share], long_share * prefill_weights))
 
@@ -845,17 +840,10 @@ class FluidSimulator:
         served_fresh = served - served_from_decided
         decided = served_fresh + newly_decided
         slo_met = served_fresh * ttft_ok * tbt_ok
-        late_wait_s = max(self.slo.ttft_s, backlog_wait_s)
-        ttft_served_mean = float(fixed_s.mean()) + admission_wait_s
-        ttft_mean = (served_fresh * ttft_served_mean + newly_decided * late_wait_s) / decided if decided > 0 else 0.0
-        late_share = newly_decided / decided if decided > 0 else 0.0
-
-        def decided_cdf(t: FloatArray) -> FloatArray:
-            late = (np.asarray(t) >= late_wait_s).astype(np.float64)
-            result: FloatArray = (1.0 - late_share) * ttft_cdf(t) + late_share * late
-            return result
-
-        ttft_p50, ttft_p99 = _quantiles_from_cdf(decided_cdf, (0.5, 0.99), float(fixed_s.max()) + 50.0 * wait_given_wait_s + late_wait_s)
+        late_s = max(self.slo.ttft_s, backlog_wait_s)
+        ttft = TtftMixture(fixed_s, prob_wait, wait_mean_s, newly_decided / decided if decided > 0 else 0.0, late_s)
+        ttft_p50, ttft_p99 = ttft.quantiles((0.5, 0.99)) if decided > 0 else (0.0, 0.0)
+        ttft_served_mean = served_ttft.mean_s()
         self._backlog = backlog_end
         if ready:
             residence_s = self._ttft_s + gaps_per_request * iteration_s
@@ -910,8 +898,8 @@ class FluidSimulator:
         else:
             stateless_decode = self._table.time_s_at(np.full(n_units, max(decodes, 1.0)))
             stateless_prefill = self._table.time_s_at(np.broadcast_to(decodes + prefill_chunks, (n_units, prefill_chunks.size))) @ prefill_weights
-            stateless_decode[self._lm_head_row] = float(self._table.time_s_at(np.full(n_units, max(decodes, 1.0)))[self._lm_head_row])
-            stateless_prefill[self._lm_head_row] = float(self._table.time_s_at(np.full(n_units, decodes + 1.0))[self._lm_head_row])
+            # the LM head samples one token per sequence: decodes (+ the finishing prefill)
+            stateless_prefill[self._lm_head_row] = self._table.scalar_time_s(self._lm_head_row, decodes + 1.0)
             stateless_busy = beta * (decode_only_rate * stateless_decode + prefill_rate * stateless_prefill)
             columns = np.array([self._units.index(u) for u in self._stateless])
             utilisation[columns] = np.minimum(stateless_busy, 1.0)
@@ -933,15 +921,15 @@ class FluidSimulator:
             served=served,
             decided=decided,
             slo_met=slo_met,
-            ttft_mean_s=ttft_mean,
+            ttft_mean_s=ttft.mean_s() if decided > 0 else 0.0,
             ttft_p50_s=ttft_p50,
             ttft_p99_s=ttft_p99,
             tbt_mean_s=iteration_s if ready and gaps_per_request > 0 else 0.0,
-            tbt_p99_s=_weighted_quantile(tbt_values, tbt_weights, 0.99),
+            tbt_p99_s=weighted_quantile(tbt_values, tbt_weights, 0.99),
             e2e_mean_s=ttft_served_mean + gaps_per_request * iteration_s,
             prompt_tokens=served * prompt_mean,
             output_tokens=served * output_mean,
-            running=x * streams * (float(prefill_s.mean()) + gaps_per_request * iteration_s),
+            running=x * streams * (prefill_s_mean + gaps_per_request * iteration_s),
             waiting=backlog_end + streams * x * admission_wait_s,
             gpu_seconds=float(powered.sum()) * dt,
             energy_j=energy_j,
@@ -950,20 +938,25 @@ class FluidSimulator:
             unit_batch_fill=batch_fill,
             unit_wait_s=wait_s,
             unit_service_s=unit_service_s,
-            ttft_cdf=decided_cdf,
+            ttft=ttft,
             tbt_values=tbt_values,
             tbt_weights=tbt_weights,
         )
 
     def _power_array(self, busy: FloatArray, compute: FloatArray) -> FloatArray:
-        if isinstance(self.power_w, PowerModel):
-            return self.power_w.power_w_array(self._gpu, busy, compute)
+        """Power of each GPU. For a :class:`PowerModel`, its formula on the levels looked up once
+        (:meth:`PowerModel.power_w_array` without its per-call range checks: the fractions are in
+        [0, 1] by construction); any other power function is called per GPU."""
+        levels = self._power_levels
+        if levels is not None:
+            idle, memory_w, compute_w = levels
+            result: FloatArray = idle + busy * ((memory_w - idle) + compute * (compute_w - memory_w))
+            return result
         return np.array([self.power_w(self._gpu, float(b), float(c)) for b, c in zip(busy, compute, strict=True)])
 
     # ------------------------------------------------------------------ metrics
     def _interval_metrics(self, start_s: float, end_s: float, segments: list[_Segment]) -> IntervalMetrics:
         duration = end_s - start_s
-        weights = np.array([s.duration_s for s in segments]) / duration
         decided = sum(s.decided for s in segments)
         served = sum(s.served for s in segments)
 
@@ -971,17 +964,19 @@ class FluidSimulator:
             total = sum(counts)
             return sum(v * c for v, c in zip(values, counts, strict=True)) / total if total > 0 else 0.0
 
-        def over_time(values: FloatArray) -> FloatArray:
-            result: FloatArray = weights @ values
-            return result
-
-        stack = lambda name: np.array([getattr(s, name) for s in segments])  # noqa: E731
-        utilisation = over_time(stack("unit_utilisation"))
-        queue = over_time(stack("unit_queue_tokens"))
-        fill = over_time(stack("unit_batch_fill"))
-        wait = over_time(stack("unit_wait_s"))
-        service = over_time(stack("unit_service_s"))
         last = segments[-1]
+        if len(segments) == 1:
+            utilisation, queue, fill = last.unit_utilisation, last.unit_queue_tokens, last.unit_batch_fill
+            wait, service = last.unit_wait_s, last.unit_service_s
+        else:
+            weights = np.array([s.duration_s for s in segments]) / duration
+            utilisation = weights @ np.array([s.unit_utilisation for s in segments])
+            queue = weights @ np.array([s.unit_queue_tokens for s in segments])
+            fill = weights @ np.array([s.unit_batch_fill for s in segments])
+            wait = weights @ np.array([s.unit_wait_s for s in segments])
+            service = weights @ np.array([s.unit_service_s for s in segments])
+        utilisation, queue, fill = utilisation.tolist(), queue.tolist(), fill.tolist()
+        wait, service = wait.tolist(), service.tolist()
         counts = self._replica_counts()
         units: dict[UnitKind, UnitIntervalMetrics] = {}
         for column, unit in enumerate(self._units):
@@ -990,11 +985,11 @@ class FluidSimulator:
                 replicas=serving,
                 pending_replicas=pending,
                 draining_replicas=0,
-                utilisation=float(utilisation[column]),
-                queue_tokens=float(queue[column]),
-                batch_fill=float(fill[column]),
-                mean_wait_s=float(wait[column]),
-                mean_service_s=float(service[column]),
+                utilisation=utilisation[column],
+                queue_tokens=queue[column],
+                batch_fill=fill[column],
+                mean_wait_s=wait[column],
+                mean_service_s=service[column],
                 batch_cap_tokens=self._unit_configs[unit].batch_cap_tokens,
             )
         decided_counts = [s.decided for s in segments]
@@ -1056,8 +1051,8 @@ class FluidSimulator:
             completed=round(self._served_total),
             slo_attainment=totals.slo_met / totals.decided if totals.decided > 0 else 1.0,
             ttft_mean_s=totals.ttft_sum_s / totals.decided if totals.decided > 0 else 0.0,
-            ttft_p99_s=_histogram_quantile(totals.ttft_mass, 0.99),
-            tbt_p99_s=_histogram_quantile(totals.tbt_mass, 0.99),
+            ttft_p99_s=totals.ttft.quantile(0.99),
+            tbt_p99_s=totals.tbt.quantile(0.99),
             e2e_mean_s=totals.e2e_sum_s / totals.served if totals.served > 0 else 0.0,
             throughput_requests_per_s=self._served_total / duration if duration > 0 else 0.0,
             throughput_tokens_per_s=totals.tokens / duration if duration > 0 else 0.0,
@@ -1087,19 +1082,17 @@ class _RunTotals:
         self.gpu_seconds = 0.0
         self.energy_j = 0.0
         self.gpus_peak = 0
-        self.ttft_mass = np.zeros(_SUMMARY_BINS_S.size)
-        self.tbt_mass = np.zeros(_SUMMARY_BINS_S.size)
+        self.ttft = LogHistogram()
+        self.tbt = LogHistogram()
         self.unit_busy_s = np.zeros(num_units)
         self.unit_capacity_s = np.zeros(num_units)
 
     def add(self, metrics: IntervalMetrics, segments: list[_Segment]) -> None:
         for segment in segments:
             if segment.decided > 0:
-                cdf = segment.ttft_cdf(_SUMMARY_BINS_S)
-                self.ttft_mass += segment.decided * np.diff(cdf, prepend=0.0)
+                self.ttft.add_cdf(segment.ttft.cdf(LogHistogram.EDGES_S), segment.decided)
             if segment.served > 0:
-                bins = np.minimum(np.searchsorted(_SUMMARY_BINS_S, segment.tbt_values), _SUMMARY_BINS_S.size - 1)
-                np.add.at(self.tbt_mass, bins, segment.served * segment.tbt_weights)
+                self.tbt.add_points(segment.tbt_values, segment.served * segment.tbt_weights)
             self.decided += segment.decided
             self.slo_met += segment.slo_met
             self.served += segment.served
@@ -1113,40 +1106,3 @@ class _RunTotals:
         for column, unit_metrics in enumerate(metrics.units.values()):
             self.unit_busy_s[column] += unit_metrics.utilisation * unit_metrics.replicas * duration
             self.unit_capacity_s[column] += unit_metrics.replicas * duration
-
-
-def _poisson_at_least(mean: FloatArray, needed: FloatArray) -> FloatArray:
-    """``P(N >= needed)`` for ``N ~ Poisson(mean)`` (elementwise; ``needed`` >= 1 integers)."""
-    mean = np.maximum(np.asarray(mean, dtype=np.float64), 0.0)
-    terms = int(np.max(needed))
-    k = np.arange(terms)
-    with np.errstate(divide="ignore"):
-        log_terms = -mean[..., None] + k * np.log(np.maximum(mean[..., None], 1e-300)) - np.cumsum(np.log(np.maximum(k, 1)))
-    below = np.where(k < needed[..., None], np.exp(log_terms), 0.0).sum(axis=-1)
-    result: FloatArray = np.clip(1.0 - below, 0.0, 1.0)
-    return result
-
-
-def _weighted_quantile(values: FloatArray, weights: FloatArray, quantile: float) -> float:
-    """Quantile of a discrete distribution (values with probability weights)."""
-    order = np.argsort(values)
-    cumulative = np.cumsum(weights[order])
-    if cumulative[-1] <= 0:
-        return 0.0
-    index = int(np.searchsorted(cumulative, quantile * cumulative[-1]))
-    return float(values[order][min(index, values.size - 1)])
-
-
-def _quantiles_from_cdf(cdf: Callable[[FloatArray], FloatArray], levels: tuple[float, ...], upper_s: float) -> tuple[float, ...]:
-    """Quantiles of a distribution on [0, ``upper_s``] from its CDF, on a 256-point grid."""
-    grid = np.linspace(0.0, max(upper_s, 1e-6), 256)
-    values = np.maximum.accumulate(cdf(grid))
-    return tuple(float(np.interp(level, values, grid)) if values[-1] >= level else float(grid[-1]) for level in levels)
-
-
-def _histogram_quantile(mass: FloatArray, quantile: float) -> float:
-    total = float(mass.sum())
-    if total <= 0:
-        return 0.0
-    index = int(np.searchsorted(np.cumsum(mass), quantile * total))
-    return float(_SUMMARY_BINS_S[min(index, _SUMMARY_BINS_S.size - 1)])

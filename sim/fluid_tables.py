@@ -200,7 +200,7 @@ class AttentionSurrogate:
         (vectorised; 0 where ``chunk_tokens`` is 0)."""
         chunk = np.asarray(chunk_tokens, dtype=np.float64)
         prior = np.asarray(prior_tokens, dtype=np.float64)
-        value: FloatArray = np.where(
-            chunk > 0, np.maximum(self._prefill_features(chunk, prior) @ self._prefill_coefficients, 0.0), 0.0
-        )
+        c0, c1, c2, c3, c4 = self._prefill_list
+        fitted = c0 + chunk * (c1 + c2 * 0.5 * (chunk + 1.0) + c3 * prior) + c4 * prior
+        value: FloatArray = np.where(chunk > 0, np.maximum(fitted, 0.0), 0.0)
         return value

@@ -237,6 +237,15 @@ class ErlangCTable:
         result: FloatArray = low + frac * (high - low)
         return result
 
+    def lookup_scalar(self, servers: int, utilisation: float) -> float:
+        """:meth:`lookup` for one Python number (no array overhead)."""
+        c = min(int(servers), self.max_servers)
+        position = min(max(float(utilisation), 0.0), 1.0) * self._steps
+        index = min(int(position), self._steps - 1)
+        flat = c * self._row_length + index
+        low = float(self._table[flat])
+        return low + (position - index) * (float(self._table[flat + 1]) - low)
+
 
 @lru_cache(maxsize=4)
 def shared_erlang_c_table(max_servers: int = 128, grid_points: int = 1025) -> ErlangCTable:
