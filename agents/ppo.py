@@ -12,6 +12,9 @@ Example::
     from opscale.agents.ppo import PPOConfig, train
     result = train(PPOConfig(env_id="opscale/OperatorAutoscale-fast-v0", total_timesteps=50_000, n_envs=4))
     print(result.run_dir, result.model_path)
+
+A saved model is loaded for evaluation by :func:`opscale.agents.registry.make_policy` (its path as the
+policy name), which picks ``PPO`` or ``MaskablePPO`` from the zip.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import contextlib
 import json
 import re
 import time
-import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
@@ -29,7 +31,7 @@ from typing import Any
 
 import gymnasium as gym
 
-__all__ = ["Algo", "PPOConfig", "TrainResult", "canonical_env_id", "load_model", "run_name", "saved_algo", "train"]
+__all__ = ["Algo", "PPOConfig", "TrainResult", "VecEnvKind", "canonical_env_id", "make_env", "run_name", "train"]
 
 
 class Algo(str, Enum):
@@ -231,36 +233,6 @@ def make_env(env_id: str, env_kwargs: Mapping[str, Any]) -> gym.Env:
         return gym.make(canonical_env_id(env_id), **dict(env_kwargs))
     except gym.error.Error as error:
         raise ValueError(f"cannot make env {env_id!r}: {error}") from None
-
-
-def saved_algo(path: str | Path) -> Algo:
-    """Which algorithm saved the SB3 zip at ``path`` (read from its policy class's module).
-
-    :raises FileNotFoundError: if ``path`` does not exist.
-    :raises ValueError: if it is not an SB3 model zip.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {str(path)!r} not found")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            policy_module = json.loads(archive.read("data"))["policy_class"]["__module__"]
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not a Stable-Baselines3 model zip ({error})") from None
-    return Algo.MASKABLE_PPO if policy_module.startswith("sb3_contrib.common.maskable") else Algo.PPO
-
-
-def load_model(path: str | Path) -> Any:
-    """Load a model saved by :func:`train` as the ``PPO`` or ``MaskablePPO`` that saved it (on the CPU).
-
-    :raises FileNotFoundError: if ``path`` does not exist.
-    :raises ValueError: if it is not an SB3 model zip.
-    """
-    from sb3_contrib import MaskablePPO
-    from stable_baselines3 import PPO
-
-    algo_cls = MaskablePPO if saved_algo(path) is Algo.MASKABLE_PPO else PPO
-    return algo_cls.load(Path(path), device="cpu")
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from opscale.agents.ppo import Algo, PPOConfig, TrainResult, load_model, run_name, saved_algo, train
+from opscale.agents.ppo import Algo, PPOConfig, TrainResult, run_name, train
+from opscale.agents.registry import SB3Policy, make_policy
 from opscale.cli import main
 
 FAST_ENV = "opscale/OperatorAutoscale-fast-v0"
@@ -117,19 +118,18 @@ def test_tiny_run_trains_saves_reloads_and_evaluates(tiny_runs: dict[str, TrainR
     assert result.timesteps == TINY_TIMESTEPS[algo]
     assert result.model_path.is_file() and result.best_model_path is not None
     assert PPOConfig.from_file(result.run_dir / "config.json").algo is Algo(algo)
-    assert saved_algo(result.model_path) is Algo(algo)
-    model = load_model(result.best_model_path)
     env = gym.make(FAST_ENV, **TINY_ENV_KWARGS)
+    policy = make_policy(str(result.best_model_path), env)
+    assert isinstance(policy, SB3Policy) and type(policy.model).__name__ == {"ppo": "PPO", "maskable-ppo": "MaskablePPO"}[algo]
     observation, _ = env.reset(seed=5)
     steps, done = 0, False
+    offsets = np.concatenate([[0], np.cumsum(env.action_space.nvec)[:-1]])
     while not done:
         masks = env.unwrapped.action_masks()
-        extra = {"action_masks": masks} if algo == "maskable-ppo" else {}
-        action, _ = model.predict(observation, deterministic=True, **extra)
+        action, _ = policy.predict(observation, deterministic=True)
         assert env.action_space.contains(action)
         if algo == "maskable-ppo":
             # every chosen value is allowed by the env's mask of its dimension
-            offsets = np.concatenate([[0], np.cumsum(env.action_space.nvec)[:-1]])
             assert masks[offsets + action].all()
         observation, _, terminated, truncated, _ = env.step(action)
         done, steps = terminated or truncated, steps + 1
