@@ -24,7 +24,7 @@ import gymnasium as gym
 import numpy as np
 
 from opscale.envs.config import EnvConfig, resolve_config
-from opscale.envs.render import render_ansi
+from opscale.envs.render import render_ansi, render_rgb
 from opscale.envs.reward import RewardFunction
 from opscale.envs.spaces import WAITING_SCALE_REQUESTS, ActionCodec, ObservationLayout, addable_replicas
 from opscale.sim.cluster import ClusterState
@@ -67,7 +67,7 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
     :raises ValueError: for an unknown key, model, GPU, trace or render mode, or any invalid value.
     """
 
-    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012 (Gymnasium API)
+    metadata: dict[str, Any] = {"render_modes": ["ansi", "rgb_array"], "render_fps": 1}  # noqa: RUF012 (Gymnasium API)
     #: The deployment granularity the subclass's actions drive.
     granularity: ClassVar[Granularity]
 
@@ -390,16 +390,32 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             raise RuntimeError("call reset() first")
         return self._sim
 
-    def render(self) -> str | None:
-        """``"ansi"``: a text table of units, replicas, GPUs and SLO status; ``None`` without a render mode."""
+    def render(self) -> str | np.ndarray | None:
+        """``"ansi"``: a text table of units, replicas, GPUs and SLO status; ``"rgb_array"``: an image of
+        per-unit replicas / utilisation / queue bars, the SLO status and the GPUs powered
+        (:func:`opscale.envs.render.render_rgb`); ``None`` without a render mode."""
         if self.render_mode is None:
             gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' to gym.make")
             return None
         if self._sim is None:
             raise RuntimeError("call reset() before render()")
+        metrics = self._last_metrics
+        if self.render_mode == "rgb_array":
+            observation = self._observation()
+            index = self.observation_layout.index
+            bars = [
+                tuple(
+                    float(observation[index[f"{unit.value}.{key}"]])
+                    for key in ("replicas", "utilisation", "queue")
+                )
+                for unit in self.units
+            ]
+            slo_ok = metrics is None or metrics.slo_attainment >= self.config.slo_target
+            gpu_fraction = 0.0 if metrics is None else metrics.gpus_powered_mean / self.cluster.num_gpus
+            return render_rgb(bars, slo_ok, gpu_fraction)
         return render_ansi(
             deployment=self._sim.deployment,
-            metrics=self._last_metrics,
+            metrics=metrics,
             reward_components=self._last_reward_components,
             slo=self.slo,
             slo_target=self.config.slo_target,

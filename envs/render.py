@@ -1,13 +1,15 @@
-"""Text rendering of an autoscaling environment's state (``render_mode="ansi"``)."""
+"""Rendering of an autoscaling environment's state: a text table (``"ansi"``) or an image (``"rgb_array"``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 from opscale.sim.deployment import Deployment
 from opscale.sim.metrics import SLO, IntervalMetrics
 
-__all__ = ["render_ansi"]
+__all__ = ["render_ansi", "render_rgb"]
 
 
 def _status(ok: bool) -> str:
@@ -75,3 +77,42 @@ def render_ansi(
         parts = "  ".join(f"{name} {value:+.3f}" for name, value in reward_components.items())
         lines.append(f"reward {sum(reward_components.values()):+.3f}  ({parts})")
     return "\n".join(lines)
+
+
+#: Colours (RGB) of the ``rgb_array`` frame.
+_BACKGROUND = (255, 255, 255)
+_REPLICAS = (31, 119, 180)
+_UTILISATION = (255, 127, 14)
+_QUEUE = (214, 39, 40)
+_OK = (44, 160, 44)
+_VIOLATED = (214, 39, 40)
+_GPUS = (127, 127, 127)
+
+
+def render_rgb(
+    observation_units: list[tuple[float, float, float]], slo_ok: bool, gpu_fraction: float
+) -> np.ndarray:
+    """An ``rgb_array`` frame (``uint8``, height x width x 3) of the cluster state.
+
+    One group of three bars per unit: replicas (blue, share of the replica cap), utilisation (orange)
+    and queue (red, log-scaled as in the observation), each in ``[0, 1]``; below them a strip that is
+    green when the last interval met the SLO target and red when not, and a grey bar for the share of
+    the cluster's GPUs powered.
+
+    :param observation_units: per unit ``(replicas, utilisation, queue)`` normalised to ``[0, 1]``.
+    :param slo_ok: whether the last interval met the attainment target.
+    :param gpu_fraction: GPUs powered / cluster GPUs.
+    """
+    bar_px, gap_px, plot_px, strip_px = 6, 6, 120, 12
+    width = max(64, len(observation_units) * (3 * bar_px + gap_px) + gap_px)
+    frame = np.empty((plot_px + 2 * strip_px, width, 3), dtype=np.uint8)
+    frame[:] = _BACKGROUND
+    for index, values in enumerate(observation_units):
+        left = gap_px + index * (3 * bar_px + gap_px)
+        for offset, (value, colour) in enumerate(zip(values, (_REPLICAS, _UTILISATION, _QUEUE), strict=True)):
+            height = round(plot_px * min(max(value, 0.0), 1.0))
+            x = left + offset * bar_px
+            frame[plot_px - height : plot_px, x : x + bar_px] = colour
+    frame[plot_px : plot_px + strip_px, :] = _OK if slo_ok else _VIOLATED
+    frame[plot_px + strip_px :, : round(width * min(max(gpu_fraction, 0.0), 1.0))] = _GPUS
+    return frame

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import gymnasium as gym
 
-import opscale  # noqa: F401  (registers the ids)
+import opscale
 from opscale.sim.deployment import ApplyReport, Deployment, ScalingAction
 from opscale.sim.metrics import IntervalMetrics
 
@@ -176,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = "-" if target == 0 else ("ok" if value >= target else "BELOW TARGET")
         target_text = "-" if target == 0 else f"{target:,.0f}"
         print(f"{name:<{width}}  {value:>12,.0f}  {target_text:>8}  {status}")
+    print()
+    for env_id in sorted(opscale.ENV_IDS):
+        print(f"reset() of {env_id}: {1e3 * reset_s(env_id, 3 if args.quick else 10):.1f} ms (new simulator + warm-up interval)")
     if args.profile:
         profile_fast_env(fast_steps)
     return 0 if all(target == 0 or value >= target for _, value, target in rows) or args.quick else 1

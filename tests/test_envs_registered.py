@@ -54,12 +54,16 @@ def test_same_seed_gives_identical_trajectories(env_id: str) -> None:
 
 
 @pytest.mark.parametrize("env_id", sorted(opscale.ENV_IDS))
-def test_ansi_render_and_masks(env_id: str) -> None:
+def test_ansi_and_rgb_render_and_masks(env_id: str) -> None:
     env = _make(env_id, render_mode="ansi")
     env.reset(seed=0)
     env.step(env.unwrapped.codec.noop())  # type: ignore[attr-defined]
     table = env.render()
     assert isinstance(table, str) and "SLO attainment" in table and "attention" in table
+    frame = _make(env_id, render_mode="rgb_array")
+    frame.reset(seed=0)
+    image = frame.render()
+    assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     masks = env.unwrapped.action_masks()  # type: ignore[attr-defined]
     assert masks.dtype == bool and masks.size == int(env.action_space.nvec.sum())  # type: ignore[attr-defined]
 
