@@ -24,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 
 from opscale.envs.config import EnvConfig, resolve_config
+from opscale.envs.costcache import MemoizedCostModel
 from opscale.envs.render import render_ansi, render_rgb
 from opscale.envs.reward import RewardFunction
 from opscale.envs.spaces import WAITING_SCALE_REQUESTS, ActionCodec, ObservationLayout, addable_replicas
@@ -86,7 +87,8 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         self.cluster = ClusterSpec.homogeneous(cfg.gpu, cfg.num_nodes, cfg.gpus_per_node)
         self.slo: SLO = cfg.slo or default_slo(cfg.model)
         self.sim_config: SimConfig = self._make_sim_config()
-        self.cost_model = default_cost_model()
+        # one memoising wrapper for every simulator this env builds (see opscale.envs.costcache)
+        self.cost_model = MemoizedCostModel(default_cost_model())
         self.trace: RequestTrace = self._load_trace()
         self.control_interval_s = cfg.control_interval_s
         self.episode_length_s = (cfg.warmup_intervals + cfg.horizon) * cfg.control_interval_s
