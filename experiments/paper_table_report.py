@@ -92,6 +92,11 @@ def _percent(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{100 * value:+.1f} %"
 
 
+def _points(value: float) -> str:
+    """An SLO attainment difference in percentage points."""
+    return "n/a" if not math.isfinite(value) else f"{100 * value:+.1f} pts"
+
+
 def _verdict(metric: str, ours: float) -> str:
     claim, tolerance = PAPER_CLAIMS[metric], _AGREEMENT_TOLERANCE[metric]
     if abs(ours - claim) <= tolerance:
@@ -135,7 +140,7 @@ def claims_paragraph(config: PaperTableConfig, results: Sequence[CaseResult]) ->
             parts.append(text)
         slo_deltas = _finite([s["slo_delta"] for s in per_case])
         lines.append(
-            f"- **{policy.value} vs model-level** (SLO attainment {_percent(float(slo_deltas.mean()))} points on "
+            f"- **{policy.value} vs model-level** (SLO attainment {_points(float(slo_deltas.mean()))} on "
             f"average; matched SLO in {sum(matched)} of {len(matched)} case(s)): " + "; ".join(parts) + "."
         )
     lines += [
@@ -170,7 +175,7 @@ def _markdown(config: PaperTableConfig, results: Sequence[CaseResult], rows: Seq
             row["model"], row["gpu"], row["trace"], row["policy"],
             _percent(row["gpu_saving"]), _percent(row["energy_saving"]),
             "n/a" if not math.isfinite(row["throughput_ratio"]) else f"{row['throughput_ratio']:.2f}x",
-            _percent(row["slo_delta"]), "yes" if row["matched_slo"] else "no",
+            _points(row["slo_delta"]), "yes" if row["matched_slo"] else "no",
         ]
         for row in rows
         if row["policy"] != BASELINE.value
