@@ -73,7 +73,7 @@ from opscale.sim.config import ContentionModel, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
 from opscale.sim.deployment import ApplyReport, Deployment, Placement, ScalingAction, UnitDeployment
 from opscale.sim.fluid_arrivals import ArrivalIndex
-from opscale.sim.fluid_latency import LogHistogram, TtftMixture, poisson_at_least, weighted_quantile
+from opscale.sim.fluid_latency import LogHistogram, TtftMixture, shared_poisson_tail_table, weighted_quantile
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
 from opscale.sim.fluid_tables import AttentionSurrogate, TokenLine, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec, GPUSpec
@@ -147,6 +147,7 @@ class _Segment:
     unit_batch_fill: FloatArray
     unit_wait_s: FloatArray
     unit_service_s: FloatArray
+    unit_replicas: FloatArray
     ttft: TtftMixture
     tbt_values: FloatArray
     tbt_weights: FloatArray
@@ -206,8 +207,11 @@ class FluidSimulator:
         self._units = self.model.units
         self._stateless = tuple(u for u in self._units if u is not UnitKind.ATTENTION)
         self._lm_head_row = self._stateless.index(UnitKind.LM_HEAD)
+        self._pool_columns = np.array([self._units.index(u) for u in self._stateless])
+        self._attention_column = self._units.index(UnitKind.ATTENTION)
         self._overhead = engine_overhead(self.config.engine_overhead, self._gpu)
         self._erlang = shared_erlang_c_table(MAX_TABLE_SERVERS)
+        self._poisson = shared_poisson_tail_table()
         self._build_tables()
         self.layout = FluidLayout(cluster, self.model, self.config, min_kv_tokens=self._max_request_tokens)
         self._now_s = 0.0
@@ -362,6 +366,7 @@ class FluidSimulator:
         now = self._now_s
         layout = self.layout
         self._shards = layout.unit_shards_on_gpu(self._units, now)
+        self._serving_gpus = float(np.count_nonzero(self._shards.sum(axis=1)))
         self._powered = np.array([g.powered for g in layout.state.gpus], dtype=bool)
         if self._granularity == "model":
             serving = [r for r in self._pending if r.placed.ready_s <= now]
@@ -579,6 +584,7 @@ class FluidSimulator:
         self._now_s = end
         metrics = self._interval_metrics(start, end, segments)
         self._totals.add(metrics, segments)
+        self._totals.gpus_peak = max(self._totals.gpus_peak, metrics.gpus_powered)
         self._last_interval = metrics
         return metrics
 
@@ -663,8 +669,6 @@ class FluidSimulator:
         x_demand = demand / (streams * dt) if ready else 0.0
         n_units = len(self._stateless)
         if operator:
-            self._pool_columns = np.array([self._units.index(u) for u in self._stateless])
-            self._attention_column = self._units.index(UnitKind.ATTENTION)
             caps = np.array([self._unit_configs[u].batch_cap_tokens for u in self._stateless], dtype=np.float64)
             pool_replicas = self._replicas[self._pool_columns]
             contention = (
@@ -674,6 +678,8 @@ class FluidSimulator:
         pool_rho = np.zeros(n_units)
         pool_service = np.zeros(n_units)
         pool_queue_jobs = np.zeros(n_units)
+        decode_call = decode_call_tokens = prefill_call_times = prefill_call_tokens = np.zeros(n_units)
+        call_weights = np.zeros(1)
 
         iteration_s = self._iteration_s or self._iteration_triple(1.0, 0.0, 0.0, 0.0, context, 0.0)[0]
         ttft_s = self._ttft_s or iteration_s
@@ -727,9 +733,12 @@ class FluidSimulator:
                 own = decodes + self._prefill_chunks
                 own_jobs = np.broadcast_to(own, (n_units, own.size)).copy()
                 own_jobs[self._lm_head_row] = decodes + 1.0
-                prefill_call = self._table.time_s_at(np.maximum(own_jobs + others[:, None], 1.0)) @ self._prefill_weights
-                decode_jobs = np.full(n_units, max(decodes, 1.0))
-                decode_call = self._table.time_s_at(decode_jobs + others)
+                prefill_call_tokens = np.maximum(own_jobs + others[:, None], 1.0)
+                prefill_call_times = self._table.time_s_at(prefill_call_tokens)
+                call_weights = self._prefill_weights
+                prefill_call = prefill_call_times @ call_weights
+                decode_call_tokens = np.full(n_units, max(decodes, 1.0)) + others
+                decode_call = self._table.time_s_at(decode_call_tokens)
                 pool_service = ((1.0 - phi) * decode_call + phi * prefill_call) * self._slowdown + transfer
                 pool_rho = job_rate * pool_service / (self._jobs_per_call * pool_replicas)
                 # a pool that cannot keep up even at its cap bounds the iteration time from below
@@ -823,10 +832,9 @@ class FluidSimulator:
             needed = np.ones(LENGTH_QUANTILES)
         else:
             needed = np.maximum(1.0, request_gaps - np.floor(0.99 * np.maximum(request_gaps - 1.0, 0.0)))
-        tails = poisson_at_least(np.stack((request_gaps * over, request_gaps * phi)), needed)
-        tails *= request_gaps > 0
-        tbt_ok = 1.0 - float(tails[0].sum()) * inverse_quantiles
-        long_share = float(tails[1].sum()) * inverse_quantiles
+        tails = self._poisson.lookup(np.concatenate((request_gaps * over, request_gaps * phi)), np.concatenate((needed, needed)))
+        tbt_ok = 1.0 - float(tails[:LENGTH_QUANTILES].sum()) * inverse_quantiles
+        long_share = float(tails[LENGTH_QUANTILES:].sum()) * inverse_quantiles
         # per-request TBT statistic: a prefill iteration's time when long gaps count, else the decode gap
         tbt_values = np.concatenate(([decode_s], prefill_times))
         tbt_weights = np.concatenate(([1.0 - long_share], long_share * prefill_weights))
@@ -855,21 +863,17 @@ class FluidSimulator:
         iterations_per_busy_s = 1.0 / iteration_s if ready else 0.0
         decode_only_rate = max(iterations_per_busy_s - prefill_rate, 0.0)
         mean_tokens = decodes + phi * chunk_eff
-        utilisation = np.zeros(len(self._units))
-        queue_tokens = np.zeros(len(self._units))
-        batch_fill = np.zeros(len(self._units))
-        wait_s = np.zeros(len(self._units))
-        unit_service_s = np.zeros(len(self._units))
-        attention_column = self._units.index(UnitKind.ATTENTION)
+        unit_figures = np.zeros((5, len(self._units)))
+        utilisation, queue_tokens, batch_fill, wait_s, unit_service_s = unit_figures
+        attention_column = self._attention_column
         attention_decode_s = self._attention.decode_s(decodes, decodes * context)
         attention_prefill_s = attention_decode_s + float(
             prefill_weights @ self._attention.prefill_s(prefill_chunks, np.concatenate(([0.5 * prompt_mean], (chunks - 1.0) * available)))
         )
-        attention_busy = beta * (decode_only_rate * attention_decode_s + prefill_rate * attention_prefill_s)
         waiting_tokens = (backlog_mean + streams * x * admission_wait_s) * prompt_mean
         queue_tokens[attention_column] = waiting_tokens
         batch_fill[attention_column] = min(mean_tokens / budget, 1.0)
-        prefill_kernel_share = prefill_rate * float(prefill_weights @ (prefill_times * prefill_chunks / (decodes + prefill_chunks)))
+        powered = self._powered
         if operator:
             host = self._overhead.fixed_s + self._overhead.per_tp_rank_s * self._ranks + self._overhead.per_request_s * (decodes + phi)
             attention_call_s = (
@@ -879,42 +883,51 @@ class FluidSimulator:
                 + self._transfer_per_token_s[attention_column] * mean_tokens
             )
             attention_rho = min(beta * attention_call_s / iteration_s, 1.0) if ready else 0.0
-            utilisation[self._pool_columns] = np.minimum(pool_rho, 1.0)
+            pool_columns = self._pool_columns
+            utilisation[pool_columns] = np.minimum(pool_rho, 1.0)
             utilisation[attention_column] = attention_rho
-            queue_tokens[self._pool_columns] = pool_queue_jobs * self._mean_job_tokens
-            batch_fill[self._pool_columns] = np.minimum(self._jobs_per_call * self._mean_job_tokens / caps, 1.0)
-            wait_s[self._pool_columns] = pool_wait
-            unit_service_s[self._pool_columns] = pool_service
+            queue_tokens[pool_columns] = pool_queue_jobs * self._mean_job_tokens
+            batch_fill[pool_columns] = np.minimum(self._jobs_per_call * self._mean_job_tokens / caps, 1.0)
+            wait_s[pool_columns] = pool_wait
+            unit_service_s[pool_columns] = pool_service
             unit_service_s[attention_column] = attention_call_s
-            rho_all = utilisation
+            # compute-bound share of each pool's busy time: its calls' kernels that are compute-bound
+            # (the engine flags whole calls by their size), decode and prefill calls weighted by time
+            compute_kernel = (1.0 - phi) * decode_call * self._table.compute_bound_at(decode_call_tokens) + phi * (
+                (prefill_call_times * self._table.compute_bound_at(prefill_call_tokens)) @ call_weights
+            )
             compute_flags = np.zeros(len(self._units))
-            compute_flags[self._pool_columns] = self._table.compute_bound_at(self._jobs_per_call * self._mean_job_tokens)
+            compute_flags[pool_columns] = compute_kernel * self._slowdown / np.maximum(pool_service, 1e-12)
             # a stream's job is in service at one replica at a time, so its busy shares on a GPU add up;
             # the streams are independent: busy = 1 - (1 - load / S) ** S with load = sum of replica rhos
-            gpu_load = np.minimum((self._shards @ rho_all) / max(streams, 1), 1.0)
-            busy_gpu = 1.0 - (1.0 - gpu_load) ** max(streams, 1)
-            compute_busy = self._shards @ (rho_all * compute_flags)
+            gpu_load = np.minimum((self._shards @ utilisation) / max(streams, 1), 1.0)
+            busy_gpu = np.minimum(1.0 - (1.0 - gpu_load) ** max(streams, 1), 1.0)
+            compute_busy = self._shards @ (utilisation * compute_flags)
             compute_busy += self._shards[:, attention_column] * beta * prefill_rate * (attention_prefill_s - attention_decode_s)
+            compute_fraction = np.minimum(compute_busy / np.maximum(busy_gpu, 1e-12), 1.0)
+            energy_j = float(self._power_array(busy_gpu[powered], compute_fraction[powered]).sum()) * dt
         else:
-            stateless_decode = self._table.time_s_at(np.full(n_units, max(decodes, 1.0)))
-            stateless_prefill = self._table.time_s_at(np.broadcast_to(decodes + prefill_chunks, (n_units, prefill_chunks.size))) @ prefill_weights
+            table = self._table
+            lm_head = self._lm_head_row
+            decode_size = max(decodes, 1.0)
+            stateless_decode = np.array([table.scalar_time_s(row, decode_size) for row in range(n_units)])
+            stateless_prefill = table.time_s_at(np.broadcast_to(decodes + prefill_chunks, (n_units, prefill_chunks.size))) @ prefill_weights
             # the LM head samples one token per sequence: decodes (+ the finishing prefill)
-            stateless_prefill[self._lm_head_row] = self._table.scalar_time_s(self._lm_head_row, decodes + 1.0)
+            stateless_prefill[lm_head] = table.scalar_time_s(lm_head, decodes + 1.0)
             stateless_busy = beta * (decode_only_rate * stateless_decode + prefill_rate * stateless_prefill)
-            columns = np.array([self._units.index(u) for u in self._stateless])
-            utilisation[columns] = np.minimum(stateless_busy, 1.0)
-            utilisation[attention_column] = min(attention_busy, 1.0)
+            utilisation[self._pool_columns] = np.minimum(stateless_busy, 1.0)
+            utilisation[attention_column] = min(beta * (decode_only_rate * attention_decode_s + prefill_rate * attention_prefill_s), 1.0)
             batch_fill[:] = min(mean_tokens / budget, 1.0)
             rate = beta * iterations_per_busy_s
-            unit_service_s[:] = np.where(rate > 0, utilisation / max(rate, 1e-12), 0.0)
-            on_gpu = self._shards[:, 0] > 0
-            busy_gpu = np.where(on_gpu, beta, 0.0)
-            compute_busy = np.where(on_gpu, beta * prefill_kernel_share, 0.0)
-        busy_gpu = np.clip(busy_gpu, 0.0, 1.0)
-        compute_fraction = np.where(busy_gpu > 0, np.minimum(compute_busy / np.maximum(busy_gpu, 1e-12), 1.0), 0.0)
-        powered = self._powered
-        power = self._power_array(busy_gpu[powered], compute_fraction[powered])
-        energy_j = float(power.sum()) * dt
+            if rate > 0:
+                unit_service_s[:] = utilisation / rate
+            # every GPU of a serving instance is busy while its stream is (beta); loading ones idle
+            prefill_kernel_share = prefill_rate * float(prefill_weights @ (prefill_times * prefill_chunks / (decodes + prefill_chunks)))
+            busy = min(beta, 1.0)
+            compute_fraction_value = min(beta * prefill_kernel_share / busy, 1.0) if busy > 0 else 0.0
+            serving_gpus = self._serving_gpus
+            watts = self._power_array(np.array([busy, 0.0]), np.array([compute_fraction_value, 0.0]))
+            energy_j = (serving_gpus * float(watts[0]) + (float(powered.sum()) - serving_gpus) * float(watts[1])) * dt
         return _Segment(
             duration_s=dt,
             arrivals=window.count,
@@ -938,6 +951,7 @@ class FluidSimulator:
             unit_batch_fill=batch_fill,
             unit_wait_s=wait_s,
             unit_service_s=unit_service_s,
+            unit_replicas=self._replicas,
             ttft=ttft,
             tbt_values=tbt_values,
             tbt_weights=tbt_weights,
@@ -1051,8 +1065,8 @@ class FluidSimulator:
             completed=round(self._served_total),
             slo_attainment=totals.slo_met / totals.decided if totals.decided > 0 else 1.0,
             ttft_mean_s=totals.ttft_sum_s / totals.decided if totals.decided > 0 else 0.0,
-            ttft_p99_s=totals.ttft.quantile(0.99),
-            tbt_p99_s=totals.tbt.quantile(0.99),
+            ttft_p99_s=totals.ttft_quantile(0.99),
+            tbt_p99_s=totals.tbt_quantile(0.99),
             e2e_mean_s=totals.e2e_sum_s / totals.served if totals.served > 0 else 0.0,
             throughput_requests_per_s=self._served_total / duration if duration > 0 else 0.0,
             throughput_tokens_per_s=totals.tokens / duration if duration > 0 else 0.0,
@@ -1070,7 +1084,8 @@ class FluidSimulator:
 
 
 class _RunTotals:
-    """Whole-run aggregates of the fluid model, including TTFT / TBT mass on log-spaced bins."""
+    """Whole-run aggregates of the fluid model. The TTFT mixtures and TBT points of every interval are
+    kept (a few dozen numbers each) and turned into run percentiles only when asked."""
 
     def __init__(self, num_units: int) -> None:
         self.decided = 0.0
@@ -1082,17 +1097,17 @@ class _RunTotals:
         self.gpu_seconds = 0.0
         self.energy_j = 0.0
         self.gpus_peak = 0
-        self.ttft = LogHistogram()
-        self.tbt = LogHistogram()
+        self.ttft_parts: list[tuple[float, TtftMixture]] = []
+        self.tbt_parts: list[tuple[float, FloatArray, FloatArray]] = []
         self.unit_busy_s = np.zeros(num_units)
         self.unit_capacity_s = np.zeros(num_units)
 
     def add(self, metrics: IntervalMetrics, segments: list[_Segment]) -> None:
         for segment in segments:
             if segment.decided > 0:
-                self.ttft.add_cdf(segment.ttft.cdf(LogHistogram.EDGES_S), segment.decided)
+                self.ttft_parts.append((segment.decided, segment.ttft))
             if segment.served > 0:
-                self.tbt.add_points(segment.tbt_values, segment.served * segment.tbt_weights)
+                self.tbt_parts.append((segment.served, segment.tbt_values, segment.tbt_weights))
             self.decided += segment.decided
             self.slo_met += segment.slo_met
             self.served += segment.served
@@ -1101,8 +1116,17 @@ class _RunTotals:
             self.tokens += segment.prompt_tokens + segment.output_tokens
             self.gpu_seconds += segment.gpu_seconds
             self.energy_j += segment.energy_j
-        self.gpus_peak = max(self.gpus_peak, metrics.gpus_powered)
-        duration = metrics.duration_s
-        for column, unit_metrics in enumerate(metrics.units.values()):
-            self.unit_busy_s[column] += unit_metrics.utilisation * unit_metrics.replicas * duration
-            self.unit_capacity_s[column] += unit_metrics.replicas * duration
+            self.unit_busy_s += segment.unit_utilisation * segment.unit_replicas * segment.duration_s
+            self.unit_capacity_s += segment.unit_replicas * segment.duration_s
+
+    def ttft_quantile(self, quantile: float) -> float:
+        histogram = LogHistogram()
+        for weight, mixture in self.ttft_parts:
+            histogram.add_cdf(mixture.cdf(LogHistogram.EDGES_S), weight)
+        return histogram.quantile(quantile)
+
+    def tbt_quantile(self, quantile: float) -> float:
+        histogram = LogHistogram()
+        for weight, values, weights in self.tbt_parts:
+            histogram.add_points(values, weight * weights)
+        return histogram.quantile(quantile)

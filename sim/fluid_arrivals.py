@@ -86,6 +86,7 @@ class ArrivalIndex:
         if prompt.size == 0:
             # an empty trace: a neutral prior (1,000-token prompts, 200-token outputs, no spread)
             self._prior = np.array([1.0, 1000.0, 200.0, np.log(1000.0), np.log(1000.0) ** 2, np.log(200.0), np.log(200.0) ** 2])
+        self._prior_list = [float(v) for v in self._prior]
         self.num_requests = int(prompt.size)
         self.last_arrival_s = float(self.arrival_s[-1]) if prompt.size else 0.0
 
@@ -96,19 +97,20 @@ class ArrivalIndex:
     def window(self, start_s: float, end_s: float) -> ArrivalWindow:
         """Arrivals with ``start_s <= arrival < end_s`` and their blended length statistics."""
         first, last = np.searchsorted(self.arrival_s, (start_s, end_s), side="left")
-        sums = self._cumulative[last] - self._cumulative[first]
-        count = float(sums[_COUNT])
-        blended = (sums + PRIOR_REQUESTS * self._prior) / (count + PRIOR_REQUESTS)
-        prompt_log_var = max(0.0, float(blended[_LOG_PROMPT_SQ] - blended[_LOG_PROMPT] ** 2))
-        output_log_var = max(0.0, float(blended[_LOG_OUTPUT_SQ] - blended[_LOG_OUTPUT] ** 2))
+        sums = (self._cumulative[last] - self._cumulative[first]).tolist()
+        count = sums[_COUNT]
+        weight = 1.0 / (count + PRIOR_REQUESTS)
+        blended = [(value + PRIOR_REQUESTS * prior) * weight for value, prior in zip(sums, self._prior_list, strict=True)]
+        prompt_log_var = max(0.0, blended[_LOG_PROMPT_SQ] - blended[_LOG_PROMPT] ** 2)
+        output_log_var = max(0.0, blended[_LOG_OUTPUT_SQ] - blended[_LOG_OUTPUT] ** 2)
         return ArrivalWindow(
             count=int(count),
-            prompt_tokens=float(sums[_PROMPT]),
-            output_tokens=float(sums[_OUTPUT]),
-            prompt_mean=float(blended[_PROMPT]),
-            output_mean=float(blended[_OUTPUT]),
-            prompt_log_mean=float(blended[_LOG_PROMPT]),
+            prompt_tokens=sums[_PROMPT],
+            output_tokens=sums[_OUTPUT],
+            prompt_mean=blended[_PROMPT],
+            output_mean=blended[_OUTPUT],
+            prompt_log_mean=blended[_LOG_PROMPT],
             prompt_log_std=prompt_log_var**0.5,
-            output_log_mean=float(blended[_LOG_OUTPUT]),
+            output_log_mean=blended[_LOG_OUTPUT],
             output_log_std=output_log_var**0.5,
         )

@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["LogHistogram", "TtftMixture", "poisson_at_least", "weighted_quantile"]
+__all__ = ["LogHistogram", "PoissonTailTable", "TtftMixture", "poisson_at_least", "shared_poisson_tail_table", "weighted_quantile"]
 
 FloatArray = NDArray[np.float64]
 
@@ -82,6 +83,42 @@ def poisson_at_least(mean: FloatArray, needed: FloatArray) -> FloatArray:
     below = np.where(k < needed[..., None], np.exp(log_terms), 0.0).sum(axis=-1)
     result: FloatArray = np.clip(1.0 - below, 0.0, 1.0)
     return result
+
+
+class PoissonTailTable:
+    """``P(N >= m)`` for ``N ~ Poisson(mean)``, tabulated for ``m = 1 .. max_count`` on a log grid of
+    means (40 per decade, 1e-4 .. 1e4) and interpolated linearly in ``log(mean)``; counts above
+    ``max_count`` use the last row. Exact at the grid points (see :func:`poisson_at_least`).
+
+    :param max_count: largest ``m`` tabulated.
+    """
+
+    MEANS = np.geomspace(1e-4, 1e4, 8 * 40 + 1)
+
+    def __init__(self, max_count: int = 128) -> None:
+        self.max_count = max_count
+        counts = np.arange(1, max_count + 1, dtype=np.float64)
+        table = np.vstack([poisson_at_least(self.MEANS, np.full(self.MEANS.size, m)) for m in counts])
+        self._flat = table.ravel()
+        self._row = self.MEANS.size
+        self._log_low = float(np.log(self.MEANS[0]))
+        self._per_log = (self.MEANS.size - 1) / float(np.log(self.MEANS[-1] / self.MEANS[0]))
+
+    def lookup(self, mean: FloatArray, needed: FloatArray) -> FloatArray:
+        """``P(N >= needed)`` elementwise (``needed`` integers >= 1; means clipped to the grid)."""
+        position = np.clip((np.log(np.maximum(mean, 1e-300)) - self._log_low) * self._per_log, 0.0, self._row - 1.000001)
+        index = position.astype(np.int64)
+        frac = position - index
+        flat = (np.minimum(needed, self.max_count).astype(np.int64) - 1) * self._row + index
+        low = self._flat[flat]
+        result: FloatArray = np.where(mean > 0, low + frac * (self._flat[flat + 1] - low), 0.0)
+        return result
+
+
+@lru_cache(maxsize=2)
+def shared_poisson_tail_table(max_count: int = 128) -> PoissonTailTable:
+    """One read-only :class:`PoissonTailTable` per size, built on first use (~0.1 s) and shared."""
+    return PoissonTailTable(max_count)
 
 
 def weighted_quantile(values: FloatArray, weights: FloatArray, quantile: float) -> float:
