@@ -131,6 +131,7 @@ class UnitPool:
         self._compute_threshold: dict[int, int] = {}
         self._transfer_lines: dict[tuple[int, int], tuple[float, float]] = {}
         self._timer_by_tp: dict[int, IterationTimer] = {}
+        self._fast: dict[int, tuple[list[float], int]] = {}
 
     # ------------------------------------------------------------------ replicas
     def add_replica(self, replica: Replica) -> None:
@@ -266,9 +267,27 @@ class UnitPool:
             self._transfer_lines[key] = line
         return line
 
+    def _fast_table(self, tp: int) -> tuple[list[float], int]:
+        """(time by token count, compute-bound threshold) at ``tp``, for the hot path."""
+        entry = self._fast.get(tp)
+        if entry is None:
+            timer = self._timer(tp)
+            timer.unit_s(self.unit, 1)  # builds the table
+            entry = (timer.table(self.unit), self._compute_bound_from(tp))
+            self._fast[tp] = entry
+        return entry
+
     def _start(self, replica: Replica, jobs: list[PoolClient], tokens: int) -> None:
         now = self.env.now
-        kernel = self._kernel_s(tokens, replica)
+        if self.service_time_s is None:
+            table, threshold = self._fast_table(replica.tp)
+            if tokens <= replica.batch_cap_tokens and tokens < len(table):
+                kernel = table[tokens]
+            else:
+                kernel = self._kernel_s(tokens, replica)
+        else:
+            threshold = 1 << 62
+            kernel = self.service_time_s(tokens, replica)
         if self._exponential:
             kernel = float(self.rng.exponential(kernel))
         gpus = replica.gpus
@@ -299,9 +318,7 @@ class UnitPool:
         replica.busy = True
         replica.busy_since_s = now
         self.cluster.mark_busy(gpus, now)
-        compute_s = 0.0
-        if self.service_time_s is None and tokens >= self._compute_bound_from(replica.tp):
-            compute_s = kernel
+        compute_s = kernel if tokens >= threshold else 0.0
         self.env.timeout(duration).callbacks.append(lambda _e: self._done(replica, jobs, compute_s))
 
     def _done(self, replica: Replica, jobs: list[PoolClient], compute_s: float) -> None:

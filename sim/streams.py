@@ -169,6 +169,10 @@ class IterationTimer:
             table = self._grow(unit, tokens)
         return table[tokens]
 
+    def table(self, unit: UnitKind) -> list[float]:
+        """The unit's time-by-token-count table built so far (read-only use)."""
+        return self._tables[unit]
+
     def _grow(self, unit: UnitKind, tokens: int) -> list[float]:
         size = max(4096, 1 << int(tokens).bit_length())
         values = self.cost_model.unit_time_s_array(
