@@ -31,7 +31,7 @@ from opscale.envs.spaces import WAITING_SCALE_REQUESTS, ActionCodec, Observation
 from opscale.sim.cluster import ClusterState
 from opscale.sim.config import SimConfig
 from opscale.sim.costmodel import default_cost_model
-from opscale.sim.deployment import Deployment, Granularity
+from opscale.sim.deployment import Deployment, Granularity, ScalingAction
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.metrics import SLO, IntervalMetrics, default_slo
 from opscale.sim.models import UnitKind
@@ -277,7 +277,8 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         values = vector.tolist()  # plain ints: checked and decoded faster than with numpy reductions
         if any(not 0 <= value < bound for value, bound in zip(values, self._nvec_list, strict=True)):
             raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
-        report = sim.apply(self.codec.decode_values(values))
+        scaling, cap_repairs = self._cap_replicas(self.codec.decode_values(values))
+        report = sim.apply(scaling)
         metrics = sim.advance(self.control_interval_s)
         self._steps += 1
         reward, components = self.reward_function(metrics)
@@ -287,10 +288,33 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             "time_s": metrics.end_s,
             "reward_components": components,
             "interval": interval_metrics_dict(metrics),
-            "repairs": report.repairs,
-            "repair_messages": list(report.messages),
+            "repairs": report.repairs + len(cap_repairs),
+            "repair_messages": [*cap_repairs, *report.messages],
         }
         return observation, reward, False, self._steps >= self.config.horizon, info
+
+    def _current_replicas(self, unit: UnitKind) -> int:
+        """Replicas of ``unit`` serving or loading now: from the last interval's end (the boundary the
+        action applies at), or the starting deployment before any interval ran."""
+        if self._last_metrics is None:
+            return self.initial_deployment.units[unit].replicas
+        unit_metrics = self._last_metrics.units[unit]
+        return unit_metrics.replicas + unit_metrics.pending_replicas
+
+    def _capped_delta(self, what: str, current: int, delta: int, messages: list[str]) -> int:
+        """``delta`` lowered so that ``current + delta <= max_replicas``; a lowering is recorded in ``messages``."""
+        allowed = max(0, self.max_replicas - current)
+        if delta <= allowed:
+            return delta
+        messages.append(
+            f"{what}: asked +{delta} with {current} running, added at most {allowed} (cap {self.max_replicas})"
+        )
+        return allowed
+
+    @abstractmethod
+    def _cap_replicas(self, action: ScalingAction) -> tuple[ScalingAction, list[str]]:
+        """``action`` with additions beyond :attr:`max_replicas` removed, and one message per repair
+        (the cap is the environment's, so the repair is counted here, not by the simulator)."""
 
     def _observation_after(self, metrics: IntervalMetrics) -> np.ndarray:
         observation = self._observation_from(metrics)

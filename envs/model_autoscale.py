@@ -7,7 +7,8 @@ import numpy as np
 from opscale.envs.base import AutoscaleEnv
 from opscale.envs.sizing import size_model_level
 from opscale.envs.spaces import ActionCodec, ModelActionCodec
-from opscale.sim.deployment import Deployment
+from opscale.sim.deployment import Deployment, ScalingAction
+from opscale.sim.models import UnitKind
 
 __all__ = ["ModelAutoscaleEnv"]
 
@@ -36,7 +37,8 @@ class ModelAutoscaleEnv(AutoscaleEnv):
     1          batch cap of every unit: 0 keeps it; ``k >= 1`` -> ``batch_cap_buckets_tokens[k - 1]``
     =========  =======================================================================================
 
-    Infeasible parts are repaired by the simulator and counted in ``info["repairs"]``;
+    Infeasible parts are repaired by the simulator (no room) or the environment (more instances than
+    the cluster holds) and counted in ``info["repairs"]``;
     ``env.action_masks()`` masks deltas leaving no instance, exceeding the instances the cluster holds,
     or adding more than fit in free memory. An action outside the space raises ``ValueError``.
 
@@ -92,6 +94,16 @@ class ModelAutoscaleEnv(AutoscaleEnv):
             budget_candidates=self.config.batch_cap_buckets_tokens,
             target_utilisation=self.config.initial_utilisation,
         )
+
+    def _cap_replicas(self, action: ScalingAction) -> tuple[ScalingAction, list[str]]:
+        messages: list[str] = []
+        if action.instance_delta > 0:
+            # every unit has one replica per instance; attention stands for the instance count
+            current = self._current_replicas(UnitKind.ATTENTION)
+            delta = self._capped_delta("instances", current, action.instance_delta, messages)
+            if messages:
+                return ScalingAction(units=action.units, instance_delta=delta), messages
+        return action, messages
 
     def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
         deployment = self.simulator.deployment

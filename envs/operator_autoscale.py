@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from opscale.envs.base import AutoscaleEnv
 from opscale.envs.sizing import size_operator_level
 from opscale.envs.spaces import ActionCodec, OperatorActionCodec
-from opscale.sim.deployment import Deployment
+from opscale.sim.deployment import Deployment, ScalingAction
 from opscale.sim.models import UnitKind
 
 __all__ = ["OperatorAutoscaleEnv"]
@@ -43,7 +45,8 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
     ==========  ==========================================================================
 
     Parts that cannot be carried out (fewer than one replica, no GPU with room) are repaired by the
-    simulator (clipped to what fits) and counted in ``info["repairs"]``. ``env.action_masks()``
+    simulator (clipped to what fits), additions beyond ``max_replicas_per_unit`` by the environment;
+    both are counted in ``info["repairs"]`` and described in ``info["repair_messages"]``. ``env.action_masks()``
     masks deltas that would leave fewer than one replica, exceed ``max_replicas_per_unit`` or add more
     replicas than free memory holds (for ``sb3_contrib.MaskablePPO``). An action outside the space
     raises ``ValueError``. ``env.unwrapped.codec`` encodes a ``ScalingAction`` into this space.
@@ -134,6 +137,20 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
             target_utilisation=self.config.initial_utilisation,
             max_replicas=self._max_replicas(),
         )
+
+    def _cap_replicas(self, action: ScalingAction) -> tuple[ScalingAction, list[str]]:
+        messages: list[str] = []
+        capped = dict(action.units)
+        for unit, unit_action in action.units.items():
+            if unit_action.replica_delta > 0:
+                delta = self._capped_delta(
+                    unit.value, self._current_replicas(unit), unit_action.replica_delta, messages
+                )
+                if delta != unit_action.replica_delta:
+                    capped[unit] = replace(unit_action, replica_delta=delta)
+        return (
+            ScalingAction(units=capped, instance_delta=action.instance_delta) if messages else action
+        ), messages
 
     def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
         deployment = self.simulator.deployment

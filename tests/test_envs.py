@@ -380,3 +380,25 @@ def test_observation_decodes_back_to_the_interval_metrics(trace: RequestTrace, f
     assert decoded["waiting"] == pytest.approx(interval["waiting_requests"], abs=1e-3)
     assert decoded["gpus_powered"] == pytest.approx(interval["gpus_powered_mean"], rel=1e-5)
     assert decoded["power"] == pytest.approx(interval["energy_j"] / duration_s, rel=1e-5)
+
+
+def test_additions_beyond_the_replica_cap_are_repaired_by_the_env(
+    trace: RequestTrace, fake_sim: None
+) -> None:
+    ones = Deployment.operator_level("qwen2-7b", "a100", replicas=dict.fromkeys(DENSE_UNITS, 1), num_nodes=2)
+    env = OperatorAutoscaleEnv(trace=trace, horizon=3, initial_deployment=ones, max_replicas_per_unit=4)
+    env.reset(seed=0)
+    grow = env.codec.encode(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=2)}))
+    assert env.step(grow)[4]["repairs"] == 0
+    info = env.step(grow)[4]
+    assert info["repairs"] == 1 and "cap 4" in info["repair_messages"][0]
+    assert info["interval"]["units"]["ffn"]["replicas"] == 4
+
+
+def test_model_level_instance_cap(trace: RequestTrace, fake_sim: None) -> None:
+    two = Deployment.model_level("qwen2-7b", "a100", instances=2, num_nodes=2)
+    env = ModelAutoscaleEnv(trace=trace, horizon=3, initial_deployment=two, max_replicas_per_unit=3)
+    env.reset(seed=0)
+    info = env.step(env.codec.encode(ScalingAction(instance_delta=2)))[4]
+    assert info["repairs"] == 1 and "instances" in info["repair_messages"][0]
+    assert info["interval"]["units"]["attention"]["replicas"] == 3

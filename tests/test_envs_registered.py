@@ -15,6 +15,8 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import opscale
+from opscale.sim.deployment import ScalingAction, UnitAction
+from opscale.sim.models import UnitKind
 
 #: Small, short episodes: the checkers reset and step a few times; the DES pays per simulated second.
 SMALL = {"horizon": 4, "num_nodes": 1}
@@ -63,7 +65,9 @@ def test_ansi_and_rgb_render_and_masks(env_id: str) -> None:
     frame = _make(env_id, render_mode="rgb_array")
     frame.reset(seed=0)
     image = frame.render()
-    assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert (
+        isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    )
     masks = env.unwrapped.action_masks()  # type: ignore[attr-defined]
     assert masks.dtype == bool and masks.size == int(env.action_space.nvec.sum())  # type: ignore[attr-defined]
 
@@ -99,3 +103,31 @@ def test_maskable_ppo_reads_the_masks() -> None:
     model.learn(total_timesteps=32)
     action, _ = model.predict(env.reset(seed=0)[0], action_masks=env.unwrapped.action_masks())  # type: ignore[attr-defined]
     assert env.action_space.contains(action)
+
+
+@pytest.mark.parametrize("unit", [UnitKind.ATTENTION, UnitKind.FFN])
+def test_masks_agree_with_the_simulators_repairs_for_single_unit_actions(unit: UnitKind) -> None:
+    """Adding replicas of one unit until the node is full: an add the mask allows is carried out,
+    an add it forbids would have been repaired."""
+    env = _make("opscale/OperatorAutoscale-fast-v0", horizon=12).unwrapped
+    env.reset(seed=0)
+    codec, deltas = env.codec, env.config.replica_deltas  # type: ignore[attr-defined]
+    position = sum(int(n) for n in codec.nvec[: 3 * env.units.index(unit)])  # type: ignore[attr-defined]
+    add_one = codec.encode(ScalingAction(units={unit: UnitAction(replica_delta=1)}))
+    saw_forbidden = False
+    for _ in range(10):
+        allowed = bool(env.action_masks()[position + deltas.index(1)])  # type: ignore[attr-defined]
+        info = env.step(add_one)[4]
+        assert (info["repairs"] == 0) == allowed, info["repair_messages"]
+        saw_forbidden |= not allowed
+    assert saw_forbidden, "one node should fill up within ten additions"
+
+
+def test_default_deployment_meets_the_slo_on_the_default_workload() -> None:
+    """The sized starting deployment (no actions) keeps the SLO in most intervals of an episode."""
+    for env_id in ("opscale/OperatorAutoscale-fast-v0", "opscale/ModelAutoscale-fast-v0"):
+        env = gym.make(f"opscale:{env_id}", horizon=24)
+        env.reset(seed=1)
+        noop = env.unwrapped.codec.noop()  # type: ignore[attr-defined]
+        attainment = [env.step(noop)[4]["interval"]["slo_attainment"] for _ in range(24)]
+        assert float(np.mean(attainment)) >= 0.95, (env_id, attainment)
