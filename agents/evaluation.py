@@ -290,9 +290,11 @@ def make_env(env_id: str, *, fidelity: str | None = "des", trace: str | RequestT
     config = dict(env_config or {})
     if trace is not None:
         config["trace"] = trace
-    if fidelity is not None:
-        config["fidelity"] = fidelity
-    return gym.make(env_id.removeprefix("opscale:"), config=config)
+    # keyword overrides beat both the config mapping and the id's registered kwargs (its fidelity)
+    overrides: dict[str, Any] = {} if fidelity is None else {"fidelity": fidelity}
+    if "fidelity" in config and fidelity is None:
+        overrides["fidelity"] = config.pop("fidelity")
+    return gym.make(env_id.removeprefix("opscale:"), config=config, **overrides)
 
 
 def _reset_memory(policy: Any) -> None:

@@ -12,13 +12,15 @@ semantics of DESIGN.md 2.4 at steady state:
   each stateless unit (all layers as one job, as the engine does). A unit's pool of ``c`` replicas
   therefore receives ``S / tau`` jobs/s and merges queued jobs into calls up to its batch cap: its mean
   wait and call time come from :func:`opscale.sim.queueing.batch_service` (M/M/c with the batching
-  fixed point). The sojourn of a stream at the unit is wait + call time.
+  fixed point). The pool is really a closed loop (a stream has at most one job out), so the wait is
+  capped by the time to serve the other ``S - 1`` streams' jobs in full calls (exact for one stream,
+  where the open model would invent a queue). The sojourn of a stream at the unit is wait + call time.
 * **Iteration time.** ``g(tau) = engine overhead + attention(nd, np) + sum_u sojourn_u + transfers``;
   every unit boundary is counted as an NVLink hop per layer (conservative: packed units share a GPU).
 * **Budgets.** The planner provisions for a target iteration time ``tau_b = tbt_share x TBT SLO``: the
   deployment keeps up if ``g(tau_b) <= tau_b`` (then the stream's true fixed point ``g(tau) = tau`` lies
   below ``tau_b``). The TBT estimate adds the *prefill bump*, the extra time of an iteration that carries
-  one prefill chunk of ``min(P, budget - nd)`` tokens (the p99 gap of a request is such an iteration
+  a prefill chunk of ``min(3P, budget - nd)`` tokens (the p99 gap of a request is such an iteration
   once more than 1 % of iterations carry one). TTFT: the mean prompt needs ``P / (budget - nd)``
   iterations, stretched by ``1 / (1 - rho_B)`` with ``rho_B = j / budget`` the share of the token budget
   in use. Both must stay within their shares of the SLO.
@@ -69,6 +71,9 @@ __all__ = [
 ]
 
 FloatArray = NDArray[np.float64]
+
+#: A bump iteration's prefill is capped at this multiple of the mean prompt (the prompt tail).
+_PROMPT_TAIL_FACTOR = 3.0
 
 #: Requests per iteration above which the prefill bump sets a request's p99 TBT gap.
 _BUMP_ITERATION_SHARE = 0.01
@@ -264,7 +269,9 @@ class _StreamModel:
         tokens = decodes + prefill
         context = prompt + output / 2.0
         attention = self._attention_s(tp, decodes, context, prefill, prompt)
-        chunk = np.clip(budget - decodes, 1.0, prompt)
+        # an iteration after a quiet spell fills its whole free budget with prefill (several prompts),
+        # up to the prompt tail (~3x the mean for the lognormal-like traces we replay)
+        chunk = np.clip(budget - decodes, 1.0, _PROMPT_TAIL_FACTOR * prompt)
         with_chunk = self._attention_s(tp, decodes, context, prefill + chunk, prompt)
         prefills_per_iteration = rate * tau / streams
         return StreamLoad(
@@ -308,8 +315,8 @@ class OperatorEstimate:
     :param iteration_s: ``g(tau_b)``, the iteration time the deployment needs at the planned load.
     :param tbt_s: iteration time plus the prefill bump where it sets the p99 gap.
     :param ttft_s: TTFT estimate.
-    :param gpus: fractional GPUs (max of memory, compute and TP needs).
-    :param gpus_needed: ``ceil(gpus)``.
+    :param gpus: fractional GPUs: max of the memory share and the compute share.
+    :param gpus_needed: ``ceil(gpus)``, at least the largest TP degree.
     :param busy: busy GPU-seconds per second.
     :param stable: every pool and the token budget keep up, and the in-flight requests fit the streams.
     """
@@ -377,7 +384,7 @@ class OperatorLatencyModel(_StreamModel):
     """
 
     #: Token grid on which unit times are tabulated once (interpolated in between; exact at the knots).
-    _TOKEN_GRID = np.concatenate([[0.0], np.geomspace(1.0, 1 << 20, 241)])
+    _TOKEN_GRID = np.concatenate([[0.0], np.geomspace(1.0, 1 << 20, 1201)])
 
     def __init__(
         self,
@@ -423,9 +430,10 @@ class OperatorLatencyModel(_StreamModel):
         units = self.stateless
         counts = np.arange(1, max_replicas + 1, dtype=np.int64)
         grid_counts = np.broadcast_to(counts, (len(units), counts.size))
-        caps = np.array([[float(batch_caps[unit])] for unit in units])
         times = np.stack([self._unit_times[unit] for unit in units])
         job_tokens = max(float(load.tokens), 1e-6)
+        # a call can merge at most one job per stream (each stream has one job out at a time)
+        caps = np.array([[min(float(batch_caps[unit]), streams * job_tokens)] for unit in units])
         calls_per_s = streams / self.tau_budget_s
 
         def nominal(tokens: FloatArray) -> FloatArray:
@@ -436,6 +444,12 @@ class OperatorLatencyModel(_StreamModel):
         plain = batch_service(calls_per_s, job_tokens, grid_counts, caps, nominal)
         slowdown = 1.0 + self.contention_factor * np.maximum(self.targets.max_gpu_busy - plain.utilisation, 0.0)
         shared = batch_service(calls_per_s, job_tokens, grid_counts, caps, lambda tokens: nominal(tokens) * slowdown)
+        # closed loop: each stream has at most one job out, so a job never waits behind more than the
+        # other S - 1 streams' jobs, served in full calls (the open M/M/c wait overstates small S)
+        jobs_per_full_call = np.maximum(1.0, np.floor(caps / job_tokens))
+        full_calls_ahead = np.ceil((streams - 1) / (grid_counts * jobs_per_full_call))
+        closed_wait = full_calls_ahead * nominal(jobs_per_full_call * job_tokens) * slowdown
+        wait = np.minimum(shared.mean_wait_s, closed_wait)
         bump = (nominal(shared.call_tokens + load.chunk_tokens) - nominal(shared.call_tokens)) * slowdown
         tables: dict[UnitKind, UnitTable] = {}
         for row, unit in enumerate(units):
@@ -447,7 +461,7 @@ class OperatorLatencyModel(_StreamModel):
             tables[unit] = UnitTable(
                 replicas=counts,
                 sojourn_s=np.where(
-                    shared.stable[row], shared.mean_wait_s[row] + shared.service_time_s[row] + transfer, np.inf
+                    shared.stable[row], wait[row] + shared.service_time_s[row] + transfer, np.inf
                 ),
                 bump_s=bump[row],
                 busy=shared.utilisation[row] * counts / slowdown[row] * tp,
@@ -469,11 +483,14 @@ class OperatorLatencyModel(_StreamModel):
             raise ValueError(f"streams must be >= 1, got {streams}")
         tp = self.tp[UnitKind.ATTENTION]
         load = self.stream_load(workload, np.array(float(streams)), np.array(self.tau_budget_s), np.array(token_budget), tp)
+        # the stream's attention call shares its GPU like any other replica's (placement bound)
+        own_busy = float(load.attention_s) / self.tau_budget_s
+        slowdown = 1.0 + self.contention_factor * max(self.targets.max_gpu_busy - own_busy, 0.0)
         return StreamTables(
             streams=streams,
-            iteration_s=float(load.attention_s + load.overhead_s),
-            bump_s=float(load.chunk_attention_s),
-            busy=streams * float(load.attention_s) / self.tau_budget_s * tp,
+            iteration_s=float(load.attention_s) * slowdown + float(load.overhead_s),
+            bump_s=float(load.chunk_attention_s) * slowdown,
+            busy=streams * own_busy * tp,
             memory_bytes=streams * self.replica_bytes(UnitKind.ATTENTION, tp, token_budget),
             load=load,
             units=self._pool_tables(load, streams, max_replicas, batch_caps),
@@ -536,7 +553,7 @@ class OperatorLatencyModel(_StreamModel):
         finite_ttft = np.where(np.isfinite(ttft), ttft, 0.0)
         kv = self.kv_bytes(workload, finite_ttft, iteration, tp_attention)
         gpus = np.maximum((memory + kv) / self.usable_bytes, busy / self.targets.max_gpu_busy)
-        gpus = np.maximum(gpus, max(self.tp.values()))
+        needed = np.maximum(np.ceil(gpus - 1e-9), max(self.tp.values())).astype(np.int64)
         in_flight = workload.rate_per_s * (finite_ttft + workload.output_tokens * iteration)
         fits = (in_flight <= streams * self.sim_config.max_running_requests) & bool(load.budget_use < 1.0)
         return OperatorEstimate(
@@ -544,9 +561,9 @@ class OperatorLatencyModel(_StreamModel):
             tbt_s=iteration + bump,
             ttft_s=ttft,
             gpus=gpus,
-            gpus_needed=np.ceil(gpus - 1e-9).astype(np.int64),
+            gpus_needed=needed,
             busy=busy,
-            stable=stable & fits & np.isfinite(iteration) & (gpus <= self.cluster.num_gpus),
+            stable=stable & fits & np.isfinite(iteration) & (needed <= self.cluster.num_gpus),
         )
 
     def estimate(
@@ -622,10 +639,9 @@ class ModelLevelLatencyModel(_StreamModel):
 
     def best_token_budget(self, workload: Workload, buckets: Sequence[int], limit: int) -> tuple[int, int]:
         """``(token budget, instances)``: the bucket needing the fewest instances for ``workload``
-        (the larger budget on ties, since it shortens TTFT)."""
-        options = [(self.instances_needed(workload, budget, limit), -budget) for budget in buckets]
-        instances, negative_budget = min(options)
-        return -negative_budget, instances
+        (the smaller budget on ties: it bounds the prefill spikes that set the TBT tail)."""
+        instances, budget = min((self.instances_needed(workload, budget, limit), budget) for budget in buckets)
+        return budget, instances
 
     def capacity(self, workload: Workload, token_budget: float) -> tuple[float, float]:
         """``(requests in system, decode tokens/s)`` one instance sustains within the budgets.

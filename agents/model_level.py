@@ -125,7 +125,7 @@ class TargetTrackingPolicy(HeuristicPolicy):
         if self.config.token_budget is not None and self.config.token_budget not in buckets:
             raise ValueError(f"token_budget {self.config.token_budget} is not a batch-cap bucket; valid: {buckets}")
         self.token_budget = self.config.token_budget or max(
-            buckets, key=lambda budget: (self.latency_model.capacity(self.reference_workload, budget)[1], budget)
+            buckets, key=lambda budget: (self.latency_model.capacity(self.reference_workload, budget)[1], -budget)
         )
         self.target = self.config.target if self.config.target is not None else self.default_target()
 

@@ -8,14 +8,18 @@ Each interval the controller
    :class:`opscale.agents.latency_model.OperatorLatencyModel`: starting from the current deployment,
    it adds one replica at a time to the unit with the largest marginal latency gain per GPU until the
    TTFT and TBT budgets hold, then removes replicas while the budgets still hold with
-   ``removal_margin`` slack (the hysteresis that keeps it from flapping);
+   ``removal_margin`` slack (the hysteresis that keeps it from flapping). Adds are gated by feedback
+   (:meth:`OperatorGreedyPolicy.scale_up_allowed`): only under observed latency pressure or a real
+   rise of the rate;
 3. **chooses batch caps per unit**: a stateless unit's cap is the smallest bucket that reaches the knee
    of its roofline (the call size where it turns compute-bound, beyond which merging more work buys no
    efficiency, only longer calls) or one iteration's tokens, whichever is larger; the attention token
    budget is the bucket whose plan needs the fewest GPUs (re-chosen every ``budget_period_s``);
-4. **places** new replicas best fit (``pack``) while the powered GPUs cover the plan's compute need at
-   ``max_gpu_busy``, and ``spread-gpu`` (onto the least-loaded, possibly new, GPU) when they do not:
-   contention-aware best fit.
+4. **places** replicas contention-aware, best fit: the starting deployment gets explicit GPUs
+   (:func:`contention_aware_placement`: attention replicas one per GPU, stateless replicas in order of
+   decreasing busy time onto the least-busy GPU with room); at run time new replicas ``pack`` (best
+   fit by memory) unless the plan needs more GPUs than are powered, when the busiest added unit
+   uses ``spread-gpu`` and so opens one more GPU.
 
 The action moves each unit towards its planned count by the largest representable delta.
 """
@@ -37,13 +41,21 @@ from opscale.agents.latency_model import (
     StreamTables,
     Workload,
 )
-from opscale.sim.deployment import Placement, ScalingAction, UnitAction
+from opscale.sim.deployment import Deployment, Placement, ScalingAction, UnitAction
 from opscale.sim.models import UnitKind
 
 __all__ = ["OperatorGreedyPolicy", "OperatorPlan", "PlanSearch", "greedy_plan"]
 
 #: Per-token time ratio between doubled call sizes above which a unit counts as compute-bound.
 _COMPUTE_BOUND_RATIO = 1.8
+#: Observed p99 latency, as a share of its SLO, that counts as pressure.
+PRESSURE_SHARE = 0.8
+#: Interval SLO attainment below which the deployment is under pressure.
+PRESSURE_ATTAINMENT = 0.99
+#: A planned-for rate this much above the validated rate allows scaling up without pressure.
+RATE_MARGIN = 1.1
+#: Per-interval decay of the validated rate (it forgets a peak over a few minutes).
+VALIDATED_RATE_DECAY = 0.99
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,8 @@ class PlanSearch:
     :param batch_caps: per unit, the batch cap (tokens per call).
     :param token_budget: per-iteration token budget of a stream.
     :param max_replicas: the most replicas of any unit.
+    :param table_size: replica counts tabulated per unit at first (grown on demand, up to
+        ``max_replicas``; the Erlang recursions cost grows with it).
     """
 
     model: OperatorLatencyModel
@@ -82,13 +96,18 @@ class PlanSearch:
     batch_caps: Mapping[UnitKind, float]
     token_budget: float
     max_replicas: int
+    table_size: int = 8
     evaluations: int = 0
     _tables: dict[int, StreamTables] = field(default_factory=dict)
 
-    def tables(self, streams: int) -> StreamTables:
+    def tables(self, streams: int, need: int = 1) -> StreamTables:
+        """The tables for ``streams`` streams, covering at least ``need`` replicas per unit."""
+        if need > self.table_size:
+            self.table_size = min(self.max_replicas, max(need, 2 * self.table_size))
+            self._tables.clear()
         if streams not in self._tables:
             self._tables[streams] = self.model.stream_tables(
-                self.workload, streams, self.batch_caps, self.token_budget, self.max_replicas
+                self.workload, streams, self.batch_caps, self.token_budget, min(self.table_size, self.max_replicas)
             )
         return self._tables[streams]
 
@@ -97,7 +116,8 @@ class PlanSearch:
         candidates = np.atleast_2d(candidates)
         self.evaluations += candidates.shape[0]
         streams = int(candidates[0, self.model.attention_index])
-        return self.model.evaluate(self.workload, self.tables(streams), candidates, self.token_budget)
+        tables = self.tables(streams, int(candidates.max()))
+        return self.model.evaluate(self.workload, tables, candidates, self.token_budget)
 
     def excess(self, estimate: OperatorEstimate, slack: float = 0.0) -> NDArray[np.float64]:
         return estimate.excess(self.model.slo, self.model.targets, slack)
@@ -114,18 +134,51 @@ def _neighbours(counts: NDArray[np.int64], step: int, max_replicas: int) -> list
     return out
 
 
-def _score(search: PlanSearch, candidates: list[tuple[int, NDArray[np.int64]]]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """``(excess, fractional GPUs)`` of single-unit changes (grouped by stream count for the tables)."""
+def _score(search: PlanSearch, candidates: list[NDArray[np.int64]]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``(excess, fractional GPUs)`` of candidates (grouped by stream count for the tables)."""
     excess = np.empty(len(candidates))
     gpus = np.empty(len(candidates))
     attention = search.model.attention_index
-    streams = np.array([c[attention] for _, c in candidates])
+    streams = np.array([c[attention] for c in candidates])
     for value in np.unique(streams):
         rows = np.flatnonzero(streams == value)
-        estimate = search.evaluate(np.stack([candidates[r][1] for r in rows]))
+        estimate = search.evaluate(np.stack([candidates[r] for r in rows]))
         excess[rows] = search.excess(estimate)
         gpus[rows] = estimate.gpus
     return excess, gpus
+
+
+def _best_add(search: PlanSearch, counts: NDArray[np.int64], current: OperatorEstimate) -> NDArray[np.int64] | None:
+    """The add move with the largest excess reduction per GPU it costs: single replicas first; when no
+    single replica helps (two units only help together, e.g. a stream and the pool it would queue
+    at), pairs of replicas. ``None`` when nothing helps."""
+    model = search.model
+    excess_now = float(search.excess(current)[0])
+    singles = [changed for _, changed in _neighbours(counts, +1, search.max_replicas)]
+    pairs = [
+        first + second - counts
+        for i, first in enumerate(singles)
+        for second in singles[i:]
+        if (first + second - counts).max() <= search.max_replicas
+    ]
+    for moves in (singles, pairs):
+        if not moves:
+            continue
+        excess, gpus = _score(search, moves)
+        memory_floor = np.array(
+            [sum(_replica_gpu_cost(search, model.units[i]) * int(d) for i, d in enumerate(m - counts) if d) for m in moves]
+        )
+        if not np.isfinite(excess_now):
+            # still unstable after the pool repair: the cheapest move that makes it stable
+            finite = np.isfinite(excess)
+            if finite.any():
+                return moves[int(np.argmin(np.where(finite, gpus + memory_floor, np.inf)))]
+            continue
+        gain = excess_now - excess
+        ratio = np.where(gain > 1e-12, gain / np.maximum(gpus - float(current.gpus[0]), memory_floor), -np.inf)
+        if np.isfinite(ratio).any() and ratio.max() > 0:
+            return moves[int(np.argmax(ratio))]
+    return None
 
 
 def _replica_gpu_cost(search: PlanSearch, unit: UnitKind) -> float:
@@ -137,58 +190,46 @@ def _replica_gpu_cost(search: PlanSearch, unit: UnitKind) -> float:
 
 def _repair_instability(search: PlanSearch, counts: NDArray[np.int64]) -> NDArray[np.int64]:
     """Jump every unstable stateless pool to its fewest stable replicas (no marginal gain is finite
-    while a pool cannot keep up, so greedy steps cannot rank them)."""
+    while a pool cannot keep up, so greedy steps cannot rank them); tables grow until they show it."""
     model = search.model
-    tables = search.tables(int(counts[model.attention_index]))
+    streams = int(counts[model.attention_index])
     repaired = counts.copy()
     for index, unit in enumerate(model.units):
         if unit is UnitKind.ATTENTION:
             continue
-        repaired[index] = max(repaired[index], min(model.min_stable_replicas(tables, unit), search.max_replicas))
+        tables = search.tables(streams, int(counts.max()))
+        fewest = model.min_stable_replicas(tables, unit)
+        while fewest > search.table_size and search.table_size < search.max_replicas:
+            tables = search.tables(streams, fewest)
+            fewest = model.min_stable_replicas(tables, unit)
+        repaired[index] = max(repaired[index], min(fewest, search.max_replicas))
     return repaired
 
 
-def greedy_plan(search: PlanSearch, start: NDArray[np.int64]) -> OperatorPlan:
+def greedy_plan(search: PlanSearch, start: NDArray[np.int64], allow_add: bool = True) -> OperatorPlan:
     """The paper's greedy planner from ``start`` (see the module docstring).
 
-    Add phase: while a budget is exceeded, add the replica with the largest reduction of the budget
-    excess per GPU it costs (its fractional-GPU increase, at least its own memory share). While the
-    stream count cannot keep up (token budget or running-request cap), streams come first. Remove
-    phase: while some unit can lose a replica with every budget holding at ``removal_margin`` slack,
-    remove the one that frees the most GPU.
+    Add phase (skipped unless ``allow_add``): while a budget is exceeded, add the replica (or, when no
+    single one helps, the pair of replicas) with the largest reduction of the budget excess per GPU it
+    costs (its fractional-GPU increase, at least its own memory share). While the stream count cannot
+    keep up (token budget or running-request cap), streams come first. Remove phase: while some unit can lose a replica with every budget holding at
+    ``removal_margin`` slack, remove the one that frees the most GPU.
     """
     model = search.model
     counts = np.clip(np.asarray(start, dtype=np.int64).copy(), 1, search.max_replicas)
-    counts = _repair_instability(search, counts)
+    if allow_add:
+        counts = _repair_instability(search, counts)
     current = search.evaluate(counts)
-    while float(search.excess(current)[0]) > 0.0:
-        options = _neighbours(counts, +1, search.max_replicas)
-        if not options:
-            break
-        excess_now = float(search.excess(current)[0])
-        excess, gpus = _score(search, options)
-        if not np.isfinite(excess_now):
-            # still unstable after the pool repair: only the streams (budget / running cap) can help
-            finite = np.isfinite(excess)
-            if not finite.any():
-                attention = [i for i, (index, _) in enumerate(options) if index == model.attention_index]
-                if not attention:
-                    break
-                counts = _repair_instability(search, options[attention[0]][1])
-                current = search.evaluate(counts)
-                continue
-            choice = int(np.argmin(np.where(finite, gpus, np.inf)))
-        else:
-            gain = excess_now - excess
-            cost = np.maximum(
-                gpus - float(current.gpus[0]),
-                [_replica_gpu_cost(search, model.units[index]) for index, _ in options],
-            )
-            ratio = np.where(gain > 1e-12, gain / cost, -np.inf)
-            if not np.isfinite(ratio).any() or ratio.max() <= 0:
+    while allow_add and float(search.excess(current)[0]) > 0.0:
+        move = _best_add(search, counts, current)
+        if move is None:
+            unstable_streams = not np.isfinite(float(search.excess(current)[0]))
+            if not (unstable_streams and counts[model.attention_index] < search.max_replicas):
                 break
-            choice = int(np.argmax(ratio))
-        counts = _repair_instability(search, options[choice][1])
+            # the token budget or running cap of the streams binds: only more streams can help
+            move = counts.copy()
+            move[model.attention_index] += 1
+        counts = _repair_instability(search, move)
         current = search.evaluate(counts)
     slack = model.targets.removal_margin
     while float(search.excess(current, slack)[0]) == 0.0:
@@ -211,6 +252,65 @@ def greedy_plan(search: PlanSearch, start: NDArray[np.int64]) -> OperatorPlan:
     return OperatorPlan(counts, current, bool(search.excess(current)[0] == 0.0), search.evaluations)
 
 
+def contention_aware_placement(
+    search: PlanSearch, replicas: NDArray[np.int64], num_gpus: int, attention_reserve_bytes: float
+) -> dict[UnitKind, list[tuple[int, ...]]]:
+    """Explicit GPUs for a planned deployment: best fit with a busy-time balance (TP-1 units only).
+
+    Attention replicas (the streams, which take their GPU's leftover memory as KV cache) go one per
+    GPU, round robin over the ``G`` GPUs the plan needs; stateless replicas follow in order of
+    decreasing busy time, each onto the GPU with the least busy time that still has the memory
+    (weights + activations, keeping ``attention_reserve_bytes`` per resident attention replica), so
+    replicas of one pool land on different GPUs and no GPU collects the hot units. A replica that
+    fits nowhere opens the next GPU. Units with TP > 1 are left to the engine's placement policy.
+
+    :param search: the plan's search (tables give per-replica busy time and memory).
+    :param replicas: planned replicas per unit.
+    :param num_gpus: GPUs the cluster has.
+    :param attention_reserve_bytes: memory an attention replica needs beyond its buffers (its
+        smallest KV cache).
+    """
+    model = search.model
+    estimate = search.evaluate(replicas)
+    wanted = max(1, min(int(estimate.gpus_needed[0]), num_gpus))
+    tables = search.tables(int(replicas[model.attention_index]), int(replicas.max()))
+    busy = [0.0] * num_gpus
+    used = [0.0] * num_gpus
+    opened = wanted
+    placement: dict[UnitKind, list[tuple[int, ...]]] = {}
+    if model.tp[UnitKind.ATTENTION] == 1:
+        streams = int(replicas[model.attention_index])
+        need = model.replica_bytes(UnitKind.ATTENTION, 1, search.token_budget) + attention_reserve_bytes
+        per_stream_busy = tables.busy / max(streams, 1)
+        placement[UnitKind.ATTENTION] = []
+        for stream in range(streams):
+            gpu = stream % wanted
+            placement[UnitKind.ATTENTION].append((gpu,))
+            busy[gpu] += per_stream_busy
+            used[gpu] += need
+    items: list[tuple[float, float, UnitKind]] = []
+    for index, unit in enumerate(model.units):
+        if unit is UnitKind.ATTENTION or model.tp[unit] != 1:
+            continue
+        count = int(replicas[index])
+        table = tables.units[unit]
+        per_replica_busy = float(table.busy[count - 1]) / count
+        memory = model.replica_bytes(unit, 1, float(search.batch_caps[unit]))
+        items += [(per_replica_busy, memory, unit)] * count
+    for per_replica_busy, memory, unit in sorted(items, key=lambda item: (-item[0], -item[1], item[2].value)):
+        fits = [g for g in range(opened) if used[g] + memory <= model.usable_bytes]
+        if not fits and opened < num_gpus:
+            opened += 1
+            fits = [opened - 1]
+        if not fits:
+            raise ValueError(f"planned deployment does not fit {num_gpus} GPUs (no room for a {unit.value} replica)")
+        gpu = min(fits, key=lambda g: (busy[g], -used[g], g))
+        placement.setdefault(unit, []).append((gpu,))
+        busy[gpu] += per_replica_busy
+        used[gpu] += memory
+    return placement
+
+
 def knee_batch_cap(model: OperatorLatencyModel, unit: UnitKind, buckets: tuple[int, ...], min_tokens: float) -> int:
     """The smallest bucket at or above both the unit's compute-bound knee and ``min_tokens``."""
     tokens = 2.0 ** np.arange(0, 17)
@@ -231,6 +331,8 @@ class _GreedyMemory:
     token_budget: int | None = None
     steps_since_budget: int = 0
     last_plan: OperatorPlan | None = None
+    #: highest recent arrival rate the deployment served without latency pressure (decays)
+    validated_rate_per_s: float = 0.0
 
 
 class OperatorGreedyPolicy(HeuristicPolicy):
@@ -269,26 +371,63 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         buckets = self.context.batch_cap_buckets_tokens
         return {unit: knee_batch_cap(self.latency_model, unit, buckets, tokens) for unit in self.latency_model.stateless}
 
-    def search(self, workload: Workload, streams: int, token_budget: int) -> PlanSearch:
-        caps = self.batch_caps(workload, streams, token_budget)
-        return PlanSearch(self.latency_model, workload, caps, float(token_budget), self.context.max_replicas)
-
-    def plan(self, search: PlanSearch, start: NDArray[np.int64]) -> OperatorPlan:
-        """The replica counts to move to (the oracle overrides this with an exhaustive search)."""
-        return greedy_plan(search, start)
-
-    def choose_token_budget(self, workload: Workload, start: NDArray[np.int64]) -> int:
-        """The budget bucket whose plan needs the fewest GPUs (feasible first; larger budget on ties,
-        since it shortens TTFT)."""
-        best: tuple[tuple[float, ...], int] | None = None
+    def search(self, workload: Workload, start: NDArray[np.int64], token_budget: int) -> PlanSearch:
+        """A :class:`PlanSearch` for ``workload`` with tables sized around ``start``."""
         streams = int(start[self.latency_model.attention_index])
-        for budget in self.context.batch_cap_buckets_tokens:
-            plan = greedy_plan(self.search(workload, streams, budget), start)
-            key = (0.0 if plan.feasible else 1.0, float(plan.gpus_needed), float(plan.estimate.gpus[0]), -budget)
+        caps = self.batch_caps(workload, streams, token_budget)
+        size = min(self.context.max_replicas, int(start.max()) + 4)
+        return PlanSearch(self.latency_model, workload, caps, float(token_budget), self.context.max_replicas, size)
+
+    def plan(self, search: PlanSearch, start: NDArray[np.int64], allow_add: bool = True) -> OperatorPlan:
+        """The replica counts to move to (the oracle overrides this with an exhaustive search)."""
+        return greedy_plan(search, start, allow_add)
+
+    def choose_token_budget(self, workload: Workload, start: NDArray[np.int64], around: int | None = None) -> int:
+        """The budget bucket whose plan needs the fewest GPUs (feasible first; the smaller budget on
+        ties: it bounds the prefill spikes that set the TBT tail). With ``around``, only that bucket
+        and its two neighbours compete."""
+        buckets = self.context.batch_cap_buckets_tokens
+        if around is not None and around in buckets:
+            position = buckets.index(around)
+            buckets = buckets[max(position - 1, 0) : position + 2]
+        best: tuple[tuple[float, ...], int] | None = None
+        for budget in buckets:
+            plan = greedy_plan(self.search(workload, start, budget), start)
+            key = (0.0 if plan.feasible else 1.0, float(plan.gpus_needed), float(plan.estimate.gpus[0]), budget)
             if best is None or key < best[0]:
                 best = (key, budget)
         assert best is not None
         return best[1]
+
+    def planned_deployment(self, workload: Workload) -> Deployment:
+        """A deployment for a steady ``workload``: greedy plan from one replica per unit, the best
+        token budget, knee batch caps and :func:`contention_aware_placement`."""
+        context = self.context
+        ones = np.ones(len(context.units), dtype=np.int64)
+        budget = self.choose_token_budget(workload, ones)
+        search = self.search(workload, ones, budget)
+        plan = self.plan(search, ones)
+        caps: dict[UnitKind, int] = {**{u: int(c) for u, c in search.batch_caps.items()}, UnitKind.ATTENTION: budget}
+        longest = float((context.trace.prompt_tokens + context.trace.output_tokens).max()) if len(context.trace) else 0.0
+        reserve = max(longest, 16.0 * context.sim_config.kv_block_tokens) * context.model.kv_bytes_per_token(1)
+        initial = context.initial_deployment
+        return Deployment.operator_level(
+            context.model.name,
+            context.gpu.name,
+            replicas={unit: int(plan.replicas[i]) for i, unit in enumerate(context.units)},
+            tp={unit: initial.units[unit].tp for unit in context.units},
+            batch_caps=caps,
+            num_nodes=initial.num_nodes,
+            gpus=contention_aware_placement(search, plan.replicas, context.cluster.num_gpus, reserve),
+            gpus_per_node=context.cluster.nodes[0].gpus_per_node,
+        )
+
+    def initial_deployment(self) -> Deployment:
+        """The episode's starting deployment: :meth:`planned_deployment` for the trace's mean rate
+        (the same information the environment's default sizing uses)."""
+        prompt, output = self._prior_lengths
+        rate = self.context.trace.mean_rate_per_s if len(self.context.trace) else 0.0
+        return self.planned_deployment(Workload(max(rate, 0.05), max(prompt, 1.0), max(output, 1.0)))
 
     # ------------------------------------------------------------------ control
     def observe_interval(self, memory: Any, interval: Mapping[str, Any]) -> None:
@@ -300,24 +439,67 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         start = np.array([current[unit] for unit in self.context.units], dtype=np.int64)
         workload = self.workload(memory.load)
         if memory.token_budget is None or memory.steps_since_budget >= self.budget_period_steps:
-            memory.token_budget = self.choose_token_budget(workload, start)
+            memory.token_budget = self.choose_token_budget(workload, start, around=memory.token_budget)
             memory.steps_since_budget = 0
         memory.steps_since_budget += 1
         budget = int(memory.token_budget)
-        search = self.search(workload, int(start[self.latency_model.attention_index]), budget)
-        plan = self.plan(search, start)
+        search = self.search(workload, start, budget)
+        plan = self.plan(search, start, self.scale_up_allowed(memory, observation))
         memory.last_plan = plan
-        spread = plan.gpus_needed > round(float(observation["gpus_powered"]))
-        placement = Placement.SPREAD_GPU if spread else Placement.PACK
         caps = {**search.batch_caps, UnitKind.ATTENTION: budget}
+        deltas = {
+            unit: self.context.clip_delta(int(plan.replicas[index]) - current[unit])
+            for index, unit in enumerate(self.context.units)
+        }
+        spread_unit = self._spread_unit(search, plan, deltas, observation)
         units: dict[UnitKind, UnitAction] = {}
-        for index, unit in enumerate(self.context.units):
-            delta = self.context.clip_delta(int(plan.replicas[index]) - current[unit])
+        for unit in self.context.units:
             cap = int(caps[unit])
             observed_cap = round(float(observation[unit.value]["batch_cap"]))
             units[unit] = UnitAction(
-                replica_delta=delta,
+                replica_delta=deltas[unit],
                 batch_cap_tokens=None if cap == observed_cap else cap,
-                placement=placement,
+                placement=Placement.SPREAD_GPU if unit is spread_unit else Placement.PACK,
             )
         return ScalingAction(units=units)
+
+    def under_pressure(self, observation: Mapping[str, Any]) -> bool:
+        """Whether the last interval shows latency pressure: p99 TBT or TTFT beyond
+        :data:`PRESSURE_SHARE` of its SLO, or SLO attainment below :data:`PRESSURE_ATTAINMENT`."""
+        slo = self.context.slo
+        return (
+            float(observation["tbt_p99"]) > PRESSURE_SHARE * slo.tbt_s
+            or float(observation["ttft_p99"]) > PRESSURE_SHARE * slo.ttft_s
+            or float(observation["slo_attainment"]) < PRESSURE_ATTAINMENT
+        )
+
+    def scale_up_allowed(self, memory: Any, observation: Mapping[str, Any]) -> bool:
+        """Feedback guard on the model: add replicas only under observed latency pressure, or when the
+        planned-for rate exceeds the highest rate recently served without pressure by
+        :data:`RATE_MARGIN` (a real rise, planned for before it hurts). The latency model is
+        conservative for some operators (it overstates MoE calls, see the report); without the guard a
+        model that cannot certify the running deployment would keep adding replicas that do not help."""
+        pressure = self.under_pressure(observation)
+        observed_rate = float(observation["arrival_rate"])
+        memory.validated_rate_per_s *= VALIDATED_RATE_DECAY
+        if not pressure:
+            memory.validated_rate_per_s = max(memory.validated_rate_per_s, observed_rate)
+        return pressure or memory.load.rate_per_s > RATE_MARGIN * memory.validated_rate_per_s
+
+    def _spread_unit(
+        self, search: PlanSearch, plan: OperatorPlan, deltas: Mapping[UnitKind, int], observation: Mapping[str, Any]
+    ) -> UnitKind | None:
+        """The unit whose new replicas open a new GPU: when the plan needs more GPUs than are powered,
+        the added stateless unit with the busiest replicas; ``None`` otherwise (everything packs, best
+        fit; packing still opens a GPU when nothing else has room). One GPU per interval at most,
+        because ``spread-gpu`` puts every replica of the unit on its own least-loaded GPU."""
+        if plan.gpus_needed <= round(float(observation["gpus_powered"])):
+            return None
+        model = self.latency_model
+        tables = search.tables(int(plan.replicas[model.attention_index]), int(plan.replicas.max()))
+        added = [
+            (float(tables.units[unit].busy[int(plan.replicas[index]) - 1]) / int(plan.replicas[index]), unit)
+            for index, unit in enumerate(self.context.units)
+            if deltas[unit] > 0 and unit is not UnitKind.ATTENTION
+        ]
+        return max(added, key=lambda item: item[0])[1] if added else None

@@ -11,7 +11,7 @@ The search box: streams (attention replicas) from 1 to ``greedy + extra_replicas
 unit from its fewest stable replicas to ``max(fewest stable + extra_replicas, greedy's count)``. The
 box always contains the greedy plan, so the oracle's plan never needs more GPUs than greedy's under
 the model. Objective, lexicographic: budgets met, fewest whole GPUs, fewest fractional GPUs
-(memory + compute share), shortest iteration. The box is enumerated in numpy; more than
+(the larger of the memory and compute shares), fewest replicas, shortest iteration. The box is enumerated in numpy; more than
 ``max_candidates`` candidates per stream count raises ``ValueError`` (use ``operator-greedy`` for
 large models or clusters).
 """
@@ -31,16 +31,25 @@ from opscale.sim.models import UnitKind
 __all__ = ["OraclePolicy", "exhaustive_plan"]
 
 
-def exhaustive_plan(search: PlanSearch, start: NDArray[np.int64], extra_replicas: int = 3, max_candidates: int = 2_000_000) -> OperatorPlan:
+def exhaustive_plan(
+    search: PlanSearch,
+    start: NDArray[np.int64],
+    extra_replicas: int = 3,
+    max_candidates: int = 2_000_000,
+    allow_add: bool = True,
+) -> OperatorPlan:
     """The model-optimal plan in the box around the greedy plan from ``start`` (module docstring).
 
+    :param allow_add: ``False``: no unit may exceed its count in ``start`` (scale-up not allowed now).
     :raises ValueError: if a stream count's box holds more than ``max_candidates`` candidates.
     """
     model = search.model
-    greedy = greedy_plan(search, start)
+    greedy = greedy_plan(search, start, allow_add)
     attention = model.attention_index
     best: tuple[tuple[float, ...], NDArray[np.int64]] | None = None
     stream_limit = min(int(greedy.replicas[attention]) + extra_replicas, search.max_replicas)
+    if not allow_add:
+        stream_limit = min(stream_limit, int(start[attention]))
     for streams in range(1, stream_limit + 1):
         tables = search.tables(streams)
         ranges: list[NDArray[np.int64]] = []
@@ -50,6 +59,8 @@ def exhaustive_plan(search: PlanSearch, start: NDArray[np.int64], extra_replicas
                 continue
             low = min(model.min_stable_replicas(tables, unit), search.max_replicas)
             high = min(max(low + extra_replicas, int(greedy.replicas[index])), search.max_replicas)
+            if not allow_add:
+                low, high = min(low, int(start[index])), min(high, int(start[index]))
             ranges.append(np.arange(low, high + 1))
         size = int(np.prod([r.size for r in ranges]))
         if size > max_candidates:
@@ -62,9 +73,15 @@ def exhaustive_plan(search: PlanSearch, start: NDArray[np.int64], extra_replicas
         ok = np.flatnonzero(search.excess(estimate) == 0.0)
         if ok.size == 0:
             continue
-        order = np.lexsort((estimate.iteration_s[ok], estimate.gpus[ok], estimate.gpus_needed[ok]))
+        total = grid.sum(axis=1)
+        order = np.lexsort((estimate.iteration_s[ok], total[ok], estimate.gpus[ok], estimate.gpus_needed[ok]))
         pick = ok[order[0]]
-        key = (float(estimate.gpus_needed[pick]), float(estimate.gpus[pick]), float(estimate.iteration_s[pick]))
+        key = (
+            float(estimate.gpus_needed[pick]),
+            float(estimate.gpus[pick]),
+            float(total[pick]),
+            float(estimate.iteration_s[pick]),
+        )
         if best is None or key < best[0]:
             best = (key, grid[pick])
     if best is None:
@@ -98,5 +115,5 @@ class OraclePolicy(OperatorGreedyPolicy):
         self.extra_replicas = extra_replicas
         self.max_candidates = max_candidates
 
-    def plan(self, search: PlanSearch, start: NDArray[np.int64]) -> OperatorPlan:
-        return exhaustive_plan(search, start, self.extra_replicas, self.max_candidates)
+    def plan(self, search: PlanSearch, start: NDArray[np.int64], allow_add: bool = True) -> OperatorPlan:
+        return exhaustive_plan(search, start, self.extra_replicas, self.max_candidates, allow_add)

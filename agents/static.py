@@ -6,7 +6,9 @@ peak, 95 = P95) and its mean lengths the request shape. Sizing uses the planners
 
 * model-level env: the fewest instances (at the environment's TP) meeting the budgets, with the
   token-budget bucket that needs the fewest (:meth:`ModelLevelLatencyModel.best_token_budget`);
-* operator-level env: the greedy planner's per-unit counts for that load, from one replica per unit.
+* operator-level env: the greedy planner's deployment for that load
+  (:meth:`OperatorGreedyPolicy.planned_deployment`: counts, batch caps, token budget and
+  contention-aware explicit placement).
 
 The episode starts from that deployment (:meth:`StaticPolicy.initial_deployment`, which the
 evaluation harness applies); ``predict`` then only steers back to it should the environment start
@@ -24,7 +26,6 @@ from opscale.agents.base import ControlContext, HeuristicPolicy
 from opscale.agents.latency_model import ModelLevelLatencyModel, PlannerTargets, Workload
 from opscale.agents.operator_greedy import OperatorGreedyPolicy
 from opscale.sim.deployment import Deployment, ScalingAction, UnitAction
-from opscale.sim.models import UnitKind
 
 __all__ = ["StaticPolicy", "provisioning_rate_per_s"]
 
@@ -85,21 +86,7 @@ class StaticPolicy(HeuristicPolicy):
                 token_budget=budget,
                 gpus_per_node=gpus_per_node,
             )
-        planner = OperatorGreedyPolicy(context, self.targets)
-        ones = np.ones(len(context.units), dtype=np.int64)
-        budget = planner.choose_token_budget(self.workload, ones)
-        search = planner.search(self.workload, 1, budget)
-        plan = planner.plan(search, ones)
-        caps: dict[UnitKind, int] = {**{u: int(c) for u, c in search.batch_caps.items()}, UnitKind.ATTENTION: budget}
-        return Deployment.operator_level(
-            context.model.name,
-            context.gpu.name,
-            replicas={unit: int(plan.replicas[i]) for i, unit in enumerate(context.units)},
-            tp={unit: initial.units[unit].tp for unit in context.units},
-            batch_caps=caps,
-            num_nodes=initial.num_nodes,
-            gpus_per_node=gpus_per_node,
-        )
+        return OperatorGreedyPolicy(context, self.targets).planned_deployment(self.workload)
 
     def initial_deployment(self) -> Deployment:
         """The provisioned deployment (the harness starts episodes from it)."""

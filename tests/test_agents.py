@@ -1,0 +1,267 @@
+"""Heuristic autoscalers: the planners' latency model, greedy vs exhaustive plans, HPA logic, registry."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from opscale.agents.base import ControlContext, LoadEstimator
+from opscale.agents.evaluation import make_env
+from opscale.agents.latency_model import (
+    ModelLevelLatencyModel,
+    OperatorLatencyModel,
+    PlannerTargets,
+    Workload,
+)
+from opscale.agents.model_level import ScalingMetric, TargetTrackingPolicy
+from opscale.agents.operator_greedy import OperatorGreedyPolicy, PlanSearch, greedy_plan
+from opscale.agents.oracle import exhaustive_plan
+from opscale.agents.registry import POLICY_NAMES, SB3Policy, make_policy
+from opscale.agents.static import StaticPolicy, provisioning_rate_per_s
+from opscale.sim.config import SimConfig
+from opscale.sim.costmodel import default_cost_model
+from opscale.sim.hardware import ClusterSpec
+from opscale.sim.metrics import default_slo
+from opscale.sim.models import UnitKind, get_model
+from opscale.sim.overhead import engine_overhead
+from opscale.sim.queueing import mmc_mean_wait_s
+
+MODEL = get_model("qwen2-7b")
+CLUSTER = ClusterSpec.homogeneous("a100", 2)
+SLO = default_slo(MODEL)
+NO_CONTENTION = SimConfig(contention="none")
+
+
+def _operator_model(sim_config: SimConfig = NO_CONTENTION, targets: PlannerTargets | None = None) -> OperatorLatencyModel:
+    return OperatorLatencyModel(MODEL, CLUSTER, SLO, default_cost_model(), sim_config, MODEL.units, targets=targets)
+
+
+def _caps(value: float) -> dict[UnitKind, float]:
+    return {unit: value for unit in MODEL.units}
+
+
+# ----------------------------------------------------------------------------- latency model
+def test_one_stream_never_queues_and_pays_its_call_and_transfers() -> None:
+    """One stream has one job out at a time: its sojourn at a pool is exactly the call time of its
+    iteration's tokens plus the per-layer NVLink hops (closed loop), whatever the open M/M/c says."""
+    model = _operator_model()
+    workload = Workload(3.0, 800.0, 200.0)
+    tables = model.stream_tables(workload, 1, _caps(2048), 512, 4)
+    tokens = workload.tokens_per_s * model.tau_budget_s
+    link = CLUSTER.nodes[0].link
+    for unit in model.stateless:
+        hops = MODEL.layers_of(unit)
+        transfer = hops * link.latency_s + MODEL.activation_bytes_per_token(unit) * tokens * hops / link.bandwidth_bytes_per_s
+        expected = float(default_cost_model().unit_time_s_array(MODEL, unit, CLUSTER.gpu_of(0), 1, np.array([tokens]))[0])
+        assert tables.units[unit].sojourn_s[0] == pytest.approx(expected + transfer, rel=2e-3)
+
+
+def test_pool_without_batching_waits_like_mmc() -> None:
+    """A cap below one job's tokens forbids merging: the pool is a plain M/M/c queue of calls."""
+    model = _operator_model()
+    workload = Workload(40.0, 100.0, 100.0)
+    streams = 12
+    tables = model.stream_tables(workload, streams, _caps(1), 512, 6)
+    tokens = workload.tokens_per_s * model.tau_budget_s / streams
+    calls_per_s = streams / model.tau_budget_s
+    link = CLUSTER.nodes[0].link
+    unit = UnitKind.FFN
+    service = model.unit_time_s(unit, np.array(tokens))
+    hops = MODEL.layers_of(unit)
+    transfer = hops * link.latency_s + MODEL.activation_bytes_per_token(unit) * tokens * hops / link.bandwidth_bytes_per_s
+    table = tables.units[unit]
+    for count in range(1, 7):
+        wait = float(mmc_mean_wait_s(calls_per_s, service, count))
+        if not math.isfinite(wait):
+            assert not table.stable[count - 1]
+            continue
+        closed_bound = math.ceil((streams - 1) / count) * float(service)
+        assert table.sojourn_s[count - 1] == pytest.approx(min(wait, closed_bound) + float(service) + transfer, rel=1e-6)
+
+
+def test_more_replicas_never_slow_a_pool() -> None:
+    """Without contention (with it, emptier replicas meet more busy neighbours: a small, real rise)."""
+    model = _operator_model()
+    tables = model.stream_tables(Workload(10.0, 1000.0, 200.0), 3, _caps(2048), 512, 8)
+    for unit in model.stateless:
+        sojourn = tables.units[unit].sojourn_s
+        finite = sojourn[np.isfinite(sojourn)]
+        assert np.all(np.diff(finite) <= 1e-12), unit
+
+
+def test_model_level_iteration_is_the_sum_of_its_units() -> None:
+    cost = default_cost_model()
+    latency = ModelLevelLatencyModel(MODEL, CLUSTER, SLO, cost, NO_CONTENTION, 1)
+    workload = Workload(4.0, 800.0, 200.0)
+    iteration, tbt, _ = latency.iteration_s(workload, np.array([2.0]), 512)
+    tau = latency.tau_budget_s
+    decodes = workload.rate_per_s * workload.output_tokens * tau / 2
+    prefill = workload.rate_per_s * workload.prompt_tokens * tau / 2
+    gpu = CLUSTER.gpu_of(0)
+    attention = cost.attention_time_s_array(
+        MODEL, gpu, 1, np.array([decodes]), np.array([decodes * 900.0]), np.array([prefill]),
+        np.array([prefill * 801.0 / 2.0]), np.array([prefill / 800.0]),
+    )[0]
+    units = sum(cost.unit_time_s(MODEL, u, gpu, 1, decodes + prefill) for u in MODEL.units if u is not UnitKind.ATTENTION)
+    overhead = engine_overhead(NO_CONTENTION.engine_overhead, gpu)
+    expected = overhead.fixed_s + overhead.per_request_s * (decodes + workload.rate_per_s * tau / 2) + attention + units
+    # unit_time_s takes whole tokens; the model uses the fractional count
+    assert iteration[0] == pytest.approx(expected, rel=1e-2)
+    assert tbt[0] > iteration[0]
+
+
+def test_model_level_instances_grow_with_load() -> None:
+    latency = ModelLevelLatencyModel(MODEL, CLUSTER, SLO, default_cost_model(), SimConfig(), 1)
+    needed = [latency.instances_needed(Workload(rate, 1000.0, 200.0), 512, 16) for rate in (1.0, 8.0, 24.0)]
+    assert needed[0] <= needed[1] <= needed[2]
+    assert needed[2] > needed[0]
+
+
+# ----------------------------------------------------------------------------- planners
+@pytest.mark.parametrize("rate", [2.0, 6.0, 14.0])
+def test_greedy_plan_is_feasible_and_locally_minimal(rate: float) -> None:
+    model = _operator_model(SimConfig())
+    search = PlanSearch(model, Workload(rate, 900.0, 180.0), _caps(1024), 512.0, 16)
+    plan = greedy_plan(search, np.ones(len(MODEL.units), dtype=np.int64))
+    assert plan.feasible
+    slack = model.targets.removal_margin
+    for index in range(len(MODEL.units)):
+        if plan.replicas[index] > 1:
+            fewer = plan.replicas.copy()
+            fewer[index] -= 1
+            assert search.excess(search.evaluate(fewer), slack)[0] > 0, MODEL.units[index]
+
+
+@pytest.mark.parametrize("rate", [2.0, 6.0, 14.0])
+def test_oracle_never_needs_more_gpus_than_greedy(rate: float) -> None:
+    model = _operator_model(SimConfig())
+    workload = Workload(rate, 900.0, 180.0)
+    start = np.ones(len(MODEL.units), dtype=np.int64)
+    greedy = greedy_plan(PlanSearch(model, workload, _caps(1024), 512.0, 16), start)
+    oracle = exhaustive_plan(PlanSearch(model, workload, _caps(1024), 512.0, 16), start, extra_replicas=2)
+    assert oracle.feasible and greedy.feasible
+    assert (oracle.gpus_needed, float(oracle.estimate.gpus[0])) <= (greedy.gpus_needed, float(greedy.estimate.gpus[0]) + 1e-12)
+
+
+def test_oracle_refuses_large_boxes() -> None:
+    model = _operator_model(SimConfig())
+    search = PlanSearch(model, Workload(6.0, 900.0, 180.0), _caps(1024), 512.0, 16)
+    with pytest.raises(ValueError, match="max_candidates"):
+        exhaustive_plan(search, np.ones(len(MODEL.units), dtype=np.int64), extra_replicas=4, max_candidates=100)
+
+
+def test_planner_targets_validate() -> None:
+    with pytest.raises(ValueError, match="tbt_share"):
+        PlannerTargets(tbt_share=1.5)
+
+
+# ----------------------------------------------------------------------------- controllers
+def test_load_estimator_discounts_counting_noise_and_learns_lengths() -> None:
+    load = LoadEstimator(1000.0, 100.0, interval_s=5.0)
+    load.observe_rate(4.0)
+    load.observe_rate(5.0)
+    # EWMA 4.3; last 5.0 minus one Poisson sigma sqrt(5/5) = 4.0 -> the mean wins
+    assert load.rate_per_s == pytest.approx(4.3)
+    load.observe_rate(20.0)  # far beyond noise: followed at once
+    assert load.rate_per_s == pytest.approx(20.0 - 2.0)
+    for _ in range(200):
+        load.observe_interval({"arrivals": 10, "prompt_tokens_served": 5000, "output_tokens_served": 3000})
+    assert load.mean_prompt_tokens == pytest.approx(500.0, rel=0.05)
+    assert load.mean_output_tokens == pytest.approx(300.0, rel=0.05)
+
+
+def _observation(context: ControlContext, replicas: int, **globals_: float) -> np.ndarray:
+    layout = context.layout
+    physical = np.zeros(layout.size)
+    for feature in layout.features:
+        if feature.unit is not None and feature.spec.key == "replicas":
+            physical[feature.index] = replicas
+        if feature.unit is not None and feature.spec.key == "batch_cap":
+            physical[feature.index] = 512
+    for name, value in globals_.items():
+        physical[layout.index[name]] = value
+    return layout.normalise(physical)
+
+
+def test_hpa_scales_up_at_once_and_down_after_the_window() -> None:
+    env = make_env("opscale/ModelAutoscale-v0", fidelity="fluid", env_config={"horizon": 4})
+    policy = make_policy("model-level", env, target=10.0, token_budget=512, scale_down_window_s=30.0)
+    assert isinstance(policy, TargetTrackingPolicy) and policy.config.metric is ScalingMetric.QUEUE
+    context = policy.context
+    interval = {"start_s": 0.0, "end_s": 5.0, "running_requests": 35, "waiting_requests": 10, "arrivals": 20}
+    policy.observe_info({"interval": interval})
+    action, _ = policy.predict(_observation(context, 2, arrival_rate=4.0))
+    decoded = context.codec.decode(action)
+    assert decoded.instance_delta == 2  # wants ceil(45 / 10) = 5 from 2: +2 now (largest delta)
+    # load vanishes: the recommendation drops to 1, but the window (30 s = 2 decisions) holds it up
+    steps_per_decision = policy.steps_per_decision
+    deltas = []
+    replicas = 5
+    for _ in range(4 * steps_per_decision):
+        policy.observe_info({"interval": {**interval, "running_requests": 2, "waiting_requests": 0}})
+        action, _ = policy.predict(_observation(context, replicas, arrival_rate=0.5))
+        delta = context.codec.decode(action).instance_delta
+        deltas.append(delta)
+        replicas += delta
+    first_down = next(i for i, d in enumerate(deltas) if d < 0)
+    assert first_down >= steps_per_decision  # not at the first decision after the drop
+    assert replicas < 5
+
+
+def test_greedy_policy_outputs_valid_actions_and_sets_budget() -> None:
+    env = make_env("opscale/OperatorAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
+    policy = make_policy("operator-greedy", env)
+    assert isinstance(policy, OperatorGreedyPolicy)
+    observation, info = env.reset(seed=3)
+    policy.observe_info(info)
+    action, state = policy.predict(observation)
+    assert state is None and env.action_space.contains(action)
+    batch, _ = policy.predict(np.stack([observation, observation]))
+    assert batch.shape == (2, *env.action_space.shape)
+
+
+def test_static_provisions_for_the_peak() -> None:
+    env = make_env("opscale/ModelAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
+    context = ControlContext.from_env(env)
+    assert provisioning_rate_per_s(context, 100, 60) >= provisioning_rate_per_s(context, 50, 60)
+    peak = StaticPolicy(context)
+    median = StaticPolicy(context, percentile=50)
+    assert peak.deployment.instances >= median.deployment.instances >= 1
+    with pytest.raises(ValueError, match="percentile"):
+        StaticPolicy(context, percentile=0)
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry_names_and_errors(tmp_path) -> None:
+    env = make_env("opscale/OperatorAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
+    assert set(POLICY_NAMES) == {"static", "model-level", "model-level-throughput", "operator-greedy", "oracle"}
+    with pytest.raises(ValueError, match=r"unknown policy 'nope'.*operator-greedy"):
+        make_policy("nope", env)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        make_policy(str(tmp_path / "missing.zip"), env)
+    with pytest.raises(ValueError, match="ModelAutoscale"):
+        make_policy("model-level", env)
+    model_env = make_env("opscale/ModelAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
+    with pytest.raises(ValueError, match="OperatorAutoscale"):
+        make_policy("operator-greedy", model_env)
+
+
+@pytest.mark.parametrize("maskable", [False, True])
+def test_registry_loads_saved_sb3_models(tmp_path, maskable: bool) -> None:
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3 import PPO
+
+    env = make_env("opscale/OperatorAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
+    algo = MaskablePPO if maskable else PPO
+    path = tmp_path / "model.zip"
+    algo("MlpPolicy", env, n_steps=8, batch_size=8, seed=0, device="cpu").save(path)
+    policy = make_policy(str(path), env)
+    assert isinstance(policy, SB3Policy) and policy.maskable is maskable
+    observation, _ = env.reset(seed=0)
+    action, _ = policy.predict(observation)
+    assert env.action_space.contains(np.asarray(action, dtype=np.int64))
+    model_env = make_env("opscale/ModelAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
+    with pytest.raises(ValueError, match="trained for observation"):
+        make_policy(str(path), model_env)
