@@ -63,7 +63,7 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
     """Base class; see :class:`opscale.envs.operator_autoscale.OperatorAutoscaleEnv` for the full contract.
 
     :param config: a (partial) configuration mapping, merged over :func:`opscale.envs.config.default_config`.
-    :param render_mode: ``None`` or ``"ansi"``.
+    :param render_mode: ``None``, ``"ansi"`` (text table) or ``"rgb_array"`` (bar image).
     :param overrides: further configuration keys (what ``gym.make(id, key=value)`` passes).
     :raises ValueError: for an unknown key, model, GPU, trace or render mode, or any invalid value.
     """
@@ -90,6 +90,8 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         # one memoising wrapper for every simulator this env builds (see opscale.envs.costcache)
         self.cost_model = MemoizedCostModel(default_cost_model())
         self.trace: RequestTrace = self._load_trace()
+        #: the longest request's tokens: an attention replica must hold at least its KV (action masks)
+        self.longest_request_tokens = self._check_request_lengths(self.trace)
         self.control_interval_s = cfg.control_interval_s
         self.episode_length_s = (cfg.warmup_intervals + cfg.horizon) * cfg.control_interval_s
         self._check_episode_fits()
@@ -102,6 +104,11 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
                 f"got granularity {self.initial_deployment.granularity!r}"
             )
         self.max_replicas = self._max_replicas()
+        largest = max(unit.replicas for unit in self.initial_deployment.units.values())
+        if largest > self.max_replicas:
+            raise ValueError(
+                f"initial_deployment has {largest} replicas of one unit, above max_replicas_per_unit={self.max_replicas}"
+            )
         self.codec: ActionCodec = self._make_codec()
         self.action_space = self.codec.space()
         rate_scale = cfg.rate_scale_per_s or self._peak_interval_rate_per_s()
@@ -154,16 +161,14 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             trace = load_trace(cfg.trace, seed=cfg.trace_seed, **extra)
         if cfg.trace_rate_scale != 1.0:
             trace = trace.scale_rate(cfg.trace_rate_scale, np.random.default_rng(cfg.trace_seed))
-        self._check_request_lengths(trace)
         return trace
 
-    def _check_request_lengths(self, trace: RequestTrace) -> None:
-        """Fail at construction, not at some later reset, when requests exceed the model's context."""
+    def _check_request_lengths(self, trace: RequestTrace) -> int:
+        """The longest request's tokens (at most the context); fails at construction, not at some later
+        reset, when requests exceed the model's context and the simulator is not told to clip them."""
         tokens = trace.prompt_tokens + trace.output_tokens
         if trace.image_tokens is not None and UnitKind.VISION_ENCODER in self.model.units:
             tokens = tokens + trace.image_tokens
-        #: the longest request's tokens: an attention replica must hold at least its KV (action masks)
-        self.longest_request_tokens = int(min(tokens.max(), self.model.max_context))
         too_long = int(np.count_nonzero(tokens > self.model.max_context))
         if too_long and not self.sim_config.clip_long_requests:
             raise ValueError(
@@ -171,6 +176,7 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
                 f"model {self.model.name!r} (longest {int(tokens.max())}); pass sim_config={{'clip_long_requests': "
                 "True}} to clip them (counted), or trace.truncate_lengths(...)"
             )
+        return int(min(tokens.max(), self.model.max_context))
 
     def _check_episode_fits(self) -> None:
         span_s = self.trace.duration_s

@@ -130,8 +130,13 @@ def test_requests_longer_than_the_context_raise_at_construction(fake_sim: None) 
     assert clipped.longest_request_tokens == 4096
 
 
-def test_initial_deployment_of_the_wrong_granularity_raises(trace: RequestTrace, fake_sim: None) -> None:
+def test_initial_deployment_of_the_wrong_granularity_or_above_the_cap_raises(
+    trace: RequestTrace, fake_sim: None
+) -> None:
     operator_env = OperatorAutoscaleEnv(trace=trace)
+    five = Deployment.operator_level("qwen2-7b", "a100", replicas=dict.fromkeys(DENSE_UNITS, 5), num_nodes=2)
+    with pytest.raises(ValueError, match="5 replicas of one unit, above max_replicas_per_unit=4"):
+        OperatorAutoscaleEnv(trace=trace, initial_deployment=five, max_replicas_per_unit=4)
     with pytest.raises(ValueError, match="needs a model-level initial_deployment"):
         ModelAutoscaleEnv(trace=trace, initial_deployment=operator_env.initial_deployment)
 
