@@ -64,8 +64,14 @@ class TtftMixture:
 
     def quantiles(self, levels: tuple[float, ...]) -> tuple[float, ...]:
         """Quantiles by interpolating the CDF on the fixed parts and a tail grid past each of them."""
+        # just below each point mass too, so that a jump of the CDF is crossed at (almost) its location
         grid = np.concatenate(
-            (self.fixed_s, float(self.fixed_s.max()) + self.wait_mean_s * _TAIL_STEPS, [self.late_s])
+            (
+                self.fixed_s,
+                self.fixed_s * (1.0 - 1e-9),
+                float(self.fixed_s.max()) + self.wait_mean_s * _TAIL_STEPS,
+                [self.late_s, self.late_s * (1.0 - 1e-9)],
+            )
         )
         grid.sort()
         values = np.maximum.accumulate(self.cdf(grid))
