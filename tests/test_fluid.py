@@ -120,7 +120,7 @@ def test_cost_per_advance_does_not_depend_on_rate() -> None:
             windows.append((start_s, end_s))
             return original(start_s, end_s)  # type: ignore[operator]
 
-        index.window = counted  # type: ignore[method-assign]
+        index.window = counted
         for _ in range(40):
             simulator.advance(5.0)
         calls.append(len(windows))
