@@ -439,7 +439,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         start = np.array([current[unit] for unit in self.context.units], dtype=np.int64)
         workload = self.workload(memory.load)
         if memory.token_budget is None or memory.steps_since_budget >= self.budget_period_steps:
-            memory.token_budget = self.choose_token_budget(workload, start, around=memory.token_budget)
+            # the first choice starts from the budget the deployment runs with
+            around = memory.token_budget or round(float(observation[UnitKind.ATTENTION.value]["batch_cap"]))
+            memory.token_budget = self.choose_token_budget(workload, start, around=around)
             memory.steps_since_budget = 0
         memory.steps_since_budget += 1
         budget = int(memory.token_budget)
