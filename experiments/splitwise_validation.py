@@ -16,6 +16,18 @@ context limit is raised to 16,384 (rows reach 512 + 8,192 tokens), and the KV me
 (the batch-64 rows hold 64 x 640 tokens of KV at TP 2, more than 90 % of an A100 leaves after the
 weights; the real runs evidently fitted them).
 
+Multi-request prefill rows (batch 2..64 of 512-token prompts) are reported, not fitted:
+
+* at TP 4 and 8 the measured batched prefill is *slower* than one prompt of the same total length
+  although it does less attention work (A100 TP8: 16 x 512 tokens take 2,084 ms, one 8,192-token
+  prompt 1,550 ms). That per-sequence cost of 2023 vLLM's batched prefill (padding, per-sequence
+  attention launches, sampling) is neither in the operator profiles nor in a per-iteration overhead,
+  so the engine is 30-50 % fast on batches of 8 or more there;
+* the batch-64 rows at TP 2 (A100 794 ms, H100 361 ms) lie below the compute bound of a 64 x 512-token
+  prefill (~7 s on two A100s at peak): vLLM could not hold the whole batch's KV cache and the
+  measurement covers only the first admitted subset. The engine preempts for the same reason, which
+  also slows its decode iterations on those rows.
+
 Run ``python -m opscale.experiments.splitwise_validation`` to print the table.
 """
 
