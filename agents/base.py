@@ -270,6 +270,9 @@ class HeuristicPolicy(ABC):
             )
         self.context = context
         self._memories: list[Any] = []
+        # per env: whether the memory has made a decision (an episode start resets only used memory,
+        # so what observe_info() recorded after the reset is kept)
+        self._decided: list[bool] = []
         prompt, output = context.trace.prompt_tokens, context.trace.output_tokens
         self._prior_lengths = (
             float(prompt.mean()) if len(prompt) else 1.0,
@@ -288,17 +291,26 @@ class HeuristicPolicy(ABC):
     def _memory(self, env_index: int) -> Any:
         while len(self._memories) <= env_index:
             self._memories.append(self.new_memory())
+            self._decided.append(False)
         return self._memories[env_index]
 
     def reset(self, env_index: int | None = None) -> None:
         """Forget the memory of one env (or all)."""
         if env_index is None:
             self._memories = []
+            self._decided = []
         elif env_index < len(self._memories):
             self._memories[env_index] = self.new_memory()
+            self._decided[env_index] = False
 
     def observe_info(self, info: Mapping[str, Any], env_index: int = 0) -> None:
-        """Hand over ``info`` of the last ``reset``/``step``; reads ``info["interval"]`` if present."""
+        """Hand over ``info`` of the last ``reset``/``step``; reads ``info["interval"]`` if present.
+
+        The info of a ``reset`` (it carries ``start_s``) starts a new episode: the env's memory is reset
+        first, so a later ``episode_start`` flag does not wipe what was observed here.
+        """
+        if "start_s" in info:
+            self.reset(env_index)
         interval = info.get("interval")
         if isinstance(interval, Mapping):
             self.observe_interval(self._memory(env_index), interval)
@@ -329,10 +341,13 @@ class HeuristicPolicy(ABC):
             raise ValueError(f"observation has shape {vector.shape}; expected ({size},) or (n_envs, {size})")
         actions = []
         for index, row in enumerate(batch):
-            if episode_start is not None and bool(np.asarray(episode_start).reshape(-1)[index]):
+            memory = self._memory(index)
+            if episode_start is not None and bool(np.asarray(episode_start).reshape(-1)[index]) and self._decided[index]:
                 self.reset(index)
+                memory = self._memory(index)
             decoded = decode_observation(row, self.context.layout, physical=True)
-            action = self.decide(self._memory(index), decoded)
+            action = self.decide(memory, decoded)
+            self._decided[index] = True
             actions.append(self.context.codec.encode(action))
         stacked = np.stack(actions)
         return (stacked[0] if single else stacked), state

@@ -222,6 +222,21 @@ def test_greedy_policy_outputs_valid_actions_and_sets_budget() -> None:
     assert batch.shape == (2, *env.action_space.shape)
 
 
+def test_episode_start_keeps_what_was_observed_since_the_reset() -> None:
+    env = make_env("opscale/OperatorAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
+    policy = make_policy("operator-greedy", env)
+    assert isinstance(policy, OperatorGreedyPolicy)
+    observation, info = env.reset(seed=3)
+    policy.observe_info(info)
+    policy.predict(observation, episode_start=np.array([True]))
+    first = policy._memory(0).load.arrivals
+    assert first == info["interval"]["arrivals"] > 0
+    observation, info = env.reset(seed=4)  # a second episode: used memory is forgotten
+    policy.observe_info(info)
+    policy.predict(observation, episode_start=np.array([True]))
+    assert policy._memory(0).load.arrivals == info["interval"]["arrivals"]
+
+
 def test_static_provisions_for_the_peak() -> None:
     env = make_env("opscale/ModelAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
     context = ControlContext.from_env(env)
