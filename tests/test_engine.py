@@ -102,9 +102,11 @@ def test_operator_level_copy_of_model_level_matches() -> None:
     operator_level.run_to_completion(10.0)
     a, b = model_level.summary(), operator_level.summary()
     assert b.completed == a.completed
-    assert b.e2e_mean_s == pytest.approx(a.e2e_mean_s, rel=0.1)
-    assert b.ttft_mean_s == pytest.approx(a.ttft_mean_s, rel=0.25)
+    # jobs stay on their stream's GPU, so the pooled walk reproduces the one-event iterations
+    for name in ("e2e_mean_s", "ttft_mean_s", "ttft_p99_s", "tbt_p99_s", "slo_attainment"):
+        assert getattr(b, name) == pytest.approx(getattr(a, name), rel=0.01), name
     assert b.gpus_mean == pytest.approx(a.gpus_mean)
+    assert b.energy_j == pytest.approx(a.energy_j, rel=0.05)
 
 
 def _operator_sim(ffn_replicas: int, trace: RequestTrace) -> DiscreteEventSimulator:
