@@ -20,7 +20,10 @@ Serving semantics (DESIGN.md 2.4):
 * **Metrics**: :mod:`opscale.sim.metrics` (the "decided" rule for per-interval SLO attainment);
   interval TTFT figures include requests decided by a passed TTFT deadline, at their waiting time so
   far (a lower bound); interval TBT and end-to-end figures cover requests that completed. Run-level
-  ``tbt_p99_s`` is the 99th percentile over requests of their TBT statistic (p99 or max gap).
+  ``tbt_p99_s`` is the 99th percentile over requests of their TBT statistic (p99 or max gap). For
+  ``attention``, :class:`UnitIntervalMetrics` ``mean_wait_s`` is the mean admission delay (queueing
+  from arrival or preemption until admitted) and ``queue_tokens`` the time-averaged prefill tokens
+  waiting; a model-level instance's per-unit utilisation is the unit's share of iteration time.
 * **Energy**: per GPU and interval, ``powered_s x P(busy fraction, compute-bound fraction)`` from the
   power model; released GPUs draw nothing, powered idle GPUs their idle power.
 """
@@ -999,6 +1002,11 @@ class DiscreteEventSimulator:
         units: dict[UnitKind, UnitIntervalMetrics] = {}
         streams = self.streams
         waiting_token_s = sum(s.take_waiting_token_s() for s in streams)
+        admissions = sum(s.admissions for s in streams)
+        admission_wait_s = sum(s.admission_wait_s for s in streams) / admissions if admissions else 0.0
+        for stream in streams:
+            stream.admissions = 0
+            stream.admission_wait_s = 0.0
         if self._granularity == "model":
             serving = sum(
                 1 for i in self.instances if i.state is ReplicaState.SERVING and i.streams[0].accepting
@@ -1027,7 +1035,7 @@ class DiscreteEventSimulator:
                     if unit is UnitKind.ATTENTION and duration > 0
                     else 0.0,
                     batch_fill=min(1.0, tokens / (iterations * budget)) if iterations else 0.0,
-                    mean_wait_s=0.0,
+                    mean_wait_s=admission_wait_s if unit is UnitKind.ATTENTION else 0.0,
                     mean_service_s=busy.get(unit, 0.0) / iterations if iterations else 0.0,
                     batch_cap_tokens=config.batch_cap_tokens,
                 )
@@ -1075,7 +1083,7 @@ class DiscreteEventSimulator:
             else 0.0,
             queue_tokens=waiting_token_s / duration if duration > 0 else 0.0,
             batch_fill=min(1.0, tokens / (calls * cap)) if calls else 0.0,
-            mean_wait_s=0.0,
+            mean_wait_s=admission_wait_s,
             mean_service_s=service / calls if calls else 0.0,
             batch_cap_tokens=cap,
         )

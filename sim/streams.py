@@ -56,6 +56,7 @@ class ActiveRequest:
         "output",
         "preemptions",
         "prompt",
+        "queued_s",
         "stream",
         "target",
         "tbt_max_s",
@@ -86,6 +87,8 @@ class ActiveRequest:
         self.gap_sum_s = 0.0
         self.gap_count = 0
         self.preemptions = 0
+        #: when it last joined a stream's queue (admission-wait statistics)
+        self.queued_s = arrival_s
         self.stream: Stream | None = None
         #: decided early as a TTFT violation (see :mod:`opscale.sim.metrics`)
         self.ttft_decided = False
@@ -267,6 +270,9 @@ class Stream:
         #: compute-bound (prefill) seconds since the last interval boundary (energy)
         self.compute_bound_s = 0.0
         self.tokens_scheduled = 0
+        #: admissions and their summed queueing delay since the last interval boundary
+        self.admissions = 0
+        self.admission_wait_s = 0.0
         #: gap histogram shared by the decoding members, and when the current iteration started
         self.gaps = StreamGaps()
         self.tbt = host.tbt
@@ -318,6 +324,7 @@ class Stream:
         """Route ``request`` here (arrival or hand-over)."""
         request.stream = self
         self.waiting.append(request)
+        request.queued_s = self.env.now
         self._waiting_delta(request.target)
         self.pending_work_tokens += request.remaining_work_tokens
         self._wake()
@@ -397,6 +404,7 @@ class Stream:
         victim.preemptions += 1
         self.pending_work_tokens += victim.remaining_work_tokens
         self.waiting.appendleft(victim)
+        victim.queued_s = self.env.now
         self._waiting_delta(victim.target)
 
     def _take_adopted(self) -> int:
@@ -417,6 +425,7 @@ class Stream:
                 preemptions += 1
                 self.pending_work_tokens += r.remaining_work_tokens
                 self.waiting.appendleft(r)
+                r.queued_s = self.env.now
                 self._waiting_delta(r.target)
         self.adopted.clear()
         return preemptions
@@ -460,6 +469,8 @@ class Stream:
                 break
             self.waiting.popleft()
             self._waiting_delta(-head.target)
+            self.admission_wait_s += self.env.now - head.queued_s
+            self.admissions += 1
             head.blocks = need
             self.free_blocks -= need
             self.prefilling.append(head)
