@@ -153,6 +153,35 @@ class _Segment:
     tbt_weights: FloatArray
 
 
+@dataclass
+class _PoolState:
+    """One step of the unit-pool model (operator level), per stateless unit in model order.
+
+    :param rho: utilisation of a replica.
+    :param service_s: mean call time (kernel x contention + inbound transfer).
+    :param queue_jobs: mean jobs waiting.
+    :param wait_unit_s: mean wait of a job.
+    :param wait_s: summed waits over the units (one iteration's pool waiting).
+    :param bound_s: smallest iteration time the pools can sustain (their throughput limit).
+    :param decode_call_s: call time of a decode-only job (before contention).
+    :param decode_call_tokens: tokens of such a call.
+    """
+
+    rho: FloatArray
+    service_s: FloatArray
+    queue_jobs: FloatArray
+    wait_unit_s: FloatArray
+    wait_s: float
+    bound_s: float
+    decode_call_s: FloatArray
+    decode_call_tokens: FloatArray
+
+    @classmethod
+    def idle(cls, units: int) -> _PoolState:
+        zeros = np.zeros(units)
+        return cls(zeros, zeros, zeros, zeros, 0.0, 0.0, zeros, np.ones(units))
+
+
 class FluidSimulator:
     """Per-interval analytic simulation of one deployment serving one trace (see module docstring).
 
@@ -232,9 +261,14 @@ class FluidSimulator:
         self._prefill_chunks = np.array([1024.0])
         self._prefill_weights = np.array([1.0])
         self._jobs_per_call = np.ones(len(self._stateless))
+        self._jobs_per_call_list = [1.0] * len(self._stateless)
         self._mean_job_tokens = np.ones(len(self._stateless))
+        self._mean_job_tokens_list = [1.0] * len(self._stateless)
+        #: per pool, mean call time of a prefill job (from the last interval's chunk mix)
+        self._prefill_call_list = [self._table.scalar_time_s(row, 1024.0) for row in range(len(self._stateless))]
         #: contention slowdown of each pool's calls and of attention (operator level; last interval)
         self._slowdown = np.ones(len(self._stateless))
+        self._slowdown_list = [1.0] * len(self._stateless)
         self._attention_slowdown = 1.0
         self._unit_rho = np.zeros(len(self._units))
         self._served_total = 0.0
@@ -368,6 +402,7 @@ class FluidSimulator:
         self._shards = layout.unit_shards_on_gpu(self._units, now)
         self._serving_gpus = float(np.count_nonzero(self._shards.sum(axis=1)))
         self._powered = np.array([g.powered for g in layout.state.gpus], dtype=bool)
+        self._powered_count = float(self._powered.sum())
         if self._granularity == "model":
             serving = [r for r in self._pending if r.placed.ready_s <= now]
             self._replicas = np.full(len(self._units), float(len(serving)))
@@ -384,6 +419,9 @@ class FluidSimulator:
         self._streams = len(attention)
         self._kv_per_stream = sum(r.kv_tokens for r in attention) / len(attention) if attention else 0.0
         self._transfer_fixed_s, self._transfer_per_token_s = self._transfer_terms(now)
+        self._pool_transfer_fixed = self._transfer_fixed_s[self._pool_columns].tolist()
+        self._pool_transfer_per_token = self._transfer_per_token_s[self._pool_columns].tolist()
+        self._shards_per_unit = np.maximum(self._shards.sum(axis=0), 1.0)
 
     def _transfer_terms(self, now_s: float) -> tuple[FloatArray, FloatArray]:
         """Per unit (model order): expected inbound transfer ``fixed + per_token * tokens`` of one job.
@@ -588,6 +626,70 @@ class FluidSimulator:
         self._last_interval = metrics
         return metrics
 
+    def _pool_step(
+        self,
+        streams: int,
+        beta: float,
+        iteration_s: float,
+        decodes: float,
+        phi: float,
+        chunk_tokens: float,
+        caps: list[float],
+        replicas: list[float],
+    ) -> _PoolState:
+        """One damped step of the pools' batching / Erlang-C model (module docstring, point 4), in
+        plain Python over the units (a handful of floats each: faster than numpy at this size).
+        Updates the jobs per call and the mean job size; returns the pools' state."""
+        lines = self._table.lines
+        lm_head = self._lm_head_row
+        job_rate = streams * beta / iteration_s
+        busy_streams = streams * beta
+        decode_tokens = max(decodes, 1.0)
+        jobs_per_call = self._jobs_per_call_list
+        slowdown = self._slowdown_list
+        prefill_call = self._prefill_call_list
+        fixed, per_token = self._pool_transfer_fixed, self._pool_transfer_per_token
+        erlang = self._erlang
+        out = [[0.0] * len(lines) for _ in range(7)]
+        rho_out, service_out, queue_out, wait_out, decode_out, decode_tokens_out, mean_tokens_out = out
+        bound_s = wait_total = 0.0
+        for u, line in enumerate(lines):
+            tokens = max(decodes + phi if u == lm_head else decodes + phi * chunk_tokens, 1.0)
+            calls = jobs_per_call[u]
+            servers = replicas[u]
+            others = (calls - 1.0) * tokens
+            transfer = fixed[u] + per_token[u] * tokens
+            decode_call_tokens = decode_tokens + others
+            decode_call = line.at(decode_call_tokens)
+            service = ((1.0 - phi) * decode_call + phi * prefill_call[u]) * slowdown[u] + transfer
+            rho = job_rate * service / (calls * servers)
+            max_jobs = max(1.0, math.floor(caps[u] / tokens))
+            full = line.at(max_jobs * tokens) * slowdown[u] + transfer
+            bound_s = max(bound_s, busy_streams * full / (max_jobs * servers))
+            capped = min(rho, UTILISATION_CEILING)
+            waiting_calls = erlang.lookup_scalar(int(servers), capped) * capped / (1.0 - capped)
+            # closed population: at most one job per busy stream is anywhere in the pools
+            queue = min(waiting_calls * calls, max(busy_streams - servers, 0.0))
+            wait = POOL_WAIT_FACTOR * queue / max(job_rate, 1e-12)
+            target = min(max(1.0 + queue / servers, 1.0), max_jobs)
+            jobs_per_call[u] = math.sqrt(calls * target)
+            rho_out[u], service_out[u], queue_out[u], wait_out[u] = rho, service, queue, wait
+            decode_out[u], decode_tokens_out[u], mean_tokens_out[u] = decode_call, decode_call_tokens, tokens
+            wait_total += wait
+        self._jobs_per_call = np.array(jobs_per_call)
+        self._mean_job_tokens = np.array(mean_tokens_out)
+        self._mean_job_tokens_list = mean_tokens_out
+        return _PoolState(
+            rho=np.array(rho_out),
+            service_s=np.array(service_out),
+            queue_jobs=np.array(queue_out),
+            wait_unit_s=np.array(wait_out),
+            wait_s=wait_total,
+            bound_s=bound_s,
+            decode_call_s=np.array(decode_out),
+            decode_call_tokens=np.array(decode_tokens_out),
+        )
+
     def _iteration_triple(
         self, decodes: float, chunk_s: float, full_chunk: float, prior: float, context: float, jobs_wait_s: float
     ) -> tuple[float, float, float]:
@@ -595,8 +697,7 @@ class FluidSimulator:
         a full chunk of ``full_chunk`` tokens (the fixed point's inner evaluation; scalar fast path for
         model-level instances)."""
         if self._granularity == "operator":
-            times = self._iteration_times(decodes, np.array([0.0, chunk_s, full_chunk]), np.array([0.0, prior, prior]), context, jobs_wait_s)
-            return float(times[0]), float(times[1]), float(times[2])
+            return self._pooled_triple(decodes, chunk_s, full_chunk, prior, context, jobs_wait_s)
         overhead = self._overhead
         host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * decodes
         decode_attention = self._attention.decode_s(decodes, decodes * context)
@@ -606,6 +707,41 @@ class FluidSimulator:
         with_chunk = base + self._dense_scalar(decodes + chunk_s) + self._attention.prefill_scalar_s(chunk_s, prior)
         full = base + self._dense_scalar(decodes + full_chunk) + self._attention.prefill_scalar_s(full_chunk, prior)
         return decode, with_chunk, full
+
+    def _pooled_triple(
+        self, decodes: float, chunk_s: float, full_chunk: float, prior: float, context: float, jobs_wait_s: float
+    ) -> tuple[float, float, float]:
+        """:meth:`_iteration_triple` for pooled streams, in plain Python over the units."""
+        overhead = self._overhead
+        compositions = (decodes, decodes + chunk_s, decodes + full_chunk)
+        sequences = (decodes, decodes + 1.0, decodes + 1.0)
+        attention_decode = self._attention.decode_s(decodes, decodes * context)
+        attention = (
+            attention_decode,
+            attention_decode + self._attention.prefill_scalar_s(chunk_s, prior),
+            attention_decode + self._attention.prefill_scalar_s(full_chunk, prior),
+        )
+        column = self._attention_column
+        attention_fixed = float(self._transfer_fixed_s[column])
+        attention_per_token = float(self._transfer_per_token_s[column])
+        totals = []
+        for j, tokens in enumerate(compositions):
+            total = (
+                overhead.fixed_s
+                + overhead.per_tp_rank_s * self._ranks
+                + overhead.per_request_s * sequences[j]
+                + attention[j] * self._attention_slowdown
+                + attention_fixed
+                + attention_per_token * tokens
+                + jobs_wait_s
+            )
+            for u, line in enumerate(self._table.lines):
+                job = sequences[j] if u == self._lm_head_row else tokens
+                others = (self._jobs_per_call_list[u] - 1.0) * self._mean_job_tokens_list[u]
+                total += line.at(job + others) * self._slowdown_list[u]
+                total += self._pool_transfer_fixed[u] + self._pool_transfer_per_token[u] * job
+            totals.append(total)
+        return totals[0], totals[1], totals[2]
 
     def _dense_scalar(self, tokens: float) -> float:
         """Model level: every unit but the LM head (plus pipeline hops) at ``tokens``."""
@@ -669,17 +805,14 @@ class FluidSimulator:
         x_demand = demand / (streams * dt) if ready else 0.0
         n_units = len(self._stateless)
         if operator:
-            caps = np.array([self._unit_configs[u].batch_cap_tokens for u in self._stateless], dtype=np.float64)
-            pool_replicas = self._replicas[self._pool_columns]
+            caps_list = [float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]
+            caps = np.array(caps_list)
+            replicas_list = self._replicas[self._pool_columns].tolist()
             contention = (
                 self.config.contention_factor if self.config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
             )
-        pool_wait = np.zeros(n_units)
-        pool_rho = np.zeros(n_units)
-        pool_service = np.zeros(n_units)
-        pool_queue_jobs = np.zeros(n_units)
-        decode_call = decode_call_tokens = prefill_call_times = prefill_call_tokens = np.zeros(n_units)
-        call_weights = np.zeros(1)
+        pool_wait = 0.0
+        pools = _PoolState.idle(n_units)
 
         iteration_s = self._iteration_s or self._iteration_triple(1.0, 0.0, 0.0, 0.0, context, 0.0)[0]
         ttft_s = self._ttft_s or iteration_s
@@ -706,7 +839,7 @@ class FluidSimulator:
             chunk_light = prompt_mean / mean_chunks
             chunk_eff = chunk_light + rho_prefill * max(available - chunk_light, 0.0)
             decode_s, prefill_iteration_s, full_s = self._iteration_triple(
-                decodes, chunk_eff, available, 0.5 * prompt_mean, context, float(pool_wait.sum())
+                decodes, chunk_eff, available, 0.5 * prompt_mean, context, pool_wait
             )
             prefill_at_mean_chunk_s = prefill_iteration_s
             prefill_iteration_s *= self._prefill_correction
@@ -718,41 +851,9 @@ class FluidSimulator:
             )
             if operator:
                 phi = min(prefill_rate * new_iteration_s, 1.0)
-                job_tokens = np.full(n_units, decodes + phi * chunk_eff)
-                job_tokens[self._lm_head_row] = decodes + phi
-                self._mean_job_tokens = np.maximum(job_tokens, 1.0)
-                job_rate = streams * beta / new_iteration_s
-                max_jobs = np.maximum(1.0, np.floor(caps / self._mean_job_tokens))
-                transfer = (
-                    self._transfer_fixed_s[self._pool_columns]
-                    + self._transfer_per_token_s[self._pool_columns] * self._mean_job_tokens
-                )
-                # a call serves one job of the iteration's own composition plus (n - 1) of mean size;
-                # average over decode-only and prefill jobs (the chunk mix of the last interval)
-                others = (self._jobs_per_call - 1.0) * self._mean_job_tokens
-                own = decodes + self._prefill_chunks
-                own_jobs = np.broadcast_to(own, (n_units, own.size)).copy()
-                own_jobs[self._lm_head_row] = decodes + 1.0
-                prefill_call_tokens = np.maximum(own_jobs + others[:, None], 1.0)
-                prefill_call_times = self._table.time_s_at(prefill_call_tokens)
-                call_weights = self._prefill_weights
-                prefill_call = prefill_call_times @ call_weights
-                decode_call_tokens = np.full(n_units, max(decodes, 1.0)) + others
-                decode_call = self._table.time_s_at(decode_call_tokens)
-                pool_service = ((1.0 - phi) * decode_call + phi * prefill_call) * self._slowdown + transfer
-                pool_rho = job_rate * pool_service / (self._jobs_per_call * pool_replicas)
-                # a pool that cannot keep up even at its cap bounds the iteration time from below
-                full_service = self._table.time_s_at(max_jobs * self._mean_job_tokens) * self._slowdown + transfer
-                bound_s = float(np.max(streams * beta * full_service / (max_jobs * pool_replicas)))
-                new_iteration_s = max(new_iteration_s, bound_s)
-                rho = np.minimum(pool_rho, UTILISATION_CEILING)
-                prob_wait = self._erlang.lookup(pool_replicas.astype(np.int64), rho)
-                queue_calls = prob_wait * rho / (1.0 - rho)
-                # closed population: at most one job per busy stream is anywhere in the pools
-                pool_queue_jobs = np.minimum(queue_calls * self._jobs_per_call, np.maximum(streams * beta - pool_replicas, 0.0))
-                pool_wait = POOL_WAIT_FACTOR * pool_queue_jobs / max(job_rate, 1e-12)
-                target = np.clip(1.0 + pool_queue_jobs / pool_replicas, 1.0, max_jobs)
-                self._jobs_per_call = np.sqrt(self._jobs_per_call * target)
+                pools = self._pool_step(streams, beta, new_iteration_s, decodes, phi, chunk_eff, caps_list, replicas_list)
+                new_iteration_s = max(new_iteration_s, pools.bound_s)
+                pool_wait = pools.wait_s
                 overhead = self._overhead
                 attention_call_s = (
                     overhead.fixed_s
@@ -761,19 +862,16 @@ class FluidSimulator:
                     + self._attention.decode_s(decodes, decodes * context)
                     + phi * self._attention.prefill_scalar_s(chunk_eff, 0.5 * prompt_mean)
                 ) * self._attention_slowdown
-                attention_busy = beta * attention_call_s / new_iteration_s
-                rho_all = np.zeros(len(self._units))
-                rho_all[self._pool_columns] = np.minimum(pool_rho, 1.0)
-                rho_all[self._attention_column] = min(attention_busy, 1.0)
                 if contention:
+                    rho_all = np.zeros(len(self._units))
+                    rho_all[self._pool_columns] = np.minimum(pools.rho, 1.0)
+                    rho_all[self._attention_column] = min(beta * attention_call_s / new_iteration_s, 1.0)
                     # busy replicas on each GPU, less the calling stream's own share (one job in flight)
                     gpu_busy = (self._shards @ rho_all) * (1.0 - 1.0 / streams)
-                    shards_per_unit = np.maximum(self._shards.sum(axis=0), 1.0)
-                    others = (self._shards.T @ gpu_busy) / shards_per_unit
-                    slowdown = 1.0 + contention * np.maximum(others, 0.0)
+                    slowdown = 1.0 + contention * np.maximum((self._shards.T @ gpu_busy) / self._shards_per_unit, 0.0)
                     self._slowdown = slowdown[self._pool_columns]
+                    self._slowdown_list = self._slowdown.tolist()
                     self._attention_slowdown = float(slowdown[self._attention_column])
-                self._unit_rho = rho_all
             iteration_s = new_iteration_s
             x_cap_budget = budget / ((prompt_mean + gaps_per_request) * iteration_s)
             x_cap_kv = running_limit / (prefill_s_mean + gaps_per_request * iteration_s)
@@ -784,7 +882,7 @@ class FluidSimulator:
         last = prompts - (chunks - 1.0) * available
         last_chunk = last + rho_prefill * np.maximum(available - last, 0.0)
         times = np.concatenate(
-            ([decode_s, prefill_iteration_s, full_s], self._iteration_times(decodes, last_chunk, (chunks - 1.0) * available, context, float(pool_wait.sum())))
+            ([decode_s, prefill_iteration_s, full_s], self._iteration_times(decodes, last_chunk, (chunks - 1.0) * available, context, pool_wait))
         ) if ready else np.zeros(LENGTH_QUANTILES + 3)
         prefill_s = (chunks - 1.0) * full_s + times[3:]
         # prefill iterations over the chunk distribution (full chunks and each quantile's last chunk):
@@ -884,20 +982,27 @@ class FluidSimulator:
             )
             attention_rho = min(beta * attention_call_s / iteration_s, 1.0) if ready else 0.0
             pool_columns = self._pool_columns
-            utilisation[pool_columns] = np.minimum(pool_rho, 1.0)
+            utilisation[pool_columns] = np.minimum(pools.rho, 1.0)
             utilisation[attention_column] = attention_rho
-            queue_tokens[pool_columns] = pool_queue_jobs * self._mean_job_tokens
+            queue_tokens[pool_columns] = pools.queue_jobs * self._mean_job_tokens
             batch_fill[pool_columns] = np.minimum(self._jobs_per_call * self._mean_job_tokens / caps, 1.0)
-            wait_s[pool_columns] = pool_wait
-            unit_service_s[pool_columns] = pool_service
+            wait_s[pool_columns] = pools.wait_unit_s
+            unit_service_s[pool_columns] = pools.service_s
             unit_service_s[attention_column] = attention_call_s
+            # prefill jobs' calls over this interval's chunk mix (used by the next interval's pool steps)
+            others = (self._jobs_per_call - 1.0) * self._mean_job_tokens
+            prefill_call_tokens = np.maximum(decodes + prefill_chunks + others[:, None], 1.0)
+            prefill_call_tokens[self._lm_head_row] = decodes + 1.0 + others[self._lm_head_row]
+            prefill_call_times = self._table.time_s_at(prefill_call_tokens)
+            if x > 0:
+                self._prefill_call_list = (prefill_call_times @ prefill_weights).tolist()
             # compute-bound share of each pool's busy time: its calls' kernels that are compute-bound
             # (the engine flags whole calls by their size), decode and prefill calls weighted by time
-            compute_kernel = (1.0 - phi) * decode_call * self._table.compute_bound_at(decode_call_tokens) + phi * (
-                (prefill_call_times * self._table.compute_bound_at(prefill_call_tokens)) @ call_weights
+            compute_kernel = (1.0 - phi) * pools.decode_call_s * self._table.compute_bound_at(pools.decode_call_tokens) + phi * (
+                (prefill_call_times * self._table.compute_bound_at(prefill_call_tokens)) @ prefill_weights
             )
             compute_flags = np.zeros(len(self._units))
-            compute_flags[pool_columns] = compute_kernel * self._slowdown / np.maximum(pool_service, 1e-12)
+            compute_flags[pool_columns] = compute_kernel * self._slowdown / np.maximum(pools.service_s, 1e-12)
             # a stream's job is in service at one replica at a time, so its busy shares on a GPU add up;
             # the streams are independent: busy = 1 - (1 - load / S) ** S with load = sum of replica rhos
             gpu_load = np.minimum((self._shards @ utilisation) / max(streams, 1), 1.0)
@@ -926,8 +1031,8 @@ class FluidSimulator:
             busy = min(beta, 1.0)
             compute_fraction_value = min(beta * prefill_kernel_share / busy, 1.0) if busy > 0 else 0.0
             serving_gpus = self._serving_gpus
-            watts = self._power_array(np.array([busy, 0.0]), np.array([compute_fraction_value, 0.0]))
-            energy_j = (serving_gpus * float(watts[0]) + (float(powered.sum()) - serving_gpus) * float(watts[1])) * dt
+            busy_w, idle_w = self._gpu_power_w(busy, compute_fraction_value), self._gpu_power_w(0.0, 0.0)
+            energy_j = (serving_gpus * busy_w + (self._powered_count - serving_gpus) * idle_w) * dt
         return _Segment(
             duration_s=dt,
             arrivals=window.count,
@@ -956,6 +1061,14 @@ class FluidSimulator:
             tbt_values=tbt_values,
             tbt_weights=tbt_weights,
         )
+
+    def _gpu_power_w(self, busy: float, compute: float) -> float:
+        """Power of one GPU (scalar form of :meth:`_power_array`)."""
+        levels = self._power_levels
+        if levels is None:
+            return float(self.power_w(self._gpu, busy, compute))
+        idle, memory_w, compute_w = levels
+        return idle + busy * ((memory_w - idle) + compute * (compute_w - memory_w))
 
     def _power_array(self, busy: FloatArray, compute: FloatArray) -> FloatArray:
         """Power of each GPU. For a :class:`PowerModel`, its formula on the levels looked up once

@@ -13,6 +13,7 @@ window with one arrival does not pretend to know a variance.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,7 @@ class ArrivalIndex:
             # an empty trace: a neutral prior (1,000-token prompts, 200-token outputs, no spread)
             self._prior = np.array([1.0, 1000.0, 200.0, np.log(1000.0), np.log(1000.0) ** 2, np.log(200.0), np.log(200.0) ** 2])
         self._prior_list = [float(v) for v in self._prior]
+        self._arrival_list = self.arrival_s.tolist()
         self.num_requests = int(prompt.size)
         self.last_arrival_s = float(self.arrival_s[-1]) if prompt.size else 0.0
 
@@ -96,7 +98,9 @@ class ArrivalIndex:
 
     def window(self, start_s: float, end_s: float) -> ArrivalWindow:
         """Arrivals with ``start_s <= arrival < end_s`` and their blended length statistics."""
-        first, last = np.searchsorted(self.arrival_s, (start_s, end_s), side="left")
+        # bisect on a Python list: O(log n) without numpy call overhead
+        first = bisect_left(self._arrival_list, start_s)
+        last = bisect_left(self._arrival_list, end_s, lo=first)
         sums = (self._cumulative[last] - self._cumulative[first]).tolist()
         count = sums[_COUNT]
         weight = 1.0 / (count + PRIOR_REQUESTS)

@@ -108,16 +108,18 @@ class PoissonTailTable:
         self._flat = table.ravel()
         self._row = self.MEANS.size
         self._log_low = float(np.log(self.MEANS[0]))
+        self._mean_low = float(self.MEANS[0])
         self._per_log = (self.MEANS.size - 1) / float(np.log(self.MEANS[-1] / self.MEANS[0]))
 
     def lookup(self, mean: FloatArray, needed: FloatArray) -> FloatArray:
         """``P(N >= needed)`` elementwise (``needed`` integers >= 1; means clipped to the grid)."""
-        position = np.clip((np.log(np.maximum(mean, 1e-300)) - self._log_low) * self._per_log, 0.0, self._row - 1.000001)
+        mean = np.asarray(mean, dtype=np.float64)
+        position = np.clip((np.log(mean + 1e-300) - self._log_low) * self._per_log, 0.0, self._row - 1.000001)
         index = position.astype(np.int64)
-        frac = position - index
-        flat = (np.minimum(needed, self.max_count).astype(np.int64) - 1) * self._row + index
+        flat = np.minimum(needed, self.max_count).astype(np.int64) * self._row + (index - self._row)
         low = self._flat[flat]
-        result: FloatArray = np.where(mean > 0, low + frac * (self._flat[flat + 1] - low), 0.0)
+        # below the grid (mean < 1e-4, or 0) the tail is ~mean^m/m!: 0 to table precision
+        result: FloatArray = (low + (position - index) * (self._flat[flat + 1] - low)) * (mean >= self._mean_low)
         return result
 
 

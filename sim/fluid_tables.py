@@ -94,11 +94,12 @@ class UnitTimeTable:
         self._row_offsets = np.arange(len(units)) * self.tokens.size
         self._flat_time = self.time_s.ravel()
         self._flat_bound = self.compute_bound.ravel()
-        self._lines = [TokenLine(self.tokens, row) for row in self.time_s]
+        #: one :class:`TokenLine` per row, for scalar lookups
+        self.lines = [TokenLine(self.tokens, row) for row in self.time_s]
 
     def scalar_time_s(self, row: int, tokens: float) -> float:
         """Call time of one row at ``tokens`` (pure-Python scalar lookup)."""
-        return self._lines[row].at(tokens)
+        return self.lines[row].at(tokens)
 
     def _position(self, tokens: FloatArray) -> tuple[NDArray[np.int64], FloatArray]:
         tokens = np.maximum(tokens, 1.0)
