@@ -218,7 +218,8 @@ def test_overload_is_decided_when_the_ttft_deadline_passes() -> None:
     assert first.slo_attainment < 0.5
     attention = first.units[UnitKind.ATTENTION]
     assert attention.mean_wait_s > 0.5 and attention.queue_tokens > 0
-    assert attention.utilisation > 0.9
+    # a model-level instance's units share its iteration time: together they keep it busy
+    assert sum(unit.utilisation for unit in first.units.values()) > 0.9
 
 
 def test_batch_cap_change_is_applied_and_invalid_caps_repaired() -> None:
