@@ -49,7 +49,7 @@ __all__ = ["OperatorGreedyPolicy", "OperatorPlan", "PlanSearch", "greedy_plan"]
 #: Per-token time ratio between doubled call sizes above which a unit counts as compute-bound.
 _COMPUTE_BOUND_RATIO = 1.8
 #: Observed p99 latency, as a share of its SLO, that counts as pressure.
-PRESSURE_SHARE = 0.8
+PRESSURE_SHARE = 0.95
 #: Interval SLO attainment below which the deployment is under pressure.
 PRESSURE_ATTAINMENT = 0.99
 #: A planned-for rate this much above the validated rate allows scaling up without pressure.
