@@ -166,6 +166,8 @@ class DiscreteEventSimulator:
         self._active = 0
         self._arrived = 0
         self._last_interval: IntervalMetrics | None = None
+        #: per global GPU index, busy fraction over the last interval (0 for released GPUs)
+        self.gpu_utilisation: list[float] = [0.0] * cluster.num_gpus
         if self._granularity == "model":
             for _ in range(deployment.instances):
                 self._add_instance(ready_now=True)
@@ -948,6 +950,9 @@ class DiscreteEventSimulator:
         gpu_rows = self.state.take_interval(end_s)
         energy = 0.0
         gpu_seconds = 0.0
+        self.gpu_utilisation = [
+            min(1.0, busy_s / duration) if duration > 0 else 0.0 for _, _, busy_s, _ in gpu_rows
+        ]
         for spec, powered_s, busy_s, compute_s in gpu_rows:
             if powered_s <= 0:
                 continue

@@ -195,6 +195,7 @@ def test_busy_gpus_draw_more_than_idle() -> None:
     interval = sim.advance(10.0)
     gpu = sim.cluster.gpu_of(0)
     assert gpu.idle_watts * 10.0 < interval.energy_j <= gpu.prefill_watts * 10.0
+    assert 0.0 < sim.gpu_utilisation[0] <= 1.0 and sim.gpu_utilisation[1:] == [0.0] * 7
 
 
 def test_slo_attainment_follows_slo() -> None:
