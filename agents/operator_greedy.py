@@ -422,12 +422,19 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             gpus_per_node=context.cluster.nodes[0].gpus_per_node,
         )
 
-    def initial_deployment(self) -> Deployment:
+    def initial_deployment(self) -> Deployment | None:
         """The episode's starting deployment: :meth:`planned_deployment` for the trace's mean rate
-        (the same information the environment's default sizing uses)."""
+        (the same information the environment's default sizing uses). ``None`` (start from the
+        environment's default, with a warning) when the plan does not fit the cluster."""
         prompt, output = self._prior_lengths
         rate = self.context.trace.mean_rate_per_s if len(self.context.trace) else 0.0
-        return self.planned_deployment(Workload(max(rate, 0.05), max(prompt, 1.0), max(output, 1.0)))
+        try:
+            return self.planned_deployment(Workload(max(rate, 0.05), max(prompt, 1.0), max(output, 1.0)))
+        except ValueError as error:
+            import gymnasium as gym
+
+            gym.logger.warn(f"{self.name}: planned starting deployment unusable ({error}); starting from the env's default")
+            return None
 
     # ------------------------------------------------------------------ control
     def observe_interval(self, memory: Any, interval: Mapping[str, Any]) -> None:
