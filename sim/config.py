@@ -1,7 +1,7 @@
 """Knobs of the serving simulators that are not part of a deployment (shared by ``des`` and ``fluid``).
 
 A :class:`SimConfig` holds the engine-behaviour constants both fidelities read: per-iteration engine
-overhead preset, KV-cache block size and memory share, default token budget, replica start-up and
+overhead preset, KV-cache block size and memory share, running-request limit, replica start-up and
 weight-load figures, the GPU-contention model, how a removed attention replica hands its requests
 over, and what the discrete-event engine records. Field names are a stable contract: the fluid model
 reads them too.
@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from enum import Enum
 from typing import Any
-
-from opscale.sim.deployment import DEFAULT_TOKEN_BUDGET
 
 
 class EngineOverheadPreset(str, Enum):
@@ -82,8 +80,6 @@ class SimConfig:
     :param kv_block_tokens: tokens per KV-cache block (vLLM's paged-attention block size).
     :param gpu_memory_fraction: share of each GPU's HBM usable for weights + KV cache + activations
         (vLLM's ``gpu_memory_utilization``); the rest is left to the CUDA context and fragmentation.
-    :param token_budget: default per-iteration token budget of an attention replica, used when a
-        deployment does not set one.
     :param max_running_requests: most requests one attention replica runs at once (vLLM ``max_num_seqs``).
     :param weight_load_bandwidth_bytes_per_s: bandwidth at which a new replica loads its weights.
     :param operator_start_s: fixed start-up time of one new operator-level replica.
@@ -104,7 +100,6 @@ class SimConfig:
     engine_overhead: EngineOverheadPreset = EngineOverheadPreset.MODERN
     kv_block_tokens: int = 16
     gpu_memory_fraction: float = 0.9
-    token_budget: int = DEFAULT_TOKEN_BUDGET
     max_running_requests: int = 256
     weight_load_bandwidth_bytes_per_s: float = 50.7e9
     operator_start_s: float = 0.03
@@ -128,8 +123,6 @@ class SimConfig:
             raise ValueError(f"kv_block_tokens must be >= 1, got {self.kv_block_tokens}")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
-        if self.token_budget < 1:
-            raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.weight_load_bandwidth_bytes_per_s <= 0:
