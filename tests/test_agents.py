@@ -280,3 +280,29 @@ def test_registry_loads_saved_sb3_models(tmp_path, maskable: bool) -> None:
     model_env = make_env("opscale/ModelAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
     with pytest.raises(ValueError, match="trained for observation"):
         make_policy(str(path), model_env)
+
+
+def test_estimate_matches_the_tables_for_any_stream_counts() -> None:
+    model = _operator_model(SimConfig())
+    workload = Workload(8.0, 900.0, 180.0)
+    candidates = np.array([[1, 1, 1, 2, 1, 2, 1], [1, 2, 2, 3, 2, 3, 1]], dtype=np.int64)
+    estimate = model.estimate(workload, candidates, _caps(1024), 512)
+    for row, candidate in enumerate(candidates):
+        tables = model.stream_tables(workload, int(candidate[model.attention_index]), _caps(1024), 512, 3)
+        single = model.evaluate(workload, tables, candidate, 512)
+        assert estimate.iteration_s[row] == pytest.approx(single.iteration_s[0])
+        assert estimate.gpus_needed[row] == single.gpus_needed[0]
+
+
+def test_contention_aware_placement_spreads_pools_and_streams() -> None:
+    from opscale.agents.operator_greedy import contention_aware_placement
+
+    model = _operator_model(SimConfig(), PlannerTargets(max_gpu_busy=0.3))
+    search = PlanSearch(model, Workload(12.0, 900.0, 180.0), _caps(1024), 512.0, 16)
+    plan = greedy_plan(search, np.ones(len(MODEL.units), dtype=np.int64))
+    assert plan.gpus_needed >= 2
+    placement = contention_aware_placement(search, plan.replicas, CLUSTER.num_gpus, 0.0)
+    for unit, groups in placement.items():
+        assert len(groups) == plan.replicas[MODEL.units.index(unit)]
+        gpus = [group[0] for group in groups]
+        assert len(set(gpus)) == min(len(gpus), plan.gpus_needed), unit  # one per GPU while GPUs last
