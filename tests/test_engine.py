@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from opscale.sim.config import SimConfig
-from opscale.sim.deployment import Deployment, ScalingAction, UnitAction, UnitDeployment
+from opscale.sim.deployment import Deployment, Placement, ScalingAction, UnitAction, UnitDeployment
 from opscale.sim.engine import DiscreteEventSimulator
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.metrics import SLO
@@ -333,3 +333,60 @@ def test_vision_encoder_runs_on_image_patches_only() -> None:
     assert results["images", "operator"].e2e_mean_s == pytest.approx(
         results["images", "model"].e2e_mean_s, rel=0.1
     )
+
+
+def _memory_by_gpu(sim: DiscreteEventSimulator) -> list[float]:
+    """Bytes the live replicas and instances hold per GPU (must equal the cluster's accounting)."""
+    used = [0.0] * sim.cluster.num_gpus
+    holders: list[tuple[tuple[int, ...], float]] = [(i.gpus, i.bytes_per_gpu) for i in sim.instances]
+    holders += [(r.gpus, r.memory_bytes_per_gpu) for pool in sim.pools.values() for r in pool.replicas]
+    holders += [
+        (s.replica.gpus, s.replica.memory_bytes_per_gpu) for s in sim.streams if hasattr(s, "replica")
+    ]
+    for gpus, bytes_per_gpu in holders:
+        for index in gpus:
+            used[index] += bytes_per_gpu
+    return used
+
+
+@pytest.mark.parametrize(
+    ("level", "drain", "seed"),
+    [("model", "migrate", 1), ("operator", "migrate", 2), ("operator", "finish", 3)],
+)
+def test_random_actions_keep_accounting_and_lose_no_request(level: str, drain: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    model = get_model(MODEL)
+    trace = _trace(n=300, rate=10.0, seed=seed)
+    if level == "model":
+        deployment = Deployment.model_level(MODEL, "a100", instances=2, num_nodes=1)
+    else:
+        deployment = Deployment.operator_level(
+            MODEL, "a100", replicas={u: 2 for u in model.units}, placement="spread-gpu"
+        )
+    config = SimConfig(attention_drain=drain)  # type: ignore[arg-type]
+    sim = DiscreteEventSimulator(
+        ClusterSpec.homogeneous("a100", 1), MODEL, deployment, trace, config=config, seed=seed
+    )
+    placements = list(Placement)
+    for _ in range(40):
+        if level == "model":
+            action = ScalingAction(instance_delta=int(rng.integers(-2, 3)))
+        else:
+            action = ScalingAction(
+                units={
+                    unit: UnitAction(
+                        replica_delta=int(rng.integers(-2, 3)),
+                        batch_cap_tokens=int(rng.choice([128, 512, 2048])) if rng.random() < 0.3 else None,
+                        placement=placements[int(rng.integers(len(placements)))],
+                    )
+                    for unit in model.units
+                    if rng.random() < 0.4
+                }
+            )
+        sim.apply(action)
+        sim.advance(float(rng.uniform(0.5, 5.0)))
+        np.testing.assert_allclose(_memory_by_gpu(sim), sim.state.memory_used_bytes(), atol=1e3)
+        assert all(g.residents >= 0 and g.busy >= 0 for g in sim.state.gpus)
+        assert sim.state.gpus_powered == sum(1 for used in _memory_by_gpu(sim) if used > 0)
+    sim.run_to_completion(10.0, max_time_s=5000.0)
+    assert sim.finished and sim.summary().completed == 300
