@@ -363,7 +363,7 @@ def test_random_actions_keep_accounting_and_lose_no_request(level: str, drain: s
         deployment = Deployment.operator_level(
             MODEL, "a100", replicas={u: 2 for u in model.units}, placement="spread-gpu"
         )
-    config = SimConfig(attention_drain=drain)  # type: ignore[arg-type]
+    config = SimConfig(attention_drain=drain)
     sim = DiscreteEventSimulator(
         ClusterSpec.homogeneous("a100", 1), MODEL, deployment, trace, config=config, seed=seed
     )
