@@ -20,7 +20,7 @@ from opscale.sim.fluid import FluidSimulator
 from opscale.sim.hardware import ClusterSpec
 from opscale.traces.trace import RequestTrace
 
-__all__ = ["BenchCase", "measure", "poisson_trace", "main"]
+__all__ = ["BenchCase", "main", "measure", "poisson_trace"]
 
 
 def poisson_trace(rate_per_s: float, duration_s: float, seed: int) -> RequestTrace:
@@ -52,6 +52,9 @@ def measure(case: BenchCase, steps: int, repeats: int, interval_s: float = 5.0) 
     trace = poisson_trace(case.rate_per_s, steps * interval_s, seed=0)
     cluster = ClusterSpec.homogeneous(case.deployment.gpu, case.deployment.num_nodes)
     best = 0.0
+    warm_up = FluidSimulator(cluster, case.deployment.model, case.deployment, trace)
+    for _ in range(min(steps, 200)):
+        warm_up.advance(interval_s)
     for _ in range(repeats):
         simulator = FluidSimulator(cluster, case.deployment.model, case.deployment, trace)
         start = time.perf_counter()

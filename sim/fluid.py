@@ -39,8 +39,9 @@ Model, per control interval (split at the moments loading replicas become ready)
    Allen-Cunneen correction from the prompt-length spread) + the residual of the running iteration
    + its prefill iterations. The admission wait is 0 with probability ``1 - C`` and otherwise
    exponential, so TTFT's distribution (mean, p50, p99, share within the SLO) is a mixture over
-   prompt quantiles. TBT: every gap is an iteration; an iteration carries a prefill chunk with
-   probability ``phi``. A request with ``g`` gaps has its p99 (max) gap above the SLO when at least
+   prompt quantiles. TBT: every gap is an iteration; a decoding request's gap carries another
+   request's prefill chunk with probability ``phi_gap = x E[chunks] T`` (the others arrive at rate
+   ``x``, Poisson). A request with ``g`` gaps has its p99 (max) gap above the SLO when at least
    ``g - floor(0.99 (g - 1))`` (one) of its gaps are over it (the engine's rank rule for the p99 of a
    request's gaps): Poisson counts over output quantiles.
 6. **SLO attainment** with the "decided" rule of :mod:`opscale.sim.metrics`: served requests are
@@ -56,7 +57,10 @@ Model, per control interval (split at the moments loading replicas become ready)
 Approximations to keep in mind (the agreement with the engine is measured by
 ``experiments/fidelity_report.py``): completions are counted when requests are admitted (a lag of
 one end-to-end latency); removed replicas leave at once (the engine drains them); preemption is not
-modelled (the KV limit only caps admission); the stream load is split evenly over streams.
+modelled (the KV limit only caps admission); the stream load is split evenly over streams; the
+contention slowdown is the same for every call of a unit, whereas in the engine a long prefill call
+holds single-replica pools and stalls the other streams (fewer busy neighbours), so pooled prefill
+iterations come out ~20 % long and operator-level TTFT / TBT tails pessimistic.
 """
 
 from __future__ import annotations
@@ -921,8 +925,12 @@ class FluidSimulator:
         ttft_ok = float(served_ttft.cdf(np.array(self.slo.ttft_s))) if ready else 0.0
         # ---- TBT: per output quantile, the chance its p99 (max) gap is over the SLO, and that it is long
         phi = min(prefill_rate * iteration_s, 1.0)
+        # a decoding request sees the other requests' prefills at their arrival rate x (Poisson), not at
+        # the busy-period rate x / beta: the share of its gaps that carry a prefill chunk is phi * beta
+        phi_gap = phi * beta
+        gap_mean_s = (1.0 - phi_gap) * decode_s + phi_gap * float(prefill_weights @ prefill_times)
         tbt_slo = self.slo.tbt_s
-        over = (1.0 - phi) * float(decode_s > tbt_slo) + phi * float(prefill_weights @ (prefill_times > tbt_slo))
+        over = (1.0 - phi_gap) * float(decode_s > tbt_slo) + phi_gap * float(prefill_weights @ (prefill_times > tbt_slo))
         request_gaps = np.round(np.maximum(outputs - 1.0, 0.0))
         # the engine's per-request p99 is the gap at rank floor(0.99 (g - 1)) (0-based, no interpolation):
         # it is a long gap when at least g - floor(0.99 (g - 1)) gaps are long
@@ -930,7 +938,7 @@ class FluidSimulator:
             needed = np.ones(LENGTH_QUANTILES)
         else:
             needed = np.maximum(1.0, request_gaps - np.floor(0.99 * np.maximum(request_gaps - 1.0, 0.0)))
-        tails = self._poisson.lookup(np.concatenate((request_gaps * over, request_gaps * phi)), np.concatenate((needed, needed)))
+        tails = self._poisson.lookup(np.concatenate((request_gaps * over, request_gaps * phi_gap)), np.concatenate((needed, needed)))
         tbt_ok = 1.0 - float(tails[:LENGTH_QUANTILES].sum()) * inverse_quantiles
         long_share = float(tails[LENGTH_QUANTILES:].sum()) * inverse_quantiles
         # per-request TBT statistic: a prefill iteration's time when long gaps count, else the decode gap
@@ -1042,9 +1050,9 @@ class FluidSimulator:
             ttft_mean_s=ttft.mean_s() if decided > 0 else 0.0,
             ttft_p50_s=ttft_p50,
             ttft_p99_s=ttft_p99,
-            tbt_mean_s=iteration_s if ready and gaps_per_request > 0 else 0.0,
+            tbt_mean_s=gap_mean_s if ready and gaps_per_request > 0 else 0.0,
             tbt_p99_s=weighted_quantile(tbt_values, tbt_weights, 0.99),
-            e2e_mean_s=ttft_served_mean + gaps_per_request * iteration_s,
+            e2e_mean_s=ttft_served_mean + gaps_per_request * gap_mean_s,
             prompt_tokens=served * prompt_mean,
             output_tokens=served * output_mean,
             running=x * streams * (prefill_s_mean + gaps_per_request * iteration_s),
