@@ -352,11 +352,14 @@ class UnitAction:
     :param replica_delta: replicas to add (> 0) or remove (< 0; removed replicas drain first).
     :param batch_cap_tokens: new batch cap, or ``None`` to keep it.
     :param placement: placement policy for replicas added by this action, or ``None`` for the unit's own.
+    :param move_replicas: replicas to re-place, make before break: each gets a new replica placed by
+        ``placement`` off its GPUs, and drains once the new one serves (most crowded GPUs first).
     """
 
     replica_delta: int = 0
     batch_cap_tokens: int | None = None
     placement: Placement | None = None
+    move_replicas: int = 0
 
 
 @dataclass

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -414,13 +414,14 @@ class DiscreteEventSimulator:
         need: float,
         explicit: tuple[int, ...] | None,
         policy: Placement,
+        exclude: frozenset[int] = frozenset(),
     ) -> tuple[int, ...] | None:
         if explicit is not None:
             if any(self.state.gpus[i].free_bytes + 1e-3 < need for i in explicit):
                 return None
             return explicit
         return self.state.find_group(
-            config.tp, need, policy, unit_count_by_node=self._unit_counts_by_node(unit)
+            config.tp, need, policy, unit_count_by_node=self._unit_counts_by_node(unit), exclude=exclude
         )
 
     def _add_pool_replica(
@@ -431,9 +432,11 @@ class DiscreteEventSimulator:
         *,
         ready_now: bool,
         policy: Placement | None = None,
+        exclude: frozenset[int] = frozenset(),
+        on_ready: Callable[[], None] | None = None,
     ) -> bool:
         need = self.state.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
-        group = self._place(unit, config, need, explicit, policy or config.placement)
+        group = self._place(unit, config, need, explicit, policy or config.placement, exclude)
         if group is None:
             return False
         now = self.env.now
@@ -453,9 +456,14 @@ class DiscreteEventSimulator:
         if ready_now:
             pool.replica_ready(replica)
         else:
-            self.env.timeout(delay).callbacks.append(
-                lambda _e: pool.replica_ready(replica) if replica.state is ReplicaState.LOADING else None
-            )
+
+            def ready(_event: simpy.Event) -> None:
+                if replica.state is ReplicaState.LOADING:
+                    pool.replica_ready(replica)
+                    if on_ready is not None:
+                        on_ready()
+
+            self.env.timeout(delay).callbacks.append(ready)
         return True
 
     def _add_attention_replica(
@@ -466,6 +474,8 @@ class DiscreteEventSimulator:
         ready_now: bool,
         share_evenly: bool = False,
         policy: Placement | None = None,
+        exclude: frozenset[int] = frozenset(),
+        on_ready: Callable[[], None] | None = None,
     ) -> bool:
         tp = config.tp
         base = self.state.replica_bytes_per_gpu(UnitKind.ATTENTION, tp, config.batch_cap_tokens)
@@ -477,6 +487,7 @@ class DiscreteEventSimulator:
             base + kv_per_token * min_kv_tokens,
             explicit,
             policy or config.placement,
+            exclude,
         )
         if group is None:
             return False
@@ -532,6 +543,8 @@ class DiscreteEventSimulator:
                 if replica.state is ReplicaState.LOADING:
                     replica.state = ReplicaState.SERVING
                     stream.start_serving()
+                    if on_ready is not None:
+                        on_ready()
 
             self.env.timeout(delay).callbacks.append(ready)
         return True
@@ -772,12 +785,16 @@ class DiscreteEventSimulator:
                 continue
             if unit_action.batch_cap_tokens is not None:
                 self._set_batch_cap(unit, unit_action.batch_cap_tokens, report)
-            if self._granularity == "operator" and unit_action.replica_delta:
-                self._scale_unit(unit, unit_action.replica_delta, unit_action.placement, report)
-            elif unit_action.replica_delta:
+            if self._granularity == "operator":
+                if unit_action.replica_delta:
+                    self._scale_unit(unit, unit_action.replica_delta, unit_action.placement, report)
+                if unit_action.move_replicas > 0:
+                    self._move_unit_replicas(unit, unit_action.move_replicas, unit_action.placement, report)
+            elif unit_action.replica_delta or unit_action.move_replicas:
                 report.repairs += 1
                 report.messages.append(
-                    f"replica_delta for {unit.value!r} ignored: model-level deployments scale by instance_delta"
+                    f"replica_delta / move_replicas for {unit.value!r} ignored: model-level deployments scale "
+                    "by instance_delta"
                 )
         if action.instance_delta:
             if self._granularity == "model":
@@ -837,32 +854,91 @@ class DiscreteEventSimulator:
         if removed:
             report.replicas_removed[unit] = removed
 
+    def _drain_stream(self, stream: Stream) -> None:
+        """Stop routing to ``stream``; it hands over or finishes its requests at its next iteration end."""
+        stream.accepting = False
+        stream.draining = True
+        if not stream.serving:
+            if isinstance(stream, PooledStream):
+                self._attention_replicas[stream].state = ReplicaState.RELEASED
+            self.on_stream_drained(stream)
+        elif not stream.active:
+            self.on_stream_drained(stream)
+        else:
+            stream.on_new_work()
+
+    def _drain_pool_replica(self, pool: UnitPool, replica: Replica) -> None:
+        pool.drain(replica, lambda r: self.state.release(r.gpus, r.memory_bytes_per_gpu, self.env.now))
+
     def _remove_unit_replicas(self, unit: UnitKind, count: int) -> int:
-        now = self.env.now
         if unit is UnitKind.ATTENTION:
             live = [s for s in self.streams if s.accepting]
             # loading first, then the least loaded
             live.sort(key=lambda s: (s.serving, s.pending_work_tokens))
             removable = live[: max(0, min(count, len(live) - 1))]
             for stream in removable:
-                stream.accepting = False
-                stream.draining = True
-                if not stream.serving:
-                    self._attention_replicas[stream].state = ReplicaState.RELEASED
-                    self.on_stream_drained(stream)
-                elif not stream.active:
-                    self.on_stream_drained(stream)
-                else:
-                    stream.on_new_work()
+                self._drain_stream(stream)
             return len(removable)
         pool = self.pools[unit]
         live_replicas = [r for r in pool.replicas if r.state in (ReplicaState.LOADING, ReplicaState.SERVING)]
         live_replicas.sort(key=lambda r: (r.state is ReplicaState.SERVING, r.busy))
         removable_replicas = live_replicas[: max(0, min(count, len(live_replicas) - 1))]
         for replica in removable_replicas:
-            pool.drain(replica, lambda r: self.state.release(r.gpus, r.memory_bytes_per_gpu, self.env.now))
-        del now
+            self._drain_pool_replica(pool, replica)
         return len(removable_replicas)
+
+    def _move_unit_replicas(
+        self, unit: UnitKind, count: int, placement: Placement | None, report: ApplyReport
+    ) -> None:
+        """Make-before-break moves: a new replica off the old one's GPUs; the old drains once it serves."""
+        config = self._unit_configs[unit]
+        crowding = {gpu.index: gpu.residents for gpu in self.state.gpus}
+        moved = 0
+        if unit is UnitKind.ATTENTION:
+            streams = [s for s in self.streams if s.accepting and s.serving and isinstance(s, PooledStream)]
+            streams.sort(key=lambda s: -max(crowding[i] for i in s.replica.gpus))
+            for stream in streams[:count]:
+                assert isinstance(stream, PooledStream)
+                ok = self._add_attention_replica(
+                    config,
+                    None,
+                    ready_now=False,
+                    policy=placement,
+                    exclude=frozenset(stream.replica.gpus),
+                    on_ready=functools.partial(self._drain_if_serving, stream),
+                )
+                moved += ok
+        else:
+            pool = self.pools[unit]
+            replicas = [r for r in pool.replicas if r.state is ReplicaState.SERVING]
+            replicas.sort(key=lambda r: -max(crowding[i] for i in r.gpus))
+            for replica in replicas[:count]:
+                ok = self._add_pool_replica(
+                    unit,
+                    config,
+                    None,
+                    ready_now=False,
+                    policy=placement,
+                    exclude=frozenset(replica.gpus),
+                    on_ready=functools.partial(self._drain_pool_replica_if_serving, pool, replica),
+                )
+                moved += ok
+        if moved < count:
+            report.repairs += 1
+            report.messages.append(
+                f"{unit.value}: asked to move {count} replicas, moving {moved} (serving replicas or room elsewhere lacking)"
+            )
+        if moved:
+            report.replicas_added[unit] = report.replicas_added.get(unit, 0) + moved
+            report.replicas_removed[unit] = report.replicas_removed.get(unit, 0) + moved
+
+    def _drain_if_serving(self, stream: Stream) -> None:
+        if stream.accepting:
+            self._drain_stream(stream)
+
+    def _drain_pool_replica_if_serving(self, pool: UnitPool, replica: Replica) -> None:
+        if replica.state is ReplicaState.SERVING:
+            self._drain_pool_replica(pool, replica)
 
     def _scale_instances(self, delta: int, report: ApplyReport) -> None:
         if delta > 0:
@@ -887,12 +963,7 @@ class DiscreteEventSimulator:
         removable = live[: max(0, min(-delta, len(live) - 1))]
         for instance in removable:
             for stream in list(instance.streams):
-                stream.accepting = False
-                stream.draining = True
-                if not stream.serving or not stream.active:
-                    self.on_stream_drained(stream)
-                else:
-                    stream.on_new_work()
+                self._drain_stream(stream)
         if len(removable) < -delta:
             report.repairs += 1
             report.messages.append(f"instances: asked {delta}, removed {len(removable)} (keeps at least one)")

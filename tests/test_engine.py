@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from opscale.sim.cluster import ReplicaState
 from opscale.sim.config import SimConfig
 from opscale.sim.deployment import Deployment, Placement, ScalingAction, UnitAction, UnitDeployment
 from opscale.sim.engine import DiscreteEventSimulator
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.metrics import SLO
 from opscale.sim.models import UnitKind, get_model
+from opscale.sim.pools import PooledStream
 from opscale.sim.simulator import ServingSimulator, simulator_class
 from opscale.traces.trace import RequestTrace
 
@@ -378,6 +380,7 @@ def test_random_actions_keep_accounting_and_lose_no_request(level: str, drain: s
                         replica_delta=int(rng.integers(-2, 3)),
                         batch_cap_tokens=int(rng.choice([128, 512, 2048])) if rng.random() < 0.3 else None,
                         placement=placements[int(rng.integers(len(placements)))],
+                        move_replicas=int(rng.integers(0, 2)),
                     )
                     for unit in model.units
                     if rng.random() < 0.4
@@ -390,3 +393,34 @@ def test_random_actions_keep_accounting_and_lose_no_request(level: str, drain: s
         assert sim.state.gpus_powered == sum(1 for used in _memory_by_gpu(sim) if used > 0)
     sim.run_to_completion(10.0, max_time_s=5000.0)
     assert sim.finished and sim.summary().completed == 300
+
+
+def test_move_is_make_before_break() -> None:
+    model = get_model(MODEL)
+    deployment = Deployment.operator_level(MODEL, "a100", replicas={u: 1 for u in model.units}, num_nodes=1)
+    sim = DiscreteEventSimulator(
+        ClusterSpec.homogeneous("a100", 1), MODEL, deployment, _trace(n=300, rate=12.0)
+    )
+    assert sim.state.gpus_powered == 1  # pack: every unit on GPU 0
+    sim.advance(5.0)
+    report = sim.apply(
+        ScalingAction(
+            units={
+                UnitKind.FFN: UnitAction(move_replicas=1, placement=Placement.SPREAD_GPU),
+                UnitKind.ATTENTION: UnitAction(move_replicas=1, placement=Placement.SPREAD_GPU),
+            }
+        )
+    )
+    assert report.repairs == 0 and report.replicas_added == report.replicas_removed
+    # both old replicas keep serving while the new ones load
+    assert sim.pools[UnitKind.FFN].count(ReplicaState.SERVING) == 1
+    assert sim.state.gpus_powered == 3
+    sim.advance(5.0)
+    ffn = sim.pools[UnitKind.FFN].replicas
+    assert len(ffn) == 1 and ffn[0].gpus != (0,)
+    assert [s.replica.gpus for s in sim.streams if isinstance(s, PooledStream)] != [(0,)]
+    sim.run_to_completion(10.0)
+    assert sim.summary().completed == 300
+    # a model-level deployment cannot move single units: repaired and counted
+    model_level = _model_level()
+    assert model_level.apply(ScalingAction(units={UnitKind.FFN: UnitAction(move_replicas=1)})).repairs == 1
