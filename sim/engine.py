@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,7 @@ from opscale.sim.models import ModelSpec, UnitKind, get_model
 from opscale.sim.overhead import engine_overhead
 from opscale.sim.pools import Link, PooledStream, UnitPool
 from opscale.sim.power import PowerModel
-from opscale.sim.recorder import IntervalAccumulator, LogSketch, RequestRecords, TbtHistograms
+from opscale.sim.recorder import MetricsRecorder
 from opscale.sim.simulator import Snapshot
 from opscale.sim.streams import ActiveRequest, InstanceStream, IterationTimer, Stream
 from opscale.traces.trace import RequestTrace
@@ -80,26 +80,6 @@ class _Instance:
     streams: list[InstanceStream]
     state: ReplicaState = ReplicaState.LOADING
     pending_streams: int = 0
-
-
-@dataclass
-class _RunTotals:
-    """Whole-run aggregates (streaming)."""
-
-    decided: int = 0
-    slo_met: int = 0
-    completed: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    preemptions: int = 0
-    gpu_seconds: float = 0.0
-    energy_j: float = 0.0
-    gpus_peak: int = 0
-    ttft: LogSketch = field(default_factory=LogSketch)
-    tbt: LogSketch = field(default_factory=LogSketch)
-    e2e: LogSketch = field(default_factory=LogSketch)
-    unit_busy_s: dict[UnitKind, float] = field(default_factory=dict)
-    unit_capacity_s: dict[UnitKind, float] = field(default_factory=dict)
 
 
 class DiscreteEventSimulator:
@@ -136,7 +116,7 @@ class DiscreteEventSimulator:
     ) -> None:
         self.cluster = cluster
         self.model = get_model(model) if isinstance(model, str) else model
-        self.slo = slo or default_slo(self.model)
+        self._slo = slo or default_slo(self.model)
         self.config = config or SimConfig()
         self.cost_model: CostModel = cost_model or default_cost_model()
         self.rng = np.random.default_rng(seed)
@@ -158,23 +138,21 @@ class DiscreteEventSimulator:
         self._attention_replicas: dict[Stream, Replica] = {}
         self._next_replica_id = 0
         self._load_trace(trace)
-        self.tbt = TbtHistograms()
-        self.records = RequestRecords(self._num_requests) if self.config.record_requests else None
-        self._interval = IntervalAccumulator()
-        self._interval_start_s = 0.0
-        self._totals = _RunTotals()
+        self.metrics = MetricsRecorder(
+            self.slo, self.power_model, self._num_requests, self.config.record_requests
+        )
+        self.tbt = self.metrics.tbt
+        self.records = self.metrics.records
         self._active = 0
         self._arrived = 0
         self._last_interval: IntervalMetrics | None = None
-        #: per global GPU index, busy fraction over the last interval (0 for released GPUs)
-        self.gpu_utilisation: list[float] = [0.0] * cluster.num_gpus
         if self._granularity == "model":
             for _ in range(deployment.instances):
                 self._add_instance(ready_now=True)
         else:
             self._build_operator_level()
         self._check_requests_fit()
-        self._totals.gpus_peak = self.state.gpus_powered
+        self.metrics.note_gpus_powered(self.state.gpus_powered)
         if self._num_requests:
             self._schedule_arrival(0)
 
@@ -584,7 +562,7 @@ class DiscreteEventSimulator:
         )
         self._arrived += 1
         self._active += 1
-        self._interval.arrivals += 1
+        self.metrics.interval.arrivals += 1
         self._route(request)
         if index + 1 < self._num_requests:
             self._schedule_arrival(index + 1)
@@ -614,64 +592,14 @@ class DiscreteEventSimulator:
 
     # ------------------------------------------------------------------ stream host callbacks
     def on_tokens(self, stream: Stream, prompt_tokens: int, output_tokens: int, preemptions: int) -> None:
-        interval = self._interval
-        interval.prompt_tokens += prompt_tokens
-        interval.output_tokens += output_tokens
-        interval.preemptions += preemptions
+        self.metrics.tokens(prompt_tokens, output_tokens, preemptions)
 
     def on_first_token(self, request: ActiveRequest, now_s: float) -> None:
-        ttft = now_s - request.arrival_s
-        self._totals.ttft.add(ttft)
-        if ttft > self.slo.ttft_s and not request.ttft_decided:
-            self._decide_violation(request, ttft)
-
-    def _decide_violation(self, request: ActiveRequest, ttft_s: float) -> None:
-        request.ttft_decided = True
-        self._interval.ttft_s.append(ttft_s)
-        self._totals.decided += 1
+        self.metrics.first_token(request, now_s)
 
     def on_complete(self, request: ActiveRequest, now_s: float) -> None:
-        p50, p99 = self.tbt.quantiles(request.hist_row)
-        tbt_max = request.tbt_max_s
-        p99 = min(p99, tbt_max) if request.gap_count else 0.0
-        p50 = min(p50, tbt_max) if request.gap_count else 0.0
-        self.tbt.release(request.hist_row)
-        ttft = request.first_token_s - request.arrival_s
-        e2e = now_s - request.arrival_s
-        statistic = tbt_max if self.slo.tbt_statistic == "max" else p99
-        met = ttft <= self.slo.ttft_s and statistic <= self.slo.tbt_s
-        interval = self._interval
-        totals = self._totals
-        if not request.ttft_decided:
-            interval.ttft_s.append(ttft)
-            totals.decided += 1
-            if met:
-                interval.slo_met += 1
-                totals.slo_met += 1
-        interval.completions += 1
-        interval.e2e_s.append(e2e)
-        if request.gap_count:
-            interval.tbt_s.append(statistic)
-            interval.tbt_mean_s.append(request.gap_sum_s / request.gap_count)
-            totals.tbt.add(statistic)
-        totals.e2e.add(e2e)
-        totals.completed += 1
-        totals.preemptions += request.preemptions
         self._active -= 1
-        records = self.records
-        if records is not None:
-            i = request.index
-            records.arrival_s[i] = request.arrival_s
-            records.prompt_tokens[i] = request.prompt
-            records.output_tokens[i] = request.output
-            records.ttft_s[i] = ttft
-            records.e2e_s[i] = e2e
-            records.tbt_p50_s[i] = p50
-            records.tbt_p99_s[i] = p99
-            records.tbt_max_s[i] = tbt_max
-            records.preemptions[i] = request.preemptions
-            records.stream[i] = request.stream.stream_id if request.stream is not None else -1
-            records.slo_met[i] = met
+        self.metrics.complete(request, now_s, request.stream.stream_id if request.stream is not None else -1)
 
     def on_stream_active(self, stream: Stream) -> None:
         if isinstance(stream, InstanceStream):
@@ -744,6 +672,16 @@ class DiscreteEventSimulator:
 
     # ------------------------------------------------------------------ control interface
     @property
+    def slo(self) -> SLO:
+        """The latency SLO deciding attainment (settable; applies to requests decided afterwards)."""
+        return self._slo
+
+    @slo.setter
+    def slo(self, value: SLO) -> None:
+        self._slo = value
+        self.metrics.slo = value
+
+    @property
     def now_s(self) -> float:
         return float(self.env.now)
 
@@ -802,7 +740,7 @@ class DiscreteEventSimulator:
             else:
                 report.repairs += 1
                 report.messages.append("instance_delta ignored: operator-level deployments scale per unit")
-        self._totals.gpus_peak = max(self._totals.gpus_peak, self.state.gpus_powered)
+        self.metrics.note_gpus_powered(self.state.gpus_powered)
         return report
 
     def _set_batch_cap(self, unit: UnitKind, cap: int, report: ApplyReport) -> None:
@@ -980,7 +918,7 @@ class DiscreteEventSimulator:
         for stream in self.streams:
             if isinstance(stream, InstanceStream):
                 stream.commit_until(end)
-        self._decide_deadlines(end)
+        self.metrics.decide_deadlines(self._waiting_requests(), end)
         metrics = self._close_interval(end)
         self._last_interval = metrics
         return metrics
@@ -994,24 +932,15 @@ class DiscreteEventSimulator:
             out.append(self.advance(interval_s))
         return out
 
-    def _decide_deadlines(self, now_s: float) -> None:
-        deadline = self.slo.ttft_s
+    def _waiting_requests(self) -> Iterable[ActiveRequest]:
+        """Requests without a first token (queued, being prefilled, or handed over)."""
         for stream in self.streams:
-            queues: tuple[Iterable[ActiveRequest], ...] = (stream.waiting, stream.prefilling, stream.adopted)
-            for queue in queues:
-                for request in queue:
-                    if (
-                        request.first_token_s < 0
-                        and not request.ttft_decided
-                        and now_s - request.arrival_s > deadline
-                    ):
-                        self._decide_violation(request, now_s - request.arrival_s)
+            yield from stream.waiting
+            yield from stream.prefilling
+            yield from stream.adopted
 
     def _close_interval(self, end_s: float) -> IntervalMetrics:
-        start = self._interval_start_s
-        duration = end_s - start
-        acc = self._interval
-        totals = self._totals
+        duration = end_s - self.metrics.interval_start_s
         # per-stream compute-bound seconds go to their GPUs before the cluster integrals are read
         for stream in self.streams:
             if isinstance(stream, InstanceStream) and stream.compute_bound_s:
@@ -1019,60 +948,15 @@ class DiscreteEventSimulator:
                     self.state.gpus[index].compute_bound_s += stream.compute_bound_s / self._pp
                 stream.compute_bound_s = 0.0
         gpu_rows = self.state.take_interval(end_s)
-        energy = 0.0
-        gpu_seconds = 0.0
-        self.gpu_utilisation = [
-            min(1.0, busy_s / duration) if duration > 0 else 0.0 for _, _, busy_s, _ in gpu_rows
-        ]
-        for spec, powered_s, busy_s, compute_s in gpu_rows:
-            if powered_s <= 0:
-                continue
-            gpu_seconds += powered_s
-            busy_fraction = min(1.0, busy_s / powered_s)
-            compute_fraction = compute_s / busy_s if busy_s > 0 else 0.0
-            energy += self.power_model.energy_j(spec, powered_s, busy_fraction, min(1.0, compute_fraction))
         units = self._unit_metrics(duration, end_s)
-        ttft = np.asarray(acc.ttft_s)
-        tbt = np.asarray(acc.tbt_s)
-        running = sum(s.num_running for s in self.streams)
-        waiting = sum(len(s.waiting) for s in self.streams)
-        metrics = IntervalMetrics(
-            start_s=start,
-            end_s=end_s,
-            arrivals=acc.arrivals,
-            completions=acc.completions,
-            decided=acc.decided,
-            slo_met=acc.slo_met,
-            slo_attainment=acc.slo_met / acc.decided if acc.decided else 1.0,
-            ttft_mean_s=float(ttft.mean()) if ttft.size else 0.0,
-            ttft_p50_s=float(np.percentile(ttft, 50)) if ttft.size else 0.0,
-            ttft_p99_s=float(np.percentile(ttft, 99)) if ttft.size else 0.0,
-            tbt_mean_s=float(np.mean(acc.tbt_mean_s)) if acc.tbt_mean_s else 0.0,
-            tbt_p99_s=float(np.percentile(tbt, 99)) if tbt.size else 0.0,
-            e2e_mean_s=float(np.mean(acc.e2e_s)) if acc.e2e_s else 0.0,
-            prompt_tokens_served=acc.prompt_tokens,
-            output_tokens_served=acc.output_tokens,
-            preemptions=acc.preemptions,
-            running_requests=running,
-            waiting_requests=waiting,
+        return self.metrics.close_interval(
+            end_s,
+            gpu_rows,
+            units,
+            running=sum(s.num_running for s in self.streams),
+            waiting=sum(len(s.waiting) for s in self.streams),
             gpus_powered=self.state.gpus_powered,
-            gpus_powered_mean=gpu_seconds / duration if duration > 0 else 0.0,
-            gpu_seconds=gpu_seconds,
-            energy_j=energy,
-            units=units,
         )
-        totals.prompt_tokens += acc.prompt_tokens
-        totals.output_tokens += acc.output_tokens
-        totals.gpu_seconds += gpu_seconds
-        totals.energy_j += energy
-        totals.gpus_peak = max(totals.gpus_peak, self.state.gpus_powered)
-        for unit, unit_metrics in units.items():
-            capacity = unit_metrics.replicas * duration
-            totals.unit_busy_s[unit] = totals.unit_busy_s.get(unit, 0.0) + unit_metrics.utilisation * capacity
-            totals.unit_capacity_s[unit] = totals.unit_capacity_s.get(unit, 0.0) + capacity
-        self._interval = IntervalAccumulator()
-        self._interval_start_s = end_s
-        return metrics
 
     def _unit_metrics(self, duration: float, end_s: float) -> dict[UnitKind, UnitIntervalMetrics]:
         units: dict[UnitKind, UnitIntervalMetrics] = {}
@@ -1174,44 +1058,11 @@ class DiscreteEventSimulator:
             last_interval=self._last_interval,
         )
 
+    @property
+    def gpu_utilisation(self) -> list[float]:
+        """Per global GPU index, busy fraction over the last interval (0 for released GPUs)."""
+        return self.metrics.gpu_utilisation or [0.0] * self.cluster.num_gpus
+
     def summary(self) -> RunSummary:
         """Whole-run figures up to now (percentiles exact from records when kept, else 1 % sketches)."""
-        totals = self._totals
-        duration = self.now_s
-        records = self.records
-        if records is not None and totals.completed:
-            done = ~np.isnan(records.e2e_s)
-            ttft = records.ttft_s[done]
-            statistic = records.tbt_max_s if self.slo.tbt_statistic == "max" else records.tbt_p99_s
-            has_gaps = done & (records.output_tokens > 1)
-            ttft_p99 = float(np.percentile(ttft, 99))
-            ttft_mean = float(ttft.mean())
-            tbt_p99 = float(np.percentile(statistic[has_gaps], 99)) if has_gaps.any() else 0.0
-            e2e_mean = float(records.e2e_s[done].mean())
-        else:
-            ttft_p99, ttft_mean = totals.ttft.quantile(0.99), totals.ttft.mean
-            tbt_p99 = totals.tbt.quantile(0.99)
-            e2e_mean = totals.e2e.mean
-        tokens = totals.prompt_tokens + totals.output_tokens
-        return RunSummary(
-            duration_s=duration,
-            requests=self._arrived,
-            completed=totals.completed,
-            slo_attainment=totals.slo_met / totals.decided if totals.decided else 1.0,
-            ttft_mean_s=ttft_mean,
-            ttft_p99_s=ttft_p99,
-            tbt_p99_s=tbt_p99,
-            e2e_mean_s=e2e_mean,
-            throughput_requests_per_s=totals.completed / duration if duration > 0 else 0.0,
-            throughput_tokens_per_s=tokens / duration if duration > 0 else 0.0,
-            goodput_requests_per_s=totals.slo_met / duration if duration > 0 else 0.0,
-            preemptions=totals.preemptions,
-            gpus_mean=totals.gpu_seconds / duration if duration > 0 else 0.0,
-            gpus_peak=totals.gpus_peak,
-            gpu_seconds=totals.gpu_seconds,
-            energy_j=totals.energy_j,
-            unit_utilisation={
-                unit: totals.unit_busy_s[unit] / capacity if capacity > 0 else 0.0
-                for unit, capacity in totals.unit_capacity_s.items()
-            },
-        )
+        return self.metrics.summary(self.now_s, self._arrived)

@@ -10,16 +10,39 @@ Memory grows only with the number of requests (and only when per-request records
   are off.
 * :class:`RequestRecords` holds one row per finished request (``SimConfig.record_requests``).
 * :class:`IntervalAccumulator` gathers one control interval's figures.
+* :class:`MetricsRecorder` turns request events into :class:`IntervalMetrics` and a
+  :class:`RunSummary` (the "decided" rule of :mod:`opscale.sim.metrics`; interval TTFT figures
+  include requests decided by a passed TTFT deadline at their waiting time so far, a lower bound;
+  interval TBT and end-to-end figures cover requests that completed; run-level ``tbt_p99_s`` is the
+  99th percentile over requests of their TBT statistic) and GPU time integrals into energy.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["IntervalAccumulator", "LogSketch", "RequestRecords", "StreamGaps", "TbtHistograms", "gap_bin"]
+from opscale.sim.hardware import GPUSpec
+from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics
+from opscale.sim.models import UnitKind
+from opscale.sim.power import PowerModel
+
+if TYPE_CHECKING:
+    from opscale.sim.streams import ActiveRequest
+
+__all__ = [
+    "IntervalAccumulator",
+    "LogSketch",
+    "MetricsRecorder",
+    "RequestRecords",
+    "StreamGaps",
+    "TbtHistograms",
+    "gap_bin",
+]
 
 #: Smallest binned value, s; smaller gaps land in bin 0.
 _BIN_FLOOR_S = 1e-4
@@ -217,3 +240,233 @@ class IntervalAccumulator:
     @property
     def decided(self) -> int:
         return len(self.ttft_s)
+
+
+@dataclass
+class _RunTotals:
+    """Whole-run aggregates (streaming)."""
+
+    decided: int = 0
+    slo_met: int = 0
+    completed: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    preemptions: int = 0
+    gpu_seconds: float = 0.0
+    energy_j: float = 0.0
+    gpus_peak: int = 0
+    ttft: LogSketch = field(default_factory=LogSketch)
+    tbt: LogSketch = field(default_factory=LogSketch)
+    e2e: LogSketch = field(default_factory=LogSketch)
+    unit_busy_s: dict[UnitKind, float] = field(default_factory=dict)
+    unit_capacity_s: dict[UnitKind, float] = field(default_factory=dict)
+
+
+class MetricsRecorder:
+    """Request-level and GPU-level metrics of one run, aggregated as they stream in.
+
+    :param slo: the latency SLO that decides attainment.
+    :param power_model: GPU power levels (energy).
+    :param num_requests: requests in the trace (size of the per-request records).
+    :param record_requests: keep :class:`RequestRecords`.
+    """
+
+    def __init__(self, slo: SLO, power_model: PowerModel, num_requests: int, record_requests: bool) -> None:
+        self.slo = slo
+        self.power_model = power_model
+        self.tbt = TbtHistograms()
+        self.records = RequestRecords(num_requests) if record_requests else None
+        self.interval = IntervalAccumulator()
+        self.interval_start_s = 0.0
+        self.totals = _RunTotals()
+        #: per global GPU index, busy fraction over the last closed interval
+        self.gpu_utilisation: list[float] = []
+
+    # ------------------------------------------------------------------ request events
+    def tokens(self, prompt_tokens: int, output_tokens: int, preemptions: int) -> None:
+        interval = self.interval
+        interval.prompt_tokens += prompt_tokens
+        interval.output_tokens += output_tokens
+        interval.preemptions += preemptions
+
+    def first_token(self, request: ActiveRequest, now_s: float) -> None:
+        ttft = now_s - request.arrival_s
+        self.totals.ttft.add(ttft)
+        if ttft > self.slo.ttft_s and not request.ttft_decided:
+            self._decide_violation(request, ttft)
+
+    def _decide_violation(self, request: ActiveRequest, ttft_s: float) -> None:
+        request.ttft_decided = True
+        self.interval.ttft_s.append(ttft_s)
+        self.totals.decided += 1
+
+    def decide_deadlines(self, waiting: Iterable[ActiveRequest], now_s: float) -> None:
+        """Requests still without a first token whose TTFT deadline passed are decided now (violations)."""
+        deadline = self.slo.ttft_s
+        for request in waiting:
+            if (
+                request.first_token_s < 0
+                and not request.ttft_decided
+                and now_s - request.arrival_s > deadline
+            ):
+                self._decide_violation(request, now_s - request.arrival_s)
+
+    def complete(self, request: ActiveRequest, now_s: float, stream_id: int) -> None:
+        """A request finished: its figures go to the interval, the run and the records."""
+        p50, p99 = self.tbt.quantiles(request.hist_row)
+        tbt_max = request.tbt_max_s
+        p99 = min(p99, tbt_max) if request.gap_count else 0.0
+        p50 = min(p50, tbt_max) if request.gap_count else 0.0
+        self.tbt.release(request.hist_row)
+        ttft = request.first_token_s - request.arrival_s
+        e2e = now_s - request.arrival_s
+        statistic = tbt_max if self.slo.tbt_statistic == "max" else p99
+        met = ttft <= self.slo.ttft_s and statistic <= self.slo.tbt_s
+        interval = self.interval
+        totals = self.totals
+        if not request.ttft_decided:
+            interval.ttft_s.append(ttft)
+            totals.decided += 1
+            if met:
+                interval.slo_met += 1
+                totals.slo_met += 1
+        interval.completions += 1
+        interval.e2e_s.append(e2e)
+        if request.gap_count:
+            interval.tbt_s.append(statistic)
+            interval.tbt_mean_s.append(request.gap_sum_s / request.gap_count)
+            totals.tbt.add(statistic)
+        totals.e2e.add(e2e)
+        totals.completed += 1
+        totals.preemptions += request.preemptions
+        records = self.records
+        if records is not None:
+            i = request.index
+            records.arrival_s[i] = request.arrival_s
+            records.prompt_tokens[i] = request.prompt
+            records.output_tokens[i] = request.output
+            records.ttft_s[i] = ttft
+            records.e2e_s[i] = e2e
+            records.tbt_p50_s[i] = p50
+            records.tbt_p99_s[i] = p99
+            records.tbt_max_s[i] = tbt_max
+            records.preemptions[i] = request.preemptions
+            records.stream[i] = stream_id
+            records.slo_met[i] = met
+
+    # ------------------------------------------------------------------ intervals and the run
+    def close_interval(
+        self,
+        end_s: float,
+        gpu_rows: list[tuple[GPUSpec, float, float, float]],
+        units: dict[UnitKind, UnitIntervalMetrics],
+        *,
+        running: int,
+        waiting: int,
+        gpus_powered: int,
+    ) -> IntervalMetrics:
+        """Close ``[interval_start_s, end_s)``.
+
+        :param gpu_rows: per GPU ``(spec, powered_s, busy_s, compute_bound_s)`` over the interval.
+        :param units: per-unit figures over the interval.
+        """
+        start = self.interval_start_s
+        duration = end_s - start
+        acc = self.interval
+        totals = self.totals
+        energy = 0.0
+        gpu_seconds = 0.0
+        self.gpu_utilisation = [
+            min(1.0, busy_s / duration) if duration > 0 else 0.0 for _, _, busy_s, _ in gpu_rows
+        ]
+        for spec, powered_s, busy_s, compute_s in gpu_rows:
+            if powered_s <= 0:
+                continue
+            gpu_seconds += powered_s
+            busy_fraction = min(1.0, busy_s / powered_s)
+            compute_fraction = compute_s / busy_s if busy_s > 0 else 0.0
+            energy += self.power_model.energy_j(spec, powered_s, busy_fraction, min(1.0, compute_fraction))
+        ttft = np.asarray(acc.ttft_s)
+        tbt = np.asarray(acc.tbt_s)
+        metrics = IntervalMetrics(
+            start_s=start,
+            end_s=end_s,
+            arrivals=acc.arrivals,
+            completions=acc.completions,
+            decided=acc.decided,
+            slo_met=acc.slo_met,
+            slo_attainment=acc.slo_met / acc.decided if acc.decided else 1.0,
+            ttft_mean_s=float(ttft.mean()) if ttft.size else 0.0,
+            ttft_p50_s=float(np.percentile(ttft, 50)) if ttft.size else 0.0,
+            ttft_p99_s=float(np.percentile(ttft, 99)) if ttft.size else 0.0,
+            tbt_mean_s=float(np.mean(acc.tbt_mean_s)) if acc.tbt_mean_s else 0.0,
+            tbt_p99_s=float(np.percentile(tbt, 99)) if tbt.size else 0.0,
+            e2e_mean_s=float(np.mean(acc.e2e_s)) if acc.e2e_s else 0.0,
+            prompt_tokens_served=acc.prompt_tokens,
+            output_tokens_served=acc.output_tokens,
+            preemptions=acc.preemptions,
+            running_requests=running,
+            waiting_requests=waiting,
+            gpus_powered=gpus_powered,
+            gpus_powered_mean=gpu_seconds / duration if duration > 0 else 0.0,
+            gpu_seconds=gpu_seconds,
+            energy_j=energy,
+            units=units,
+        )
+        totals.prompt_tokens += acc.prompt_tokens
+        totals.output_tokens += acc.output_tokens
+        totals.gpu_seconds += gpu_seconds
+        totals.energy_j += energy
+        totals.gpus_peak = max(totals.gpus_peak, gpus_powered)
+        for unit, unit_metrics in units.items():
+            capacity = unit_metrics.replicas * duration
+            totals.unit_busy_s[unit] = totals.unit_busy_s.get(unit, 0.0) + unit_metrics.utilisation * capacity
+            totals.unit_capacity_s[unit] = totals.unit_capacity_s.get(unit, 0.0) + capacity
+        self.interval = IntervalAccumulator()
+        self.interval_start_s = end_s
+        return metrics
+
+    def note_gpus_powered(self, gpus_powered: int) -> None:
+        self.totals.gpus_peak = max(self.totals.gpus_peak, gpus_powered)
+
+    def summary(self, duration_s: float, arrived: int) -> RunSummary:
+        """Whole-run figures (percentiles exact from records when kept, else 1 % sketches)."""
+        totals = self.totals
+        records = self.records
+        if records is not None and totals.completed:
+            done = ~np.isnan(records.e2e_s)
+            ttft = records.ttft_s[done]
+            statistic = records.tbt_max_s if self.slo.tbt_statistic == "max" else records.tbt_p99_s
+            has_gaps = done & (records.output_tokens > 1)
+            ttft_p99 = float(np.percentile(ttft, 99))
+            ttft_mean = float(ttft.mean())
+            tbt_p99 = float(np.percentile(statistic[has_gaps], 99)) if has_gaps.any() else 0.0
+            e2e_mean = float(records.e2e_s[done].mean())
+        else:
+            ttft_p99, ttft_mean = totals.ttft.quantile(0.99), totals.ttft.mean
+            tbt_p99 = totals.tbt.quantile(0.99)
+            e2e_mean = totals.e2e.mean
+        tokens = totals.prompt_tokens + totals.output_tokens
+        per_s = 1.0 / duration_s if duration_s > 0 else 0.0
+        return RunSummary(
+            duration_s=duration_s,
+            requests=arrived,
+            completed=totals.completed,
+            slo_attainment=totals.slo_met / totals.decided if totals.decided else 1.0,
+            ttft_mean_s=ttft_mean,
+            ttft_p99_s=ttft_p99,
+            tbt_p99_s=tbt_p99,
+            e2e_mean_s=e2e_mean,
+            throughput_requests_per_s=totals.completed * per_s,
+            throughput_tokens_per_s=tokens * per_s,
+            goodput_requests_per_s=totals.slo_met * per_s,
+            preemptions=totals.preemptions,
+            gpus_mean=totals.gpu_seconds * per_s,
+            gpus_peak=totals.gpus_peak,
+            gpu_seconds=totals.gpu_seconds,
+            energy_j=totals.energy_j,
+            unit_utilisation={
+                unit: totals.unit_busy_s[unit] / capacity if capacity > 0 else 0.0
+                for unit, capacity in totals.unit_capacity_s.items()
+            },
+        )
