@@ -424,3 +424,12 @@ def test_move_is_make_before_break() -> None:
     # a model-level deployment cannot move single units: repaired and counted
     model_level = _model_level()
     assert model_level.apply(ScalingAction(units={UnitKind.FFN: UnitAction(move_replicas=1)})).repairs == 1
+
+
+def test_a_shared_unit_batches_work_from_several_streams() -> None:
+    sim = _operator_sim(1, _trace(n=300, rate=20.0))
+    sim.env.run(until=5.0)
+    stats = sim.pools[UnitKind.FFN].stats
+    # four attention streams feed one FFN replica: its calls carry more than one stream's iteration
+    assert stats.jobs > 1.5 * stats.calls
+    assert stats.wait_s > 0
