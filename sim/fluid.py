@@ -106,7 +106,8 @@ MAX_TABLE_SERVERS = 128
 #: Batch caps an action may set, tokens (the engine's limit).
 MAX_BATCH_CAP_TOKENS = 1 << 17
 
-_Z = np.array([NormalDist().inv_cdf((i + 0.5) / LENGTH_QUANTILES) for i in range(LENGTH_QUANTILES)])
+_QUANTILE_LEVELS = (np.arange(LENGTH_QUANTILES) + 0.5) / LENGTH_QUANTILES
+_Z = np.array([NormalDist().inv_cdf(level) for level in _QUANTILE_LEVELS])
 
 
 def _quantile_points(mean: float, log_mean: float, log_std: float) -> FloatArray:
@@ -751,6 +752,24 @@ class FluidSimulator:
         """Model level: every unit but the LM head (plus pipeline hops) at ``tokens``."""
         return self._dense_line.at(tokens)
 
+    @staticmethod
+    def _prefill_share_over(
+        limit_s: float, full_s: float, last_chunks: FloatArray, last_times: FloatArray, full_weight: float
+    ) -> float:
+        """Share of prefill iterations longer than ``limit_s``: full chunks by their time; last chunks by
+        the chunk size ``c*`` whose iteration takes ``limit_s`` and a piecewise-linear CDF through the
+        quantile points (a step CDF would make the share jump by 1/Q as ``c*`` crosses a point)."""
+        order = np.argsort(last_chunks)
+        chunks, times = last_chunks[order], last_times[order]
+        if times[-1] <= limit_s:
+            last_over = 0.0
+        elif times[0] > limit_s:
+            last_over = 1.0
+        else:
+            threshold = float(np.interp(limit_s, np.maximum.accumulate(times), chunks))
+            last_over = 1.0 - float(np.interp(threshold, chunks, _QUANTILE_LEVELS, left=0.0, right=1.0))
+        return full_weight * float(full_s > limit_s) + (1.0 - full_weight) * last_over
+
     def _iteration_times(
         self, decodes: float, chunk: FloatArray, prior: FloatArray, context: float, jobs_wait_s: float
     ) -> FloatArray:
@@ -930,7 +949,9 @@ class FluidSimulator:
         phi_gap = phi * beta
         gap_mean_s = (1.0 - phi_gap) * decode_s + phi_gap * float(prefill_weights @ prefill_times)
         tbt_slo = self.slo.tbt_s
-        over = (1.0 - phi_gap) * float(decode_s > tbt_slo) + phi_gap * float(prefill_weights @ (prefill_times > tbt_slo))
+        over = (1.0 - phi_gap) * float(decode_s > tbt_slo) + phi_gap * self._prefill_share_over(
+            tbt_slo, full_s, last_chunk, times[3:], float(prefill_weights[0])
+        )
         request_gaps = np.round(np.maximum(outputs - 1.0, 0.0))
         # the engine's per-request p99 is the gap at rank floor(0.99 (g - 1)) (0-based, no interpolation):
         # it is a long gap when at least g - floor(0.99 (g - 1)) gaps are long
