@@ -52,6 +52,9 @@ _COMPUTE_BOUND_RATIO = 1.8
 PRESSURE_SHARE = 0.95
 #: Interval SLO attainment below which the deployment is under pressure.
 PRESSURE_ATTAINMENT = 0.99
+#: Consecutive intervals of pressure before it allows a scale-up (one bad interval is often a
+#: single long prompt's TTFT, which more replicas would not have prevented).
+PRESSURE_INTERVALS = 2
 #: A planned-for rate this much above the validated rate allows scaling up without pressure.
 RATE_MARGIN = 1.1
 #: Per-interval decay of the validated rate (it forgets a peak over a few minutes).
@@ -333,6 +336,8 @@ class _GreedyMemory:
     last_plan: OperatorPlan | None = None
     #: highest recent arrival rate the deployment served without latency pressure (decays)
     validated_rate_per_s: float = 0.0
+    #: consecutive intervals under latency pressure
+    pressure_streak: int = 0
 
 
 class OperatorGreedyPolicy(HeuristicPolicy):
@@ -483,17 +488,22 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         )
 
     def scale_up_allowed(self, memory: Any, observation: Mapping[str, Any]) -> bool:
-        """Feedback guard on the model: add replicas only under observed latency pressure, or when the
+        """Feedback guard on the model: add replicas only under observed latency pressure sustained for
+        :data:`PRESSURE_INTERVALS` intervals, or when the
         planned-for rate exceeds the highest rate recently served without pressure by
         :data:`RATE_MARGIN` (a real rise, planned for before it hurts). The latency model is
         conservative for some operators (it overstates MoE calls, see the report); without the guard a
         model that cannot certify the running deployment would keep adding replicas that do not help."""
         pressure = self.under_pressure(observation)
+        memory.pressure_streak = memory.pressure_streak + 1 if pressure else 0
         observed_rate = float(observation["arrival_rate"])
         memory.validated_rate_per_s *= VALIDATED_RATE_DECAY
         if not pressure:
             memory.validated_rate_per_s = max(memory.validated_rate_per_s, observed_rate)
-        return pressure or memory.load.rate_per_s > RATE_MARGIN * memory.validated_rate_per_s
+        sustained = memory.pressure_streak >= PRESSURE_INTERVALS
+        # before any calm interval there is no served rate to compare with: pressure alone decides
+        rising = memory.validated_rate_per_s > 0 and memory.load.rate_per_s > RATE_MARGIN * memory.validated_rate_per_s
+        return sustained or rising
 
     def _spread_unit(
         self, search: PlanSearch, plan: OperatorPlan, deltas: Mapping[UnitKind, int], observation: Mapping[str, Any]
