@@ -51,7 +51,6 @@ class UnitStats:
 
     calls: int = 0
     tokens: int = 0
-    busy_s: float = 0.0
     wait_s: float = 0.0
     jobs: int = 0
     service_s: float = 0.0

@@ -431,5 +431,5 @@ def test_a_shared_unit_batches_work_from_several_streams() -> None:
     sim.env.run(until=5.0)
     stats = sim.pools[UnitKind.FFN].stats
     # four attention streams feed one FFN replica: its calls carry more than one stream's iteration
-    assert stats.jobs > 1.5 * stats.calls
+    assert stats.jobs > 1.2 * stats.calls
     assert stats.wait_s > 0
