@@ -111,11 +111,15 @@ def _build_deployment(args: argparse.Namespace) -> Any:
     from opscale.sim.deployment import DEFAULT_TOKEN_BUDGET, Deployment
     from opscale.sim.models import get_model
 
+    model = get_model(args.model)
     if args.deployment is not None:
         deployment = Deployment.from_json(args.deployment.read_text())
         deployment.validate()
+        if get_model(deployment.model).name != model.name:
+            raise ValueError(f"--deployment is for model {deployment.model!r}, --model says {args.model!r}")
+        if deployment.gpu != args.gpu:
+            raise ValueError(f"--deployment is for GPU {deployment.gpu!r}, --gpu says {args.gpu!r}")
         return deployment
-    model = get_model(args.model)
     if args.operator_level:
         replicas: dict[Any, int] = {unit: args.instances for unit in model.units}
         replicas.update(_parse_replicas(args.replicas))
