@@ -44,9 +44,16 @@ from opscale.agents.latency_model import (
 from opscale.sim.deployment import Deployment, Placement, ScalingAction, UnitAction
 from opscale.sim.models import UnitKind
 
-__all__ = ["OperatorGreedyPolicy", "OperatorPlan", "PlanSearch", "greedy_plan"]
+__all__ = [
+    "OperatorGreedyPolicy",
+    "OperatorPlan",
+    "PlanSearch",
+    "contention_aware_placement",
+    "greedy_plan",
+    "knee_batch_cap",
+]
 
-#: Per-token time ratio between doubled call sizes above which a unit counts as compute-bound.
+#: Call-time ratio between doubled call sizes above which a unit counts as compute-bound (2 = linear).
 _COMPUTE_BOUND_RATIO = 1.8
 #: Observed p99 latency, as a share of its SLO, that counts as pressure.
 PRESSURE_SHARE = 0.95
@@ -317,9 +324,8 @@ def contention_aware_placement(
 def knee_batch_cap(model: OperatorLatencyModel, unit: UnitKind, buckets: tuple[int, ...], min_tokens: float) -> int:
     """The smallest bucket at or above both the unit's compute-bound knee and ``min_tokens``."""
     tokens = 2.0 ** np.arange(0, 17)
-    per_token = model.unit_time_s(unit, tokens) / tokens
-    ratio = per_token[1:] / per_token[:-1]
-    knee_index = np.flatnonzero(ratio * 2.0 > _COMPUTE_BOUND_RATIO)
+    times = model.unit_time_s(unit, tokens)
+    knee_index = np.flatnonzero(times[1:] / times[:-1] > _COMPUTE_BOUND_RATIO)
     knee = float(tokens[knee_index[0]]) if knee_index.size else float(tokens[-1])
     need = max(knee, min_tokens)
     for bucket in buckets:
