@@ -109,6 +109,7 @@ def _jsonable(value: Any) -> Any:
 
 def _build_deployment(args: argparse.Namespace) -> Any:
     from opscale.sim.deployment import DEFAULT_TOKEN_BUDGET, Deployment
+    from opscale.sim.hardware import get_gpu
     from opscale.sim.models import get_model
 
     model = get_model(args.model)
@@ -117,7 +118,7 @@ def _build_deployment(args: argparse.Namespace) -> Any:
         deployment.validate()
         if get_model(deployment.model).name != model.name:
             raise ValueError(f"--deployment is for model {deployment.model!r}, --model says {args.model!r}")
-        if deployment.gpu != args.gpu:
+        if get_gpu(deployment.gpu).name != get_gpu(args.gpu).name:
             raise ValueError(f"--deployment is for GPU {deployment.gpu!r}, --gpu says {args.gpu!r}")
         return deployment
     if args.operator_level:
