@@ -433,3 +433,17 @@ def test_a_shared_unit_batches_work_from_several_streams() -> None:
     # four attention streams feed one FFN replica: its calls carry more than one stream's iteration
     assert stats.jobs > 1.2 * stats.calls
     assert stats.wait_s > 0
+
+
+def test_single_request_gaps_are_its_decode_iterations() -> None:
+    trace = RequestTrace(arrival_s=[0.0], prompt_tokens=[1000], output_tokens=[500])
+    deployment = Deployment.model_level(MODEL, "a100", instances=1)
+    sim = DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, trace)
+    sim.run_to_completion(60.0)
+    records = sim.records
+    assert records is not None
+    mean_gap = (records.e2e_s[0] - records.ttft_s[0]) / 499
+    # the histogram quantiles are within their 2 % bins; the gaps grow slowly with the context
+    assert records.tbt_p50_s[0] == pytest.approx(mean_gap, rel=0.03)
+    assert records.tbt_p50_s[0] <= records.tbt_p99_s[0] <= records.tbt_max_s[0] * 1.0000001
+    assert records.tbt_max_s[0] == pytest.approx(mean_gap, rel=0.05)
