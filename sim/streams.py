@@ -301,7 +301,8 @@ class Stream:
 
     @property
     def num_requests(self) -> int:
-        return len(self.decoding) + len(self.prefilling) + len(self.waiting)
+        """Requests held: running, handed over and queued."""
+        return len(self.decoding) + len(self.prefilling) + len(self.adopted) + len(self.waiting)
 
     @property
     def num_running(self) -> int:
