@@ -602,16 +602,14 @@ class DiscreteEventSimulator:
         self.metrics.complete(request, now_s, request.stream.stream_id if request.stream is not None else -1)
 
     def on_stream_active(self, stream: Stream) -> None:
-        if isinstance(stream, InstanceStream):
-            instance: _Instance = stream.instance
-            if not any(s.active for s in instance.streams if s is not stream):
-                self.state.mark_busy(instance.gpus, self.env.now)
+        # a single-stage instance keeps its GPUs busy while its stream iterates; pipelined instances
+        # are integrated per stage at the interval boundary (see _close_interval)
+        if isinstance(stream, InstanceStream) and self._pp == 1:
+            self.state.mark_busy(stream.instance.gpus, self.env.now)
 
     def on_stream_idle(self, stream: Stream) -> None:
-        if isinstance(stream, InstanceStream):
-            instance: _Instance = stream.instance
-            if not any(s.active for s in instance.streams):
-                self.state.mark_idle(instance.gpus, self.env.now)
+        if isinstance(stream, InstanceStream) and self._pp == 1:
+            self.state.mark_idle(stream.instance.gpus, self.env.now)
 
     def on_stream_drained(self, stream: Stream) -> bool:
         """Hand a draining stream's requests over (``migrate``) or wait until it is empty (``finish``)."""
@@ -941,12 +939,18 @@ class DiscreteEventSimulator:
 
     def _close_interval(self, end_s: float) -> IntervalMetrics:
         duration = end_s - self.metrics.interval_start_s
-        # per-stream compute-bound seconds go to their GPUs before the cluster integrals are read
-        for stream in self.streams:
-            if isinstance(stream, InstanceStream) and stream.compute_bound_s:
-                for index in stream.instance.gpus:
+        # per-stream compute-bound seconds go to their GPUs before the cluster integrals are read;
+        # a pipeline stage works on one micro-batch stream's iteration for 1/pp of its time
+        for instance in self.instances:
+            stage_busy_s = 0.0
+            for stream in instance.streams:
+                for index in instance.gpus:
                     self.state.gpus[index].compute_bound_s += stream.compute_bound_s / self._pp
                 stream.compute_bound_s = 0.0
+                if self._pp > 1:
+                    stage_busy_s += stream.take_busy(end_s) / self._pp
+            for index in instance.gpus:
+                self.state.gpus[index].busy_s += min(duration, stage_busy_s)
         gpu_rows = self.state.take_interval(end_s)
         units = self._unit_metrics(duration, end_s)
         return self.metrics.close_interval(

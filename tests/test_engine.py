@@ -447,3 +447,16 @@ def test_single_request_gaps_are_its_decode_iterations() -> None:
     assert records.tbt_p50_s[0] == pytest.approx(mean_gap, rel=0.03)
     assert records.tbt_p50_s[0] <= records.tbt_p99_s[0] <= records.tbt_max_s[0] * 1.0000001
     assert records.tbt_max_s[0] == pytest.approx(mean_gap, rel=0.05)
+
+
+def test_pipeline_stages_are_busy_one_stage_at_a_time() -> None:
+    trace = RequestTrace(arrival_s=[0.0], prompt_tokens=[100], output_tokens=[400])
+    utilisation = {}
+    for pp in (1, 2):
+        deployment = Deployment.model_level(MODEL, "a100", instances=1, pp=pp)
+        sim = DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, trace)
+        sim.advance(30.0)
+        utilisation[pp] = sim.gpu_utilisation[:pp]
+    # one request: the same latency, but each of the two stages works half of the time
+    assert utilisation[2][0] == pytest.approx(utilisation[1][0] / 2, rel=0.02)
+    assert utilisation[2][1] == pytest.approx(utilisation[2][0])
