@@ -49,9 +49,10 @@ from opscale.sim.deployment import Deployment
 from opscale.sim.engine import DiscreteEventSimulator
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.models import get_model
+from opscale.sim.overhead import EngineOverhead
 from opscale.traces.trace import RequestTrace
 
-__all__ = ["RowResult", "load_rows", "simulate_row", "summarise", "validate"]
+__all__ = ["RowResult", "fit_overhead", "load_rows", "simulate_row", "summarise", "validate"]
 
 _HARDWARE = {"a100-80gb": "a100", "h100-80gb": "h100"}
 
@@ -169,6 +170,26 @@ def summarise(results: Iterable[RowResult]) -> dict[tuple[str, int], dict[str, f
     return summary
 
 
+def fit_overhead(results: Iterable[RowResult]) -> dict[str, EngineOverhead]:
+    """Least-squares fit of ``fixed + per_tp_rank * tp + per_request * batch`` per GPU to the decode
+    time the kernels leave unexplained (``results`` simulated with the ``none`` preset), over the rows
+    up to batch 32 (the batch-64 rows do not fit the KV cache at TP 2 and are preemption-bound).
+
+    This is how the ``splitwise-vllm-2023`` preset of :mod:`opscale.sim.overhead` was obtained."""
+    by_gpu: dict[str, list[RowResult]] = defaultdict(list)
+    for result in results:
+        if result.batch_size <= 32:
+            by_gpu[result.gpu].append(result)
+    fitted = {}
+    for gpu, rows in sorted(by_gpu.items()):
+        design = np.array([[1.0, r.tp, r.batch_size] for r in rows])
+        missing_s = np.array([(r.measured_token_ms - r.simulated_token_ms) / 1e3 for r in rows])
+        coefficients, *_ = np.linalg.lstsq(design, missing_s, rcond=None)
+        fixed, per_rank, per_request = (max(0.0, float(c)) for c in coefficients)
+        fitted[gpu] = EngineOverhead(fixed_s=fixed, per_tp_rank_s=per_rank, per_request_s=per_request)
+    return fitted
+
+
 def _format(results: list[RowResult]) -> str:
     lines = [
         "| GPU | TP | decode median abs err | decode median signed err | 1-req prefill median abs err "
@@ -200,10 +221,22 @@ def main(argv: list[str] | None = None) -> int:
         choices=[p.value for p in EngineOverheadPreset],
     )
     parser.add_argument("--reference", type=Path, default=None, help="reference data dir (default: auto)")
+    parser.add_argument(
+        "--fit-overhead",
+        action="store_true",
+        help="fit the per-GPU engine overhead to the decode rows (kernel-only simulation) and print it",
+    )
     args = parser.parse_args(argv)
     path = perf_model_path(args.reference)
     if not path.is_file():
         raise FileNotFoundError(f"perf_model.csv not found at {path} (set OPSCALE_REFERENCE)")
+    if args.fit_overhead:
+        for gpu, overhead in fit_overhead(validate(path, EngineOverheadPreset.NONE)).items():
+            print(
+                f"{gpu}: fixed {overhead.fixed_s * 1e3:.2f} ms, per TP rank {overhead.per_tp_rank_s * 1e3:.2f} ms, "
+                f"per request {overhead.per_request_s * 1e3:.3f} ms"
+            )
+        return 0
     print(_format(validate(path, EngineOverheadPreset(args.preset))))
     return 0
 

@@ -13,9 +13,10 @@ Presets (:class:`opscale.sim.config.EngineOverheadPreset`):
 
 * ``modern``: CUDA graphs and an overlapped CPU scheduler (vLLM >= 0.6 / SGLang): ~1.5 ms fixed,
   ~10 us per request, no per-rank term; same for every GPU type.
-* ``splitwise-vllm-2023``: fitted (``experiments/bench_sim.py --calibrate-overhead`` prints the fit)
-  so that the engine's decode iteration time for Llama-2-70B reproduces the median ``token_time`` of
-  ``splitwise_sim_perf_model/data/perf_model.csv`` (SplitwiseSim, MIT) on A100 and H100 at TP 2/4/8.
+* ``splitwise-vllm-2023``: least-squares fit, per GPU, of the decode time the kernels leave
+  unexplained in ``splitwise_sim_perf_model/data/perf_model.csv`` (SplitwiseSim, MIT; Llama-2-70B on
+  A100 and H100 at TP 2/4/8, batches up to 32), reproduced by
+  ``python -m opscale.experiments.splitwise_validation --fit-overhead``.
 * ``none``: kernel time only.
 """
 
@@ -63,9 +64,10 @@ ENGINE_OVERHEAD_PRESETS: Mapping[EngineOverheadPreset, Mapping[str, EngineOverhe
         # Fitted to SplitwiseSim perf_model.csv (llama2-70b token_time medians, TP 2/4/8); see module doc.
         EngineOverheadPreset.SPLITWISE_VLLM_2023: MappingProxyType(
             {
-                "a100": EngineOverhead(fixed_s=0.3e-3, per_tp_rank_s=2.85e-3, per_request_s=0.18e-3),
-                "h100": EngineOverhead(fixed_s=5.2e-3, per_tp_rank_s=1.42e-3, per_request_s=0.18e-3),
-                "*": EngineOverhead(fixed_s=5.2e-3, per_tp_rank_s=1.42e-3, per_request_s=0.18e-3),
+                "a100": EngineOverhead(fixed_s=0.75e-3, per_tp_rank_s=2.80e-3, per_request_s=0.207e-3),
+                "h100": EngineOverhead(fixed_s=5.10e-3, per_tp_rank_s=1.37e-3, per_request_s=0.264e-3),
+                # H200: no measurements; it shares the H100's host stack
+                "*": EngineOverhead(fixed_s=5.10e-3, per_tp_rank_s=1.37e-3, per_request_s=0.264e-3),
             }
         ),
     }
