@@ -197,6 +197,8 @@ class DiscreteEventSimulator:
         limit = self.model.max_context
         too_long = np.flatnonzero(prompt + output > limit)
         self.clipped_requests = 0
+        #: requests no attention replica could hold any more (see :meth:`_reject`)
+        self.rejected_requests = 0
         if too_long.size:
             if not self.config.clip_long_requests:
                 i = int(too_long[0])
@@ -567,28 +569,31 @@ class DiscreteEventSimulator:
         if index + 1 < self._num_requests:
             self._schedule_arrival(index + 1)
 
-    def _route(self, request: ActiveRequest, exclude: Stream | None = None) -> Stream:
+    def _route(self, request: ActiveRequest, exclude: Stream | None = None) -> None:
+        """Send ``request`` to the accepting stream with the least capacity-weighted work whose KV
+        cache can hold it; reject it (counted, an SLO violation) when none can."""
         now = self.env.now
         work = request.remaining_work_tokens
         need = request.prompt + request.output
         best: Stream | None = None
         best_key = (True, math.inf)
-        fallback: Stream | None = None
         for stream in self.streams:
-            if not stream.accepting or stream is exclude:
-                continue
-            if fallback is None or stream.kv_tokens > fallback.kv_tokens:
-                fallback = stream
-            if not stream.fits(need):
+            if not stream.accepting or stream is exclude or not stream.fits(need):
                 continue
             key = (not stream.serving, stream.load_score(work, now))
             if key < best_key:
                 best, best_key = stream, key
-        target = best or fallback
-        if target is None:
-            raise RuntimeError("no attention replica accepts requests (every one is draining)")
-        target.submit(request)
-        return target
+        if best is None:
+            self._reject(request)
+        else:
+            best.submit(request)
+
+    def _reject(self, request: ActiveRequest) -> None:
+        """No attention replica left can ever hold the request's KV (after scale-down): it leaves
+        unserved, counted in :attr:`rejected_requests` and decided as an SLO violation."""
+        self.rejected_requests += 1
+        self._active -= 1
+        self.metrics.reject(request, self.env.now)
 
     # ------------------------------------------------------------------ stream host callbacks
     def on_tokens(self, stream: Stream, prompt_tokens: int, output_tokens: int, preemptions: int) -> None:
@@ -618,8 +623,10 @@ class DiscreteEventSimulator:
         held = stream.release_requests()
         now = self.env.now
         for request in held:
-            if request.ctx and request.computed >= request.target:
-                target = self._pick_target(request, stream)
+            target = self._pick_target(request, stream)
+            if target is None:
+                self._reject(request)
+            elif request.ctx and request.computed >= request.target:
                 kv_bytes = request.ctx * self.model.kv_bytes_per_token(1)
                 delay = self.link.time_s(self._stream_home(stream), self._stream_home(target), kv_bytes, 1)
                 self.env.timeout(delay).callbacks.append(functools.partial(_adopt, target, request))
@@ -634,15 +641,15 @@ class DiscreteEventSimulator:
         self._retire_stream(stream)
         return True
 
-    def _pick_target(self, request: ActiveRequest, leaving: Stream) -> Stream:
+    def _pick_target(self, request: ActiveRequest, leaving: Stream) -> Stream | None:
+        now = self.env.now
         candidates = [
             s
             for s in self.streams
             if s.accepting and s is not leaving and s.fits(request.prompt + request.output)
         ]
         if not candidates:
-            raise RuntimeError("no attention replica can take over a migrated request")
-        now = self.env.now
+            return None
         return min(
             candidates, key=lambda s: (not s.serving, s.load_score(request.remaining_work_tokens, now))
         )
@@ -924,9 +931,18 @@ class DiscreteEventSimulator:
     def run_to_completion(
         self, interval_s: float = 60.0, max_time_s: float | None = None
     ) -> list[IntervalMetrics]:
-        """Advance in ``interval_s`` steps until every request finished (or ``max_time_s``)."""
+        """Advance in ``interval_s`` steps until every request finished (or ``max_time_s``).
+
+        :raises RuntimeError: if requests remain but nothing is scheduled any more (a deadlock would
+            otherwise loop forever; it indicates an engine bug).
+        """
         out = []
         while not self.finished and (max_time_s is None or self.now_s < max_time_s):
+            if self.env.peek() == math.inf:
+                raise RuntimeError(
+                    f"simulation stalled at {self.now_s:.1f} s with {self._active} requests unfinished "
+                    "and no event scheduled"
+                )
             out.append(self.advance(interval_s))
         return out
 

@@ -311,6 +311,13 @@ class MetricsRecorder:
             ):
                 self._decide_violation(request, now_s - request.arrival_s)
 
+    def reject(self, request: ActiveRequest, now_s: float) -> None:
+        """A request leaves unserved: decided (as a violation) now unless it already was."""
+        self.tbt.release(request.hist_row)
+        if not request.ttft_decided:
+            first_s = request.first_token_s if request.first_token_s >= 0 else now_s
+            self._decide_violation(request, first_s - request.arrival_s)
+
     def complete(self, request: ActiveRequest, now_s: float, stream_id: int) -> None:
         """A request finished: its figures go to the interval, the run and the records."""
         p50, p99 = self.tbt.quantiles(request.hist_row)

@@ -460,3 +460,24 @@ def test_pipeline_stages_are_busy_one_stage_at_a_time() -> None:
     # one request: the same latency, but each of the two stages works half of the time
     assert utilisation[2][0] == pytest.approx(utilisation[1][0] / 2, rel=0.02)
     assert utilisation[2][1] == pytest.approx(utilisation[2][0])
+
+
+def test_request_no_replica_can_hold_any_more_is_rejected_and_counted() -> None:
+    model = get_model(MODEL)
+    replicas = {u: 1 for u in model.units} | {UnitKind.ATTENTION: 2}
+    # the second attention replica shares GPU 0 and is the only one with room for the long request
+    deployment = Deployment.operator_level(
+        MODEL, "a100", replicas=replicas, gpus={UnitKind.ATTENTION: [(0,), (1,)]}, num_nodes=1
+    )
+    trace = RequestTrace(arrival_s=[0.0, 20.0], prompt_tokens=[100, 3000], output_tokens=[10, 1000])
+    sim = DiscreteEventSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, trace)
+    small = min(sim.streams, key=lambda s: s.kv_tokens)
+    small.total_blocks = small.free_blocks = 100  # 1,600 tokens: too small for request 1
+    big = max(sim.streams, key=lambda s: s.kv_tokens)
+    sim.advance(5.0)
+    assert isinstance(big, PooledStream)
+    sim._drain_stream(big)  # leaves only the small replica
+    sim.run_to_completion(10.0)
+    assert sim.finished and sim.rejected_requests == 1
+    summary = sim.summary()
+    assert summary.completed == 1 and summary.slo_attainment == 0.5
