@@ -195,6 +195,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ),
         ("goodput", f"{summary['goodput_requests_per_s']:.2f} req/s"),
         ("preemptions", f"{summary['preemptions']}"),
+        ("clipped / rejected requests", f"{summary['clipped_requests']} / {summary['rejected_requests']}"),
         ("GPUs mean / peak", f"{summary['gpus_mean']:.1f} / {summary['gpus_peak']}"),
         ("GPU-hours", f"{summary['gpu_seconds'] / 3600:.2f}"),
         ("energy", f"{summary['energy_j'] / 3.6e6:.3f} kWh ({summary['energy_j']:.0f} J)"),
@@ -249,6 +250,7 @@ def _run(args: argparse.Namespace) -> int:
     summary["deployment"] = deployment.to_dict()
     summary["trace"] = trace.name
     summary["clipped_requests"] = simulator.clipped_requests
+    summary["rejected_requests"] = simulator.rejected_requests
     if args.out is not None:
         _write_outputs(args.out, simulator, intervals, summary)
     if args.json:
