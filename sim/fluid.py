@@ -7,9 +7,10 @@ structures as the discrete-event engine (:mod:`opscale.sim.engine`), but its cos
 
 Model, per control interval (split at the moments loading replicas become ready):
 
-1. **Arrivals** (:mod:`opscale.sim.fluid_arrivals`): count and lognormal length statistics of the
-   window from cumulative sums (two ``searchsorted``). Prompt and output lengths are represented by
-   :data:`LENGTH_QUANTILES` equal-probability quantile points, rescaled to the window's means.
+1. **Arrivals** (:mod:`opscale.sim.fluid_arrivals`): count and mean lengths of the window from
+   cumulative sums (two binary searches). Prompt and output lengths are represented by
+   :data:`LENGTH_QUANTILES` equal-probability points: the empirical shape of the trace block holding
+   the window, scaled to the window's means.
 2. **Backlog** (fluid): requests not yet admitted are carried across intervals. The streams admit
    at most their capacity ``x_cap`` per second (token budget, KV cache, ``max_running_requests``
    and, operator-level, the slowest unit pool); the excess stays queued, so overload and bursts
@@ -27,7 +28,8 @@ Model, per control interval (split at the moments loading replicas become ready)
    stream iteration (rate ``S beta / T``, ``k`` tokens). Replicas batch queued jobs up to the batch
    cap: the jobs per call ``n`` follow the fixed point of :func:`opscale.sim.queueing.batch_service`
    (one damped step per outer iteration), the service time is the cost model's time for ``n k``
-   tokens (slowed by ``1 + f * busy co-located replicas`` under processor-sharing contention), and
+   tokens (slowed by ``1 + f * busy co-located replicas`` under processor-sharing contention, less
+   for long calls that lead a convoy), and
    the wait is the Erlang-C (M/M/c) queue of calls scaled by 1/2 (Allen-Cunneen for deterministic
    service), capped by the closed population (a stream has one job in flight, so at most
    ``S beta - c`` jobs wait: none when a pool has as many replicas as there are busy streams). A pool that cannot
@@ -58,9 +60,9 @@ Approximations to keep in mind (the agreement with the engine is measured by
 ``experiments/fidelity_report.py``): completions are counted when requests are admitted (a lag of
 one end-to-end latency); removed replicas leave at once (the engine drains them); preemption is not
 modelled (the KV limit only caps admission); the stream load is split evenly over streams; the
-contention slowdown is the same for every call of a unit, whereas in the engine a long prefill call
-holds single-replica pools and stalls the other streams (fewer busy neighbours), so pooled prefill
-iterations come out ~20 % long and operator-level TTFT / TBT tails pessimistic.
+contention of long calls follows the convoy argument of :meth:`FluidSimulator._call_slowdown` (a
+heuristic that matches the engine's start-time slowdown rule, not a derivation); admission waits near
+saturation come out long (operator-level TTFT at 90 % load).
 """
 
 from __future__ import annotations
@@ -68,7 +70,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from statistics import NormalDist
 
 import numpy as np
 from numpy.typing import NDArray
@@ -107,15 +108,6 @@ MAX_TABLE_SERVERS = 128
 MAX_BATCH_CAP_TOKENS = 1 << 17
 
 _QUANTILE_LEVELS = (np.arange(LENGTH_QUANTILES) + 0.5) / LENGTH_QUANTILES
-_Z = np.array([NormalDist().inv_cdf(level) for level in _QUANTILE_LEVELS])
-
-
-def _quantile_points(mean: float, log_mean: float, log_std: float) -> FloatArray:
-    """Lognormal quantile points rescaled to ``mean`` (tokens, >= 1)."""
-    points = np.exp(log_mean + log_std * _Z)
-    points *= mean * LENGTH_QUANTILES / float(points.sum())
-    result: FloatArray = np.maximum(points, 1.0)
-    return result
 
 
 @dataclass
@@ -275,6 +267,8 @@ class FluidSimulator:
         self._slowdown = np.ones(len(self._stateless))
         self._slowdown_list = [1.0] * len(self._stateless)
         self._attention_slowdown = 1.0
+        #: the streams' iteration cycle (s), for the convoy effect of long calls (_call_slowdown)
+        self._cycle_s = 0.0
         self._unit_rho = np.zeros(len(self._units))
         self._served_total = 0.0
         self._last_interval: IntervalMetrics | None = None
@@ -322,7 +316,7 @@ class FluidSimulator:
             output[too_long] = np.minimum(output[too_long], limit - 1)
             prompt[too_long] = limit - output[too_long]
             self.clipped_requests = int(too_long.size)
-        self._arrivals = ArrivalIndex(arrival, prompt, output)
+        self._arrivals = ArrivalIndex(arrival, prompt, output, quantiles=LENGTH_QUANTILES)
         self._max_request_tokens = int((prompt + output).max()) if prompt.size else 0
 
     def _build_tables(self) -> None:
@@ -743,10 +737,25 @@ class FluidSimulator:
             for u, line in enumerate(self._table.lines):
                 job = sequences[j] if u == self._lm_head_row else tokens
                 others = (self._jobs_per_call_list[u] - 1.0) * self._mean_job_tokens_list[u]
-                total += line.at(job + others) * self._slowdown_list[u]
+                kernel = line.at(job + others)
+                total += kernel * self._call_slowdown(u, kernel)
                 total += self._pool_transfer_fixed[u] + self._pool_transfer_per_token[u] * job
             totals.append(total)
         return totals[0], totals[1], totals[2]
+
+    def _call_slowdown(self, unit: int, kernel_s: float) -> float:
+        """Contention slowdown of one call of ``kernel_s`` (uncontended) at pool ``unit``.
+
+        The mean slowdown ``1 + f k`` counts the other streams' busy replicas at a call's start. A call
+        much longer than the others' iteration cycle (a prefill) makes them queue behind it at the
+        first single-replica pool; from then on they follow it (a convoy) and start each call just
+        after it, so only ``cycle / (2 x call)`` of their load is busy when the long call starts (the
+        engine fixes a call's slowdown at its start). Short (decode) calls keep the mean slowdown.
+        """
+        excess = self._slowdown_list[unit] - 1.0
+        if excess <= 0.0:
+            return 1.0
+        return 1.0 + excess * min(1.0, self._cycle_s / (2.0 * kernel_s * (1.0 + excess) + 1e-12))
 
     def _dense_scalar(self, tokens: float) -> float:
         """Model level: every unit but the LM head (plus pipeline hops) at ``tokens``."""
@@ -789,7 +798,10 @@ class FluidSimulator:
         jobs[self._lm_head_row] = sequences
         # a job shares its call with (n - 1) jobs of the mean size
         calls = jobs + ((self._jobs_per_call - 1.0) * self._mean_job_tokens)[:, None]
-        service = self._table.time_s_at(calls) * self._slowdown[:, None]
+        kernel = self._table.time_s_at(calls)
+        excess = (self._slowdown - 1.0)[:, None]
+        # long calls lead a convoy (see _call_slowdown)
+        service = kernel * (1.0 + excess * np.minimum(1.0, self._cycle_s / (2.0 * kernel * (1.0 + excess) + 1e-12)))
         transfer = self._transfer_fixed_s[self._pool_columns, None] + self._transfer_per_token_s[self._pool_columns, None] * jobs
         attention_transfer = self._transfer_fixed_s[self._attention_column] + self._transfer_per_token_s[self._attention_column] * tokens
         attention_slowdown = self._attention_slowdown
@@ -814,8 +826,8 @@ class FluidSimulator:
         attention_config = self._unit_configs[UnitKind.ATTENTION]
         budget = float(attention_config.batch_cap_tokens)
         self._ranks = self._attention_tp if operator else self._tp * self._pp
-        prompts = _quantile_points(window.prompt_mean, window.prompt_log_mean, window.prompt_log_std)
-        outputs = _quantile_points(window.output_mean, window.output_log_mean, window.output_log_std)
+        prompts = np.maximum(window.prompt_shape * window.prompt_mean, 1.0)
+        outputs = np.maximum(window.output_shape * window.output_mean, 1.0)
         inverse_quantiles = 1.0 / LENGTH_QUANTILES
         prompt_mean = float(prompts.sum()) * inverse_quantiles
         output_mean = float(outputs.sum()) * inverse_quantiles
@@ -837,7 +849,9 @@ class FluidSimulator:
         pool_wait = 0.0
         pools = _PoolState.idle(n_units)
 
+        self._cycle_s = self._iteration_s or 0.0
         iteration_s = self._iteration_s or self._iteration_triple(1.0, 0.0, 0.0, 0.0, context, 0.0)[0]
+        self._cycle_s = iteration_s
         ttft_s = self._ttft_s or iteration_s
         x_cap = math.inf
         x = 0.0
@@ -896,6 +910,7 @@ class FluidSimulator:
                     self._slowdown_list = self._slowdown.tolist()
                     self._attention_slowdown = float(slowdown[self._attention_column])
             iteration_s = new_iteration_s
+            self._cycle_s = iteration_s
             x_cap_budget = budget / ((prompt_mean + gaps_per_request) * iteration_s)
             x_cap_kv = running_limit / (prefill_s_mean + gaps_per_request * iteration_s)
             x_cap = min(x_cap_budget, x_cap_kv)

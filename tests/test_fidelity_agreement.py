@@ -52,12 +52,19 @@ def test_operator_level_gpus_energy_and_tbt_agree(load: float, capacities: dict[
 
 
 @pytest.mark.slow
+def test_operator_level_all_targets_at_light_load(capacities: dict[str, float]) -> None:
+    case = agreement_cases()[1]
+    checks = _compare(case, 0.3, capacities[case.label])
+    assert all(checks.values()), checks
+
+
+@pytest.mark.slow
 @pytest.mark.xfail(
-    reason="operator-level SLO attainment and TTFT: the fluid model over-predicts long prefill iterations "
-    "under co-located contention (measured gap in the fidelity report)",
+    reason="operator-level SLO attainment (60 %) and TTFT (90 %, admission waits near saturation) miss "
+    "the targets by a few points; the gap is reported by experiments/fidelity_report.py",
     strict=False,
 )
-@pytest.mark.parametrize("load", LOADS)
+@pytest.mark.parametrize("load", (0.6, 0.9))
 def test_operator_level_slo_and_ttft_agree(load: float, capacities: dict[str, float]) -> None:
     case = agreement_cases()[1]
     checks = _compare(case, load, capacities[case.label])

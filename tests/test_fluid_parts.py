@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from opscale.sim.costmodel import AttentionBatch, default_cost_model
-from opscale.sim.fluid_arrivals import PRIOR_REQUESTS, ArrivalIndex
+from opscale.sim.fluid_arrivals import PRIOR_REQUESTS, SHAPE_BLOCK_S, ArrivalIndex
 from opscale.sim.fluid_latency import (
     LogHistogram,
     PoissonTailTable,
@@ -38,9 +38,20 @@ def test_window_counts_and_sums_match_direct_computation(arrivals: tuple) -> Non
     # blended means: the window's sums plus PRIOR_REQUESTS requests at the trace-wide mean
     expected = (prompt[inside].sum() + PRIOR_REQUESTS * prompt.mean()) / (inside.sum() + PRIOR_REQUESTS)
     assert window.prompt_mean == pytest.approx(expected)
-    log_prompt = np.log(prompt)
-    expected_log = (log_prompt[inside].sum() + PRIOR_REQUESTS * log_prompt.mean()) / (inside.sum() + PRIOR_REQUESTS)
-    assert window.prompt_log_mean == pytest.approx(expected_log)
+    # shape: the empirical equal-probability points of the block, normalised to mean 1
+    levels = (np.arange(16) + 0.5) / 16
+    points = np.quantile(prompt[arrival < SHAPE_BLOCK_S], levels)
+    assert np.allclose(window.prompt_shape, points / points.mean())
+    assert window.output_shape.mean() == pytest.approx(1.0)
+
+
+def test_shape_follows_the_block_of_the_window() -> None:
+    arrival = np.concatenate((np.linspace(0, SHAPE_BLOCK_S - 1, 500), np.linspace(SHAPE_BLOCK_S, 2 * SHAPE_BLOCK_S - 1, 500)))
+    prompt = np.concatenate((np.full(500, 100), np.tile([10, 1000], 250)))
+    index = ArrivalIndex(arrival, prompt, np.full(1000, 5))
+    assert np.allclose(index.window(0.0, 5.0).prompt_shape, 1.0)
+    late = index.window(SHAPE_BLOCK_S + 10.0, SHAPE_BLOCK_S + 15.0).prompt_shape
+    assert late.min() < 0.1 and late.max() > 1.9
 
 
 def test_empty_window_falls_back_to_trace_statistics(arrivals: tuple) -> None:
