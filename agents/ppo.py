@@ -30,8 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 
-__all__ = ["Algo", "PPOConfig", "TrainResult", "VecEnvKind", "canonical_env_id", "make_env", "run_name", "train"]
+__all__ = [
+    "Algo",
+    "PPOConfig",
+    "TrainResult",
+    "VecEnvKind",
+    "bias_towards_noop",
+    "canonical_env_id",
+    "make_env",
+    "noop_action",
+    "run_name",
+    "train",
+]
 
 
 class Algo(str, Enum):
@@ -71,6 +83,14 @@ class PPOConfig:
     :param vf_coef: value-loss weight.
     :param max_grad_norm: gradient clipping norm.
     :param net_arch: hidden layer sizes of both the policy and the value network.
+    :param normalize_reward: scale rewards by a running estimate of the return's standard deviation
+        (``VecNormalize(norm_obs=False)``) while training. The SLO term can reach -10 per step, which
+        gives returns in the hundreds and value losses in the thousands otherwise. Observations are
+        already normalised by the env, so a saved model needs no statistics at inference.
+    :param noop_logit_bias: added to the initial logit of each action dimension's no-op value (the env's
+        ``codec.noop()``), so the untrained policy mostly keeps the deployment (0.65 probability per
+        dimension for 5 choices at the default 2.0) instead of random-walking 21 dimensions, which
+        fragments replicas over every GPU; 0 disables it (and envs without a codec get none).
     :param eval_freq: environment steps between evaluations (0: no periodic evaluation, no best model).
     :param n_eval_episodes: episodes per evaluation.
     :param eval_seed: reset seed of the first evaluation episode (fixed, so evaluations are paired).
@@ -101,6 +121,8 @@ class PPOConfig:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     net_arch: tuple[int, ...] = (128, 128)
+    normalize_reward: bool = True
+    noop_logit_bias: float = 2.0
     eval_freq: int = 10_000
     n_eval_episodes: int = 2
     eval_seed: int = 10_000
@@ -235,6 +257,24 @@ def make_env(env_id: str, env_kwargs: Mapping[str, Any]) -> gym.Env:
         raise ValueError(f"cannot make env {env_id!r}: {error}") from None
 
 
+def noop_action(env: gym.Env) -> np.ndarray | None:
+    """The env's no-op action (``codec.noop()`` of the opscale envs), or ``None`` if it has none."""
+    try:
+        return np.asarray(env.get_wrapper_attr("codec").noop())
+    except AttributeError:
+        return None
+
+
+def bias_towards_noop(model: Any, noop: np.ndarray, bias: float) -> None:
+    """Add ``bias`` to the action head's logit of every dimension's no-op value (see ``noop_logit_bias``)."""
+    import torch
+
+    nvec = np.asarray(model.action_space.nvec)
+    offsets = np.concatenate([[0], np.cumsum(nvec)[:-1]])
+    with torch.no_grad():
+        model.policy.action_net.bias[torch.as_tensor(offsets + noop)] += bias
+
+
 @contextlib.contextmanager
 def _small_network_torch(threads: int) -> Iterator[None]:
     """Run torch single-threaded and without distribution argument checks, then restore both.
@@ -269,13 +309,15 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import configure
     from stable_baselines3.common.utils import set_random_seed
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecMonitor, VecNormalize
 
     from opscale.agents.callbacks import HParamCallback, ServingEvalCallback, ServingMetricsCallback
 
     # 1. Run directory and the exact configuration, so the run can be repeated from it.
     env_id = canonical_env_id(config.env_id)
-    make_env(env_id, config.env_kwargs).close()  # fail fast, in this process, on a bad id or key
+    probe_env = make_env(env_id, config.env_kwargs)  # fail fast, in this process, on a bad id or key
+    noop = noop_action(probe_env)
+    probe_env.close()
     started = time.time()
     run_dir = _unique_dir(Path(config.logdir), run_name(config, started))
     run_dir.mkdir(parents=True)
@@ -284,7 +326,9 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
     # 2. Environments: n_envs training copies (each seeded seed + i), one evaluation copy.
     env_fns = [lambda: make_env(env_id, config.env_kwargs) for _ in range(config.n_envs)]
     vec_env_cls = SubprocVecEnv if config.vec_env is VecEnvKind.SUBPROC else DummyVecEnv
-    envs = VecMonitor(vec_env_cls(env_fns))
+    envs: VecEnv = VecMonitor(vec_env_cls(env_fns))  # episode statistics in raw reward units
+    if config.normalize_reward:
+        envs = VecNormalize(envs, norm_obs=False, norm_reward=True, gamma=config.gamma)
     envs.seed(config.seed)
     envs.action_space.seed(config.seed)
     set_random_seed(config.seed)
@@ -309,6 +353,8 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
         device=config.device,
         verbose=verbose,
     )
+    if config.noop_logit_bias and noop is not None:
+        bias_towards_noop(model, noop, config.noop_logit_bias)
     model.set_logger(configure(str(run_dir), ["tensorboard", "csv"] + (["stdout"] if verbose else [])))
 
     # 4. Callbacks: serving/* and reward/* scalars, hyperparameters, periodic evaluation + best model.

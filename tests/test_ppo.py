@@ -166,3 +166,22 @@ def test_cli_train_runs_and_reports_bad_config(tmp_path: Path, capsys: pytest.Ca
     assert run_dir.name.startswith("opscale-OperatorAutoscale-fast-v0__ppo__2__")
     assert main(["train", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "config file" in capsys.readouterr().err
+
+
+def test_noop_bias_makes_the_untrained_policy_keep_the_deployment() -> None:
+    from stable_baselines3 import PPO
+
+    from opscale.agents.ppo import bias_towards_noop, noop_action
+
+    env = gym.make(FAST_ENV, **TINY_ENV_KWARGS)
+    noop = noop_action(env)
+    assert noop is not None and np.array_equal(noop, env.unwrapped.codec.noop())
+    model = PPO("MlpPolicy", env, seed=0, device="cpu")
+    observation, _ = env.reset(seed=0)
+    bias_towards_noop(model, noop, 2.0)
+    action, _ = model.predict(observation, deterministic=True)
+    assert np.array_equal(action, noop)
+    # 0.65 = e^2 / (e^2 + 4) for a 5-way replica delta: the bias sets the untrained probabilities
+    distribution = model.policy.get_distribution(model.policy.obs_to_tensor(observation)[0])
+    first = distribution.distribution[0].probs.detach().numpy()[0]
+    assert first[noop[0]] == pytest.approx(np.exp(2) / (np.exp(2) + 4), abs=0.02)
