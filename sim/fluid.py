@@ -146,6 +146,7 @@ class _Segment:
     unit_service_s: FloatArray
     unit_replicas: FloatArray
     ttft: TtftMixture
+    served_ttft: TtftMixture
     tbt_values: FloatArray
     tbt_weights: FloatArray
 
@@ -723,24 +724,27 @@ class FluidSimulator:
         column = self._attention_column
         attention_fixed = float(self._transfer_fixed_s[column])
         attention_per_token = float(self._transfer_per_token_s[column])
-        totals = []
-        for j, tokens in enumerate(compositions):
-            total = (
-                overhead.fixed_s
-                + overhead.per_tp_rank_s * self._ranks
-                + overhead.per_request_s * sequences[j]
-                + attention[j] * self._attention_slowdown
-                + attention_fixed
-                + attention_per_token * tokens
-                + jobs_wait_s
-            )
-            for u, line in enumerate(self._table.lines):
-                job = sequences[j] if u == self._lm_head_row else tokens
-                others = (self._jobs_per_call_list[u] - 1.0) * self._mean_job_tokens_list[u]
+        totals = [
+            overhead.fixed_s
+            + overhead.per_tp_rank_s * self._ranks
+            + overhead.per_request_s * sequences[j]
+            + attention[j] * self._attention_slowdown
+            + attention_fixed
+            + attention_per_token * tokens
+            + jobs_wait_s
+            for j, tokens in enumerate(compositions)
+        ]
+        cycle = self._cycle_s
+        for u, line in enumerate(self._table.lines):
+            others = (self._jobs_per_call_list[u] - 1.0) * self._mean_job_tokens_list[u]
+            excess = self._slowdown_list[u] - 1.0
+            fixed, per_token = self._pool_transfer_fixed[u], self._pool_transfer_per_token[u]
+            for j in range(3):
+                job = sequences[j] if u == self._lm_head_row else compositions[j]
                 kernel = line.at(job + others)
-                total += kernel * self._call_slowdown(u, kernel)
-                total += self._pool_transfer_fixed[u] + self._pool_transfer_per_token[u] * job
-            totals.append(total)
+                # inline _call_slowdown (hot loop)
+                slowdown = 1.0 + excess * min(1.0, cycle / (2.0 * kernel * (1.0 + excess) + 1e-12)) if excess > 0 else 1.0
+                totals[j] += kernel * slowdown + fixed + per_token * job
         return totals[0], totals[1], totals[2]
 
     def _call_slowdown(self, unit: int, kernel_s: float) -> float:
@@ -938,7 +942,12 @@ class FluidSimulator:
         served = x * streams * dt
         backlog_end = max(demand - served, 0.0)
         backlog_mean = 0.5 * (self._backlog + backlog_end)
-        backlog_wait_s = backlog_mean / (streams * x) if x > 0 else 0.0
+        # FCFS fluid: the requests admitted now are the trace's requests number served_total .. + served;
+        # their wait is the time since their arrival (0 when nothing is queued)
+        backlog_wait_s = 0.0
+        if served > 0 and (self._backlog > 0 or backlog_end > 0):
+            arrived_s = self._arrivals.mean_arrival_s(self._served_total, self._served_total + served)
+            backlog_wait_s = 0.0 if math.isnan(arrived_s) else max(0.5 * (start_s + end_s) - arrived_s, 0.0)
         # admission wait: Erlang-C over the streams, service = a prompt's share of the prefill budget
         service_s = prompt_mean * iteration_s / available if ready else 0.0
         admission_rho = min(x * service_s, UTILISATION_CEILING)
@@ -990,7 +999,9 @@ class FluidSimulator:
         served_fresh = served - served_from_decided
         decided = served_fresh + newly_decided
         slo_met = served_fresh * ttft_ok * tbt_ok
-        late_s = max(self.slo.ttft_s, backlog_wait_s)
+        # the engine decides a queued request at the first boundary after its deadline, at the time it
+        # has waited so far (a lower bound of its TTFT): the deadline plus, on average, half an interval
+        late_s = self.slo.ttft_s + 0.5 * dt
         ttft = TtftMixture(fixed_s, prob_wait, wait_mean_s, newly_decided / decided if decided > 0 else 0.0, late_s)
         ttft_p50, ttft_p99 = ttft.quantiles((0.5, 0.99)) if decided > 0 else (0.0, 0.0)
         ttft_served_mean = served_ttft.mean_s()
@@ -1102,6 +1113,7 @@ class FluidSimulator:
             unit_service_s=unit_service_s,
             unit_replicas=self._replicas,
             ttft=ttft,
+            served_ttft=served_ttft,
             tbt_values=tbt_values,
             tbt_weights=tbt_weights,
         )
@@ -1221,7 +1233,7 @@ class FluidSimulator:
             requests=self._arrivals.count_before(duration),
             completed=round(self._served_total),
             slo_attainment=totals.slo_met / totals.decided if totals.decided > 0 else 1.0,
-            ttft_mean_s=totals.ttft_sum_s / totals.decided if totals.decided > 0 else 0.0,
+            ttft_mean_s=totals.ttft_sum_s / totals.served if totals.served > 0 else 0.0,
             ttft_p99_s=totals.ttft_quantile(0.99),
             tbt_p99_s=totals.tbt_quantile(0.99),
             e2e_mean_s=totals.e2e_sum_s / totals.served if totals.served > 0 else 0.0,
@@ -1242,7 +1254,9 @@ class FluidSimulator:
 
 class _RunTotals:
     """Whole-run aggregates of the fluid model. The TTFT mixtures and TBT points of every interval are
-    kept (a few dozen numbers each) and turned into run percentiles only when asked."""
+    kept (a few dozen numbers each) and turned into run percentiles only when asked. Run-level TTFT
+    covers completed (served) requests at their full TTFT, as the engine's records do; interval TTFT
+    covers decided requests (deadline-decided ones at their wait so far), as the engine's intervals do."""
 
     def __init__(self, num_units: int) -> None:
         self.decided = 0.0
@@ -1261,14 +1275,13 @@ class _RunTotals:
 
     def add(self, metrics: IntervalMetrics, segments: list[_Segment]) -> None:
         for segment in segments:
-            if segment.decided > 0:
-                self.ttft_parts.append((segment.decided, segment.ttft))
             if segment.served > 0:
+                self.ttft_parts.append((segment.served, segment.served_ttft))
                 self.tbt_parts.append((segment.served, segment.tbt_values, segment.tbt_weights))
             self.decided += segment.decided
             self.slo_met += segment.slo_met
             self.served += segment.served
-            self.ttft_sum_s += segment.decided * segment.ttft_mean_s
+            self.ttft_sum_s += segment.served * segment.served_ttft.mean_s()
             self.e2e_sum_s += segment.served * segment.e2e_mean_s
             self.tokens += segment.prompt_tokens + segment.output_tokens
             self.gpu_seconds += segment.gpu_seconds

@@ -18,6 +18,7 @@ the whole trace: they are blended with the trace-wide means with a prior weight 
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from dataclasses import dataclass
 
@@ -91,6 +92,7 @@ class ArrivalIndex:
             raise ValueError(f"quantiles must be >= 1, got {quantiles}")
         columns = np.stack([np.ones_like(prompt), prompt, output], axis=1)
         self._cumulative = np.vstack([np.zeros((1, 3)), np.cumsum(columns, axis=0)])
+        self._cumulative_arrival_s = np.concatenate(([0.0], np.cumsum(self.arrival_s)))
         self._cumulative.setflags(write=False)
         self.num_requests = int(prompt.size)
         self.last_arrival_s = float(self.arrival_s[-1]) if prompt.size else 0.0
@@ -116,6 +118,20 @@ class ArrivalIndex:
     def count_before(self, time_s: float) -> int:
         """Requests arriving strictly before ``time_s``."""
         return bisect_left(self._arrival_list, time_s)
+
+    def mean_arrival_s(self, first: float, last: float) -> float:
+        """Mean arrival time of requests ``first .. last`` in arrival order (fractional positions: the
+        FCFS fluid's admitted requests); ``nan`` when the range is empty."""
+        count = self.num_requests
+        first, last = min(max(first, 0.0), count), min(max(last, 0.0), count)
+        if last - first <= 1e-9:
+            return math.nan
+        total = self._cumulative_at(last) - self._cumulative_at(first)
+        return total / (last - first)
+
+    def _cumulative_at(self, position: float) -> float:
+        index = min(int(position), self.num_requests - 1)
+        return float(self._cumulative_arrival_s[index]) + (position - index) * float(self.arrival_s[index])
 
     def window(self, start_s: float, end_s: float) -> ArrivalWindow:
         """Arrivals with ``start_s <= arrival < end_s`` and their length statistics."""

@@ -22,6 +22,7 @@ from opscale.sim.simulator import ServingSimulator, simulator_class
 from opscale.traces.trace import RequestTrace
 
 MODEL = "llama-2-7b"
+SLO_TTFT_S = 1.0  # default TTFT SLO of a <= 8 B model
 OPERATOR_REPLICAS = {"embed": 1, "norm": 1, "qkv_proj": 1, "attention": 2, "o_proj": 1, "ffn": 2, "lm_head": 1}
 
 
@@ -97,14 +98,17 @@ def test_overload_builds_a_backlog_that_drains() -> None:
     intervals = [simulator.advance(5.0) for _ in range(12)]
     waiting = [m.waiting_requests for m in intervals]
     assert all(b > a for a, b in itertools.pairwise(waiting[1:]))
-    assert intervals[-1].ttft_p99_s > intervals[1].ttft_p99_s > 1.0
-    assert intervals[-1].slo_attainment < 0.2
+    # interval TTFT counts deadline-decided requests at their wait so far (as the engine does)
+    assert intervals[-1].ttft_mean_s > SLO_TTFT_S and intervals[-1].slo_attainment < 0.2
     # requests past their TTFT deadline are decided while still queued
     assert sum(m.decided for m in intervals) > sum(m.completions for m in intervals)
     drain = [simulator.advance(5.0) for _ in range(200)]
     assert drain[-1].waiting_requests == 0 and simulator.finished
     assert sum(m.completions for m in intervals + drain) == pytest.approx(len(trace), abs=2)
-    assert simulator.summary().completed == pytest.approx(len(trace), abs=2)
+    summary = simulator.summary()
+    assert summary.completed == pytest.approx(len(trace), abs=2)
+    # FCFS drain at ~5 req/s: the last of ~1,800 requests waits minutes
+    assert summary.ttft_p99_s > 100.0 and summary.ttft_mean_s > 30.0
 
 
 def test_cost_per_advance_does_not_depend_on_rate() -> None:
