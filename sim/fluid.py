@@ -478,6 +478,7 @@ class FluidSimulator:
             self._now_s > arrivals.last_arrival_s
             and self._backlog < 0.5
             and self._served_total >= arrivals.num_requests - 0.5
+            and self._in_service < 0.5
         )
 
     @property

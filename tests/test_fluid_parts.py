@@ -63,6 +63,14 @@ def test_empty_window_falls_back_to_trace_statistics(arrivals: tuple) -> None:
     assert index.count_before(50.0) == int((arrivals[1] < 50.0).sum())
 
 
+def test_mean_arrival_of_fcfs_positions() -> None:
+    index = ArrivalIndex(np.array([1.0, 2.0, 4.0, 8.0]), np.ones(4, dtype=int), np.ones(4, dtype=int))
+    assert index.mean_arrival_s(0.0, 2.0) == pytest.approx(1.5)
+    assert index.mean_arrival_s(1.0, 4.0) == pytest.approx(14.0 / 3.0)
+    assert index.mean_arrival_s(0.5, 1.5) == pytest.approx(1.5)  # half of request 0, half of request 1
+    assert np.isnan(index.mean_arrival_s(2.0, 2.0))
+
+
 def test_arrival_index_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="sorted"):
         ArrivalIndex(np.array([2.0, 1.0]), np.array([5, 5]), np.array([5, 5]))
