@@ -53,6 +53,8 @@ __all__ = [
     "knee_batch_cap",
 ]
 
+#: An add must remove at least this share of the budget excess (no diminishing-return replicas).
+MIN_RELATIVE_GAIN = 0.05
 #: Call-time ratio between doubled call sizes above which a unit counts as compute-bound (2 = linear).
 _COMPUTE_BOUND_RATIO = 1.8
 #: Observed p99 latency, as a share of its SLO, that counts as pressure.
@@ -159,19 +161,25 @@ def _score(search: PlanSearch, candidates: list[NDArray[np.int64]]) -> tuple[NDA
 
 
 def _best_add(search: PlanSearch, counts: NDArray[np.int64], current: OperatorEstimate) -> NDArray[np.int64] | None:
-    """The add move with the largest excess reduction per GPU it costs: single replicas first; when no
-    single replica helps (two units only help together, e.g. a stream and the pool it would queue
-    at), pairs of replicas. ``None`` when nothing helps."""
+    """The add move with the largest excess reduction per GPU it costs: single stateless replicas
+    first; when none helps, one more stream (attention replica); then pairs of replicas (a stream and
+    the pool it would queue at only help together). A move helps if it removes at least :data:`MIN_RELATIVE_GAIN` of the excess.
+    ``None`` when nothing helps."""
     model = search.model
     excess_now = float(search.excess(current)[0])
-    singles = [changed for _, changed in _neighbours(counts, +1, search.max_replicas)]
+    # a stream is the last resort for latency: it opens a GPU whose whole free memory becomes its KV
+    # cache, and capacity-weighted routing then sends it more than its share of requests
+    neighbours = _neighbours(counts, +1, search.max_replicas)
+    singles = [changed for index, changed in neighbours if index != model.attention_index]
+    streams = [changed for index, changed in neighbours if index == model.attention_index]
+    everything = singles + streams
     pairs = [
         first + second - counts
-        for i, first in enumerate(singles)
-        for second in singles[i:]
+        for i, first in enumerate(everything)
+        for second in everything[i:]
         if (first + second - counts).max() <= search.max_replicas
     ]
-    for moves in (singles, pairs):
+    for moves in (singles, streams, pairs):
         if not moves:
             continue
         excess, gpus = _score(search, moves)
@@ -185,7 +193,8 @@ def _best_add(search: PlanSearch, counts: NDArray[np.int64], current: OperatorEs
                 return moves[int(np.argmin(np.where(finite, gpus + memory_floor, np.inf)))]
             continue
         gain = excess_now - excess
-        ratio = np.where(gain > 1e-12, gain / np.maximum(gpus - float(current.gpus[0]), memory_floor), -np.inf)
+        useful = gain > max(MIN_RELATIVE_GAIN * excess_now, 1e-12)
+        ratio = np.where(useful, gain / np.maximum(gpus - float(current.gpus[0]), memory_floor), -np.inf)
         if np.isfinite(ratio).any() and ratio.max() > 0:
             return moves[int(np.argmax(ratio))]
     return None
