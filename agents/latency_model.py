@@ -12,9 +12,10 @@ semantics of DESIGN.md 2.4 at steady state:
   each stateless unit (all layers as one job, as the engine does). A unit's pool of ``c`` replicas
   therefore receives ``S / tau`` jobs/s and merges queued jobs into calls up to its batch cap: its mean
   wait and call time come from :func:`opscale.sim.queueing.batch_service` (M/M/c with the batching
-  fixed point). The pool is really a closed loop (a stream has at most one job out), so the wait is
-  capped by the time to serve the other ``S - 1`` streams' jobs in full calls (exact for one stream,
-  where the open model would invent a queue). The sojourn of a stream at the unit is wait + call time.
+  fixed point). The pool is really a closed loop (a stream has at most one job out), so a call merges
+  at most ``S`` jobs and the wait is capped by the time to serve the other ``S - 1`` streams' jobs in
+  full calls (exact for one stream, where the open model would invent a queue). The sojourn of a
+  stream at the unit is wait + call time.
 * **Iteration time.** ``g(tau) = engine overhead + attention(nd, np) + sum_u sojourn_u + transfers``;
   every unit boundary is counted as an NVLink hop per layer (conservative: packed units share a GPU).
 * **Budgets.** The planner provisions for a target iteration time ``tau_b = tbt_share x TBT SLO``: the
@@ -23,7 +24,8 @@ semantics of DESIGN.md 2.4 at steady state:
   a prefill chunk of ``min(3P, budget - nd)`` tokens (the p99 gap of a request is such an iteration
   once more than 1 % of iterations carry one). TTFT: the mean prompt needs ``P / (budget - nd)``
   iterations, stretched by ``1 / (1 - rho_B)`` with ``rho_B = j / budget`` the share of the token budget
-  in use. Both must stay within their shares of the SLO.
+  in use. Budgets: mean iteration <= ``tbt_share`` x TBT SLO, bump iteration <= ``tbt_tail_share`` x
+  TBT SLO, TTFT <= ``ttft_share`` x TTFT SLO.
 * **Contention.** The planner places replicas so that no GPU is busy more than ``max_gpu_busy`` of the
   time (contention-aware best fit); a call then shares its GPU with at most ``max_gpu_busy - rho_u``
   other busy replicas on average, and the engine's processor-sharing model slows it by
@@ -40,9 +42,11 @@ co-located and run one after the other, so an iteration is the plain sum of the 
 queueing, no transfers, no contention between instances); it serves the largest ``j`` whose iteration
 (with the prefill bump) fits ``tau_b``.
 
-What it leaves out: the tail of the prompt-length distribution (means only), preemptions, cold starts,
-and the engine's actual placement (it assumes the planner's). Tests hold it to the closed forms and
-compare its plans with both fidelities.
+What it leaves out: the prompt-length tail beyond the 3x-mean chunk, preemptions, cold starts, the
+engine's capacity-weighted routing (streams are assumed to share load evenly) and its actual
+placement (it assumes the planner's). It evaluates at ``tau_b``, not at the stream's fixed point, so
+it is conservative at light load. Tests hold it to the closed forms (M/M/c, one-stream closed loop,
+sum of unit times).
 """
 
 from __future__ import annotations
