@@ -306,3 +306,18 @@ def test_contention_aware_placement_spreads_pools_and_streams() -> None:
         assert len(groups) == plan.replicas[MODEL.units.index(unit)]
         gpus = [group[0] for group in groups]
         assert len(set(gpus)) == min(len(gpus), plan.gpus_needed), unit  # one per GPU while GPUs last
+
+
+@pytest.mark.parametrize("metric", ["utilisation", "queue", "throughput"])
+def test_hpa_metrics_produce_valid_actions(metric: str) -> None:
+    env = make_env("opscale/ModelAutoscale-v0", fidelity="fluid", env_config={"horizon": 2})
+    policy = make_policy("model-level", env, metric=metric)
+    observation, info = env.reset(seed=0)
+    policy.observe_info(info)
+    for _ in range(2):
+        action, _ = policy.predict(observation)
+        assert env.action_space.contains(action)
+        observation, *_, info = env.step(action)
+        policy.observe_info(info)
+    with pytest.raises(ValueError, match="not a batch-cap bucket"):
+        make_policy("model-level", env, metric=metric, token_budget=300)
