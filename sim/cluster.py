@@ -264,18 +264,17 @@ class ClusterState:
                 gpu.busy_since_s = now_s
             gpu.busy += 1
 
-    def mark_idle(self, gpus: tuple[int, ...], now_s: float, compute_bound_s: float = 0.0) -> None:
-        """A replica on ``gpus`` ends a call; ``compute_bound_s`` of it was compute-bound work."""
+    def mark_idle(
+        self, gpus: tuple[int, ...], now_s: float, compute_bound_s: float = 0.0, idle_tail_s: float = 0.0
+    ) -> None:
+        """A replica on ``gpus`` ends a call; ``compute_bound_s`` of it was compute-bound work and its
+        last ``idle_tail_s`` no GPU work (transfer, host overhead)."""
         for index in gpus:
             gpu = self.gpus[index]
             gpu.busy -= 1
             gpu.compute_bound_s += compute_bound_s
             if gpu.busy == 0:
-                gpu.busy_s += now_s - gpu.busy_since_s
-
-    def busy_others(self, gpus: tuple[int, ...]) -> int:
-        """Most other busy replicas on any GPU of ``gpus`` (the caller is not yet marked busy)."""
-        return max(self.gpus[i].busy for i in gpus)
+                gpu.busy_s += max(0.0, now_s - idle_tail_s - gpu.busy_since_s)
 
     def take_interval(self, now_s: float) -> list[tuple[GPUSpec, float, float, float]]:
         """Per GPU ``(spec, powered_s, busy_s, compute_bound_s)`` since the previous call; resets them."""

@@ -38,9 +38,9 @@ class EngineOverheadPreset(str, Enum):
 class ContentionModel(str, Enum):
     """How replicas that share a GPU slow each other down.
 
-    * ``processor-sharing``: a call that starts while ``k`` other replicas on the same GPU are busy
-      runs ``1 + contention_factor * k`` times longer (the slowdown is fixed at the call's start; with
-      factor 1 this is egalitarian processor sharing of the GPU among the busy replicas);
+    * ``processor-sharing``: while ``n`` calls run on a GPU each progresses at rate
+      ``1 / (1 + contention_factor * (n - 1))``, re-rated whenever a call starts or ends (factor 1:
+      egalitarian, work-conserving processor sharing; see :mod:`opscale.sim.sharing`);
     * ``none``: co-located replicas do not interfere (an idealised spatial partition, e.g. MIG/MPS).
     """
 
@@ -85,7 +85,7 @@ class SimConfig:
     :param operator_start_s: fixed start-up time of one new operator-level replica.
     :param instance_start_s: fixed start-up time of one new model-level instance (engine start).
     :param contention: contention model between busy replicas sharing a GPU.
-    :param contention_factor: slowdown per other busy replica (``processor-sharing`` only).
+    :param contention_factor: slowdown per other call sharing the GPU (``processor-sharing`` only).
     :param attention_drain: how a removed attention replica hands its requests over.
     :param service_time_distribution: service-time law of stateless-unit calls (exponential only for
         closed-form checks).

@@ -40,7 +40,7 @@ import numpy as np
 import simpy
 
 from opscale.sim.cluster import ClusterState, PlacementError, Replica, ReplicaState
-from opscale.sim.config import AttentionDrain, ContentionModel, SimConfig
+from opscale.sim.config import AttentionDrain, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
 from opscale.sim.deployment import (
     ApplyReport,
@@ -56,6 +56,7 @@ from opscale.sim.overhead import engine_overhead
 from opscale.sim.pools import Link, PooledStream, UnitPool
 from opscale.sim.power import PowerModel
 from opscale.sim.recorder import MetricsRecorder
+from opscale.sim.sharing import GpuSharing
 from opscale.sim.simulator import Snapshot
 from opscale.sim.streams import ActiveRequest, InstanceStream, IterationTimer, Stream
 from opscale.traces.trace import RequestTrace
@@ -124,6 +125,7 @@ class DiscreteEventSimulator:
         self.env = simpy.Environment()
         self.state = ClusterState(cluster, self.model, self.config)
         self.link = Link(cluster)
+        self.sharing = GpuSharing(self.env, self.state, self.config)
         self._check_deployment(deployment)
         self._granularity = deployment.granularity
         self._tp = deployment.tp
@@ -365,7 +367,7 @@ class DiscreteEventSimulator:
         return UnitPool(
             self.env,
             unit,
-            self.state,
+            self.sharing,
             lambda tp: self.timer(gpu, tp),
             self.link,
             inbound_bytes_per_token=per_token * hops,
@@ -493,21 +495,15 @@ class DiscreteEventSimulator:
         path: list[UnitPool | None] = [
             None if u is UnitKind.ATTENTION else self.pools[u] for u in self.model.units
         ]
-        contention = (
-            self.config.contention_factor
-            if self.config.contention is ContentionModel.PROCESSOR_SHARING
-            else 0.0
-        )
         stream = PooledStream(
             len(self.streams),
             self,
             replica=replica,
             path=path,
             timer=self.timer(gpu, tp),
-            cluster=self.state,
+            sharing=self.sharing,
             link=self.link,
             model=self.model,
-            contention_factor=contention,
             **self._stream_kwargs(kv_tokens, config.batch_cap_tokens, gpu, tp),
         )
         self.streams.append(stream)
@@ -606,16 +602,6 @@ class DiscreteEventSimulator:
         self._active -= 1
         self.metrics.complete(request, now_s, request.stream.stream_id if request.stream is not None else -1)
 
-    def on_stream_active(self, stream: Stream) -> None:
-        # a single-stage instance keeps its GPUs busy while its stream iterates; pipelined instances
-        # are integrated per stage at the interval boundary (see _close_interval)
-        if isinstance(stream, InstanceStream) and self._pp == 1:
-            self.state.mark_busy(stream.instance.gpus, self.env.now)
-
-    def on_stream_idle(self, stream: Stream) -> None:
-        if isinstance(stream, InstanceStream) and self._pp == 1:
-            self.state.mark_idle(stream.instance.gpus, self.env.now)
-
     def on_stream_drained(self, stream: Stream) -> bool:
         """Hand a draining stream's requests over (``migrate``) or wait until it is empty (``finish``)."""
         if self.config.attention_drain is AttentionDrain.FINISH and stream.num_requests:
@@ -637,7 +623,6 @@ class DiscreteEventSimulator:
         if stream.active:
             stream.active = False
             stream.busy_s += now - stream.busy_since_s
-            self.on_stream_idle(stream)
         self._retire_stream(stream)
         return True
 
@@ -955,18 +940,18 @@ class DiscreteEventSimulator:
 
     def _close_interval(self, end_s: float) -> IntervalMetrics:
         duration = end_s - self.metrics.interval_start_s
-        # per-stream compute-bound seconds go to their GPUs before the cluster integrals are read;
-        # a pipeline stage works on one micro-batch stream's iteration for 1/pp of its time
+        # an instance's GPUs are busy for its streams' kernel time (iterations minus host overhead), and
+        # a pipeline stage works on one micro-batch stream's iteration for 1/pp of it
         for instance in self.instances:
-            stage_busy_s = 0.0
+            kernel_s = compute_s = 0.0
             for stream in instance.streams:
-                for index in instance.gpus:
-                    self.state.gpus[index].compute_bound_s += stream.compute_bound_s / self._pp
+                kernel_s += max(0.0, stream.take_busy(end_s) - stream.take_overhead_s()) / self._pp
+                compute_s += stream.compute_bound_s / self._pp
                 stream.compute_bound_s = 0.0
-                if self._pp > 1:
-                    stage_busy_s += stream.take_busy(end_s) / self._pp
             for index in instance.gpus:
-                self.state.gpus[index].busy_s += min(duration, stage_busy_s)
+                gpu = self.state.gpus[index]
+                gpu.busy_s += min(duration, kernel_s)
+                gpu.compute_bound_s += compute_s
         gpu_rows = self.state.take_interval(end_s)
         units = self._unit_metrics(duration, end_s)
         return self.metrics.close_interval(

@@ -12,8 +12,8 @@ per layer: a job whose input sits on another GPU pays ``layers x link latency + 
 (bytes = activation bytes per token and layer of the previous unit x tokens x layers), added to the
 call (the call waits for its slowest input).
 
-Contention (:class:`opscale.sim.config.ContentionModel`): a call starting while ``k`` other replicas
-on its GPUs are busy runs ``1 + contention_factor * k`` times longer.
+Co-located busy replicas share their GPU (:class:`opscale.sim.sharing.GpuSharing`, processor
+sharing of kernel time); the inbound transfer is a fixed part of a call that holds no GPU share.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from typing import Any, Protocol
 import numpy as np
 import simpy
 
-from opscale.sim.cluster import ClusterState, Replica, ReplicaState
-from opscale.sim.config import ContentionModel, ServiceTimeDistribution, SimConfig
+from opscale.sim.cluster import Replica, ReplicaState
+from opscale.sim.config import ServiceTimeDistribution, SimConfig
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.models import ModelSpec, UnitKind
+from opscale.sim.sharing import GpuSharing
 from opscale.sim.streams import Batch, IterationTimer, Stream, StreamHost
 
 __all__ = ["Link", "PoolClient", "PooledStream", "UnitPool", "UnitStats"]
@@ -95,7 +96,7 @@ class UnitPool:
         self,
         env: simpy.Environment,
         unit: UnitKind,
-        cluster: ClusterState,
+        sharing: GpuSharing,
         timers: Callable[[int], IterationTimer],
         link: Link,
         *,
@@ -108,7 +109,7 @@ class UnitPool:
     ) -> None:
         self.env = env
         self.unit = unit
-        self.cluster = cluster
+        self.sharing = sharing
         self.timers = timers
         self.link = link
         self.inbound_bytes_per_token = inbound_bytes_per_token
@@ -124,9 +125,6 @@ class UnitPool:
         self.stats = UnitStats()
         self._queue_changed_s = 0.0
         self._exponential = config.service_time_distribution is ServiceTimeDistribution.EXPONENTIAL
-        self._contention = (
-            config.contention_factor if config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
-        )
         self._compute_threshold: dict[int, int] = {}
         self._transfer_lines: dict[tuple[int, int], tuple[float, float]] = {}
         self._timer_by_tp: dict[int, IterationTimer] = {}
@@ -289,15 +287,6 @@ class UnitPool:
             kernel = self.service_time_s(tokens, replica)
         if self._exponential:
             kernel = float(self.rng.exponential(kernel))
-        gpus = replica.gpus
-        cluster_gpus = self.cluster.gpus
-        others = 0
-        for index in gpus:
-            gpu = cluster_gpus[index]
-            if gpu.busy > others:
-                others = gpu.busy
-        if others and self._contention:
-            kernel *= 1.0 + self._contention * others
         transfer = 0.0
         stats = self.stats
         home = replica.home_gpu
@@ -309,22 +298,24 @@ class UnitPool:
                 t = fixed + per_token * job.job_tokens
                 if t > transfer:
                     transfer = t
-        duration = kernel + transfer
         stats.calls += 1
         stats.jobs += len(jobs)
         stats.tokens += tokens
-        stats.service_s += duration
         replica.busy = True
         replica.busy_since_s = now
-        self.cluster.mark_busy(gpus, now)
-        compute_s = kernel if tokens >= threshold else 0.0
-        self.env.timeout(duration).callbacks.append(lambda _e: self._done(replica, jobs, compute_s))
+        self.sharing.start(
+            replica.gpus,
+            kernel,
+            lambda: self._done(replica, jobs),
+            fixed_s=transfer,
+            compute_bound_s=kernel if tokens >= threshold else 0.0,
+        )
 
-    def _done(self, replica: Replica, jobs: list[PoolClient], compute_s: float) -> None:
+    def _done(self, replica: Replica, jobs: list[PoolClient]) -> None:
         now = self.env.now
         replica.busy = False
+        self.stats.service_s += now - replica.busy_since_s
         replica.busy_s += now - replica.busy_since_s
-        self.cluster.mark_idle(replica.gpus, now, compute_s)
         if replica.state is ReplicaState.DRAINING and replica.on_released is not None:
             self._release(replica, replica.on_released)
         else:
@@ -361,19 +352,17 @@ class PooledStream(Stream):
         replica: Replica,
         path: list[UnitPool | None],
         timer: IterationTimer,
-        cluster: ClusterState,
+        sharing: GpuSharing,
         link: Link,
         model: ModelSpec,
-        contention_factor: float,
         **kwargs: Any,
     ) -> None:
         super().__init__(stream_id, host, **kwargs)
         self.replica = replica
         self.path = path
         self.timer = timer
-        self.cluster = cluster
+        self.sharing = sharing
         self.link = link
-        self.contention_factor = contention_factor
         self.qkv_bytes_per_token = model.activation_bytes_per_token(UnitKind.QKV_PROJ) * model.num_layers
         self.layers = model.num_layers
         self.job_tokens = 0
@@ -443,31 +432,31 @@ class PooledStream(Stream):
         now = self.env.now
         replica = self.replica
         kernel = self.timer.attention_s(batch)
-        if self.contention_factor:
-            kernel *= 1.0 + self.contention_factor * self.cluster.busy_others(replica.gpus)
         host_s = self.overhead.iteration_s(self.overhead_ranks, self._sequences)
         transfer = self.link.time_s(
             self.job_source_gpu, replica.home_gpu, self.qkv_bytes_per_token * batch.num_tokens, self.layers
         )
-        duration = host_s + kernel + transfer
         stats = self.attention_stats
         stats.calls += 1
         stats.jobs += 1
         stats.tokens += batch.num_tokens
-        stats.service_s += duration
         replica.busy = True
         replica.busy_since_s = now
-        self.cluster.mark_busy(replica.gpus, now)
-        compute_s = kernel if batch.chunks else 0.0
-        event = self.env.timeout(duration)
-        event.callbacks.append(lambda _e: self._attention_done(compute_s))
+        # the host overhead and the inbound transfer do not occupy the GPU
+        self.sharing.start(
+            replica.gpus,
+            kernel,
+            self._attention_done,
+            fixed_s=host_s + transfer,
+            compute_bound_s=kernel if batch.chunks else 0.0,
+        )
 
-    def _attention_done(self, compute_s: float) -> None:
+    def _attention_done(self) -> None:
         now = self.env.now
         replica = self.replica
         replica.busy = False
+        self.attention_stats.service_s += now - replica.busy_since_s
         replica.busy_s += now - replica.busy_since_s
-        self.cluster.mark_idle(replica.gpus, now, compute_s)
         self.job_source_gpu = replica.home_gpu
         self._step += 1
         self._advance()

@@ -112,10 +112,6 @@ class StreamHost(Protocol):
 
     def on_complete(self, request: ActiveRequest, now_s: float) -> None: ...
 
-    def on_stream_active(self, stream: Stream) -> None: ...
-
-    def on_stream_idle(self, stream: Stream) -> None: ...
-
     def on_stream_drained(self, stream: Stream) -> bool:
         """A draining stream reached an iteration boundary: hand its requests over; ``True`` if it left."""
         ...
@@ -374,12 +370,10 @@ class Stream:
     def _start_busy(self) -> None:
         self.active = True
         self.busy_since_s = self.env.now
-        self.host.on_stream_active(self)
 
     def _stop_busy(self) -> None:
         self.active = False
         self.busy_s += self.env.now - self.busy_since_s
-        self.host.on_stream_idle(self)
 
     def take_busy(self, now_s: float) -> float:
         """Busy seconds since the previous call (interval accounting)."""
@@ -605,6 +599,8 @@ class InstanceStream(Stream):
         self._iteration_shapes: dict[tuple[int, int], int] = {}
         self._attention_busy_s = 0.0
         self._vision_busy_s = 0.0
+        #: host (engine-overhead) seconds since the last interval boundary: the GPUs idle meanwhile
+        self.overhead_s = 0.0
 
     def dense_s(self, tokens: int, sequences: int) -> float:
         """Time of every non-attention unit plus the pipeline hops for ``tokens`` tokens of which
@@ -625,6 +621,11 @@ class InstanceStream(Stream):
         shapes = self._iteration_shapes
         shapes[key] = shapes.get(key, 0) + iterations
         self._attention_busy_s += attention_s
+
+    def take_overhead_s(self) -> float:
+        """Host-overhead seconds since the previous call."""
+        value, self.overhead_s = self.overhead_s, 0.0
+        return value
 
     def take_unit_busy(self) -> dict[UnitKind, float]:
         """Busy seconds per unit (its share of iteration time) since the previous call."""
@@ -672,9 +673,9 @@ class InstanceStream(Stream):
             duration += vision_s
             self._vision_busy_s += vision_s
         # the attention replica is busy for its kernels and the iteration's engine overhead
-        self._account_units(
-            tokens, sequences, 1, attention_s + self.overhead.iteration_s(self.overhead_ranks, sequences)
-        )
+        host_s = self.overhead.iteration_s(self.overhead_ranks, sequences)
+        self.overhead_s += host_s
+        self._account_units(tokens, sequences, 1, attention_s + host_s)
         self.tokens_scheduled += tokens
         if batch.prefill_tokens:
             self.compute_bound_s += duration * batch.prefill_tokens / tokens
@@ -812,6 +813,7 @@ class InstanceStream(Stream):
                 self._run_reserved_blocks -= needed - r.blocks
                 r.blocks = needed
         self.gaps.add_ramp(first_gap, last_gap, count)
+        self.overhead_s += count * self.overhead.iteration_s(self.overhead_ranks, n)
         self._account_units(n, n, count, total - count * self.dense_s(n, n))
         self.iterations += count
         self.tokens_scheduled += n * count

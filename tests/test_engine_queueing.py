@@ -14,6 +14,7 @@ from opscale.sim.hardware import ClusterSpec
 from opscale.sim.models import UnitKind, get_model
 from opscale.sim.pools import Link, UnitPool
 from opscale.sim.queueing import mmc_mean_wait_s
+from opscale.sim.sharing import GpuSharing
 
 
 class _Job:
@@ -42,7 +43,7 @@ def _mean_wait(servers: int, utilisation: float, jobs: int, seed: int) -> float:
     pool = UnitPool(
         env,
         UnitKind.FFN,
-        cluster,
+        GpuSharing(env, cluster, config),
         timers=lambda tp: None,
         link=Link(cluster.spec),
         inbound_bytes_per_token=0.0,
