@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, SupportsFloat
@@ -281,7 +282,7 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         if vector.shape != self._nvec.shape or vector.dtype.kind not in "iu":
             raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
         values = vector.tolist()  # plain ints: checked and decoded faster than with numpy reductions
-        if any(not 0 <= value < bound for value, bound in zip(values, self._nvec_list, strict=True)):
+        if min(values) < 0 or not all(map(operator.lt, values, self._nvec_list)):
             raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
         scaling, cap_repairs = self._cap_replicas(self.codec.decode_values(values))
         report = sim.apply(scaling)

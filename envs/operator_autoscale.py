@@ -9,7 +9,7 @@ import numpy as np
 from opscale.envs.base import AutoscaleEnv
 from opscale.envs.sizing import size_operator_level
 from opscale.envs.spaces import ActionCodec, OperatorActionCodec
-from opscale.sim.deployment import Deployment, ScalingAction
+from opscale.sim.deployment import Deployment, ScalingAction, UnitAction
 from opscale.sim.models import UnitKind
 
 __all__ = ["OperatorAutoscaleEnv"]
@@ -140,17 +140,22 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
 
     def _cap_replicas(self, action: ScalingAction) -> tuple[ScalingAction, list[str]]:
         messages: list[str] = []
-        capped = dict(action.units)
+        capped: dict[UnitKind, UnitAction] | None = None
         for unit, unit_action in action.units.items():
-            if unit_action.replica_delta > 0:
-                delta = self._capped_delta(
-                    unit.value, self._current_replicas(unit), unit_action.replica_delta, messages
-                )
-                if delta != unit_action.replica_delta:
-                    capped[unit] = replace(unit_action, replica_delta=delta)
-        return (
-            ScalingAction(units=capped, instance_delta=action.instance_delta) if messages else action
-        ), messages
+            delta = unit_action.replica_delta
+            if delta <= 0:
+                continue
+            current = self._current_replicas(unit)
+            if current + delta <= self.max_replicas:
+                continue
+            if capped is None:
+                capped = dict(action.units)
+            capped[unit] = replace(
+                unit_action, replica_delta=self._capped_delta(unit.value, current, delta, messages)
+            )
+        if capped is None:
+            return action, messages
+        return ScalingAction(units=capped, instance_delta=action.instance_delta), messages
 
     def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
         deployment = self.simulator.deployment

@@ -16,6 +16,7 @@ print the top functions of a cProfile of the fast env.
 from __future__ import annotations
 
 import argparse
+import os
 import cProfile
 import pstats
 import time
@@ -171,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     width = max(len(name) for name, _, _ in rows)
+    load_1min = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{os.cpu_count()} CPUs, 1-min load average {load_1min:.1f} (figures scale down when the machine is shared)")
     print(f"{'benchmark':<{width}}  {'env steps/s':>12}  {'target':>8}  status")
     for name, value, target in rows:
         status = "-" if target == 0 else ("ok" if value >= target else "BELOW TARGET")
