@@ -16,8 +16,8 @@ print the top functions of a cProfile of the fast env.
 from __future__ import annotations
 
 import argparse
-import os
 import cProfile
+import os
 import pstats
 import time
 from collections.abc import Sequence
