@@ -1027,12 +1027,15 @@ class FluidSimulator:
         waiting_tokens = (backlog_mean + streams * x * admission_wait_s) * prompt_mean
         queue_tokens[attention_column] = waiting_tokens
         batch_fill[attention_column] = min(mean_tokens / budget, 1.0)
+        # attention's wait: the admission delay of the requests admitted (queue + backlog)
+        wait_s[attention_column] = admission_wait_s + backlog_wait_s
         powered = self._powered
+        host = self._overhead.fixed_s + self._overhead.per_tp_rank_s * self._ranks + self._overhead.per_request_s * (decodes + phi)
         if operator:
-            host = self._overhead.fixed_s + self._overhead.per_tp_rank_s * self._ranks + self._overhead.per_request_s * (decodes + phi)
+            attention_kernel_s = (attention_decode_s + phi * (attention_prefill_s - attention_decode_s)) * self._attention_slowdown
             attention_call_s = (
                 host
-                + (attention_decode_s + phi * (attention_prefill_s - attention_decode_s)) * self._attention_slowdown
+                + attention_kernel_s
                 + self._transfer_fixed_s[attention_column]
                 + self._transfer_per_token_s[attention_column] * mean_tokens
             )
@@ -1061,9 +1064,14 @@ class FluidSimulator:
             compute_flags[pool_columns] = compute_kernel * self._slowdown / np.maximum(pools.service_s, 1e-12)
             # a stream's job is in service at one replica at a time, so its busy shares on a GPU add up;
             # the streams are independent: busy = 1 - (1 - load / S) ** S with load = sum of replica rhos
-            gpu_load = np.minimum((self._shards @ utilisation) / max(streams, 1), 1.0)
+            # GPUs are busy for kernels only: not for inbound transfers nor the attention's host overhead
+            kernel_load = utilisation.copy()
+            transfer = np.array(self._pool_transfer_fixed) + np.array(self._pool_transfer_per_token) * self._mean_job_tokens
+            kernel_load[pool_columns] *= np.maximum(1.0 - transfer / np.maximum(pools.service_s, 1e-12), 0.0)
+            kernel_load[attention_column] *= max(1.0 - (attention_call_s - attention_kernel_s) / attention_call_s, 0.0)
+            gpu_load = np.minimum((self._shards @ kernel_load) / max(streams, 1), 1.0)
             busy_gpu = np.minimum(1.0 - (1.0 - gpu_load) ** max(streams, 1), 1.0)
-            compute_busy = self._shards @ (utilisation * compute_flags)
+            compute_busy = self._shards @ (kernel_load * compute_flags)
             compute_busy += self._shards[:, attention_column] * beta * prefill_rate * (attention_prefill_s - attention_decode_s)
             compute_fraction = np.minimum(compute_busy / np.maximum(busy_gpu, 1e-12), 1.0)
             energy_j = float(self._power_array(busy_gpu[powered], compute_fraction[powered]).sum()) * dt
@@ -1077,14 +1085,18 @@ class FluidSimulator:
             stateless_prefill[lm_head] = table.scalar_time_s(lm_head, decodes + 1.0)
             stateless_busy = beta * (decode_only_rate * stateless_decode + prefill_rate * stateless_prefill)
             utilisation[self._pool_columns] = np.minimum(stateless_busy, 1.0)
-            utilisation[attention_column] = min(beta * (decode_only_rate * attention_decode_s + prefill_rate * attention_prefill_s), 1.0)
+            # the attention replica is busy for its kernels and the iteration's engine overhead
+            utilisation[attention_column] = min(
+                beta * (decode_only_rate * attention_decode_s + prefill_rate * attention_prefill_s + iterations_per_busy_s * host), 1.0
+            )
             batch_fill[:] = min(mean_tokens / budget, 1.0)
             rate = beta * iterations_per_busy_s
             if rate > 0:
                 unit_service_s[:] = utilisation / rate
-            # every GPU of a serving instance is busy while its stream is (beta); loading ones idle
+            # a serving instance's GPUs run kernels while its stream iterates, except during the host
+            # overhead of each iteration; loading instances' GPUs idle
             prefill_kernel_share = prefill_rate * float(prefill_weights @ (prefill_times * prefill_chunks / (decodes + prefill_chunks)))
-            busy = min(beta, 1.0)
+            busy = min(beta * max(1.0 - iterations_per_busy_s * host, 0.0), 1.0)
             compute_fraction_value = min(beta * prefill_kernel_share / busy, 1.0) if busy > 0 else 0.0
             serving_gpus = self._serving_gpus
             busy_w, idle_w = self._gpu_power_w(busy, compute_fraction_value), self._gpu_power_w(0.0, 0.0)
