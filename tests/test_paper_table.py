@@ -123,3 +123,26 @@ def test_evaluation_tensorboard_runs_hold_the_time_series(tiny_table: PaperTable
     assert {"serving/gpus", "serving/slo_attainment", "load/arrival_rate_per_s", "summary/max_rate_per_s"} <= tags
     assert len(accumulator.Scalars("serving/gpus")) == 4
     assert any(tag.startswith("replicas/") for tag in tags)
+
+
+def _row(policy: str, gpu_saving: float, slo_delta: float, ratio: float, bound: str) -> dict[str, object]:
+    return {
+        "model": "m", "gpu": "g", "trace": "t", "policy": policy, "gpu_saving": gpu_saving, "energy_saving": gpu_saving / 2,
+        "slo_delta": slo_delta, "matched_slo": slo_delta >= -0.01, "throughput_ratio": ratio, "throughput_bound": bound,
+    }
+
+
+def test_claims_paragraph_judges_only_matched_slo_savings_and_marks_bounds() -> None:
+    from opscale.experiments.paper_table_report import claims_paragraph
+
+    config = PaperTableConfig.quick(progress=False)
+    text = claims_paragraph(
+        config,
+        [_row("operator-greedy", 0.38, 0.0, 1.55, "="), _row("ppo", 0.60, -0.2, 0.5, "<=")],
+    )
+    greedy_line = next(line for line in text.splitlines() if "operator-greedy vs" in line)
+    ppo_line = next(line for line in text.splitlines() if "ppo vs" in line)
+    assert "best at matched SLO +38.0 %, in line with the paper" in greedy_line
+    assert "best 1.55x, in line with the paper" in greedy_line
+    # PPO's 60 % saving cost 20 SLO points: not counted; its ratio is only an upper bound
+    assert "none at matched SLO" in ppo_line and "<= 0.50x (a bound" in ppo_line and "short of" in ppo_line
