@@ -378,7 +378,7 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
         )
         callbacks.append(eval_callback)
 
-    # 5. Train, evaluate the final policy once more, save.
+    # 5. Train (evaluating at least once, so a best model exists) and save.
     try:
         with _small_network_torch(config.torch_threads):
             model.learn(
