@@ -51,18 +51,18 @@ Model, per control interval (split at the moments loading replicas become ready)
    ``P(TTFT ok) x P(TBT ok)`` of meeting the SLO; queued requests whose wait passes the TTFT SLO are
    decided as violations in the interval their deadline passes.
 7. **GPUs and energy**: GPUs powered come from the same placement as the engine
-   (:mod:`opscale.sim.fluid_layout`); per GPU the busy fraction is ``beta`` (instances) or, for
-   pools, ``1 - (1 - L / S) ** S`` with ``L`` the summed utilisation of the replicas on it (each
-   stream has one job in service at a time, streams independent); the compute-bound share is the
-   prefill share, and power follows the engine's power function.
+   (:mod:`opscale.sim.fluid_layout`); GPUs are busy for kernels only (not host overhead or
+   transfers): ``beta`` less the host share (instances) or, for pools under processor sharing, the
+   uncontended kernel work per second on the GPU (work-conserving), without interference
+   ``1 - (1 - L / S) ** S`` (``L``: summed kernel loads; a stream runs one call at a time); the
+   compute-bound share is the prefill share, and power follows the engine's power function.
 
 Approximations to keep in mind (the agreement with the engine is measured by
 ``experiments/fidelity_report.py``): completions are counted when requests are admitted (a lag of
 one end-to-end latency); removed replicas leave at once (the engine drains them); preemption is not
 modelled (the KV limit only caps admission); the stream load is split evenly over streams; the
 contention of long calls follows the convoy argument of :meth:`FluidSimulator._call_slowdown` (a
-heuristic that matches the engine's start-time slowdown rule, not a derivation); admission waits near
-saturation come out long (operator-level TTFT at 90 % load).
+heuristic, not a derivation); admission waits near saturation are approximate.
 """
 
 from __future__ import annotations
@@ -268,7 +268,10 @@ class FluidSimulator:
         self._slowdown = np.ones(len(self._stateless))
         self._slowdown_list = [1.0] * len(self._stateless)
         self._attention_slowdown = 1.0
-        #: the streams' iteration cycle (s), for the convoy effect of long calls (_call_slowdown)
+        #: per pool, share of the other streams it serves while one replica is held, and the streams'
+        #: iteration cycle (s): the convoy effect of long calls (_call_slowdown)
+        self._contention_free = np.ones(len(self._stateless))
+        self._contention_free_list = [1.0] * len(self._stateless)
         self._cycle_s = 0.0
         self._unit_rho = np.zeros(len(self._units))
         self._served_total = 0.0
@@ -739,28 +742,34 @@ class FluidSimulator:
         for u, line in enumerate(self._table.lines):
             others = (self._jobs_per_call_list[u] - 1.0) * self._mean_job_tokens_list[u]
             excess = self._slowdown_list[u] - 1.0
+            free = self._contention_free_list[u]
             fixed, per_token = self._pool_transfer_fixed[u], self._pool_transfer_per_token[u]
             for j in range(3):
                 job = sequences[j] if u == self._lm_head_row else compositions[j]
                 kernel = line.at(job + others)
-                # inline _call_slowdown (hot loop)
-                slowdown = 1.0 + excess * min(1.0, cycle / (2.0 * kernel * (1.0 + excess) + 1e-12)) if excess > 0 else 1.0
-                totals[j] += kernel * slowdown + fixed + per_token * job
+                # _call_slowdown, inlined (hot loop)
+                if excess > 0:
+                    overlap = min(1.0, cycle / (2.0 * kernel * (1.0 + excess) + 1e-12))
+                    kernel *= 1.0 + excess * (free + (1.0 - free) * overlap)
+                totals[j] += kernel + fixed + per_token * job
         return totals[0], totals[1], totals[2]
 
     def _call_slowdown(self, unit: int, kernel_s: float) -> float:
         """Contention slowdown of one call of ``kernel_s`` (uncontended) at pool ``unit``.
 
-        The mean slowdown ``1 + f k`` counts the other streams' busy replicas at a call's start. A call
-        much longer than the others' iteration cycle (a prefill) makes them queue behind it at the
-        first single-replica pool; from then on they follow it (a convoy) and start each call just
-        after it, so only ``cycle / (2 x call)`` of their load is busy when the long call starts (the
-        engine fixes a call's slowdown at its start). Short (decode) calls keep the mean slowdown.
+        Under processor sharing a call is slowed by ``f`` per call running beside it; on average that is
+        the pool's ``1 + f k`` (``k``: the other streams' busy replicas on its GPUs). A call much longer
+        than the other streams' iteration cycle (a prefill) holds one replica of its pool while the
+        other streams cycle: those that the pool's other ``c - 1`` replicas cannot serve queue behind
+        it (a convoy) and stop running, so only ``cycle / (2 x call)`` of their load overlaps it; those
+        the other replicas serve keep running beside it. Short (decode) calls keep the mean.
         """
         excess = self._slowdown_list[unit] - 1.0
         if excess <= 0.0:
             return 1.0
-        return 1.0 + excess * min(1.0, self._cycle_s / (2.0 * kernel_s * (1.0 + excess) + 1e-12))
+        free = self._contention_free_list[unit]
+        overlap = min(1.0, self._cycle_s / (2.0 * kernel_s * (1.0 + excess) + 1e-12))
+        return 1.0 + excess * (free + (1.0 - free) * overlap)
 
     def _dense_scalar(self, tokens: float) -> float:
         """Model level: every unit but the LM head (plus pipeline hops) at ``tokens``."""
@@ -805,8 +814,10 @@ class FluidSimulator:
         calls = jobs + ((self._jobs_per_call - 1.0) * self._mean_job_tokens)[:, None]
         kernel = self._table.time_s_at(calls)
         excess = (self._slowdown - 1.0)[:, None]
+        free = self._contention_free[:, None]
         # long calls lead a convoy (see _call_slowdown)
-        service = kernel * (1.0 + excess * np.minimum(1.0, self._cycle_s / (2.0 * kernel * (1.0 + excess) + 1e-12)))
+        overlap = np.minimum(1.0, self._cycle_s / (2.0 * kernel * (1.0 + excess) + 1e-12))
+        service = kernel * (1.0 + excess * (free + (1.0 - free) * overlap))
         transfer = self._transfer_fixed_s[self._pool_columns, None] + self._transfer_per_token_s[self._pool_columns, None] * jobs
         attention_transfer = self._transfer_fixed_s[self._attention_column] + self._transfer_per_token_s[self._attention_column] * tokens
         attention_slowdown = self._attention_slowdown
@@ -845,6 +856,10 @@ class FluidSimulator:
         x_demand = demand / (streams * dt) if ready else 0.0
         n_units = len(self._stateless)
         if operator:
+            # share of the other streams a pool still serves while one of its replicas is held
+            free = np.maximum(self._replicas[self._pool_columns] - 1.0, 0.0) / max(streams - 1, 1)
+            self._contention_free = np.minimum(free, 1.0)
+            self._contention_free_list = self._contention_free.tolist()
             caps_list = [float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]
             caps = np.array(caps_list)
             replicas_list = self._replicas[self._pool_columns].tolist()
@@ -1069,8 +1084,16 @@ class FluidSimulator:
             transfer = np.array(self._pool_transfer_fixed) + np.array(self._pool_transfer_per_token) * self._mean_job_tokens
             kernel_load[pool_columns] *= np.maximum(1.0 - transfer / np.maximum(pools.service_s, 1e-12), 0.0)
             kernel_load[attention_column] *= max(1.0 - (attention_call_s - attention_kernel_s) / attention_call_s, 0.0)
-            gpu_load = np.minimum((self._shards @ kernel_load) / max(streams, 1), 1.0)
-            busy_gpu = np.minimum(1.0 - (1.0 - gpu_load) ** max(streams, 1), 1.0)
+            # busy fraction of each GPU: with egalitarian processor sharing (factor 1) the GPU is work-
+            # conserving, busy = uncontended kernel work per second; without interference, calls overlap
+            # independently across streams (a stream runs one call at a time): 1 - (1 - load / S) ** S
+            slowdown_all = np.ones(len(self._units))
+            slowdown_all[pool_columns] = self._slowdown
+            slowdown_all[attention_column] = self._attention_slowdown
+            work = np.minimum(self._shards @ (kernel_load / slowdown_all), 1.0)
+            overlap = 1.0 - (1.0 - np.minimum((self._shards @ kernel_load) / max(streams, 1), 1.0)) ** max(streams, 1)
+            sharing = min(contention, 1.0)
+            busy_gpu = np.minimum(sharing * work + (1.0 - sharing) * overlap, 1.0)
             compute_busy = self._shards @ (kernel_load * compute_flags)
             compute_busy += self._shards[:, attention_column] * beta * prefill_rate * (attention_prefill_s - attention_decode_s)
             compute_fraction = np.minimum(compute_busy / np.maximum(busy_gpu, 1e-12), 1.0)
