@@ -162,22 +162,21 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             trace = load_trace(cfg.trace, seed=cfg.trace_seed, **extra)
         if cfg.trace_rate_scale != 1.0:
             trace = trace.scale_rate(cfg.trace_rate_scale, np.random.default_rng(cfg.trace_seed))
-        return trace
+        fitted = trace.truncate_lengths(self.model.max_context, policy=cfg.long_requests)
+        if fitted is not trace:
+            gym.logger.warn(
+                f"model {self.model.name!r} has a {self.model.max_context}-token context: {fitted.notes[-1]} "
+                "(config long_requests='clip' | 'drop' | 'error')"
+            )
+        return fitted
 
     def _check_request_lengths(self, trace: RequestTrace) -> int:
-        """The longest request's tokens (at most the context); fails at construction, not at some later
-        reset, when requests exceed the model's context and the simulator is not told to clip them."""
+        """The longest request's tokens (prompt + output, + image tokens for vision models); after
+        :meth:`_load_trace` applied ``long_requests`` it is within the model's context."""
         tokens = trace.prompt_tokens + trace.output_tokens
         if trace.image_tokens is not None and UnitKind.VISION_ENCODER in self.model.units:
             tokens = tokens + trace.image_tokens
-        too_long = int(np.count_nonzero(tokens > self.model.max_context))
-        if too_long and not self.sim_config.clip_long_requests:
-            raise ValueError(
-                f"{too_long} requests of trace {trace.name!r} exceed the {self.model.max_context}-token context of "
-                f"model {self.model.name!r} (longest {int(tokens.max())}); pass sim_config={{'clip_long_requests': "
-                "True}} to clip them (counted), or trace.truncate_lengths(...)"
-            )
-        return int(min(tokens.max(), self.model.max_context))
+        return int(tokens.max())
 
     def _check_episode_fits(self) -> None:
         span_s = self.trace.duration_s

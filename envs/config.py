@@ -15,6 +15,8 @@ Keys (all optional; see :func:`default_config` for the defaults):
 ``trace_seed``                seed for generating / loading the named trace (fixed per env instance)
 ``trace_duration_s``          length generated for synthetic named traces (``None``: the loader's own)
 ``trace_rate_scale``          multiply the trace's request rate (``RequestTrace.scale_rate``)
+``long_requests``             requests longer than the model's context: ``"clip"`` (default; counted in
+                              ``env.trace.notes`` and warned once), ``"drop"`` or ``"error"``
 ``episode_start_s``           ``None``: a random window start per reset (from ``self.np_random``);
                               a number: a fixed start. ``reset(options={"start_s": ...})`` overrides both.
 ``control_interval_s``        seconds between two decisions (default 5 s)
@@ -52,7 +54,7 @@ from opscale.sim.hardware import GPUSpec, get_gpu
 from opscale.sim.metrics import SLO
 from opscale.sim.models import ModelSpec, get_model
 from opscale.sim.simulator import Fidelity
-from opscale.traces.trace import RequestTrace
+from opscale.traces.trace import TRUNCATION_POLICIES, RequestTrace
 
 __all__ = ["REWARD_COMPONENTS", "EnvConfig", "default_config", "resolve_config"]
 
@@ -74,6 +76,7 @@ _DEFAULTS: dict[str, Any] = {
     "trace_seed": 0,
     "trace_duration_s": None,
     "trace_rate_scale": 1.0,
+    "long_requests": "clip",
     "episode_start_s": None,
     "control_interval_s": 5.0,
     "horizon": 120,
@@ -112,6 +115,7 @@ class EnvConfig:
     trace_seed: int
     trace_duration_s: float | None
     trace_rate_scale: float
+    long_requests: str
     episode_start_s: float | None
     control_interval_s: float
     horizon: int
@@ -278,6 +282,11 @@ def resolve_config(config: Mapping[str, Any] | None = None, **overrides: Any) ->
     buckets = _check_int_tuple("batch_cap_buckets_tokens", merged["batch_cap_buckets_tokens"])
     if buckets[0] < 1:
         raise ValueError(f"config 'batch_cap_buckets_tokens' must be >= 1 token, got {buckets}")
+    long_requests = merged["long_requests"]
+    if long_requests not in TRUNCATION_POLICIES:
+        raise ValueError(
+            f"unknown long_requests policy {long_requests!r}; valid: {_choices(TRUNCATION_POLICIES)}"
+        )
     episode_start = merged["episode_start_s"]
     max_replicas = merged["max_replicas_per_unit"]
     rate_scale = merged["rate_scale_per_s"]
@@ -296,6 +305,7 @@ def resolve_config(config: Mapping[str, Any] | None = None, **overrides: Any) ->
         trace_seed=_positive_int("trace_seed", merged["trace_seed"], allow_zero=True),
         trace_duration_s=None if duration is None else _positive_number("trace_duration_s", duration),
         trace_rate_scale=_positive_number("trace_rate_scale", merged["trace_rate_scale"]),
+        long_requests=str(long_requests),
         episode_start_s=None
         if episode_start is None
         else _positive_number("episode_start_s", episode_start, allow_zero=True),

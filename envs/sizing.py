@@ -7,17 +7,24 @@ episode a rescue. The defaults here are a quick analytic sizing (not the greedy 
 * tokens per second through every unit: ``T = rate x (mean prompt + mean output)``;
 * requests in flight (Little's law): ``C = rate x (TTFT_SLO / 2 + mean output x TBT_SLO / 2)``,
   each holding the KV of its prompt plus half its output on average;
+* an iteration costs the engine's host overhead plus every unit's time plus attention;
 * **token budget** (tokens per iteration of a stream / instance): the largest candidate whose
   worst iteration (a full prefill chunk at half the mean prompt's prior context, plus the stream's
   decodes) takes at most half the TBT SLO. A chunk of prefill rides along with every request's decode
   step, so the budget bounds every TBT gap: the default 2,048 tokens would put Qwen2-7B on an A100 at
   ~165 ms per iteration, over a 100 ms TBT SLO;
-* **operator level**: streams (attention replicas) for the larger of the KV need (each stream gets
+* **operator level**: each unit at the smallest TP degree whose shard leaves :data:`KV_SHARE` of a
+  GPU free (MoE experts of Mixtral-8x7B need TP 4 on an 80-GB GPU), raised for all units together
+  until an iteration at the smallest token budget fits the iteration budget (the fastest degree
+  when none does); streams
+  (attention replicas) for the larger of the KV need (each stream gets
   :data:`KV_SHARE` of a GPU), the running-request slots and the token throughput (budget tokens per
   worst iteration); then the iteration time ``t`` at the fixed point of ``b = T x t / streams`` tokens
   per iteration, and for each stateless unit ``ceil(streams / t x t_unit(b) / target_utilisation)``
   replicas, at most one per stream (one stream's iteration visits the units in sequence, so replicas
-  beyond the number of streams would idle);
+  beyond the number of streams would idle); replicas are then placed by load (first-fit decreasing
+  of busy shares at ``target_utilisation`` per GPU, within memory), not by the simulators' memory-only
+  ``pack``;
 * **model level**: the smallest TP degree whose weight shard leaves :data:`KV_SHARE` of each GPU for
   KV; instances for the larger of the token throughput and the KV need.
 
@@ -27,7 +34,7 @@ Counts are capped at what the cluster holds; a cap that binds is reported with `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import gymnasium as gym
 
@@ -38,9 +45,18 @@ from opscale.sim.deployment import DEFAULT_BATCH_CAP_TOKENS, Deployment
 from opscale.sim.hardware import ClusterSpec, GPUSpec
 from opscale.sim.metrics import SLO
 from opscale.sim.models import ModelSpec, UnitKind
+from opscale.sim.overhead import EngineOverhead, engine_overhead
 from opscale.traces.trace import RequestTrace
 
-__all__ = ["KV_SHARE", "WorkloadFigures", "model_level_tp", "size_model_level", "size_operator_level"]
+__all__ = [
+    "KV_SHARE",
+    "IterationModel",
+    "WorkloadFigures",
+    "model_level_tp",
+    "size_model_level",
+    "size_operator_level",
+    "unit_tp",
+]
 
 #: Share of one GPU's usable memory an attention replica's KV cache is assumed to get when sizing.
 KV_SHARE = 0.5
@@ -71,21 +87,30 @@ class WorkloadFigures:
 
 
 class IterationModel:
-    """Time of one iteration of a stream (all units in sequence) on one TP group, from the cost model.
+    """Time of one iteration of a stream (all units in sequence), from the cost model.
 
-    :param model: the served model; ``gpu`` its GPU type; ``tp`` the TP degree of every unit.
+    :param model: the served model; ``gpu`` its GPU type.
+    :param tp: TP degree per unit (``attention`` included).
     :param cost_model: unit and attention times.
     :param figures: workload figures (prompt lengths and KV per request).
+    :param overhead: the engine's host time per iteration (``SimConfig.engine_overhead``).
     """
 
     def __init__(
-        self, model: ModelSpec, gpu: GPUSpec, tp: int, cost_model: CostModel, figures: WorkloadFigures
+        self,
+        model: ModelSpec,
+        gpu: GPUSpec,
+        tp: Mapping[UnitKind, int],
+        cost_model: CostModel,
+        figures: WorkloadFigures,
+        overhead: EngineOverhead,
     ):
-        self.model, self.gpu, self.tp, self.cost_model, self.figures = model, gpu, tp, cost_model, figures
+        self.model, self.gpu, self.tp = model, gpu, dict(tp)
+        self.cost_model, self.figures, self.overhead = cost_model, figures, overhead
         self.stateless_units = tuple(u for u in model.units if u is not UnitKind.ATTENTION)
 
     def unit_s(self, unit: UnitKind, tokens: int) -> float:
-        return self.cost_model.unit_time_s(self.model, unit, self.gpu, self.tp, tokens)
+        return self.cost_model.unit_time_s(self.model, unit, self.gpu, self.tp[unit], tokens)
 
     def iteration_s(self, tokens: int, decodes: int) -> float:
         """``decodes`` decode tokens (each reading the mean KV of a request) plus a prefill chunk of the
@@ -101,8 +126,9 @@ class IterationModel:
             prefill_attention_pairs=chunk * prior + chunk * (chunk + 1) / 2.0,
             num_prefills=1 if chunk else 0,
         )
-        attention = self.cost_model.attention_time_s(self.model, self.gpu, self.tp, batch)
-        return attention + sum(self.unit_s(unit, tokens) for unit in self.stateless_units)
+        attention = self.cost_model.attention_time_s(self.model, self.gpu, self.tp[UnitKind.ATTENTION], batch)
+        host = self.overhead.iteration_s(self.tp[UnitKind.ATTENTION], decodes + (1 if chunk else 0))
+        return host + attention + sum(self.unit_s(unit, tokens) for unit in self.stateless_units)
 
     def token_budget(self, candidates: Sequence[int], decodes: int) -> int:
         """The largest candidate whose full iteration fits the iteration budget (the smallest if none does)."""
@@ -135,19 +161,38 @@ def size_operator_level(
     target_utilisation: float,
     max_replicas: int,
 ) -> Deployment:
-    """Per-unit replica counts and the streams' token budget (TP 1, pack placement); see the module doc."""
+    """Per-unit replica counts, TP degrees and placement, and the streams' token budget; see the module doc."""
     gpu = cluster.gpu_of(0)
     figures = WorkloadFigures(trace, slo)
-    iterations = IterationModel(model, gpu, 1, cost_model, figures)
+    memory = ClusterState(cluster, model, sim_config)
     usable_bytes = gpu.memory_bytes * sim_config.gpu_memory_fraction
-    kv_tokens_per_stream = KV_SHARE * usable_bytes / model.kv_bytes_per_token(1)
-    by_kv = figures.in_flight * figures.kv_tokens_per_request / kv_tokens_per_stream
-    by_slots = figures.in_flight / sim_config.max_running_requests
-    decodes = math.ceil(figures.in_flight / max(1.0, math.ceil(max(by_kv, by_slots))))
+    overhead = engine_overhead(sim_config.engine_overhead, gpu)
+    memory_tp = {unit: unit_tp(model, unit, cluster, memory, usable_bytes) for unit in model.units}
+
+    def streams_for_memory(attention_tp: int) -> float:
+        # a stream's KV lives on its TP group: KV_SHARE of each of its GPUs
+        kv_tokens_per_stream = KV_SHARE * usable_bytes / model.kv_bytes_per_token(attention_tp)
+        by_kv = figures.in_flight * figures.kv_tokens_per_request / kv_tokens_per_stream
+        return max(by_kv, figures.in_flight / sim_config.max_running_requests)
+
+    iterations = _latency_tp(
+        model,
+        gpu,
+        memory_tp,
+        cost_model,
+        figures,
+        overhead,
+        min(budget_candidates),
+        cluster,
+        streams_for_memory,
+    )
+    tp = iterations.tp
+    by_memory = streams_for_memory(tp[UnitKind.ATTENTION])
+    decodes = math.ceil(figures.in_flight / max(1.0, math.ceil(by_memory)))
     budget = iterations.token_budget(budget_candidates, decodes)
     by_tokens = figures.tokens_per_s * iterations.iteration_s(budget, min(decodes, budget)) / budget
     streams = _capped(
-        math.ceil(max(by_kv, by_slots, by_tokens) / target_utilisation), max_replicas, "attention replicas"
+        math.ceil(max(by_memory, by_tokens) / target_utilisation), max_replicas, "attention replicas"
     )
     # fixed point: an iteration carries the tokens that arrive while it runs
     iteration_s = iterations.iteration_s(1, 1)
@@ -165,21 +210,21 @@ def size_operator_level(
             streams, _capped(math.ceil(busy / target_utilisation), max_replicas, f"{unit.value} replicas")
         )
         busy_per_replica[unit] = busy / replicas[unit]
-    memory = ClusterState(cluster, model, sim_config)
     bytes_per_replica = {
         unit: memory.replica_bytes_per_gpu(
-            unit, 1, budget if unit is UnitKind.ATTENTION else DEFAULT_BATCH_CAP_TOKENS
+            unit, tp[unit], budget if unit is UnitKind.ATTENTION else DEFAULT_BATCH_CAP_TOKENS
         )
         for unit in model.units
     }
     bytes_per_replica[UnitKind.ATTENTION] += KV_SHARE * usable_bytes
     gpus = _place_by_load(
-        replicas, busy_per_replica, bytes_per_replica, usable_bytes, cluster.num_gpus, target_utilisation
+        replicas, tp, busy_per_replica, bytes_per_replica, usable_bytes, cluster, target_utilisation
     )
     return Deployment.operator_level(
         model.name,
         gpu.name,
         replicas=replicas,
+        tp=tp,
         batch_caps={UnitKind.ATTENTION: budget},
         num_nodes=len(cluster.nodes),
         gpus=gpus,
@@ -198,42 +243,110 @@ def _attention_share(
     return attention_s / iteration_s
 
 
+def unit_tp(
+    model: ModelSpec, unit: UnitKind, cluster: ClusterSpec, memory: ClusterState, usable_bytes: float
+) -> int:
+    """Smallest valid TP degree at which one shard of a ``unit`` replica (weights and activations at the
+    default batch cap) takes at most ``1 - KV_SHARE`` of a GPU (attention: 1, it holds no weights).
+
+    :raises ValueError: if even a whole node's TP degree is too small (the unit does not fit a node).
+    """
+    if unit is UnitKind.ATTENTION:
+        return 1
+    gpus_per_node = cluster.nodes[0].gpus_per_node
+    for tp in model.valid_tp_degrees(gpus_per_node):
+        if (
+            memory.replica_bytes_per_gpu(unit, tp, DEFAULT_BATCH_CAP_TOKENS)
+            <= (1.0 - KV_SHARE) * usable_bytes
+        ):
+            return tp
+    raise ValueError(
+        f"default deployment: a {unit.value} replica of {model.name!r} does not fit a node of {gpus_per_node} "
+        f"{cluster.gpu_of(0).name} GPUs; give an explicit initial_deployment"
+    )
+
+
+def _latency_tp(
+    model: ModelSpec,
+    gpu: GPUSpec,
+    memory_tp: Mapping[UnitKind, int],
+    cost_model: CostModel,
+    figures: WorkloadFigures,
+    overhead: EngineOverhead,
+    smallest_budget: int,
+    cluster: ClusterSpec,
+    streams_for_memory: Callable[[int], float],
+) -> IterationModel:
+    """Raise every unit's TP degree together (never below what memory needs) until an iteration at the
+    smallest token budget, carrying its stream's share of the decodes, fits the iteration budget.
+    When no degree of a node gets there, the degree with the fastest such iteration (the model is too
+    slow for the SLO on this GPU whatever the degree; the simulator will show it)."""
+    fastest: tuple[float, IterationModel] | None = None
+    for degree in model.valid_tp_degrees(cluster.nodes[0].gpus_per_node):
+        tp = {unit: max(memory_tp[unit], degree) for unit in model.units}
+        iterations = IterationModel(model, gpu, tp, cost_model, figures, overhead)
+        streams = max(1.0, math.ceil(streams_for_memory(tp[UnitKind.ATTENTION])))
+        decodes = min(smallest_budget, math.ceil(figures.in_flight / streams))
+        seconds = iterations.iteration_s(smallest_budget, decodes)
+        if seconds <= figures.iteration_budget_s:
+            return iterations
+        if fastest is None or seconds < fastest[0]:
+            fastest = (seconds, iterations)
+    if fastest is None:
+        raise ValueError(f"model {model.name!r} has no valid TP degree within a node")
+    return fastest[1]
+
+
 def _place_by_load(
-    replicas: dict[UnitKind, int],
-    busy_per_replica: dict[UnitKind, float],
-    bytes_per_replica: dict[UnitKind, float],
+    replicas: Mapping[UnitKind, int],
+    tp: Mapping[UnitKind, int],
+    busy_per_replica: Mapping[UnitKind, float],
+    bytes_per_replica: Mapping[UnitKind, float],
     usable_bytes: float,
-    num_gpus: int,
+    cluster: ClusterSpec,
     target_utilisation: float,
 ) -> dict[UnitKind, list[tuple[int, ...]]]:
-    """First-fit decreasing by busy share: each replica goes to the first GPU whose summed busy share
-    stays within ``target_utilisation`` and whose memory holds it.
+    """First-fit decreasing by busy share: each replica goes to the first TP group (``tp`` GPUs of one
+    node) whose GPUs' summed busy shares stay within ``target_utilisation`` and whose memory holds a shard.
 
     The simulators' ``pack`` policy fills GPUs by memory alone, which for small operator replicas puts a
     whole model's compute on one GPU; placing by load keeps co-located replicas from contending. If no
-    GPU satisfies both limits, the replica goes to the GPU with the least busy share that has the memory
-    (a cluster too small for the load still gets a deployment; the simulator shows the overload).
+    group satisfies both limits, the replica goes to the least busy GPUs that have the memory (a cluster
+    too small for the load still gets a deployment; the simulator shows the overload).
+
+    :raises ValueError: when no node has ``tp`` GPUs with room for a shard.
     """
-    busy = [0.0] * num_gpus
-    used = [0.0] * num_gpus
+    busy = [0.0] * cluster.num_gpus
+    used = [0.0] * cluster.num_gpus
     placed: dict[UnitKind, list[tuple[int, ...]]] = {unit: [] for unit in replicas}
     order = sorted(
         ((unit, copy) for unit, count in replicas.items() for copy in range(count)),
-        key=lambda item: (-busy_per_replica[item[0]], item[0].value, item[1]),
+        key=lambda item: (-busy_per_replica[item[0]] * tp[item[0]], item[0].value, item[1]),
     )
     for unit, _ in order:
-        share, need = busy_per_replica[unit], bytes_per_replica[unit]
-        fits_memory = [g for g in range(num_gpus) if used[g] + need <= usable_bytes]
-        if not fits_memory:
+        share, need, size = busy_per_replica[unit], bytes_per_replica[unit], tp[unit]
+        group: tuple[int, ...] | None = None
+        fallback: tuple[int, ...] | None = None
+        for node in range(len(cluster.nodes)):
+            roomy = [g for g in cluster.gpus_of_node(node) if used[g] + need <= usable_bytes]
+            within = [g for g in roomy if busy[g] + share <= target_utilisation]
+            if len(within) >= size:
+                group = tuple(within[:size])
+                break
+            if len(roomy) >= size:
+                candidate = tuple(sorted(roomy, key=lambda g: busy[g])[:size])
+                if fallback is None or max(busy[g] for g in candidate) < max(busy[g] for g in fallback):
+                    fallback = candidate
+        chosen = group or fallback
+        if chosen is None:
             raise ValueError(
-                f"default deployment: no GPU has {need / 1e9:.1f} GB free for a {unit.value} replica; "
-                "use more nodes or give an explicit initial_deployment"
+                f"default deployment: no node has {size} GPU(s) with {need / 1e9:.1f} GB free for a "
+                f"{unit.value} replica; use more nodes or give an explicit initial_deployment"
             )
-        within = [g for g in fits_memory if busy[g] + share <= target_utilisation]
-        chosen = within[0] if within else min(fits_memory, key=lambda g: busy[g])
-        busy[chosen] += share
-        used[chosen] += need
-        placed[unit].append((chosen,))
+        for g in chosen:
+            busy[g] += share
+            used[g] += need
+        placed[unit].append(tuple(sorted(chosen)))
     return placed
 
 
@@ -268,7 +381,8 @@ def size_model_level(
     gpu = cluster.gpu_of(0)
     figures = WorkloadFigures(trace, slo)
     tp = model_level_tp(model, cluster, sim_config)
-    iterations = IterationModel(model, gpu, tp, cost_model, figures)
+    overhead = engine_overhead(sim_config.engine_overhead, gpu)
+    iterations = IterationModel(model, gpu, dict.fromkeys(model.units, tp), cost_model, figures, overhead)
     usable_bytes = gpu.memory_bytes * sim_config.gpu_memory_fraction
     kv_tokens = (usable_bytes - model.total_weight_bytes(tp)) / model.kv_bytes_per_token(tp)
     by_kv = figures.in_flight * figures.kv_tokens_per_request / kv_tokens

@@ -88,6 +88,7 @@ def _layout(units: tuple[UnitKind, ...] = DENSE_UNITS) -> ObservationLayout:
         ({"slo": {"ttft_s": 0.0, "tbt_s": 0.1}}, "'slo.ttft_s' must be > 0"),
         ({"trace": "azure-chat"}, "unknown trace 'azure-chat'; valid names: .*azure-conv.*default"),
         ({"trace": 42}, "unknown trace 42"),
+        ({"long_requests": "wrap"}, "unknown long_requests policy 'wrap'; valid: clip, drop, error"),
     ],
 )
 def test_bad_config_raises_naming_value_and_choices(
@@ -114,20 +115,23 @@ def test_bad_config_raises_at_env_construction(trace: RequestTrace, fake_sim: No
         OperatorAutoscaleEnv(trace=trace, render_mode="human")
 
 
-def test_requests_longer_than_the_context_raise_at_construction(fake_sim: None) -> None:
+def test_requests_longer_than_the_context_are_clipped_dropped_or_refused(fake_sim: None) -> None:
     long = RequestTrace(
         np.arange(200.0) * 5.0,
-        np.full(200, 4000),
+        np.where(np.arange(200) % 2 == 0, 4000, 100),
         np.full(200, 100),
         name="long",
         time_range_s=(0.0, 1000.0),
     )
-    with pytest.raises(ValueError, match=r"200 requests of trace 'long' exceed the 4096-token context"):
-        OperatorAutoscaleEnv(trace=long, model="llama-2-7b", horizon=10)
-    clipped = OperatorAutoscaleEnv(
-        trace=long, model="llama-2-7b", horizon=10, sim_config={"clip_long_requests": True}
-    )
-    assert clipped.longest_request_tokens == 4096
+    with pytest.raises(ValueError, match=r"needs 4100 context tokens .*> max_context 4096"):
+        OperatorAutoscaleEnv(trace=long, model="llama-2-7b", horizon=10, long_requests="error")
+    with pytest.warns(UserWarning, match="4096-token context: .*100"):
+        clipped = OperatorAutoscaleEnv(trace=long, model="llama-2-7b", horizon=10)
+    assert len(clipped.trace) == 200 and clipped.longest_request_tokens == 4096
+    with pytest.warns(UserWarning):
+        dropped = OperatorAutoscaleEnv(trace=long, model="llama-2-7b", horizon=10, long_requests="drop")
+    assert len(dropped.trace) == 100 and dropped.longest_request_tokens == 200
+    assert OperatorAutoscaleEnv(trace=long, model="qwen2-7b", horizon=10).trace is long
 
 
 def test_initial_deployment_of_the_wrong_granularity_or_above_the_cap_raises(

@@ -123,10 +123,14 @@ def test_masks_agree_with_the_simulators_repairs_for_single_unit_actions(unit: U
     assert saw_forbidden, "one node should fill up within ten additions"
 
 
-def test_default_deployment_meets_the_slo_on_the_default_workload() -> None:
-    """The sized starting deployment (no actions) keeps the SLO in most intervals of an episode."""
+@pytest.mark.parametrize(
+    ("model", "gpu"), [("qwen2-7b", "a100"), ("mixtral-8x7b", "h100"), ("qwen2-vl-7b", "h100")]
+)
+def test_default_deployment_meets_the_slo_on_the_default_workload(model: str, gpu: str) -> None:
+    """The sized starting deployment (no actions) keeps the SLO in most intervals of an episode,
+    for a dense model, an MoE whose experts need TP 4, and a vision-language model."""
     for env_id in ("opscale/OperatorAutoscale-fast-v0", "opscale/ModelAutoscale-fast-v0"):
-        env = gym.make(f"opscale:{env_id}", horizon=24)
+        env = gym.make(f"opscale:{env_id}", horizon=24, model=model, gpu=gpu)
         env.reset(seed=1)
         noop = env.unwrapped.codec.noop()  # type: ignore[attr-defined]
         attainment = [env.step(noop)[4]["interval"]["slo_attainment"] for _ in range(24)]
