@@ -97,7 +97,7 @@ PowerFunction = Callable[[GPUSpec, float, float], float]
 #: Equal-probability quantile points representing prompt and output length distributions.
 LENGTH_QUANTILES = 16
 #: Outer fixed-point iterations per interval (warm-started from the previous interval).
-FIXED_POINT_ITERATIONS = 4
+FIXED_POINT_ITERATIONS = 3
 #: Utilisation at which queueing formulas are evaluated at most (beyond it the backlog takes over).
 UTILISATION_CEILING = 0.98
 #: Allen-Cunneen factor ``(ca^2 + cs^2) / 2`` of unit pools: Poisson-like job arrivals, deterministic service.
