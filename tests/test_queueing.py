@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from opscale.sim.queueing import (
     ErlangCTable,
     allen_cunneen_wait_s,
