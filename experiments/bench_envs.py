@@ -1,14 +1,16 @@
 """Environment speed benchmark (issue 6 targets), printing one line per figure.
 
 * ``OperatorAutoscale-fast-v0`` alone (through ``gym.make``'s wrappers, random valid actions drawn up
-  front, resets included): target >= 5,000 env steps/s;
+  front, resets included; default config): target >= 5,000 env steps/s;
 * SB3 PPO on it with 8 ``DummyVecEnv`` envs (``learn`` wall time, rollouts and updates included):
   target >= 1,500 env steps/s;
 * ``OperatorAutoscale-v0`` (DES) on the default workload and config (5-s control interval):
   target >= 50 env steps/s;
-* the model-level ids for comparison, and the env layer's own cost (a replayed interval instead of a
+* no-op actions (the deployment stays as sized), the model-level ids for comparison, and the env layer's own cost (a replayed interval instead of a
   simulation), which bounds what any simulator behind it can reach.
 
+Each figure runs for a fixed number of steps or a wall-time budget (30 s; 5 s with ``--quick``),
+whichever ends first, so slow simulators still give a figure in bounded time.
 Run: ``python -m opscale.experiments.bench_envs`` (``--quick`` for a smoke run). Add ``--profile`` to
 print the top functions of a cProfile of the fast env.
 """
@@ -44,15 +46,27 @@ FAST_ID = "opscale/OperatorAutoscale-fast-v0"
 DES_ID = "opscale/OperatorAutoscale-v0"
 
 
-def env_steps_per_s(env_id: str, steps: int, seed: int = 0, **kwargs: Any) -> float:
-    """Steps per second of one environment under random actions (resets on truncation counted)."""
+def env_steps_per_s(
+    env_id: str, max_steps: int, max_seconds: float, *, noop: bool = False, seed: int = 0, **kwargs: Any
+) -> float:
+    """Steps per second of one environment (through ``gym.make``'s wrappers, resets on truncation
+    counted) over ``max_steps`` steps or ``max_seconds`` of wall time, whichever ends first.
+
+    :param noop: send the no-change action every step instead of random valid actions (drawn up front).
+    """
     env = gym.make(env_id, **kwargs)
     env.action_space.seed(seed)
-    actions = [env.action_space.sample() for _ in range(min(steps, 1024))]
+    if noop:
+        actions = [env.unwrapped.codec.noop()]  # type: ignore[attr-defined]
+    else:
+        actions = [env.action_space.sample() for _ in range(min(max_steps, 1024))]
     env.reset(seed=seed)
+    steps = 0
     start = time.perf_counter()
-    for index in range(steps):
-        _, _, terminated, truncated, _ = env.step(actions[index % len(actions)])
+    deadline = start + max_seconds
+    while steps < max_steps and time.perf_counter() < deadline:
+        _, _, terminated, truncated, _ = env.step(actions[steps % len(actions)])
+        steps += 1
         if terminated or truncated:
             env.reset()
     elapsed = time.perf_counter() - start
@@ -92,7 +106,7 @@ def _shallow_copy(instance: _T) -> _T:
     return clone
 
 
-def env_layer_steps_per_s(steps: int) -> float:
+def env_layer_steps_per_s(max_steps: int, max_seconds: float) -> float:
     """Steps per second of the operator-level env on :class:`_ReplaySimulator` (the env layer's own cost)."""
     from unittest import mock
 
@@ -107,7 +121,7 @@ def env_layer_steps_per_s(steps: int) -> float:
         return _ReplaySimulator(recorded, deployment)
 
     with mock.patch.object(base, "simulator_class", lambda fidelity: factory):
-        return env_steps_per_s(FAST_ID, steps)
+        return env_steps_per_s(FAST_ID, max_steps, max_seconds)
 
 
 def reset_s(env_id: str, resets: int) -> float:
@@ -120,28 +134,39 @@ def reset_s(env_id: str, resets: int) -> float:
     return (time.perf_counter() - start) / resets
 
 
-def ppo_steps_per_s(total_timesteps: int, num_envs: int = 8, seed: int = 0) -> float:
+def ppo_steps_per_s(total_timesteps: int, max_seconds: float, num_envs: int = 8, seed: int = 0) -> float:
     """Env steps per second of SB3 PPO (``MlpPolicy``, ``n_steps=256``, ``batch_size=256``, 10 epochs)
-    on ``num_envs`` fast environments in a ``DummyVecEnv``; wall time of ``learn`` only."""
+    on ``num_envs`` fast environments in a ``DummyVecEnv``: ``learn`` wall time (rollouts and updates)
+    until ``total_timesteps`` or ``max_seconds``, whichever comes first. With a slow simulator the
+    budget may end inside the first rollout, and the figure is then the rollout speed alone."""
     import torch
     from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
+
+    class StopAt(BaseCallback):
+        def __init__(self, deadline: float) -> None:
+            super().__init__()
+            self.deadline = deadline
+
+        def _on_step(self) -> bool:
+            return time.perf_counter() < self.deadline
 
     torch.set_num_threads(1)
     vec_env = make_vec_env(FAST_ID, n_envs=num_envs, seed=seed)
     model = PPO("MlpPolicy", vec_env, n_steps=256, batch_size=256, seed=seed, device="cpu", verbose=0)
     start = time.perf_counter()
-    model.learn(total_timesteps=total_timesteps)
+    model.learn(total_timesteps=total_timesteps, callback=StopAt(start + max_seconds))
     elapsed = time.perf_counter() - start
     vec_env.close()
     return model.num_timesteps / elapsed
 
 
-def profile_fast_env(steps: int) -> None:
+def profile_fast_env(max_steps: int, max_seconds: float) -> None:
     """cProfile of the fast environment's step loop (top 25 functions by own time)."""
     profiler = cProfile.Profile()
     profiler.enable()
-    env_steps_per_s(FAST_ID, steps)
+    env_steps_per_s(FAST_ID, max_steps, max_seconds)
     profiler.disable()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
@@ -151,29 +176,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run, figures are noisy")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the fast env")
     args = parser.parse_args(argv)
-    fast_steps, ppo_steps, des_steps = (500, 2048, 10) if args.quick else (20_000, 32_768, 200)
-    rows: list[tuple[str, float, float]] = []
-    rows.append(("env layer only (replayed interval, no simulation)", env_layer_steps_per_s(fast_steps), 0.0))
-    rows.append((f"{FAST_ID} alone", env_steps_per_s(FAST_ID, fast_steps), 5000.0))
-    rows.append(
-        (
-            "opscale/ModelAutoscale-fast-v0 alone",
-            env_steps_per_s("opscale/ModelAutoscale-fast-v0", fast_steps),
-            0.0,
-        )
+    # step counts a fast simulator reaches in a few seconds; the time budget bounds slow ones
+    fast_steps, ppo_steps, des_steps, seconds = (
+        (500, 2048, 20, 5.0) if args.quick else (20_000, 16_384, 500, 30.0)
     )
-    rows.append((f"SB3 PPO, 8 DummyVecEnv x {FAST_ID}", ppo_steps_per_s(ppo_steps), 1500.0))
-    rows.append((f"{DES_ID} (default workload, 5 s)", env_steps_per_s(DES_ID, des_steps), 50.0))
-    rows.append(
+    model_fast_id, model_des_id = "opscale/ModelAutoscale-fast-v0", "opscale/ModelAutoscale-v0"
+    rows: list[tuple[str, float, float]] = [
         (
-            "opscale/ModelAutoscale-v0 (default workload, 5 s)",
-            env_steps_per_s("opscale/ModelAutoscale-v0", des_steps),
+            "env layer only (replayed interval, no simulation)",
+            env_layer_steps_per_s(fast_steps, seconds),
             0.0,
-        )
-    )
+        ),
+        (f"{FAST_ID}, random actions", env_steps_per_s(FAST_ID, fast_steps, seconds), 5000.0),
+        (f"{FAST_ID}, no-op actions", env_steps_per_s(FAST_ID, fast_steps, seconds, noop=True), 0.0),
+        (f"{model_fast_id}, random actions", env_steps_per_s(model_fast_id, fast_steps, seconds), 0.0),
+        (f"SB3 PPO, 8 DummyVecEnv x {FAST_ID}", ppo_steps_per_s(ppo_steps, seconds), 1500.0),
+        (f"{DES_ID}, random actions", env_steps_per_s(DES_ID, des_steps, seconds), 50.0),
+        (f"{DES_ID}, no-op actions", env_steps_per_s(DES_ID, des_steps, seconds, noop=True), 0.0),
+        (f"{model_des_id}, random actions", env_steps_per_s(model_des_id, des_steps, seconds), 0.0),
+    ]
     width = max(len(name) for name, _, _ in rows)
     load_1min = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{os.cpu_count()} CPUs, 1-min load average {load_1min:.1f} (figures scale down when the machine is shared)")
+    print(
+        f"{os.cpu_count()} CPUs, 1-min load average {load_1min:.1f} (figures scale down when the machine is shared)"
+    )
     print(f"{'benchmark':<{width}}  {'env steps/s':>12}  {'target':>8}  status")
     for name, value, target in rows:
         status = "-" if target == 0 else ("ok" if value >= target else "BELOW TARGET")
@@ -181,9 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:<{width}}  {value:>12,.0f}  {target_text:>8}  {status}")
     print()
     for env_id in sorted(opscale.ENV_IDS):
-        print(f"reset() of {env_id}: {1e3 * reset_s(env_id, 3 if args.quick else 10):.1f} ms (new simulator + warm-up interval)")
+        print(
+            f"reset() of {env_id}: {1e3 * reset_s(env_id, 3 if args.quick else 10):.1f} ms (new simulator + warm-up interval)"
+        )
     if args.profile:
-        profile_fast_env(fast_steps)
+        profile_fast_env(fast_steps, seconds)
     return 0 if all(target == 0 or value >= target for _, value, target in rows) or args.quick else 1
 
 
