@@ -253,6 +253,8 @@ class FluidSimulator:
         self._backlog_decided = 0.0
         self._iteration_s = 0.0
         self._ttft_s = 0.0
+        #: admission capacity of one stream, requests/s (last interval; inf before the first)
+        self._capacity_per_stream = math.inf
         #: mean prefill-iteration time over the chunk distribution / time at the mean chunk (last interval)
         self._prefill_correction = 1.0
         #: prefill chunk sizes (tokens) of prefill iterations and their weights (last interval)
@@ -873,7 +875,9 @@ class FluidSimulator:
         iteration_s = self._iteration_s or self._iteration_triple(1.0, 0.0, 0.0, 0.0, context, 0.0)[0]
         self._cycle_s = iteration_s
         ttft_s = self._ttft_s or iteration_s
-        x_cap = math.inf
+        # the streams' admission capacity per stream, warm-started from the last interval (starting at
+        # infinity under overload would make the fixed point swing between empty and jammed streams)
+        x_cap = self._capacity_per_stream
         x = 0.0
         in_service_start = self._in_service / streams if streams else 0.0
         beta = decodes = rho_prefill = chunk_eff = prefill_rate = 0.0
@@ -933,9 +937,12 @@ class FluidSimulator:
             self._cycle_s = iteration_s
             x_cap_budget = budget / ((prompt_mean + gaps_per_request) * iteration_s)
             x_cap_kv = running_limit / (prefill_s_mean + gaps_per_request * iteration_s)
-            x_cap = min(x_cap_budget, x_cap_kv)
+            x_cap_new = min(x_cap_budget, x_cap_kv)
+            x_cap = x_cap_new if math.isinf(x_cap) else math.sqrt(x_cap * x_cap_new)
             ttft_s = 0.5 * beta * iteration_s + prefill_s_mean
         x = min(x_demand, x_cap) if ready else 0.0
+        if ready:
+            self._capacity_per_stream = x_cap
         # per prompt quantile: its last chunk shares the iteration with other prefills (rho_p of the rest)
         last = prompts - (chunks - 1.0) * available
         last_chunk = last + rho_prefill * np.maximum(available - last, 0.0)
