@@ -24,7 +24,7 @@ from typing import Any, ClassVar, SupportsFloat
 import gymnasium as gym
 import numpy as np
 
-from opscale.envs.config import EnvConfig, resolve_config
+from opscale.envs.config import EnvConfig, check_deployment, resolve_config
 from opscale.envs.costcache import MemoizedCostModel
 from opscale.envs.render import render_ansi, render_rgb
 from opscale.envs.reward import RewardFunction
@@ -42,7 +42,7 @@ from opscale.traces.trace import RequestTrace
 __all__ = ["AutoscaleEnv", "interval_metrics_dict"]
 
 _SECONDS_PER_DAY = 86400.0
-_RESET_OPTIONS = frozenset({"start_s"})
+_RESET_OPTIONS = frozenset({"start_s", "deployment"})
 #: Enum ``.value`` goes through a descriptor; a dict lookup is several times cheaper on the step path.
 _UNIT_NAMES: dict[UnitKind, str] = {unit: unit.value for unit in UnitKind}
 
@@ -98,18 +98,9 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         self._check_episode_fits()
         self.units: tuple[UnitKind, ...] = cfg.model.units
         self.initial_deployment: Deployment = cfg.initial_deployment or self._default_deployment()
-        self.initial_deployment.validate(gpus_per_node=cfg.gpus_per_node)
-        if self.initial_deployment.granularity != self.granularity:
-            raise ValueError(
-                f"{type(self).__name__} needs a {self.granularity}-level initial_deployment, "
-                f"got granularity {self.initial_deployment.granularity!r}"
-            )
+        self._check_granularity(self.initial_deployment)
         self.max_replicas = self._max_replicas()
-        largest = max(unit.replicas for unit in self.initial_deployment.units.values())
-        if largest > self.max_replicas:
-            raise ValueError(
-                f"initial_deployment has {largest} replicas of one unit, above max_replicas_per_unit={self.max_replicas}"
-            )
+        self._check_deployment(self.initial_deployment)
         self.codec: ActionCodec = self._make_codec()
         self.action_space = self.codec.space()
         rate_scale = cfg.rate_scale_per_s or self._peak_interval_rate_per_s()
@@ -139,12 +130,30 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         self._gpu_capacity_bytes = np.array([gpu.capacity_bytes for gpu in self._memory.gpus])
         self._sim: ServingSimulator | None = None
         self._window_start_s = 0.0
+        self._episode_deployment = self.initial_deployment
         self._steps = 0
         self._last_rate_per_s = 0.0
         self._last_metrics: IntervalMetrics | None = None
         self._last_reward_components: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ construction helpers
+    def _check_granularity(self, deployment: Deployment) -> None:
+        if deployment.granularity != self.granularity:
+            raise ValueError(
+                f"{type(self).__name__} needs a deployment of granularity {self.granularity!r}, "
+                f"got {deployment.granularity!r}"
+            )
+
+    def _check_deployment(self, deployment: Deployment) -> None:
+        """A starting deployment must fit the cluster, match the granularity and respect the replica cap."""
+        deployment.validate(gpus_per_node=self.config.gpus_per_node)
+        self._check_granularity(deployment)
+        largest = max(unit.replicas for unit in deployment.units.values())
+        if largest > self.max_replicas:
+            raise ValueError(
+                f"deployment has {largest} replicas of one unit, above max_replicas_per_unit={self.max_replicas}"
+            )
+
     def _make_sim_config(self) -> SimConfig:
         """``SimConfig`` defaults, then ``sim_config`` overrides, then ``cold_start`` overrides."""
         return SimConfig().with_changes(**{**self.config.sim_config, **self.config.cold_start})
@@ -226,7 +235,9 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         """Start an episode on a trace window.
 
         :param seed: seeds ``self.np_random`` (window start and the simulator's seed are drawn from it).
-        :param options: ``{"start_s": float}`` to start the window at a given trace time.
+        :param options: ``{"start_s": float}`` to start the window at a given trace time;
+            ``{"deployment": Deployment or dict}`` to start this episode from another deployment than
+            ``initial_deployment`` (same model, GPU, cluster and granularity; e.g. a planner's output).
         """
         super().reset(seed=seed)
         options = options or {}
@@ -243,13 +254,22 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             start_s = float(
                 self.np_random.uniform(self.trace.start_s, self.trace.end_s - self.episode_length_s)
             )
+        deployment = self.initial_deployment
+        if "deployment" in options:
+            given = check_deployment(
+                options["deployment"], self.model, self.config.gpu, self.config.num_nodes
+            )
+            assert given is not None, "reset option 'deployment' must be a Deployment or its dict"
+            self._check_deployment(given)
+            deployment = given
         self._window_start_s = start_s
+        self._episode_deployment = deployment
         window = self.trace.window(start_s, start_s + self.episode_length_s)
         simulator_cls = simulator_class(self.config.fidelity)
         self._sim = simulator_cls(
             self.cluster,
             self.model,
-            copy.deepcopy(self.initial_deployment),
+            copy.deepcopy(deployment),
             window,
             slo=self.slo,
             cost_model=self.cost_model,
@@ -301,9 +321,9 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def _current_replicas(self, unit: UnitKind) -> int:
         """Replicas of ``unit`` serving or loading now: from the last interval's end (the boundary the
-        action applies at), or the starting deployment before any interval ran."""
+        action applies at), or the episode's starting deployment before any interval ran."""
         if self._last_metrics is None:
-            return self.initial_deployment.units[unit].replicas
+            return self._episode_deployment.units[unit].replicas
         unit_metrics = self._last_metrics.units[unit]
         return unit_metrics.replicas + unit_metrics.pending_replicas
 

@@ -56,7 +56,7 @@ from opscale.sim.models import ModelSpec, get_model
 from opscale.sim.simulator import Fidelity
 from opscale.traces.trace import TRUNCATION_POLICIES, RequestTrace
 
-__all__ = ["REWARD_COMPONENTS", "EnvConfig", "default_config", "resolve_config"]
+__all__ = ["REWARD_COMPONENTS", "EnvConfig", "check_deployment", "default_config", "resolve_config"]
 
 #: Names of the reward components, in the order they are reported.
 REWARD_COMPONENTS: tuple[str, ...] = ("slo", "gpu", "energy")
@@ -216,7 +216,11 @@ def _check_int_tuple(key: str, value: Any) -> tuple[int, ...]:
     return tuple(sorted(items))
 
 
-def _check_deployment(value: Any, model: ModelSpec, gpu: GPUSpec, num_nodes: int) -> Deployment | None:
+def check_deployment(value: Any, model: ModelSpec, gpu: GPUSpec, num_nodes: int) -> Deployment | None:
+    """``value`` (``None``, a ``Deployment`` or its dict) as a ``Deployment`` for this model, GPU and cluster.
+
+    :raises ValueError: for another model, GPU or cluster size, or a malformed dict.
+    """
     if value is None:
         return None
     deployment = Deployment.from_dict(value) if isinstance(value, Mapping) else value
@@ -318,7 +322,7 @@ def resolve_config(config: Mapping[str, Any] | None = None, **overrides: Any) ->
         slo_target=slo_target,
         cold_start=cold_start,
         sim_config=dict(sim_config),
-        initial_deployment=_check_deployment(merged["initial_deployment"], model, gpu, num_nodes),
+        initial_deployment=check_deployment(merged["initial_deployment"], model, gpu, num_nodes),
         initial_utilisation=initial_utilisation,
         fidelity=fidelity,
         replica_deltas=replica_deltas,

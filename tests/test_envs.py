@@ -141,7 +141,7 @@ def test_initial_deployment_of_the_wrong_granularity_or_above_the_cap_raises(
     five = Deployment.operator_level("qwen2-7b", "a100", replicas=dict.fromkeys(DENSE_UNITS, 5), num_nodes=2)
     with pytest.raises(ValueError, match="5 replicas of one unit, above max_replicas_per_unit=4"):
         OperatorAutoscaleEnv(trace=trace, initial_deployment=five, max_replicas_per_unit=4)
-    with pytest.raises(ValueError, match="needs a model-level initial_deployment"):
+    with pytest.raises(ValueError, match="needs a deployment of granularity 'model'"):
         ModelAutoscaleEnv(trace=trace, initial_deployment=operator_env.initial_deployment)
 
 
@@ -411,3 +411,26 @@ def test_model_level_instance_cap(trace: RequestTrace, fake_sim: None) -> None:
     info = env.step(env.codec.encode(ScalingAction(instance_delta=2)))[4]
     assert info["repairs"] == 1 and "instances" in info["repair_messages"][0]
     assert info["interval"]["units"]["attention"]["replicas"] == 3
+
+
+def test_reset_can_start_from_another_deployment(trace: RequestTrace, fake_sim: None) -> None:
+    env = OperatorAutoscaleEnv(trace=trace, horizon=2)
+    threes = Deployment.operator_level(
+        "qwen2-7b", "a100", replicas=dict.fromkeys(DENSE_UNITS, 3), num_nodes=2
+    )
+    env.reset(seed=0, options={"deployment": threes.to_dict()})
+    info = env.step(env.codec.noop())[4]
+    assert {u["replicas"] for u in info["interval"]["units"].values()} == {3}
+    env.reset(seed=0)
+    assert (
+        env.step(env.codec.noop())[4]["interval"]["units"]["ffn"]["replicas"]
+        == env.initial_deployment.units[UnitKind.FFN].replicas
+    )
+    other_gpu = Deployment.operator_level(
+        "qwen2-7b", "h100", replicas=dict.fromkeys(DENSE_UNITS, 1), num_nodes=2
+    )
+    with pytest.raises(ValueError, match="'h100'"):
+        env.reset(options={"deployment": other_gpu})
+    model_level = Deployment.model_level("qwen2-7b", "a100", instances=1, num_nodes=2)
+    with pytest.raises(ValueError, match="needs a deployment of granularity 'operator', got 'model'"):
+        env.reset(options={"deployment": model_level})
