@@ -279,6 +279,7 @@ class FluidSimulator:
         self._served_total = 0.0
         self._last_interval: IntervalMetrics | None = None
         self._totals = _RunTotals(len(self._units))
+        self._counts = _WholeCounts()
         self._totals.gpus_peak = self.layout.state.gpus_powered
 
     # ------------------------------------------------------------------ construction
@@ -1224,9 +1225,9 @@ class FluidSimulator:
             start_s=start_s,
             end_s=end_s,
             arrivals=sum(s.arrivals for s in segments),
-            completions=round(served),
-            decided=round(decided),
-            slo_met=round(sum(s.slo_met for s in segments)),
+            completions=self._counts.take("completions", served),
+            decided=self._counts.take("decided", decided),
+            slo_met=self._counts.take("slo_met", sum(s.slo_met for s in segments)),
             slo_attainment=sum(s.slo_met for s in segments) / decided if decided > 1e-9 else 1.0,
             ttft_mean_s=by_decided([s.ttft_mean_s for s in segments], decided_counts),
             ttft_p50_s=max(s.ttft_p50_s for s in segments) if decided > 0 else 0.0,
@@ -1234,8 +1235,8 @@ class FluidSimulator:
             tbt_mean_s=by_decided([s.tbt_mean_s for s in segments], [s.served for s in segments]),
             tbt_p99_s=max(s.tbt_p99_s for s in segments) if served > 0 else 0.0,
             e2e_mean_s=by_decided([s.e2e_mean_s for s in segments], [s.served for s in segments]),
-            prompt_tokens_served=round(sum(s.prompt_tokens for s in segments)),
-            output_tokens_served=round(sum(s.output_tokens for s in segments)),
+            prompt_tokens_served=self._counts.take("prompt_tokens", sum(s.prompt_tokens for s in segments)),
+            output_tokens_served=self._counts.take("output_tokens", sum(s.output_tokens for s in segments)),
             preemptions=0,
             running_requests=round(last.running),
             waiting_requests=round(last.waiting),
@@ -1293,6 +1294,23 @@ class FluidSimulator:
                 for column, unit in enumerate(self._units)
             },
         )
+
+
+class _WholeCounts:
+    """Integer per-interval counts of fluid quantities whose running sums stay within 0.5 of the fluid
+    totals (rounding each interval on its own would drift over a long run)."""
+
+    def __init__(self) -> None:
+        self._fluid: dict[str, float] = {}
+        self._emitted: dict[str, int] = {}
+
+    def take(self, name: str, amount: float) -> int:
+        """The whole count for this interval's ``amount`` of ``name``."""
+        total = self._fluid.get(name, 0.0) + amount
+        self._fluid[name] = total
+        count = round(total) - self._emitted.get(name, 0)
+        self._emitted[name] = self._emitted.get(name, 0) + count
+        return count
 
 
 class _RunTotals:
