@@ -76,6 +76,7 @@ def env_shape(vec_env: Any) -> tuple[int, ...]:
     return tuple(vec_env.observation_space.shape)
 
 
+@pytest.mark.slow  # two fresh interpreters import SB3 and torch: ~10-20 s on a shared 2-core machine
 def test_canonical_id_works_in_spawned_subproc_vec_env() -> None:
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
