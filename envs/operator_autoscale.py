@@ -95,8 +95,10 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
     ``initial_utilisation``, see :mod:`opscale.envs.sizing`) on an empty cluster at the start of a trace
     window of ``(warmup_intervals + horizon) x control_interval_s`` seconds. The window starts at
     ``reset(options={"start_s": s})``, else at ``episode_start_s``, else uniformly at random in the trace
-    (from ``self.np_random``). ``warmup_intervals`` (default 1) are simulated with no action before the
-    first observation. The simulator's own seed is drawn from ``self.np_random``.
+    (from ``self.np_random``); ``reset(options={"deployment": d})`` starts that episode from ``d``
+    instead. ``warmup_intervals`` (default 1) are simulated with no action before the first
+    observation. The simulator's own seed is drawn from ``self.np_random``. Requests longer than the
+    model's context are clipped (``long_requests``, counted in ``env.unwrapped.trace.notes``).
 
     ## Episode End
 
@@ -108,7 +110,8 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
     with any key of :func:`opscale.envs.config.default_config` (model, gpu, num_nodes, trace, window,
     control interval, horizon, SLO, reward weights and penalty shape, cold-start figures, initial
     deployment, fidelity, action buckets, observation scales). Unknown or invalid values raise
-    ``ValueError`` at construction.
+    ``ValueError`` at construction. ``render_mode``: ``"ansi"`` (text table of units, replicas, GPUs and
+    SLO status) or ``"rgb_array"`` (bars per unit, SLO strip, GPUs powered).
 
     ## Version History
 
