@@ -6,7 +6,7 @@ The DES ids run on one node with a short horizon so the whole file stays well un
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -15,6 +15,7 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import opscale
+from opscale.envs.operator_autoscale import OperatorAutoscaleEnv
 from opscale.sim.deployment import ScalingAction, UnitAction
 from opscale.sim.models import UnitKind
 
@@ -110,14 +111,14 @@ def test_maskable_ppo_reads_the_masks() -> None:
 def test_masks_agree_with_the_simulators_repairs_for_single_unit_actions(unit: UnitKind) -> None:
     """Adding replicas of one unit until the node is full: an add the mask allows is carried out,
     an add it forbids would have been repaired."""
-    env = _make("opscale/OperatorAutoscale-fast-v0", horizon=12).unwrapped
+    env = cast(OperatorAutoscaleEnv, _make("opscale/OperatorAutoscale-fast-v0", horizon=12).unwrapped)
     env.reset(seed=0)
-    codec, deltas = env.codec, env.config.replica_deltas  # type: ignore[attr-defined]
-    position = sum(int(n) for n in codec.nvec[: 3 * env.units.index(unit)])  # type: ignore[attr-defined]
+    codec, deltas = env.codec, env.config.replica_deltas
+    position = int(codec.nvec[: 3 * env.units.index(unit)].sum())
     add_one = codec.encode(ScalingAction(units={unit: UnitAction(replica_delta=1)}))
     saw_forbidden = False
     for _ in range(10):
-        allowed = bool(env.action_masks()[position + deltas.index(1)])  # type: ignore[attr-defined]
+        allowed = bool(env.action_masks()[position + deltas.index(1)])
         info = env.step(add_one)[4]
         assert (info["repairs"] == 0) == allowed, info["repair_messages"]
         saw_forbidden |= not allowed
