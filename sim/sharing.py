@@ -98,20 +98,26 @@ class GpuSharing:
         :param compute_bound_s: how much of ``work_s`` is compute-bound (energy).
         """
         now = self.env.now
-        self.cluster.mark_busy(gpus, now)
+        cluster_gpus = self.cluster.gpus
+        for index in gpus:  # ClusterState.mark_busy, inlined (hot path)
+            gpu = cluster_gpus[index]
+            if gpu.busy == 0:
+                gpu.busy_since_s = now
+            gpu.busy += 1
         call = _Call(gpus, work_s, fixed_s, compute_bound_s, on_done, now)
         if self.factor:
             affected: list[_Call] = []
             for index in gpus:
                 running = self._running[index]
-                for other in running:
-                    if other not in affected:
-                        affected.append(other)
+                if running:
+                    for other in running:
+                        if other not in affected:
+                            affected.append(other)
                 running.append(call)
             if affected:
                 affected.append(call)
                 self._rerate(affected, now)
-        self._schedule(call, call.end_s)
+        self._schedule(call, call.end_s, now)
 
     def _rate(self, call: _Call) -> float:
         running = self._running
@@ -136,25 +142,26 @@ class GpuSharing:
             call.remaining_s = remaining
             call.end_s = now_s + remaining / rate + call.fixed_s
             if call.end_s < call.due_s and call.generation:
-                self._schedule(call, call.end_s)
+                self._schedule(call, call.end_s, now_s)
 
-    def _schedule(self, call: _Call, at_s: float) -> None:
+    def _schedule(self, call: _Call, at_s: float, now_s: float) -> None:
         call.generation += 1
         call.due_s = at_s
         generation = call.generation
-        self.env.timeout(at_s - self.env.now).callbacks.append(lambda _event: self._end(call, generation))
+        self.env.timeout(at_s - now_s).callbacks.append(lambda _event: self._end(call, generation))
 
     def _end(self, call: _Call, generation: int) -> None:
         if generation != call.generation:
             return  # rescheduled since
         now = self.env.now
         if call.end_s > now + 1e-12:
-            self._schedule(call, call.end_s)  # slowed down since the event was set
+            self._schedule(call, call.end_s, now)  # slowed down since the event was set
             return
-        self.cluster.mark_idle(call.gpus, now, call.compute_bound_s, call.fixed_s)
+        gpus = call.gpus
+        self.cluster.mark_idle(gpus, now, call.compute_bound_s, call.fixed_s)
         if self.factor:
             affected: list[_Call] = []
-            for index in call.gpus:
+            for index in gpus:
                 running = self._running[index]
                 running.remove(call)
                 for other in running:
