@@ -11,12 +11,16 @@ Serving semantics (DESIGN.md 2.4):
   pure-decode runs fast-forwarded). **Operator-level deployments** run every attention replica as a
   :class:`~opscale.sim.pools.PooledStream` whose iterations visit shared unit pools
   (:mod:`opscale.sim.pools`: per-unit batching across streams up to the batch cap, one job per unit
-  for all layers, transfers per layer between GPUs, contention between co-located busy replicas).
+  for all layers, transfers per layer between GPUs) and co-located calls share their GPU by processor
+  sharing (:mod:`opscale.sim.sharing`).
 * **Reconfiguration** (:meth:`DiscreteEventSimulator.apply`): new replicas serve after
   :meth:`SimConfig.replica_load_time_s`; removed stateless replicas finish their call; removed
   attention replicas hand their requests over (``migrate``: KV moved over the link, queued requests
-  re-routed) or finish them (``finish``), per :attr:`SimConfig.attention_drain`. Impossible parts of
-  an action (no memory, last replica) are repaired and counted in the :class:`ApplyReport`.
+  re-routed) or finish them (``finish``), per :attr:`SimConfig.attention_drain`; a move
+  (``UnitAction.move_replicas``) starts a replica elsewhere and drains the old one once the new one
+  serves. Impossible parts of an action (no memory, last replica) are repaired and counted in the
+  :class:`ApplyReport`; a request no replica can hold any more after a scale-down is rejected and
+  counted (:attr:`DiscreteEventSimulator.rejected_requests`).
 * **Metrics**: :mod:`opscale.sim.metrics` (the "decided" rule for per-interval SLO attainment);
   interval TTFT figures include requests decided by a passed TTFT deadline, at their waiting time so
   far (a lower bound); interval TBT and end-to-end figures cover requests that completed. Run-level

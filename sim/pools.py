@@ -13,7 +13,7 @@ per layer: a job whose input sits on another GPU pays ``layers x link latency + 
 call (the call waits for its slowest input).
 
 Co-located busy replicas share their GPU (:class:`opscale.sim.sharing.GpuSharing`, processor
-sharing of kernel time); the inbound transfer is a fixed part of a call that holds no GPU share.
+sharing of kernel time); the inbound transfer is a fixed part of a call that sharing does not stretch.
 """
 
 from __future__ import annotations
@@ -341,8 +341,10 @@ class UnitPool:
 
 class PooledStream(Stream):
     """An operator-level attention replica: each iteration visits the unit pools in model order,
-    runs attention (plus the engine overhead of the iteration) on its own replica, and ends after the
-    last unit. The LM head serves one token per sequence sampled (decodes and finished prefills)."""
+    runs attention on its own replica (its kernels shared with co-located calls; the iteration's engine
+    overhead and the inbound QKV transfer as a fixed part), and ends after the last unit. The LM head
+    serves one token per sequence sampled (decodes and finished prefills); the vision encoder is
+    visited only by iterations that start a request with image patches."""
 
     def __init__(
         self,
