@@ -554,11 +554,13 @@ class OperatorLatencyModel(_StreamModel):
         tp_attention = self.tp[UnitKind.ATTENTION]
         bump = np.where(load.prefill_share >= _BUMP_ITERATION_SHARE, bump, 0.0)
         ttft = self.ttft_s(load, iteration, bump, workload, np.array(token_budget))
+        # unstable candidates have infinite latencies; their memory is sized at the budgets instead
         finite_ttft = np.where(np.isfinite(ttft), ttft, 0.0)
-        kv = self.kv_bytes(workload, finite_ttft, iteration, tp_attention)
+        finite_iteration = np.where(np.isfinite(iteration), iteration, self.tau_budget_s)
+        kv = self.kv_bytes(workload, finite_ttft, finite_iteration, tp_attention)
         gpus = np.maximum((memory + kv) / self.usable_bytes, busy / self.targets.max_gpu_busy)
         needed = np.maximum(np.ceil(gpus - 1e-9), max(self.tp.values())).astype(np.int64)
-        in_flight = workload.rate_per_s * (finite_ttft + workload.output_tokens * iteration)
+        in_flight = workload.rate_per_s * (finite_ttft + workload.output_tokens * finite_iteration)
         fits = (in_flight <= streams * self.sim_config.max_running_requests) & bool(load.budget_use < 1.0)
         return OperatorEstimate(
             iteration_s=iteration,
