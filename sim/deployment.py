@@ -29,7 +29,9 @@ DEFAULT_BATCH_CAP_TOKENS = 2048
 GPUS_PER_NODE = 8
 
 
-def _unit_keyed(values: Mapping[Any, Any], valid: tuple[UnitKind, ...], model: str, what: str) -> dict[UnitKind, Any]:
+def _unit_keyed(
+    values: Mapping[Any, Any], valid: tuple[UnitKind, ...], model: str, what: str
+) -> dict[UnitKind, Any]:
     """``values`` keyed by :class:`UnitKind` (names accepted); unknown or foreign units raise."""
     keyed: dict[UnitKind, Any] = {}
     for key, value in values.items():
@@ -40,7 +42,9 @@ def _unit_keyed(values: Mapping[Any, Any], valid: tuple[UnitKind, ...], model: s
                 f"{what}: unknown unit {key!r}; units of {model!r}: {', '.join(u.value for u in valid)}"
             ) from None
         if unit not in valid:
-            raise ValueError(f"{what}: model {model!r} has no unit {unit.value!r}; its units: {', '.join(u.value for u in valid)}")
+            raise ValueError(
+                f"{what}: model {model!r} has no unit {unit.value!r}; its units: {', '.join(u.value for u in valid)}"
+            )
         keyed[unit] = value
     return keyed
 
@@ -187,12 +191,16 @@ class Deployment:
 
         spec = get_model(model)
         if instances < 1 or pp < 1:
-            raise ValueError(f"model-level deployment needs instances >= 1 and pp >= 1, got {instances}, {pp}")
+            raise ValueError(
+                f"model-level deployment needs instances >= 1 and pp >= 1, got {instances}, {pp}"
+            )
         spec.validate_tp(tp)
         if pp > spec.num_layers:
             raise ValueError(f"pp={pp} exceeds the {spec.num_layers} layers of model {spec.name!r}")
         if tp * pp > gpus_per_node:
-            raise ValueError(f"an instance of tp*pp={tp * pp} GPUs does not fit a node of {gpus_per_node} GPUs")
+            raise ValueError(
+                f"an instance of tp*pp={tp * pp} GPUs does not fit a node of {gpus_per_node} GPUs"
+            )
         per_node = gpus_per_node // (tp * pp)
         needed_nodes = -(-instances // per_node)
         deployment = cls(
@@ -201,7 +209,8 @@ class Deployment:
             num_nodes=needed_nodes if num_nodes is None else num_nodes,
             granularity="model",
             units={
-                unit: UnitDeployment(replicas=instances, tp=tp, batch_cap_tokens=token_budget) for unit in spec.units
+                unit: UnitDeployment(replicas=instances, tp=tp, batch_cap_tokens=token_budget)
+                for unit in spec.units
             },
             instances=instances,
             tp=tp,
@@ -318,9 +327,13 @@ class Deployment:
                 raise ValueError(f"unit {unit.value!r} needs >= 1 replica, got {config.replicas}")
             spec.validate_tp(config.tp)
             if config.tp > gpus_per_node:
-                raise ValueError(f"unit {unit.value!r}: tp={config.tp} exceeds the {gpus_per_node} GPUs of a node")
+                raise ValueError(
+                    f"unit {unit.value!r}: tp={config.tp} exceeds the {gpus_per_node} GPUs of a node"
+                )
             if config.batch_cap_tokens < 1:
-                raise ValueError(f"unit {unit.value!r}: batch_cap_tokens must be >= 1, got {config.batch_cap_tokens}")
+                raise ValueError(
+                    f"unit {unit.value!r}: batch_cap_tokens must be >= 1, got {config.batch_cap_tokens}"
+                )
             if config.gpus is None:
                 continue
             if len(config.gpus) != config.replicas:
@@ -329,7 +342,9 @@ class Deployment:
                 )
             for group in config.gpus:
                 if len(group) != config.tp:
-                    raise ValueError(f"unit {unit.value!r}: GPU group {group} has {len(group)} GPUs, tp={config.tp}")
+                    raise ValueError(
+                        f"unit {unit.value!r}: GPU group {group} has {len(group)} GPUs, tp={config.tp}"
+                    )
                 for index in group:
                     if not 0 <= index < num_gpus:
                         raise ValueError(
