@@ -263,6 +263,7 @@ def test_registry_names_and_errors(tmp_path) -> None:
         make_policy("operator-greedy", model_env)
 
 
+@pytest.mark.slow  # imports torch and builds two SB3 models
 @pytest.mark.parametrize("maskable", [False, True])
 def test_registry_loads_saved_sb3_models(tmp_path, maskable: bool) -> None:
     from sb3_contrib import MaskablePPO

@@ -50,8 +50,8 @@ def test_every_heuristic_runs_through_the_harness(policy: str, env_id: str, fide
 
 def test_same_seeds_give_the_same_windows_for_every_policy() -> None:
     config = {"horizon": HORIZON}
-    greedy = evaluate("operator-greedy", "opscale/OperatorAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config)
-    static = evaluate("static", "opscale/OperatorAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config)
+    greedy = evaluate("model-level", "opscale/ModelAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config)
+    static = evaluate("static", "opscale/ModelAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config)
     assert [e.start_s for e in greedy.episodes] == [e.start_s for e in static.episodes]
     assert [e.requests for e in greedy.episodes] == [e.requests for e in static.episodes]
     assert greedy.episodes[0].start_s != greedy.episodes[1].start_s
