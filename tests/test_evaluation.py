@@ -50,14 +50,14 @@ def test_every_heuristic_runs_through_the_harness(policy: str, env_id: str, fide
 
 def test_same_seeds_give_the_same_windows_for_every_policy() -> None:
     config = {"horizon": HORIZON}
-    greedy = evaluate("model-level", "opscale/ModelAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config)
+    tracking = evaluate("model-level", "opscale/ModelAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config)
     static = evaluate("static", "opscale/ModelAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config)
-    assert [e.start_s for e in greedy.episodes] == [e.start_s for e in static.episodes]
-    assert [e.requests for e in greedy.episodes] == [e.requests for e in static.episodes]
-    assert greedy.episodes[0].start_s != greedy.episodes[1].start_s
-    difference = paired_difference(greedy, static, "gpus_mean")
+    assert [e.start_s for e in tracking.episodes] == [e.start_s for e in static.episodes]
+    assert [e.requests for e in tracking.episodes] == [e.requests for e in static.episodes]
+    assert tracking.episodes[0].start_s != tracking.episodes[1].start_s
+    difference = paired_difference(tracking, static, "gpus_mean")
     assert difference.n == 2
-    assert difference.mean == pytest.approx(np.mean([a.gpus_mean - b.gpus_mean for a, b in zip(greedy.episodes, static.episodes, strict=True)]))
+    assert difference.mean == pytest.approx(np.mean([a.gpus_mean - b.gpus_mean for a, b in zip(tracking.episodes, static.episodes, strict=True)]))
 
 
 def test_held_out_windows_start_in_the_last_fifth() -> None:
