@@ -111,6 +111,8 @@ class PaperTableConfig:
     :param ppo_n_envs: parallel training envs.
     :param ppo_train_horizon: decisions per training episode.
     :param num_nodes: cluster size (8-GPU nodes) of the matched-load comparison.
+    :param model_num_nodes: per model, a cluster size replacing ``num_nodes`` (models whose default
+        deployment does not fit ``num_nodes``).
     :param horizon: decisions per evaluation episode (``control_interval_s`` each).
     :param control_interval_s: seconds between decisions.
     :param eval_seeds: reset seeds of the evaluation episodes (the pairing key across policies).
@@ -139,6 +141,7 @@ class PaperTableConfig:
     ppo_n_envs: int = 4
     ppo_train_horizon: int = 60
     num_nodes: int = 2
+    model_num_nodes: Mapping[str, int] = field(default_factory=lambda: {"llama-2-70b": 4})
     horizon: int = 120
     control_interval_s: float = 5.0
     eval_seeds: tuple[int, ...] = (1000, 1001, 1002)
@@ -204,7 +207,7 @@ class PaperTableConfig:
             "model": case.model,
             "gpu": case.gpu,
             "trace": case.trace,
-            "num_nodes": self.num_nodes,
+            "num_nodes": self.model_num_nodes.get(case.model, self.num_nodes),
             "horizon": horizon or self.horizon,
             "control_interval_s": self.control_interval_s,
             "trace_rate_scale": float(self.trace_rate_scales.get(case.trace, 1.0)),
@@ -216,7 +219,8 @@ class Bisection:
     """Result of :func:`max_sustainable_scale`.
 
     :param scale: the largest probed scale that sustained the SLO (0 if none did).
-    :param probes: every ``(scale, slo_attainment)`` probed, in order.
+    :param probes: every ``(scale, slo_attainment)`` probed, in order (attainment NaN: the run could not
+        start because the environment's starting deployment for that load does not fit the budget).
     :param capped: the search hit ``max_scale`` while still sustaining (the true maximum is higher).
     """
 
@@ -419,7 +423,13 @@ def _throughput(
                 # scale; heuristics read physical values, and the env default (this trace's peak) never clips
                 "rate_scale_per_s": rate_scale_per_s if policy is PaperPolicy.PPO else None,
             }
-            result = evaluate(spec, POLICY_ENV_IDS[policy], seeds=config.eval_seeds[:1], env_config=env_config, windows="held-out")
+            try:
+                result = evaluate(spec, POLICY_ENV_IDS[policy], seeds=config.eval_seeds[:1], env_config=env_config, windows="held-out")
+            except ValueError as error:
+                if "deployment" not in str(error):
+                    raise
+                # the env's starting deployment for this load does not fit the budget: not sustained
+                return math.nan
         episode = result.episodes[0]
         window_s = (episode.steps + 1) * config.control_interval_s  # + the env's one warm-up interval
         offered[scale] = episode.requests / window_s

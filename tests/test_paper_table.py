@@ -52,6 +52,11 @@ def test_bisection_with_nothing_sustained_returns_zero() -> None:
     assert result.scale == 0.0 and [scale for scale, _ in result.probes] == [1.0, 0.5, 0.25]
 
 
+def test_bisection_counts_a_run_that_could_not_start_as_not_sustained() -> None:
+    result = max_sustainable_scale(lambda scale: 0.95 if scale <= 2 else math.nan, threshold=0.9, probes=3, max_scale=8.0)
+    assert result.scale == 2.0 and [scale for scale, _ in result.probes] == [1.0, 2.0, 4.0]
+
+
 def test_config_rejects_bad_policies_and_missing_baseline() -> None:
     with pytest.raises(ValueError, match="unknown policies \\['hpa'\\]"):
         PaperTableConfig(policies=("hpa", "model-level"))  # type: ignore[arg-type]
