@@ -141,12 +141,12 @@ class PaperTableConfig:
     ppo_n_envs: int = 4
     ppo_train_horizon: int = 60
     num_nodes: int = 2
-    model_num_nodes: Mapping[str, int] = field(default_factory=lambda: {"llama-2-70b": 4})
+    model_num_nodes: Mapping[str, int] = field(default_factory=lambda: {"llama-2-70b": 6})
     horizon: int = 120
     control_interval_s: float = 5.0
     eval_seeds: tuple[int, ...] = (1000, 1001, 1002)
     trace_rate_scales: Mapping[str, float] = field(default_factory=lambda: {"servegen-m-large": 0.05})
-    budget_num_nodes: int | None = 1
+    budget_num_nodes: int | None = None
     throughput_horizon: int = 60
     slo_threshold: float = 0.9
     bisection_probes: int = 6
@@ -192,6 +192,7 @@ class PaperTableConfig:
             horizon=24,
             eval_seeds=(1000, 1001),
             throughput_horizon=24,
+            budget_num_nodes=1,
             bisection_probes=4,
             max_rate_scale=8.0,
         )
