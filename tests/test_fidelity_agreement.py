@@ -7,10 +7,11 @@ burst rows, is printed by ``python -m opscale.experiments.fidelity_report``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from opscale.experiments.fidelity_report import (
-    AgreementCase,
     agreement_cases,
     measure_capacity,
     poisson_trace,
@@ -29,32 +30,39 @@ def capacities() -> dict[str, float]:
     return {case.label: measure_capacity(DiscreteEventSimulator, case, probe_rate_per_s=40.0) for case in agreement_cases()}
 
 
-def _compare(case: AgreementCase, load: float, capacity: float) -> dict[str, bool]:
-    trace = poisson_trace(load * capacity, DURATION_S, seed=0)
-    fluid = run_fidelity(FluidSimulator, case, trace, DURATION_S)
-    des = run_fidelity(DiscreteEventSimulator, case, trace, DURATION_S)
-    return within_targets(fluid, des)
+@pytest.fixture(scope="module")
+def compare(capacities: dict[str, float]) -> Callable[[int, float], dict[str, bool]]:
+    """``(case index, load) -> target checks``, each pair simulated once per module."""
+    results: dict[tuple[int, float], dict[str, bool]] = {}
+
+    def run(case_index: int, load: float) -> dict[str, bool]:
+        if (case_index, load) not in results:
+            case = agreement_cases()[case_index]
+            trace = poisson_trace(load * capacities[case.label], DURATION_S, seed=0)
+            fluid = run_fidelity(FluidSimulator, case, trace, DURATION_S)
+            des = run_fidelity(DiscreteEventSimulator, case, trace, DURATION_S)
+            results[(case_index, load)] = within_targets(fluid, des)
+        return results[(case_index, load)]
+
+    return run
 
 
 @pytest.mark.parametrize("load", LOADS)
-def test_model_level_agreement(load: float, capacities: dict[str, float]) -> None:
-    case = agreement_cases()[0]
-    checks = _compare(case, load, capacities[case.label])
+def test_model_level_agreement(load: float, compare: Callable[[int, float], dict[str, bool]]) -> None:
+    checks = compare(0, load)
     assert all(checks.values()), checks
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("load", LOADS)
-def test_operator_level_gpus_energy_and_tbt_agree(load: float, capacities: dict[str, float]) -> None:
-    case = agreement_cases()[1]
-    checks = _compare(case, load, capacities[case.label])
+def test_operator_level_gpus_energy_and_tbt_agree(load: float, compare: Callable[[int, float], dict[str, bool]]) -> None:
+    checks = compare(1, load)
     assert checks["gpus"] and checks["energy"] and checks["tbt"], checks
 
 
 @pytest.mark.slow
-def test_operator_level_all_targets_at_light_load(capacities: dict[str, float]) -> None:
-    case = agreement_cases()[1]
-    checks = _compare(case, 0.3, capacities[case.label])
+def test_operator_level_all_targets_at_light_load(compare: Callable[[int, float], dict[str, bool]]) -> None:
+    checks = compare(1, 0.3)
     assert all(checks.values()), checks
 
 
@@ -65,7 +73,6 @@ def test_operator_level_all_targets_at_light_load(capacities: dict[str, float]) 
     strict=False,
 )
 @pytest.mark.parametrize("load", (0.6, 0.9))
-def test_operator_level_slo_and_ttft_agree(load: float, capacities: dict[str, float]) -> None:
-    case = agreement_cases()[1]
-    checks = _compare(case, load, capacities[case.label])
+def test_operator_level_slo_and_ttft_agree(load: float, compare: Callable[[int, float], dict[str, bool]]) -> None:
+    checks = compare(1, load)
     assert checks["slo"] and checks["ttft"], checks
