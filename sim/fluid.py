@@ -62,7 +62,10 @@ Approximations to keep in mind (the agreement with the engine is measured by
 one end-to-end latency); removed replicas leave at once (the engine drains them); preemption is not
 modelled (the KV limit only caps admission); the stream load is split evenly over streams; the
 contention of long calls follows the convoy argument of :meth:`FluidSimulator._call_slowdown` (a
-heuristic, not a derivation); admission waits near saturation are approximate.
+heuristic, not a derivation); admission waits near saturation are approximate. ``SimConfig`` fields
+about individual requests or calls (``attention_drain``, ``service_time_distribution``,
+``record_requests``, ``fast_forward_decode``) do not apply; image tokens join the prompt as in the
+engine.
 """
 
 from __future__ import annotations

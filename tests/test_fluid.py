@@ -173,8 +173,9 @@ def test_operator_level_actions_are_repaired_and_counted() -> None:
         operator_level,
         lambda: Deployment.operator_level(MODEL, "a100", replicas=OPERATOR_REPLICAS, placement="spread-gpu", num_nodes=1),
         lambda: Deployment.operator_level("llama-2-70b", "a100", replicas=OPERATOR_REPLICAS, tp=4, num_nodes=2),
+        lambda: Deployment.model_level("llama-2-70b", "a100", instances=1, tp=4, pp=2, num_nodes=2),
     ],
-    ids=["model", "operator-pack", "operator-spread", "operator-70b-tp4"],
+    ids=["model", "operator-pack", "operator-spread", "operator-70b-tp4", "model-70b-tp4-pp2"],
 )
 def test_gpus_and_memory_identical_to_the_engine(make: object) -> None:
     deployment = make()  # type: ignore[operator]
