@@ -71,7 +71,6 @@ engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -84,7 +83,7 @@ from opscale.sim.fluid_arrivals import ArrivalIndex
 from opscale.sim.fluid_latency import LogHistogram, TtftMixture, shared_poisson_tail_table, weighted_quantile
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
 from opscale.sim.fluid_tables import AttentionSurrogate, TokenLine, UnitTimeTable
-from opscale.sim.hardware import ClusterSpec, GPUSpec
+from opscale.sim.hardware import ClusterSpec
 from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
 from opscale.sim.models import ModelSpec, UnitKind, get_model
 from opscale.sim.overhead import engine_overhead
@@ -95,7 +94,6 @@ from opscale.sim.simulator import Snapshot
 __all__ = ["LENGTH_QUANTILES", "FluidSimulator"]
 
 FloatArray = NDArray[np.float64]
-PowerFunction = Callable[[GPUSpec, float, float], float]
 
 #: Equal-probability quantile points representing prompt and output length distributions.
 LENGTH_QUANTILES = 16
@@ -195,9 +193,8 @@ class FluidSimulator:
     :param cost_model: operator times; default :func:`opscale.sim.costmodel.default_cost_model`.
     :param config: engine constants shared with the engine; default :class:`SimConfig()`.
     :param seed: accepted for interface parity; the fluid model draws no random numbers.
-    :param power_w: ``(gpu, busy_fraction, compute_bound_fraction) -> watts``; default
-        :class:`opscale.sim.power.PowerModel` (the splitwise-constants preset, the same formula and
-        figures as the engine's default), evaluated for all GPUs in one vectorised call.
+    :param power_model: GPU power levels; default :class:`opscale.sim.power.PowerModel()` (as the
+        engine's), evaluated for all GPUs in one vectorised expression.
     :raises ValueError: the same bad inputs the engine rejects (unknown or foreign units, GPU type
         other than the cluster's, a deployment that does not fit, a request longer than the context
         limit unless ``config.clip_long_requests``).
@@ -214,7 +211,7 @@ class FluidSimulator:
         cost_model: CostModel | None = None,
         config: SimConfig | None = None,
         seed: int = 0,
-        power_w: PowerFunction | PowerModel | None = None,
+        power_model: PowerModel | None = None,
     ) -> None:
         self.cluster = cluster
         self.model = get_model(model) if isinstance(model, str) else model
@@ -222,17 +219,15 @@ class FluidSimulator:
         self.config = config or SimConfig()
         self.cost_model: CostModel = cost_model or default_cost_model()
         self.seed = seed
-        self.power_w: PowerFunction | PowerModel = power_w or PowerModel()
+        self.power_model = power_model or PowerModel()
         self._check_deployment(deployment)
         self._granularity = deployment.granularity
         self._tp = deployment.tp
         self._pp = deployment.pp
         self._unit_configs: dict[UnitKind, UnitDeployment] = {u: replace(c) for u, c in deployment.units.items()}
         self._gpu = cluster.gpu_of(0)
-        self._power_levels: tuple[float, float, float] | None = None
-        if isinstance(self.power_w, PowerModel):
-            profile = self.power_w.profile(self._gpu)
-            self._power_levels = (profile.idle_w, profile.memory_bound_w, profile.compute_bound_w)
+        profile = self.power_model.profile(self._gpu)
+        self._power_levels = (profile.idle_w, profile.memory_bound_w, profile.compute_bound_w)
         self._load_trace(trace)
         self._units = self.model.units
         self._stateless = tuple(u for u in self._units if u is not UnitKind.ATTENTION)
@@ -1166,23 +1161,16 @@ class FluidSimulator:
         )
 
     def _gpu_power_w(self, busy: float, compute: float) -> float:
-        """Power of one GPU (scalar form of :meth:`_power_array`)."""
-        levels = self._power_levels
-        if levels is None:
-            return float(self.power_w(self._gpu, busy, compute))
-        idle, memory_w, compute_w = levels
+        """Power of one GPU: :meth:`PowerModel.power_w`'s formula on the levels looked up once (without
+        its per-call range checks; the fractions are in [0, 1] by construction)."""
+        idle, memory_w, compute_w = self._power_levels
         return idle + busy * ((memory_w - idle) + compute * (compute_w - memory_w))
 
     def _power_array(self, busy: FloatArray, compute: FloatArray) -> FloatArray:
-        """Power of each GPU. For a :class:`PowerModel`, its formula on the levels looked up once
-        (:meth:`PowerModel.power_w_array` without its per-call range checks: the fractions are in
-        [0, 1] by construction); any other power function is called per GPU."""
-        levels = self._power_levels
-        if levels is not None:
-            idle, memory_w, compute_w = levels
-            result: FloatArray = idle + busy * ((memory_w - idle) + compute * (compute_w - memory_w))
-            return result
-        return np.array([self.power_w(self._gpu, float(b), float(c)) for b, c in zip(busy, compute, strict=True)])
+        """Vectorised :meth:`_gpu_power_w`."""
+        idle, memory_w, compute_w = self._power_levels
+        result: FloatArray = idle + busy * ((memory_w - idle) + compute * (compute_w - memory_w))
+        return result
 
     # ------------------------------------------------------------------ metrics
     def _interval_metrics(self, start_s: float, end_s: float, segments: list[_Segment]) -> IntervalMetrics:
