@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from opscale.version import __version__
 
 #: Sub-command modules, in the order ``opscale --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("trace", "train", "costmodel", "simulate", "evaluate", "experiment")
+COMMAND_MODULES: tuple[str, ...] = ("trace", "train", "costmodel", "simulate", "evaluate", "experiment", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
