@@ -238,6 +238,7 @@ class FluidSimulator:
         self._erlang = shared_erlang_c_table(MAX_TABLE_SERVERS)
         self._poisson = shared_poisson_tail_table()
         self._build_tables()
+        self._build_transfer_constants()
         self.layout = FluidLayout(cluster, self.model, self.config, min_kv_tokens=self._max_request_tokens)
         self._now_s = 0.0
         self._pending: list[_Pending] = []
@@ -427,21 +428,11 @@ class FluidSimulator:
         self._pool_transfer_per_token = self._transfer_per_token_s[self._pool_columns].tolist()
         self._shards_per_unit = np.maximum(self._shards.sum(axis=0), 1.0)
 
-    def _transfer_terms(self, now_s: float) -> tuple[FloatArray, FloatArray]:
-        """Per unit (model order): expected inbound transfer ``fixed + per_token * tokens`` of one job.
-
-        A job comes from the previous unit's replica (the first unit's from the stream's attention
-        replica); a pool serves it on a replica of the same GPU when it has one (the engine prefers an
-        idle one there), else on any replica (uniformly).
-        """
-        units = self._units
+    def _build_transfer_constants(self) -> None:
+        """What :meth:`_transfer_terms` needs that depends only on the cluster and the model: per GPU pair
+        the link latency and inverse bandwidth (0 on the same GPU), per unit the hops and bytes per token
+        of its inbound transfer."""
         gpus = self.cluster.num_gpus
-        homes = np.zeros((len(units), gpus))
-        for column, unit in enumerate(units):
-            for replica in self.layout.replicas[unit]:
-                if replica.ready_s <= now_s:
-                    homes[column, replica.gpus[0]] += 1.0
-        share = homes / np.maximum(homes.sum(axis=1, keepdims=True), 1.0)
         latency = np.zeros((gpus, gpus))
         inverse_bandwidth = np.zeros((gpus, gpus))
         for a in range(gpus):
@@ -450,24 +441,45 @@ class FluidSimulator:
                 if link is not None:
                     latency[a, b] = link.latency_s
                     inverse_bandwidth[a, b] = 1.0 / link.bandwidth_bytes_per_s
-        fixed = np.zeros(len(units))
-        per_token = np.zeros(len(units))
-        attention_row = units.index(UnitKind.ATTENTION)
+        self._link_latency_s = latency
+        self._link_inverse_bandwidth = inverse_bandwidth
+        units = self._units
+        model = self.model
+        hops = np.zeros(len(units))
+        per_token_bytes = np.zeros(len(units))
         for column, unit in enumerate(units):
-            source_row = attention_row if column == 0 else column - 1
-            source = share[source_row]
-            local = homes[column] > 0
-            # probability mass of (source GPU, destination GPU) pairs that cross a link
-            pairs = np.outer(source * ~local, share[column])
             if unit is UnitKind.ATTENTION:
-                hops = self.model.num_layers
-                per_token_bytes = self.model.activation_bytes_per_token(UnitKind.QKV_PROJ) * self.model.num_layers
+                hops[column] = model.num_layers
+                per_token_bytes[column] = model.activation_bytes_per_token(UnitKind.QKV_PROJ) * model.num_layers
             else:
                 previous = units[column - 1] if column > 0 else None
-                hops = self.model.layers_of(unit)
-                per_token_bytes = (4.0 if previous is None else self.model.activation_bytes_per_token(previous)) * hops
-            fixed[column] = hops * float(np.sum(pairs * latency))
-            per_token[column] = per_token_bytes * float(np.sum(pairs * inverse_bandwidth))
+                hops[column] = model.layers_of(unit)
+                per_token_bytes[column] = (4.0 if previous is None else model.activation_bytes_per_token(previous)) * hops[column]
+        self._transfer_hops = hops
+        self._transfer_bytes_per_token = per_token_bytes
+        # a job comes from the previous unit's replica (the first unit's from the attention replica)
+        attention_row = units.index(UnitKind.ATTENTION)
+        self._transfer_source_rows = np.array([attention_row, *range(len(units) - 1)])
+
+    def _transfer_terms(self, now_s: float) -> tuple[FloatArray, FloatArray]:
+        """Per unit (model order): expected inbound transfer ``fixed + per_token * tokens`` of one job.
+
+        A job comes from the previous unit's replica (the first unit's from the stream's attention
+        replica); a pool serves it on a replica of the same GPU when it has one (the engine prefers an
+        idle one there), else on any replica (uniformly).
+        """
+        units = self._units
+        homes = np.zeros((len(units), self.cluster.num_gpus))
+        for column, unit in enumerate(units):
+            for replica in self.layout.replicas[unit]:
+                if replica.ready_s <= now_s:
+                    homes[column, replica.gpus[0]] += 1.0
+        share = homes / np.maximum(homes.sum(axis=1, keepdims=True), 1.0)
+        # probability mass of (source GPU, destination GPU) pairs that cross a link, summed against the
+        # link matrices: sum_ab source_a [a has no local replica] share_b M_ab
+        source = share[self._transfer_source_rows] * (homes <= 0)
+        fixed = self._transfer_hops * np.einsum("ua,ab,ub->u", source, self._link_latency_s, share)
+        per_token = self._transfer_bytes_per_token * np.einsum("ua,ab,ub->u", source, self._link_inverse_bandwidth, share)
         return fixed, per_token
 
     # ------------------------------------------------------------------ protocol

@@ -188,12 +188,14 @@ class FluidLayout:
     # ------------------------------------------------------------------ summaries
     def unit_shards_on_gpu(self, units: tuple[UnitKind, ...], now_s: float) -> NDArray[np.float64]:
         """``[gpu, unit]`` counts of replica shards serving at ``now_s`` (model level: instances)."""
-        counts = np.zeros((self.cluster.num_gpus, len(units)))
+        columns = len(units)
+        flat: list[int] = []  # gpu * columns + column, once per shard
         for column, unit in enumerate(units):
             for replica in self.instances or self.replicas[unit]:
                 if replica.ready_s <= now_s:
-                    counts[list(replica.gpus), column] += 1.0
-        return counts
+                    flat.extend(gpu * columns + column for gpu in replica.gpus)
+        counts: NDArray[np.float64] = np.bincount(flat, minlength=self.cluster.num_gpus * columns).astype(np.float64)
+        return counts.reshape(self.cluster.num_gpus, columns)
 
     def placement_error(self, what: str, tp: int, need_bytes: float) -> PlacementError:
         """A :class:`PlacementError` naming ``what`` did not fit and the best free memory."""
