@@ -61,7 +61,7 @@ Approximations to keep in mind (the agreement with the engine is measured by
 ``experiments/fidelity_report.py``): completions are counted when requests are admitted (a lag of
 one end-to-end latency); removed replicas leave at once (the engine drains them); preemption is not
 modelled (the KV limit only caps admission); the stream load is split evenly over streams; the
-contention of long calls follows the convoy argument of :meth:`FluidSimulator._call_slowdown` (a
+contention of long calls follows the convoy argument of :meth:`FluidSimulator._pooled_times` (a
 heuristic, not a derivation); admission waits near saturation are approximate. ``SimConfig`` fields
 about individual requests or calls (``attention_drain``, ``service_time_distribution``,
 ``record_requests``, ``fast_forward_decode``) do not apply; image tokens join the prompt as in the
@@ -71,6 +71,7 @@ engine.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -80,7 +81,13 @@ from opscale.sim.config import ContentionModel, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
 from opscale.sim.deployment import ApplyReport, Deployment, Placement, ScalingAction, UnitDeployment
 from opscale.sim.fluid_arrivals import ArrivalIndex
-from opscale.sim.fluid_latency import LogHistogram, TtftMixture, shared_poisson_tail_table, weighted_quantile
+from opscale.sim.fluid_latency import (
+    LogHistogram,
+    TtftMixture,
+    interp_scalar,
+    shared_poisson_tail_table,
+    weighted_quantile,
+)
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
 from opscale.sim.fluid_tables import AttentionSurrogate, TokenLine, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec
@@ -108,7 +115,7 @@ MAX_TABLE_SERVERS = 128
 #: Batch caps an action may set, tokens (the engine's limit).
 MAX_BATCH_CAP_TOKENS = 1 << 17
 
-_QUANTILE_LEVELS = (np.arange(LENGTH_QUANTILES) + 0.5) / LENGTH_QUANTILES
+_QUANTILE_LEVEL_LIST = ((np.arange(LENGTH_QUANTILES) + 0.5) / LENGTH_QUANTILES).tolist()
 
 
 @dataclass
@@ -148,13 +155,15 @@ class _Segment:
     unit_replicas: FloatArray
     ttft: TtftMixture
     served_ttft: TtftMixture
-    tbt_values: FloatArray
-    tbt_weights: FloatArray
+    served_ttft_mean_s: float
+    tbt_values: list[float]
+    tbt_weights: list[float]
 
 
 @dataclass
 class _PoolState:
-    """One step of the unit-pool model (operator level), per stateless unit in model order.
+    """One step of the unit-pool model (operator level), per stateless unit in model order (Python
+    lists: the fixed point reads them a few at a time; the interval's figures convert them once).
 
     :param rho: utilisation of a replica.
     :param service_s: mean call time (kernel x contention + inbound transfer).
@@ -166,19 +175,19 @@ class _PoolState:
     :param decode_call_tokens: tokens of such a call.
     """
 
-    rho: FloatArray
-    service_s: FloatArray
-    queue_jobs: FloatArray
-    wait_unit_s: FloatArray
+    rho: list[float]
+    service_s: list[float]
+    queue_jobs: list[float]
+    wait_unit_s: list[float]
     wait_s: float
     bound_s: float
-    decode_call_s: FloatArray
-    decode_call_tokens: FloatArray
+    decode_call_s: list[float]
+    decode_call_tokens: list[float]
 
     @classmethod
     def idle(cls, units: int) -> _PoolState:
-        zeros = np.zeros(units)
-        return cls(zeros, zeros, zeros, zeros, 0.0, 0.0, zeros, np.ones(units))
+        zeros = [0.0] * units
+        return cls(zeros, zeros, zeros, zeros, 0.0, 0.0, zeros, [1.0] * units)
 
 
 class FluidSimulator:
@@ -232,7 +241,8 @@ class FluidSimulator:
         self._units = self.model.units
         self._stateless = tuple(u for u in self._units if u is not UnitKind.ATTENTION)
         self._lm_head_row = self._stateless.index(UnitKind.LM_HEAD)
-        self._pool_columns = np.array([self._units.index(u) for u in self._stateless])
+        self._pool_columns_list = [self._units.index(u) for u in self._stateless]
+        self._pool_columns = np.array(self._pool_columns_list)
         self._attention_column = self._units.index(UnitKind.ATTENTION)
         self._overhead = engine_overhead(self.config.engine_overhead, self._gpu)
         self._erlang = shared_erlang_c_table(MAX_TABLE_SERVERS)
@@ -256,9 +266,6 @@ class FluidSimulator:
         self._capacity_per_stream = math.inf
         #: mean prefill-iteration time over the chunk distribution / time at the mean chunk (last interval)
         self._prefill_correction = 1.0
-        #: prefill chunk sizes (tokens) of prefill iterations and their weights (last interval)
-        self._prefill_chunks = np.array([1024.0])
-        self._prefill_weights = np.array([1.0])
         self._jobs_per_call = np.ones(len(self._stateless))
         self._jobs_per_call_list = [1.0] * len(self._stateless)
         self._mean_job_tokens = np.ones(len(self._stateless))
@@ -269,10 +276,7 @@ class FluidSimulator:
         self._slowdown = np.ones(len(self._stateless))
         self._slowdown_list = [1.0] * len(self._stateless)
         self._attention_slowdown = 1.0
-        #: per pool, share of the other streams it serves while one replica is held, and the streams'
-        #: iteration cycle (s): the convoy effect of long calls (_call_slowdown)
-        self._contention_free = np.ones(len(self._stateless))
-        self._contention_free_list = [1.0] * len(self._stateless)
+        #: the streams' iteration cycle (s): the convoy effect of long calls (_pooled_times)
         self._cycle_s = 0.0
         self._unit_rho = np.zeros(len(self._units))
         self._served_total = 0.0
@@ -343,8 +347,6 @@ class FluidSimulator:
             hop = [self.cost_model.send_recv_time_s(gpu, hop_bytes * k, False) for k in (1.0, 1025.0)]
             per_token = (hop[1] - hop[0]) / 1024.0
             dense = dense + (self._pp - 1) * (hop[0] - per_token + per_token * self._table.tokens)
-        self._dense_tokens = self._table.tokens
-        self._dense_s = dense
         self._dense_line = TokenLine(self._table.tokens, dense)
 
     # ------------------------------------------------------------------ placement
@@ -401,7 +403,8 @@ class FluidSimulator:
         return [r for r in self._pending if r.placed.ready_s <= now_s]
 
     def _refresh_layout(self) -> None:
-        """Recompute the per-unit arrays that depend on which replicas serve now."""
+        """Recompute what depends only on the deployment (which replicas serve now, batch caps): called at
+        construction, after :meth:`apply` and when loading replicas start serving, not per step."""
         now = self._now_s
         layout = self.layout
         self._shards = layout.unit_shards_on_gpu(self._units, now)
@@ -417,16 +420,28 @@ class FluidSimulator:
             )
             self._transfer_fixed_s = np.zeros(len(self._units))
             self._transfer_per_token_s = np.zeros(len(self._units))
+            self._ready = self._streams > 0
             return
         counts = [sum(1 for r in layout.replicas[u] if r.ready_s <= now) for u in self._units]
         self._replicas = np.array(counts, dtype=np.float64)
         attention = [r for r in layout.replicas[UnitKind.ATTENTION] if r.ready_s <= now]
         self._streams = len(attention)
+        self._ready = self._streams > 0 and all(counts)
         self._kv_per_stream = sum(r.kv_tokens for r in attention) / len(attention) if attention else 0.0
         self._transfer_fixed_s, self._transfer_per_token_s = self._transfer_terms(now)
+        self._attention_transfer_fixed_s = float(self._transfer_fixed_s[self._attention_column])
+        self._attention_transfer_per_token_s = float(self._transfer_per_token_s[self._attention_column])
         self._pool_transfer_fixed = self._transfer_fixed_s[self._pool_columns].tolist()
         self._pool_transfer_per_token = self._transfer_per_token_s[self._pool_columns].tolist()
-        self._shards_per_unit = np.maximum(self._shards.sum(axis=0), 1.0)
+        shards_per_unit = np.maximum(self._shards.sum(axis=0), 1.0)
+        #: per unit, shards of every unit on its GPUs per own shard (contention in the fixed point)
+        self._colocation_rows = ((self._shards.T @ self._shards) / shards_per_unit[:, None]).tolist()
+        pool_replicas = self._replicas[self._pool_columns]
+        self._pool_replicas = pool_replicas.tolist()
+        # share of the other streams a pool still serves while one of its replicas is held
+        self._contention_free_list = np.minimum(np.maximum(pool_replicas - 1.0, 0.0) / max(self._streams - 1, 1), 1.0).tolist()
+        self._pool_caps = [float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]
+        self._pool_caps_array = np.array(self._pool_caps)
 
     def _build_transfer_constants(self) -> None:
         """What :meth:`_transfer_terms` needs that depends only on the cluster and the model: per GPU pair
@@ -693,18 +708,16 @@ class FluidSimulator:
             rho_out[u], service_out[u], queue_out[u], wait_out[u] = rho, service, queue, wait
             decode_out[u], decode_tokens_out[u], mean_tokens_out[u] = decode_call, decode_call_tokens, tokens
             wait_total += wait
-        self._jobs_per_call = np.array(jobs_per_call)
-        self._mean_job_tokens = np.array(mean_tokens_out)
         self._mean_job_tokens_list = mean_tokens_out
         return _PoolState(
-            rho=np.array(rho_out),
-            service_s=np.array(service_out),
-            queue_jobs=np.array(queue_out),
-            wait_unit_s=np.array(wait_out),
+            rho=rho_out,
+            service_s=service_out,
+            queue_jobs=queue_out,
+            wait_unit_s=wait_out,
             wait_s=wait_total,
             bound_s=bound_s,
-            decode_call_s=np.array(decode_out),
-            decode_call_tokens=np.array(decode_tokens_out),
+            decode_call_s=decode_out,
+            decode_call_tokens=decode_tokens_out,
         )
 
     def _iteration_triple(
@@ -714,138 +727,122 @@ class FluidSimulator:
         a full chunk of ``full_chunk`` tokens (the fixed point's inner evaluation; scalar fast path for
         model-level instances)."""
         if self._granularity == "operator":
-            return self._pooled_triple(decodes, chunk_s, full_chunk, prior, context, jobs_wait_s)
+            decode, with_chunk, full = self._pooled_times(
+                decodes, (0.0, chunk_s, full_chunk), (prior, prior, prior), (decodes, decodes + 1.0, decodes + 1.0), context, jobs_wait_s
+            )
+            return decode, with_chunk, full
         overhead = self._overhead
         host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * decodes
         decode_attention = self._attention.decode_s(decodes, decodes * context)
-        lm_head = self._table.scalar_time_s(self._lm_head_row, decodes)
-        decode = host + self._dense_scalar(decodes) + lm_head + decode_attention
-        base = host + overhead.per_request_s + decode_attention + self._table.scalar_time_s(self._lm_head_row, decodes + 1.0)
-        with_chunk = base + self._dense_scalar(decodes + chunk_s) + self._attention.prefill_scalar_s(chunk_s, prior)
-        full = base + self._dense_scalar(decodes + full_chunk) + self._attention.prefill_scalar_s(full_chunk, prior)
+        dense = self._dense_line.at
+        lm_head = self._table.lines[self._lm_head_row].at
+        decode = host + dense(decodes) + lm_head(decodes) + decode_attention
+        base = host + overhead.per_request_s + decode_attention + lm_head(decodes + 1.0)
+        with_chunk = base + dense(decodes + chunk_s) + self._attention.prefill_scalar_s(chunk_s, prior)
+        full = base + dense(decodes + full_chunk) + self._attention.prefill_scalar_s(full_chunk, prior)
         return decode, with_chunk, full
 
-    def _pooled_triple(
-        self, decodes: float, chunk_s: float, full_chunk: float, prior: float, context: float, jobs_wait_s: float
-    ) -> tuple[float, float, float]:
-        """:meth:`_iteration_triple` for pooled streams, in plain Python over the units."""
+    def _pooled_times(
+        self,
+        decodes: float,
+        chunks: Sequence[float],
+        priors: Sequence[float],
+        sequences: Sequence[float],
+        context: float,
+        jobs_wait_s: float,
+    ) -> list[float]:
+        """Operator level: iteration time of a busy stream with ``decodes`` decodes and, per entry, one
+        prefill chunk of ``chunks[j]`` tokens (0: none) after ``priors[j]`` tokens of its prompt, sampling
+        ``sequences[j]`` tokens at the LM head; ``context``: mean KV read per decode; ``jobs_wait_s``:
+        summed pool waits. Plain Python over the units (a handful: faster than numpy).
+
+        A job shares its call with ``n - 1`` jobs of the mean size. Contention: under processor sharing
+        a call is slowed by ``f`` per call running beside it; on average that is the pool's ``1 + f k``
+        (``k``: the other streams' busy replicas on its GPUs). A call much longer than the other streams'
+        iteration cycle (a prefill) holds one replica of its pool while the other streams cycle: those
+        that the pool's other ``c - 1`` replicas cannot serve queue behind it (a convoy) and stop
+        running, so only ``cycle / (2 x call)`` of their load overlaps it; those the other replicas serve
+        keep running beside it. Short (decode) calls keep the mean.
+        """
         overhead = self._overhead
-        compositions = (decodes, decodes + chunk_s, decodes + full_chunk)
-        sequences = (decodes, decodes + 1.0, decodes + 1.0)
-        attention_decode = self._attention.decode_s(decodes, decodes * context)
-        attention = (
-            attention_decode,
-            attention_decode + self._attention.prefill_scalar_s(chunk_s, prior),
-            attention_decode + self._attention.prefill_scalar_s(full_chunk, prior),
-        )
-        column = self._attention_column
-        attention_fixed = float(self._transfer_fixed_s[column])
-        attention_per_token = float(self._transfer_per_token_s[column])
+        attention = self._attention
+        attention_slowdown = self._attention_slowdown
+        attention_decode = attention.decode_s(decodes, decodes * context)
+        base = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + jobs_wait_s + self._attention_transfer_fixed_s
+        per_request, per_token_in = overhead.per_request_s, self._attention_transfer_per_token_s
+        compositions = [decodes + chunk for chunk in chunks]
         totals = [
-            overhead.fixed_s
-            + overhead.per_tp_rank_s * self._ranks
-            + overhead.per_request_s * sequences[j]
-            + attention[j] * self._attention_slowdown
-            + attention_fixed
-            + attention_per_token * tokens
-            + jobs_wait_s
-            for j, tokens in enumerate(compositions)
+            base
+            + per_request * sequence
+            + (attention_decode + attention.prefill_scalar_s(chunk, prior)) * attention_slowdown
+            + per_token_in * tokens
+            for chunk, prior, sequence, tokens in zip(chunks, priors, sequences, compositions, strict=True)
         ]
         cycle = self._cycle_s
+        lm_head = self._lm_head_row
+        entries = range(len(totals))
         for u, line in enumerate(self._table.lines):
             others = (self._jobs_per_call_list[u] - 1.0) * self._mean_job_tokens_list[u]
             excess = self._slowdown_list[u] - 1.0
             free = self._contention_free_list[u]
             fixed, per_token = self._pool_transfer_fixed[u], self._pool_transfer_per_token[u]
-            for j in range(3):
-                job = sequences[j] if u == self._lm_head_row else compositions[j]
-                kernel = line.at(job + others)
-                # _call_slowdown, inlined (hot loop)
-                if excess > 0:
-                    overlap = min(1.0, cycle / (2.0 * kernel * (1.0 + excess) + 1e-12))
-                    kernel *= 1.0 + excess * (free + (1.0 - free) * overlap)
-                totals[j] += kernel + fixed + per_token * job
-        return totals[0], totals[1], totals[2]
-
-    def _call_slowdown(self, unit: int, kernel_s: float) -> float:
-        """Contention slowdown of one call of ``kernel_s`` (uncontended) at pool ``unit``.
-
-        Under processor sharing a call is slowed by ``f`` per call running beside it; on average that is
-        the pool's ``1 + f k`` (``k``: the other streams' busy replicas on its GPUs). A call much longer
-        than the other streams' iteration cycle (a prefill) holds one replica of its pool while the
-        other streams cycle: those that the pool's other ``c - 1`` replicas cannot serve queue behind
-        it (a convoy) and stop running, so only ``cycle / (2 x call)`` of their load overlaps it; those
-        the other replicas serve keep running beside it. Short (decode) calls keep the mean.
-        """
-        excess = self._slowdown_list[unit] - 1.0
-        if excess <= 0.0:
-            return 1.0
-        free = self._contention_free_list[unit]
-        overlap = min(1.0, self._cycle_s / (2.0 * kernel_s * (1.0 + excess) + 1e-12))
-        return 1.0 + excess * (free + (1.0 - free) * overlap)
-
-    def _dense_scalar(self, tokens: float) -> float:
-        """Model level: every unit but the LM head (plus pipeline hops) at ``tokens``."""
-        return self._dense_line.at(tokens)
+            jobs = sequences if u == lm_head else compositions
+            kernels = line.at_each([job + others for job in jobs])
+            if excess > 0:
+                contended = 1.0 + excess
+                for j in entries:
+                    kernel = kernels[j]
+                    overlap = min(1.0, cycle / (2.0 * kernel * contended + 1e-12))
+                    totals[j] += kernel * (1.0 + excess * (free + (1.0 - free) * overlap)) + fixed + per_token * jobs[j]
+            else:
+                for j in entries:
+                    totals[j] += kernels[j] + fixed + per_token * jobs[j]
+        return totals
 
     @staticmethod
     def _prefill_share_over(
-        limit_s: float, full_s: float, last_chunks: FloatArray, last_times: FloatArray, full_weight: float
+        limit_s: float, full_s: float, last_chunks: list[float], last_times: list[float], full_weight: float
     ) -> float:
         """Share of prefill iterations longer than ``limit_s``: full chunks by their time; last chunks by
         the chunk size ``c*`` whose iteration takes ``limit_s`` and a piecewise-linear CDF through the
         quantile points (a step CDF would make the share jump by 1/Q as ``c*`` crosses a point)."""
-        order = np.argsort(last_chunks)
-        chunks, times = last_chunks[order], last_times[order]
-        if times[-1] <= limit_s:
+        pairs = sorted(zip(last_chunks, last_times, strict=True), key=lambda pair: pair[0])
+        if pairs[-1][1] <= limit_s:
             last_over = 0.0
-        elif times[0] > limit_s:
+        elif pairs[0][1] > limit_s:
             last_over = 1.0
         else:
-            threshold = float(np.interp(limit_s, np.maximum.accumulate(times), chunks))
-            last_over = 1.0 - float(np.interp(threshold, chunks, _QUANTILE_LEVELS, left=0.0, right=1.0))
+            chunks = [chunk for chunk, _ in pairs]
+            running_max: list[float] = []
+            longest = -math.inf
+            for _, time_s in pairs:
+                longest = max(longest, time_s)
+                running_max.append(longest)
+            threshold = interp_scalar(limit_s, running_max, chunks)
+            last_over = 1.0 - interp_scalar(threshold, chunks, _QUANTILE_LEVEL_LIST, left=0.0, right=1.0)
         return full_weight * float(full_s > limit_s) + (1.0 - full_weight) * last_over
 
     def _iteration_times(
-        self, decodes: float, chunk: FloatArray, prior: FloatArray, context: float, jobs_wait_s: float
-    ) -> FloatArray:
+        self, decodes: float, chunks: list[float], priors: list[float], context: float, jobs_wait_s: float
+    ) -> list[float]:
         """Iteration time of a busy stream with ``decodes`` decodes and one prefill chunk (> 0 tokens) per
-        entry of ``chunk`` after ``prior`` tokens of that prompt; ``context``: mean KV read per decode;
+        entry of ``chunks`` after ``priors`` tokens of that prompt; ``context``: mean KV read per decode;
         ``jobs_wait_s``: summed pool waits (operator level)."""
-        tokens = decodes + chunk
         sequences = decodes + 1.0  # every entry carries a prefill chunk that samples one token
+        if self._granularity == "operator":
+            return self._pooled_times(decodes, chunks, priors, [sequences] * len(chunks), context, jobs_wait_s)
         overhead = self._overhead
         host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * sequences
-        attention = self._attention.decode_s(decodes, decodes * context) + self._attention.prefill_s(chunk, prior)
-        if self._granularity == "model":
-            fixed = host + self._table.scalar_time_s(self._lm_head_row, sequences)
-            result: FloatArray = fixed + np.interp(tokens, self._dense_tokens, self._dense_s) + attention
-            return result
-        jobs = np.broadcast_to(tokens, (len(self._stateless), tokens.size)).copy()
-        jobs[self._lm_head_row] = sequences
-        # a job shares its call with (n - 1) jobs of the mean size
-        calls = jobs + ((self._jobs_per_call - 1.0) * self._mean_job_tokens)[:, None]
-        kernel = self._table.time_s_at(calls)
-        excess = (self._slowdown - 1.0)[:, None]
-        free = self._contention_free[:, None]
-        # long calls lead a convoy (see _call_slowdown)
-        overlap = np.minimum(1.0, self._cycle_s / (2.0 * kernel * (1.0 + excess) + 1e-12))
-        service = kernel * (1.0 + excess * (free + (1.0 - free) * overlap))
-        transfer = self._transfer_fixed_s[self._pool_columns, None] + self._transfer_per_token_s[self._pool_columns, None] * jobs
-        attention_transfer = self._transfer_fixed_s[self._attention_column] + self._transfer_per_token_s[self._attention_column] * tokens
-        attention_slowdown = self._attention_slowdown
-        result = (
-            (host + attention * attention_slowdown + attention_transfer)
-            + service.sum(axis=0)
-            + transfer.sum(axis=0)
-            + jobs_wait_s
-        )
-        return result
+        attention = self._attention
+        attention_decode = attention.decode_s(decodes, decodes * context)
+        fixed = host + self._table.scalar_time_s(self._lm_head_row, sequences)
+        dense = self._dense_line.at
+        return [
+            fixed + dense(decodes + chunk) + (attention_decode + attention.prefill_scalar_s(chunk, prior))
+            for chunk, prior in zip(chunks, priors, strict=True)
+        ]
 
     # ------------------------------------------------------------------ the interval model
-    def _pools_ready(self) -> bool:
-        return self._streams > 0 and bool(np.all(self._replicas > 0))
-
     def _solve(self, start_s: float, end_s: float) -> _Segment:
         """The fluid model over ``[start_s, end_s)`` with the replicas serving at ``start_s``."""
         dt = end_s - start_s
@@ -855,27 +852,22 @@ class FluidSimulator:
         attention_config = self._unit_configs[UnitKind.ATTENTION]
         budget = float(attention_config.batch_cap_tokens)
         self._ranks = self._attention_tp if operator else self._tp * self._pp
-        prompts = np.maximum(window.prompt_shape * window.prompt_mean, 1.0)
-        outputs = np.maximum(window.output_shape * window.output_mean, 1.0)
+        # length quantile points (plain Python lists: 16 floats, faster than numpy at this size)
+        prompt_level, output_level = window.prompt_mean, window.output_mean
+        prompts = [max(shape * prompt_level, 1.0) for shape in window.prompt_shape_list]
+        outputs = [max(shape * output_level, 1.0) for shape in window.output_shape_list]
         inverse_quantiles = 1.0 / LENGTH_QUANTILES
-        prompt_mean = float(prompts.sum()) * inverse_quantiles
-        output_mean = float(outputs.sum()) * inverse_quantiles
+        prompt_mean = sum(prompts) * inverse_quantiles
+        output_mean = sum(outputs) * inverse_quantiles
         gaps_per_request = max(output_mean - 1.0, 0.0)
-        context = prompt_mean + float(outputs @ outputs) * inverse_quantiles / (2.0 * output_mean)
+        context = prompt_mean + sum(output * output for output in outputs) * inverse_quantiles / (2.0 * output_mean)
         kv_per_request = prompt_mean + output_mean / 2.0 + self.config.kv_block_tokens / 2.0
         running_limit = min(float(self.config.max_running_requests), self._kv_per_stream / kv_per_request)
         demand = window.count + self._backlog
-        ready = self._pools_ready()
+        ready = self._ready
         x_demand = demand / (streams * dt) if ready else 0.0
         n_units = len(self._stateless)
         if operator:
-            # share of the other streams a pool still serves while one of its replicas is held
-            free = np.maximum(self._replicas[self._pool_columns] - 1.0, 0.0) / max(streams - 1, 1)
-            self._contention_free = np.minimum(free, 1.0)
-            self._contention_free_list = self._contention_free.tolist()
-            caps_list = [float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]
-            caps = np.array(caps_list)
-            replicas_list = self._replicas[self._pool_columns].tolist()
             contention = (
                 self.config.contention_factor if self.config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
             )
@@ -894,7 +886,7 @@ class FluidSimulator:
         beta = decodes = rho_prefill = chunk_eff = prefill_rate = 0.0
         decode_s = prefill_iteration_s = prefill_at_mean_chunk_s = full_s = iteration_s
         available = budget
-        chunks = np.ones(LENGTH_QUANTILES)
+        chunks = [1.0] * LENGTH_QUANTILES
         for _ in range(FIXED_POINT_ITERATIONS if ready else 0):
             x = min(x_demand, x_cap)
             # requests in service per stream relax towards x * R with time constant R (the residence
@@ -906,8 +898,8 @@ class FluidSimulator:
             decodes = in_service * (gaps_per_request * iteration_s / residence_s) / beta
             available = max(budget - decodes, 1.0)
             rho_prefill = min(x * prompt_mean * iteration_s / (beta * available), 1.0) if x > 0 else 0.0
-            chunks = np.ceil(prompts / available)
-            mean_chunks = float(chunks.sum()) * inverse_quantiles
+            chunks = [float(math.ceil(prompt / available)) for prompt in prompts]
+            mean_chunks = sum(chunks) * inverse_quantiles
             chunk_light = prompt_mean / mean_chunks
             chunk_eff = chunk_light + rho_prefill * max(available - chunk_light, 0.0)
             decode_s, prefill_iteration_s, full_s = self._iteration_triple(
@@ -923,7 +915,7 @@ class FluidSimulator:
             )
             if operator:
                 phi = min(prefill_rate * new_iteration_s, 1.0)
-                pools = self._pool_step(streams, beta, new_iteration_s, decodes, phi, chunk_eff, caps_list, replicas_list)
+                pools = self._pool_step(streams, beta, new_iteration_s, decodes, phi, chunk_eff, self._pool_caps, self._pool_replicas)
                 new_iteration_s = max(new_iteration_s, pools.bound_s)
                 pool_wait = pools.wait_s
                 overhead = self._overhead
@@ -935,15 +927,19 @@ class FluidSimulator:
                     + phi * self._attention.prefill_scalar_s(chunk_eff, 0.5 * prompt_mean)
                 ) * self._attention_slowdown
                 if contention:
-                    rho_all = np.zeros(len(self._units))
-                    rho_all[self._pool_columns] = np.minimum(pools.rho, 1.0)
+                    rho_all = [0.0] * len(self._units)
+                    for column, rho in zip(self._pool_columns_list, pools.rho, strict=True):
+                        rho_all[column] = min(rho, 1.0)
                     rho_all[self._attention_column] = min(beta * attention_call_s / new_iteration_s, 1.0)
-                    # busy replicas on each GPU, less the calling stream's own share (one job in flight)
-                    gpu_busy = (self._shards @ rho_all) * (1.0 - 1.0 / streams)
-                    slowdown = 1.0 + contention * np.maximum((self._shards.T @ gpu_busy) / self._shards_per_unit, 0.0)
-                    self._slowdown = slowdown[self._pool_columns]
-                    self._slowdown_list = self._slowdown.tolist()
-                    self._attention_slowdown = float(slowdown[self._attention_column])
+                    # busy replicas on each unit's GPUs (per shard), less the calling stream's own share (one
+                    # job in flight): the co-location matrix (shards^T shards / shards per unit) times rho
+                    others_share = 1.0 - 1.0 / streams
+                    slowdown = [
+                        1.0 + contention * max(sum(m * r for m, r in zip(row, rho_all, strict=True)) * others_share, 0.0)
+                        for row in self._colocation_rows
+                    ]
+                    self._slowdown_list = [slowdown[column] for column in self._pool_columns_list]
+                    self._attention_slowdown = slowdown[self._attention_column]
             iteration_s = new_iteration_s
             self._cycle_s = iteration_s
             x_cap_budget = budget / ((prompt_mean + gaps_per_request) * iteration_s)
@@ -954,25 +950,29 @@ class FluidSimulator:
         x = min(x_demand, x_cap) if ready else 0.0
         if ready:
             self._capacity_per_stream = x_cap
+        if operator:
+            self._slowdown = np.array(self._slowdown_list)
+            self._jobs_per_call = np.array(self._jobs_per_call_list)
+            self._mean_job_tokens = np.array(self._mean_job_tokens_list)
         # per prompt quantile: its last chunk shares the iteration with other prefills (rho_p of the rest)
-        last = prompts - (chunks - 1.0) * available
-        last_chunk = last + rho_prefill * np.maximum(available - last, 0.0)
-        times = np.concatenate(
-            ([decode_s, prefill_iteration_s, full_s], self._iteration_times(decodes, last_chunk, (chunks - 1.0) * available, context, pool_wait))
-        ) if ready else np.zeros(LENGTH_QUANTILES + 3)
-        prefill_s = (chunks - 1.0) * full_s + times[3:]
+        priors = [(chunk - 1.0) * available for chunk in chunks]
+        remaining = [prompt - prior for prompt, prior in zip(prompts, priors, strict=True)]
+        last_chunk = [last + rho_prefill * max(available - last, 0.0) for last in remaining]
+        last_times = (
+            self._iteration_times(decodes, last_chunk, priors, context, pool_wait) if ready else [0.0] * LENGTH_QUANTILES
+        )
+        prefill_s = [(chunk - 1.0) * full_s + time_s for chunk, time_s in zip(chunks, last_times, strict=True)]
         # prefill iterations over the chunk distribution (full chunks and each quantile's last chunk):
         # iteration time is convex in tokens, so its mean exceeds the time at the mean chunk (Jensen)
-        prefill_times = np.concatenate(([full_s], times[3:]))
-        prefill_chunks = np.concatenate(([available], last_chunk))
-        prefill_weights = np.concatenate(([float((chunks - 1.0).sum())], np.ones(LENGTH_QUANTILES)))
-        prefill_weights /= prefill_weights.sum()
+        prefill_times = [full_s, *last_times]
+        prefill_chunks = [available, *last_chunk]
+        full_chunks = sum(chunks) - LENGTH_QUANTILES
+        each_last = 1.0 / (full_chunks + LENGTH_QUANTILES)
+        prefill_weights = [full_chunks * each_last, *[each_last] * LENGTH_QUANTILES]
+        mean_prefill_s = sum(weight * time_s for weight, time_s in zip(prefill_weights, prefill_times, strict=True))
         if ready and x > 0:
             # used from the next interval on (one interval's lag keeps the loop cheap)
-            mean_prefill_s = float(prefill_weights @ prefill_times)
             self._prefill_correction = mean_prefill_s / prefill_at_mean_chunk_s
-            self._prefill_chunks = prefill_chunks
-            self._prefill_weights = prefill_weights
         served = x * streams * dt
         backlog_end = max(demand - served, 0.0)
         backlog_mean = 0.5 * (self._backlog + backlog_end)
@@ -985,34 +985,35 @@ class FluidSimulator:
         # admission wait: Erlang-C over the streams, service = a prompt's share of the prefill budget
         service_s = prompt_mean * iteration_s / available if ready else 0.0
         admission_rho = min(x * service_s, UTILISATION_CEILING)
-        prompt_cv2 = float(prompts @ prompts) * inverse_quantiles / prompt_mean**2 - 1.0
+        prompt_cv2 = sum(prompt * prompt for prompt in prompts) * inverse_quantiles / prompt_mean**2 - 1.0
         prob_wait = self._erlang.lookup_scalar(max(streams, 1), admission_rho) if ready else 0.0
         admission_wait_s = (
             prob_wait * service_s / (max(streams, 1) * (1.0 - admission_rho)) * (1.0 + prompt_cv2) / 2.0 if ready else 0.0
         )
         residual_s = 0.5 * beta * iteration_s
         self._iteration_s = iteration_s
-        prefill_s_mean = float(prefill_s.sum()) * inverse_quantiles
+        prefill_s_mean = sum(prefill_s) * inverse_quantiles
         self._ttft_s = residual_s + admission_wait_s + prefill_s_mean
 
         # ---- TTFT of served requests: per prompt quantile a fixed part, plus the admission wait
-        fixed_s = residual_s + backlog_wait_s + prefill_s
+        fixed_s = [residual_s + backlog_wait_s + prefill for prefill in prefill_s]
+        fixed_array = np.array(fixed_s)
         wait_mean_s = admission_wait_s / prob_wait if prob_wait > 0 else 0.0
-        served_ttft = TtftMixture(fixed_s, prob_wait, wait_mean_s)
-        ttft_ok = float(served_ttft.cdf(np.array(self.slo.ttft_s))) if ready else 0.0
+        served_ttft = TtftMixture(fixed_array, prob_wait, wait_mean_s)
+        ttft_ok = served_ttft.cdf_scalar(self.slo.ttft_s, fixed_s) if ready else 0.0
         # ---- TBT: per output quantile, the chance its p99 (max) gap is over the SLO, and that it is long
         phi = min(prefill_rate * iteration_s, 1.0)
         # a decoding request sees the other requests' prefills at their arrival rate x (Poisson), not at
         # the busy-period rate x / beta: the share of its gaps that carry a prefill chunk is phi * beta
         phi_gap = phi * beta
-        gap_mean_s = (1.0 - phi_gap) * decode_s + phi_gap * float(prefill_weights @ prefill_times)
+        gap_mean_s = (1.0 - phi_gap) * decode_s + phi_gap * mean_prefill_s
         tbt_slo = self.slo.tbt_s
         over = (1.0 - phi_gap) * float(decode_s > tbt_slo) + phi_gap * self._prefill_share_over(
-            tbt_slo, full_s, last_chunk, times[3:], float(prefill_weights[0])
+            tbt_slo, full_s, last_chunk, last_times, prefill_weights[0]
         )
-        request_gaps = np.round(np.maximum(outputs - 1.0, 0.0))
         # the engine's per-request p99 is the gap at rank floor(0.99 (g - 1)) (0-based, no interpolation):
         # it is a long gap when at least g - floor(0.99 (g - 1)) gaps are long
+        request_gaps = np.round(np.maximum(np.array(outputs) - 1.0, 0.0))
         if self.slo.tbt_statistic == "max":
             needed = np.ones(LENGTH_QUANTILES)
         else:
@@ -1021,8 +1022,8 @@ class FluidSimulator:
         tbt_ok = 1.0 - float(tails[:LENGTH_QUANTILES].sum()) * inverse_quantiles
         long_share = float(tails[LENGTH_QUANTILES:].sum()) * inverse_quantiles
         # per-request TBT statistic: a prefill iteration's time when long gaps count, else the decode gap
-        tbt_values = np.concatenate(([decode_s], prefill_times))
-        tbt_weights = np.concatenate(([1.0 - long_share], long_share * prefill_weights))
+        tbt_values = [decode_s, *prefill_times]
+        tbt_weights = [1.0 - long_share, *[long_share * weight for weight in prefill_weights]]
 
         # ---- decided requests (metrics.py's rule)
         served_from_decided = min(served, self._backlog_decided)
@@ -1036,9 +1037,10 @@ class FluidSimulator:
         # the engine decides a queued request at the first boundary after its deadline, at the time it
         # has waited so far (a lower bound of its TTFT): the deadline plus, on average, half an interval
         late_s = self.slo.ttft_s + 0.5 * dt
-        ttft = TtftMixture(fixed_s, prob_wait, wait_mean_s, newly_decided / decided if decided > 0 else 0.0, late_s)
+        late_share = newly_decided / decided if decided > 0 else 0.0
+        ttft = TtftMixture(fixed_array, prob_wait, wait_mean_s, late_share, late_s)
         ttft_p50, ttft_p99 = ttft.quantiles((0.5, 0.99)) if decided > 0 else (0.0, 0.0)
-        ttft_served_mean = served_ttft.mean_s()
+        ttft_served_mean = sum(fixed_s) * inverse_quantiles + prob_wait * wait_mean_s
         self._backlog = backlog_end
         if ready:
             residence_s = self._ttft_s + gaps_per_request * iteration_s
@@ -1054,9 +1056,12 @@ class FluidSimulator:
         utilisation, queue_tokens, batch_fill, wait_s, unit_service_s = unit_figures
         attention_column = self._attention_column
         attention_decode_s = self._attention.decode_s(decodes, decodes * context)
-        attention_prefill_s = attention_decode_s + float(
-            prefill_weights @ self._attention.prefill_s(prefill_chunks, np.concatenate(([0.5 * prompt_mean], (chunks - 1.0) * available)))
+        prefill_attention = self._attention.prefill_scalar_s
+        attention_prefill_s = attention_decode_s + sum(
+            weight * prefill_attention(chunk, prior)
+            for weight, chunk, prior in zip(prefill_weights, prefill_chunks, [0.5 * prompt_mean, *priors], strict=True)
         )
+        chunk_array, weight_array = np.array(prefill_chunks), np.array(prefill_weights)
         waiting_tokens = (backlog_mean + streams * x * admission_wait_s) * prompt_mean
         queue_tokens[attention_column] = waiting_tokens
         batch_fill[attention_column] = min(mean_tokens / budget, 1.0)
@@ -1074,33 +1079,36 @@ class FluidSimulator:
             )
             attention_rho = min(beta * attention_call_s / iteration_s, 1.0) if ready else 0.0
             pool_columns = self._pool_columns
+            pool_service_s = np.array(pools.service_s)
             utilisation[pool_columns] = np.minimum(pools.rho, 1.0)
             utilisation[attention_column] = attention_rho
-            queue_tokens[pool_columns] = pools.queue_jobs * self._mean_job_tokens
-            batch_fill[pool_columns] = np.minimum(self._jobs_per_call * self._mean_job_tokens / caps, 1.0)
+            queue_tokens[pool_columns] = np.array(pools.queue_jobs) * self._mean_job_tokens
+            batch_fill[pool_columns] = np.minimum(self._jobs_per_call * self._mean_job_tokens / self._pool_caps_array, 1.0)
             wait_s[pool_columns] = pools.wait_unit_s
-            unit_service_s[pool_columns] = pools.service_s
+            unit_service_s[pool_columns] = pool_service_s
             unit_service_s[attention_column] = attention_call_s
             # prefill jobs' calls over this interval's chunk mix (used by the next interval's pool steps)
             others = (self._jobs_per_call - 1.0) * self._mean_job_tokens
-            prefill_call_tokens = np.maximum(decodes + prefill_chunks + others[:, None], 1.0)
+            prefill_call_tokens = np.maximum(decodes + chunk_array + others[:, None], 1.0)
             prefill_call_tokens[self._lm_head_row] = decodes + 1.0 + others[self._lm_head_row]
             prefill_call_times = self._table.time_s_at(prefill_call_tokens)
             if x > 0:
-                self._prefill_call_list = (prefill_call_times @ prefill_weights).tolist()
+                self._prefill_call_list = (prefill_call_times @ weight_array).tolist()
             # compute-bound share of each pool's busy time: its calls' kernels that are compute-bound
             # (the engine flags whole calls by their size), decode and prefill calls weighted by time
-            compute_kernel = (1.0 - phi) * pools.decode_call_s * self._table.compute_bound_at(pools.decode_call_tokens) + phi * (
-                (prefill_call_times * self._table.compute_bound_at(prefill_call_tokens)) @ prefill_weights
+            compute_kernel = (1.0 - phi) * np.array(pools.decode_call_s) * self._table.compute_bound_at(
+                np.array(pools.decode_call_tokens)
+            ) + phi * (
+                (prefill_call_times * self._table.compute_bound_at(prefill_call_tokens)) @ weight_array
             )
             compute_flags = np.zeros(len(self._units))
-            compute_flags[pool_columns] = compute_kernel * self._slowdown / np.maximum(pools.service_s, 1e-12)
+            compute_flags[pool_columns] = compute_kernel * self._slowdown / np.maximum(pool_service_s, 1e-12)
             # a stream's job is in service at one replica at a time, so its busy shares on a GPU add up;
             # the streams are independent: busy = 1 - (1 - load / S) ** S with load = sum of replica rhos
             # GPUs are busy for kernels only: not for inbound transfers nor the attention's host overhead
             kernel_load = utilisation.copy()
             transfer = np.array(self._pool_transfer_fixed) + np.array(self._pool_transfer_per_token) * self._mean_job_tokens
-            kernel_load[pool_columns] *= np.maximum(1.0 - transfer / np.maximum(pools.service_s, 1e-12), 0.0)
+            kernel_load[pool_columns] *= np.maximum(1.0 - transfer / np.maximum(pool_service_s, 1e-12), 0.0)
             kernel_load[attention_column] *= max(1.0 - (attention_call_s - attention_kernel_s) / attention_call_s, 0.0)
             # busy fraction of each GPU: with egalitarian processor sharing (factor 1) the GPU is work-
             # conserving, busy = uncontended kernel work per second; without interference, calls overlap
@@ -1121,7 +1129,7 @@ class FluidSimulator:
             lm_head = self._lm_head_row
             decode_size = max(decodes, 1.0)
             stateless_decode = np.array([table.scalar_time_s(row, decode_size) for row in range(n_units)])
-            stateless_prefill = table.time_s_at(np.broadcast_to(decodes + prefill_chunks, (n_units, prefill_chunks.size))) @ prefill_weights
+            stateless_prefill = table.time_s_at(np.broadcast_to(decodes + chunk_array, (n_units, chunk_array.size))) @ weight_array
             # the LM head samples one token per sequence: decodes (+ the finishing prefill)
             stateless_prefill[lm_head] = table.scalar_time_s(lm_head, decodes + 1.0)
             stateless_busy = beta * (decode_only_rate * stateless_decode + prefill_rate * stateless_prefill)
@@ -1136,7 +1144,10 @@ class FluidSimulator:
                 unit_service_s[:] = utilisation / rate
             # a serving instance's GPUs run kernels while its stream iterates, except during the host
             # overhead of each iteration; loading instances' GPUs idle
-            prefill_kernel_share = prefill_rate * float(prefill_weights @ (prefill_times * prefill_chunks / (decodes + prefill_chunks)))
+            prefill_kernel_share = prefill_rate * sum(
+                weight * time_s * chunk / (decodes + chunk)
+                for weight, time_s, chunk in zip(prefill_weights, prefill_times, prefill_chunks, strict=True)
+            )
             busy = min(beta * max(1.0 - iterations_per_busy_s * host, 0.0), 1.0)
             compute_fraction_value = min(beta * prefill_kernel_share / busy, 1.0) if busy > 0 else 0.0
             serving_gpus = self._serving_gpus
@@ -1148,7 +1159,7 @@ class FluidSimulator:
             served=served,
             decided=decided,
             slo_met=slo_met,
-            ttft_mean_s=ttft.mean_s() if decided > 0 else 0.0,
+            ttft_mean_s=(1.0 - late_share) * ttft_served_mean + late_share * late_s if decided > 0 else 0.0,
             ttft_p50_s=ttft_p50,
             ttft_p99_s=ttft_p99,
             tbt_mean_s=gap_mean_s if ready and gaps_per_request > 0 else 0.0,
@@ -1168,6 +1179,7 @@ class FluidSimulator:
             unit_replicas=self._replicas,
             ttft=ttft,
             served_ttft=served_ttft,
+            served_ttft_mean_s=ttft_served_mean,
             tbt_values=tbt_values,
             tbt_weights=tbt_weights,
         )
@@ -1333,7 +1345,7 @@ class _RunTotals:
         self.energy_j = 0.0
         self.gpus_peak = 0
         self.ttft_parts: list[tuple[float, TtftMixture]] = []
-        self.tbt_parts: list[tuple[float, FloatArray, FloatArray]] = []
+        self.tbt_parts: list[tuple[float, list[float], list[float]]] = []
         self.unit_busy_s = np.zeros(num_units)
         self.unit_capacity_s = np.zeros(num_units)
 
@@ -1345,7 +1357,7 @@ class _RunTotals:
             self.decided += segment.decided
             self.slo_met += segment.slo_met
             self.served += segment.served
-            self.ttft_sum_s += segment.served * segment.served_ttft.mean_s()
+            self.ttft_sum_s += segment.served * segment.served_ttft_mean_s
             self.e2e_sum_s += segment.served * segment.e2e_mean_s
             self.tokens += segment.prompt_tokens + segment.output_tokens
             self.gpu_seconds += segment.gpu_seconds
@@ -1362,5 +1374,5 @@ class _RunTotals:
     def tbt_quantile(self, quantile: float) -> float:
         histogram = LogHistogram()
         for weight, values, weights in self.tbt_parts:
-            histogram.add_points(values, weight * weights)
+            histogram.add_points(np.asarray(values), weight * np.asarray(weights))
         return histogram.quantile(quantile)

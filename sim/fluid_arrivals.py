@@ -48,6 +48,8 @@ class ArrivalWindow:
     :param output_mean: blended mean output length, tokens.
     :param prompt_shape: equal-probability prompt-length points divided by their mean (mean 1).
     :param output_shape: the same for output lengths.
+    :param prompt_shape_list: ``prompt_shape`` as a Python list (for scalar loops).
+    :param output_shape_list: ``output_shape`` as a Python list.
     """
 
     count: int
@@ -57,6 +59,8 @@ class ArrivalWindow:
     output_mean: float
     prompt_shape: FloatArray
     output_shape: FloatArray
+    prompt_shape_list: list[float]
+    output_shape_list: list[float]
 
 
 def _shape(values: FloatArray, levels: FloatArray) -> FloatArray:
@@ -94,6 +98,8 @@ class ArrivalIndex:
         self._cumulative = np.vstack([np.zeros((1, 3)), np.cumsum(columns, axis=0)])
         self._cumulative_arrival_s = np.concatenate(([0.0], np.cumsum(self.arrival_s)))
         self._cumulative.setflags(write=False)
+        self._cumulative_prompt = self._cumulative[:, 1].tolist()
+        self._cumulative_output = self._cumulative[:, 2].tolist()
         self.num_requests = int(prompt.size)
         self.last_arrival_s = float(self.arrival_s[-1]) if prompt.size else 0.0
         self._arrival_list = self.arrival_s.tolist()
@@ -114,6 +120,7 @@ class ArrivalIndex:
                 self._shapes.append((_shape(prompt[first:last], levels), _shape(output[first:last], levels)))
             else:
                 self._shapes.append(trace_shapes)
+        self._shape_lists = [(prompt_shape.tolist(), output_shape.tolist()) for prompt_shape, output_shape in self._shapes]
 
     def count_before(self, time_s: float) -> int:
         """Requests arriving strictly before ``time_s``."""
@@ -138,16 +145,21 @@ class ArrivalIndex:
         # bisect on a Python list: O(log n) without numpy call overhead
         first = bisect_left(self._arrival_list, start_s)
         last = bisect_left(self._arrival_list, end_s, lo=first)
-        count, prompt_tokens, output_tokens = (self._cumulative[last] - self._cumulative[first]).tolist()
+        count = last - first
+        prompt_tokens = self._cumulative_prompt[last] - self._cumulative_prompt[first]
+        output_tokens = self._cumulative_output[last] - self._cumulative_output[first]
         weight = 1.0 / (count + PRIOR_REQUESTS)
         block = min(max(int(0.5 * (start_s + end_s) // SHAPE_BLOCK_S), 0), len(self._shapes) - 1)
         prompt_shape, output_shape = self._shapes[block]
+        prompt_list, output_list = self._shape_lists[block]
         return ArrivalWindow(
-            count=int(count),
+            count=count,
             prompt_tokens=prompt_tokens,
             output_tokens=output_tokens,
             prompt_mean=(prompt_tokens + PRIOR_REQUESTS * self._prior[1]) * weight,
             output_mean=(output_tokens + PRIOR_REQUESTS * self._prior[2]) * weight,
             prompt_shape=prompt_shape,
             output_shape=output_shape,
+            prompt_shape_list=prompt_list,
+            output_shape_list=output_list,
         )

@@ -12,18 +12,47 @@
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["LogHistogram", "PoissonTailTable", "TtftMixture", "poisson_at_least", "shared_poisson_tail_table", "weighted_quantile"]
+__all__ = [
+    "LogHistogram",
+    "PoissonTailTable",
+    "TtftMixture",
+    "interp_scalar",
+    "poisson_at_least",
+    "shared_poisson_tail_table",
+    "weighted_quantile",
+]
 
 FloatArray = NDArray[np.float64]
 
 #: Multiples of the mean admission wait at which the TTFT CDF is probed (exponential tail up to ~1e-4).
 _TAIL_STEPS = np.array([0.05, 0.15, 0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 2.7, 3.5, 4.6, 6.0, 7.5, 9.2])
+
+
+def interp_scalar(
+    x: float, xp: Sequence[float], fp: Sequence[float], left: float | None = None, right: float | None = None
+) -> float:
+    """:func:`numpy.interp` for one ``x`` over Python sequences (``xp`` non-decreasing), with numpy's
+    rules: ``left`` / ``right`` (default the end values) strictly outside, ``fp[-1]`` at ``xp[-1]``, and
+    between tied points the last ``xp[j] <= x``. Pure Python: faster than numpy for one value."""
+    if x > xp[-1]:
+        return fp[-1] if right is None else right
+    if x < xp[0]:
+        return fp[0] if left is None else left
+    above = bisect_right(xp, x)
+    if above == len(xp):
+        return fp[-1]
+    below = above - 1
+    slope = (fp[above] - fp[below]) / (xp[above] - xp[below])
+    return slope * (x - xp[below]) + fp[below]
 
 
 @dataclass(frozen=True)
@@ -62,6 +91,24 @@ class TtftMixture:
         served = float(self.fixed_s.sum()) / self.fixed_s.size + self.prob_wait * self.wait_mean_s
         return (1.0 - self.late_share) * served + self.late_share * self.late_s
 
+    def cdf_scalar(self, t: float, fixed_s: Sequence[float]) -> float:
+        """:meth:`cdf` at one ``t`` in pure Python; ``fixed_s``: :attr:`fixed_s` as a list (the caller
+        converts it once)."""
+        prob_wait, wait_mean_s = self.prob_wait, self.wait_mean_s
+        total = 0.0
+        if prob_wait > 0 and wait_mean_s > 0:
+            for fixed in fixed_s:
+                if t >= fixed:
+                    total += 1.0 - prob_wait * math.exp(-(t - fixed) / wait_mean_s)
+        else:
+            for fixed in fixed_s:
+                if t >= fixed:
+                    total += 1.0
+        served = total / len(fixed_s)
+        if self.late_share <= 0:
+            return served
+        return (1.0 - self.late_share) * served + self.late_share * float(t >= self.late_s)
+
     def quantiles(self, levels: tuple[float, ...]) -> tuple[float, ...]:
         """Quantiles by interpolating the CDF on the fixed parts and a tail grid past each of them."""
         # just below each point mass too, so that a jump of the CDF is crossed at (almost) its location
@@ -74,8 +121,9 @@ class TtftMixture:
             )
         )
         grid.sort()
-        values = np.maximum.accumulate(self.cdf(grid))
-        return tuple(float(np.interp(level, values, grid)) if values[-1] >= level else float(grid[-1]) for level in levels)
+        values = np.maximum.accumulate(self.cdf(grid)).tolist()
+        points = grid.tolist()
+        return tuple(interp_scalar(level, values, points) if values[-1] >= level else points[-1] for level in levels)
 
 
 def poisson_at_least(mean: FloatArray, needed: FloatArray) -> FloatArray:
@@ -129,14 +177,19 @@ def shared_poisson_tail_table(max_count: int = 128) -> PoissonTailTable:
     return PoissonTailTable(max_count)
 
 
-def weighted_quantile(values: FloatArray, weights: FloatArray, quantile: float) -> float:
-    """Quantile of a discrete distribution (``values`` with probability ``weights``); 0 if empty."""
-    order = np.argsort(values)
-    cumulative = np.cumsum(weights[order])
-    if cumulative.size == 0 or cumulative[-1] <= 0:
+def weighted_quantile(values: Sequence[float], weights: Sequence[float], quantile: float) -> float:
+    """Quantile of a discrete distribution (``values`` with probability ``weights``); 0 if empty. Pure
+    Python: faster than numpy for the few dozen points it is called with."""
+    pairs = sorted(zip(values, weights, strict=True), key=lambda pair: pair[0])
+    cumulative = []
+    total = 0.0
+    for _, weight in pairs:
+        total += weight
+        cumulative.append(total)
+    if not pairs or total <= 0:
         return 0.0
-    index = int(np.searchsorted(cumulative, quantile * cumulative[-1]))
-    return float(values[order][min(index, values.size - 1)])
+    index = bisect_left(cumulative, quantile * total)
+    return float(pairs[min(index, len(pairs) - 1)][0])
 
 
 class LogHistogram:

@@ -38,6 +38,8 @@ GRID_POINTS_PER_OCTAVE = 8
 #: Largest tabulated call size, tokens (2**18 = 262,144: beyond any token budget x batch).
 GRID_MAX_TOKENS = 2**18
 
+_log2 = math.log2
+
 
 class TokenLine:
     """A function of tokens tabulated on the log grid, for scalar lookups in pure Python (faster than
@@ -50,17 +52,38 @@ class TokenLine:
     def __init__(self, tokens: FloatArray, values: FloatArray) -> None:
         self._tokens = [float(t) for t in tokens]
         self._values = [float(v) for v in values]
+        # per segment, value at its left end less slope x left end: value = intercept + slope x tokens
+        slopes = np.diff(values) / np.diff(tokens)
+        self._slopes = [float(v) for v in slopes]
+        self._intercepts = [float(v) for v in values[:-1] - slopes * tokens[:-1]]
         self._last = len(self._tokens) - 2
 
     def at(self, tokens: float) -> float:
         """Linear interpolation in tokens (0 tokens -> 0; beyond the grid, the last segment extended)."""
         if tokens <= 0:
             return 0.0
-        tokens = max(tokens, 1.0)
-        index = min(int(math.log2(tokens) * GRID_POINTS_PER_OCTAVE), self._last)
-        low = self._tokens[index]
-        value = self._values[index]
-        return value + (tokens - low) / (self._tokens[index + 1] - low) * (self._values[index + 1] - value)
+        if tokens < 1.0:
+            tokens = 1.0
+        index = int(_log2(tokens) * GRID_POINTS_PER_OCTAVE)
+        if index > self._last:
+            index = self._last
+        return self._intercepts[index] + self._slopes[index] * tokens
+
+    def at_each(self, tokens: list[float]) -> list[float]:
+        """:meth:`at` for every entry (one call for a batch of lookups: no per-value call overhead)."""
+        intercepts, slopes, last, log2, per_octave = self._intercepts, self._slopes, self._last, _log2, GRID_POINTS_PER_OCTAVE
+        values = []
+        for value in tokens:
+            if value <= 0:
+                values.append(0.0)
+                continue
+            if value < 1.0:
+                value = 1.0
+            index = int(log2(value) * per_octave)
+            if index > last:
+                index = last
+            values.append(intercepts[index] + slopes[index] * value)
+        return values
 
 
 class UnitTimeTable:
