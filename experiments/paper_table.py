@@ -186,15 +186,15 @@ class PaperTableConfig:
             models=("qwen2-7b",),
             gpus=("a100",),
             traces=("default",),
-            ppo_timesteps=3072,
+            ppo_timesteps=8192,
             ppo_n_envs=2,
             ppo_train_horizon=24,
             horizon=24,
-            eval_seeds=(1000, 1001),
+            eval_seeds=(1000, 1001, 1002),
             throughput_horizon=24,
             budget_num_nodes=1,
-            bisection_probes=4,
-            max_rate_scale=8.0,
+            bisection_probes=6,
+            max_rate_scale=16.0,
         )
         return replace(quick, **changes)
 
