@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+
 from opscale.sim.deployment import ApplyReport, Deployment, ScalingAction
 from opscale.sim.metrics import IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
 from opscale.sim.simulator import Snapshot

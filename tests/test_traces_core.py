@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from opscale.traces import ConstantRate, RequestTrace, gamma_arrivals, poisson_arrivals, trace_stats
 
 

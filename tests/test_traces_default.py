@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from opscale.traces import default_trace, load_trace, trace_stats
 from opscale.traces.default import CONV_REQUESTS, CONV_SPAN_S, default_rate_curve
 from opscale.traces.synthetic import cumulative_rate

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from opscale.traces import (
     TRACE_NAMES,
     TraceDataNotFoundError,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from opscale.traces import TraceFormatError, load_trace, servegen_trace, trace_stats
 from opscale.traces.servegen import DEFAULT_START_S, read_client_windows
 
