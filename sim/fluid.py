@@ -1013,14 +1013,19 @@ class FluidSimulator:
         )
         # the engine's per-request p99 is the gap at rank floor(0.99 (g - 1)) (0-based, no interpolation):
         # it is a long gap when at least g - floor(0.99 (g - 1)) gaps are long
-        request_gaps = np.round(np.maximum(np.array(outputs) - 1.0, 0.0))
-        if self.slo.tbt_statistic == "max":
-            needed = np.ones(LENGTH_QUANTILES)
-        else:
-            needed = np.maximum(1.0, request_gaps - np.floor(0.99 * np.maximum(request_gaps - 1.0, 0.0)))
-        tails = self._poisson.lookup(np.concatenate((request_gaps * over, request_gaps * phi_gap)), np.concatenate((needed, needed)))
-        tbt_ok = 1.0 - float(tails[:LENGTH_QUANTILES].sum()) * inverse_quantiles
-        long_share = float(tails[LENGTH_QUANTILES:].sum()) * inverse_quantiles
+        tail = self._poisson.lookup_scalar
+        over_tails = long_tails = 0.0
+        for output in outputs:
+            gaps = float(round(max(output - 1.0, 0.0)))
+            if self.slo.tbt_statistic == "max":
+                needed = 1
+            else:
+                needed = int(max(1.0, gaps - math.floor(0.99 * max(gaps - 1.0, 0.0))))
+            if over > 0:
+                over_tails += tail(gaps * over, needed)
+            long_tails += tail(gaps * phi_gap, needed)
+        tbt_ok = 1.0 - over_tails * inverse_quantiles
+        long_share = long_tails * inverse_quantiles
         # per-request TBT statistic: a prefill iteration's time when long gaps count, else the decode gap
         tbt_values = [decode_s, *prefill_times]
         tbt_weights = [1.0 - long_share, *[long_share * weight for weight in prefill_weights]]

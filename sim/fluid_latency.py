@@ -35,6 +35,7 @@ FloatArray = NDArray[np.float64]
 
 #: Multiples of the mean admission wait at which the TTFT CDF is probed (exponential tail up to ~1e-4).
 _TAIL_STEPS = np.array([0.05, 0.15, 0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 2.7, 3.5, 4.6, 6.0, 7.5, 9.2])
+_TAIL_STEP_LIST = _TAIL_STEPS.tolist()
 
 
 def interp_scalar(
@@ -110,20 +111,51 @@ class TtftMixture:
         return (1.0 - self.late_share) * served + self.late_share * float(t >= self.late_s)
 
     def quantiles(self, levels: tuple[float, ...]) -> tuple[float, ...]:
-        """Quantiles by interpolating the CDF on the fixed parts and a tail grid past each of them."""
+        """Quantiles by interpolating the CDF on the fixed parts and a tail grid past each of them.
+
+        The CDF is non-decreasing, so each level's bracket on the sorted grid is found by bisection,
+        evaluating the CDF (:meth:`cdf_scalar`) at a few grid points only, cached across levels; the
+        interpolation is :func:`numpy.interp`'s on the whole grid. Pure Python: a vectorised CDF over
+        the whole grid costs several times more at this size."""
+        fixed_s = self.fixed_s.tolist()
+        top, wait_mean_s, late_s = max(fixed_s), self.wait_mean_s, self.late_s
         # just below each point mass too, so that a jump of the CDF is crossed at (almost) its location
-        grid = np.concatenate(
-            (
-                self.fixed_s,
-                self.fixed_s * (1.0 - 1e-9),
-                float(self.fixed_s.max()) + self.wait_mean_s * _TAIL_STEPS,
-                [self.late_s, self.late_s * (1.0 - 1e-9)],
-            )
-        )
+        grid = [
+            *fixed_s,
+            *[fixed * (1.0 - 1e-9) for fixed in fixed_s],
+            *[top + wait_mean_s * step for step in _TAIL_STEP_LIST],
+            late_s,
+            late_s * (1.0 - 1e-9),
+        ]
         grid.sort()
-        values = np.maximum.accumulate(self.cdf(grid)).tolist()
-        points = grid.tolist()
-        return tuple(interp_scalar(level, values, points) if values[-1] >= level else points[-1] for level in levels)
+        cdf: dict[int, float] = {}
+
+        def value(index: int) -> float:
+            if index not in cdf:
+                cdf[index] = self.cdf_scalar(grid[index], fixed_s)
+            return cdf[index]
+
+        last = len(grid) - 1
+        result = []
+        for level in levels:
+            if value(last) < level:
+                result.append(grid[last])
+                continue
+            low, high = 0, last + 1  # bisect for the first grid point whose CDF exceeds the level
+            while low < high:
+                middle = (low + high) // 2
+                if value(middle) > level:
+                    high = middle
+                else:
+                    low = middle + 1
+            if low == 0:
+                result.append(grid[0])
+            elif low > last:
+                result.append(grid[last])
+            else:
+                slope = (grid[low] - grid[low - 1]) / (value(low) - value(low - 1))
+                result.append(slope * (level - value(low - 1)) + grid[low - 1])
+        return tuple(result)
 
 
 def poisson_at_least(mean: FloatArray, needed: FloatArray) -> FloatArray:
@@ -154,10 +186,21 @@ class PoissonTailTable:
         counts = np.arange(1, max_count + 1, dtype=np.float64)
         table = np.vstack([poisson_at_least(self.MEANS, np.full(self.MEANS.size, m)) for m in counts])
         self._flat = table.ravel()
+        self._flat_list = self._flat.tolist()
         self._row = self.MEANS.size
         self._log_low = float(np.log(self.MEANS[0]))
         self._mean_low = float(self.MEANS[0])
         self._per_log = (self.MEANS.size - 1) / float(np.log(self.MEANS[-1] / self.MEANS[0]))
+
+    def lookup_scalar(self, mean: float, needed: int) -> float:
+        """:meth:`lookup` for one mean and count, in pure Python."""
+        if mean < self._mean_low:
+            return 0.0
+        position = min(max((math.log(mean + 1e-300) - self._log_low) * self._per_log, 0.0), self._row - 1.000001)
+        index = int(position)
+        flat = min(needed, self.max_count) * self._row + (index - self._row)
+        low = self._flat_list[flat]
+        return low + (position - index) * (self._flat_list[flat + 1] - low)
 
     def lookup(self, mean: FloatArray, needed: FloatArray) -> FloatArray:
         """``P(N >= needed)`` elementwise (``needed`` integers >= 1; means clipped to the grid)."""
