@@ -49,6 +49,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from opscale import ENV_IDS
 from opscale.sim.deployment import Deployment
 from opscale.sim.hardware import GPUSpec, get_gpu
 from opscale.sim.metrics import SLO
@@ -236,13 +237,29 @@ def check_deployment(value: Any, model: ModelSpec, gpu: GPUSpec, num_nodes: int)
     return deployment
 
 
+#: Keys the registered ids pass as keywords; ``config`` must not contradict them silently.
+_ID_KEYWORDS = frozenset(key for _, id_kwargs in ENV_IDS.values() for key in id_kwargs)
+
+
 def resolve_config(config: Mapping[str, Any] | None = None, **overrides: Any) -> EnvConfig:
     """Merge ``config`` and ``overrides`` over :func:`default_config` and validate the result.
 
     :param config: a (partial) configuration mapping.
     :param overrides: further keys, applied after ``config`` (what ``gym.make(..., key=value)`` passes).
-    :raises ValueError: for an unknown key or any invalid value; the message names it and the valid choices.
+    :raises ValueError: for an unknown key or any invalid value; the message names it and the valid choices,
+        and for a key that a registered id sets (:data:`opscale.ENV_IDS`) given a different value in
+        ``config`` (e.g.
+        ``gym.make("opscale/OperatorAutoscale-v0", config={"fidelity": "fluid"})``: the id's own
+        ``fidelity="des"`` arrives as an override, and silently preferring either would surprise someone).
     """
+    given = config or {}
+    conflicting = sorted(key for key in _ID_KEYWORDS & set(overrides) if key in given and given[key] != overrides[key])
+    if conflicting:
+        details = ", ".join(f"{key}: config {given[key]!r} vs keyword {overrides[key]!r}" for key in conflicting)
+        raise ValueError(
+            f"config keys set twice with different values ({details}); pass each once, e.g. "
+            "gym.make(id, fidelity=...) or the '-fast-v0' id for the fluid fidelity"
+        )
     merged = default_config()
     for source in (config or {}, overrides):
         unknown = set(source) - set(_DEFAULTS)

@@ -434,3 +434,10 @@ def test_reset_can_start_from_another_deployment(trace: RequestTrace, fake_sim: 
     model_level = Deployment.model_level("qwen2-7b", "a100", instances=1, num_nodes=2)
     with pytest.raises(ValueError, match="needs a deployment of granularity 'operator', got 'model'"):
         env.reset(options={"deployment": model_level})
+
+
+def test_config_conflicting_with_the_ids_keyword_is_an_error() -> None:
+    import gymnasium as gym
+
+    with pytest.raises(ValueError, match="fidelity"):
+        gym.make("opscale:opscale/OperatorAutoscale-v0", config={"fidelity": "fluid"})
