@@ -294,5 +294,19 @@ class ClusterState:
     def gpus_powered(self) -> int:
         return sum(1 for g in self.gpus if g.powered)
 
+    def release_order(self, gpus: tuple[int, ...]) -> tuple[int, float]:
+        """Sort key for scale-down: replicas whose GPUs empty out soonest come first.
+
+        Removing the replica on the GPU with the fewest resident replicas, then the least memory used,
+        is what lets a GPU be released (zero power); removing from a crowded GPU releases nothing.
+
+        :param gpus: the replica's GPU group.
+        :returns: (most residents on any GPU of the group, most bytes used on any GPU of the group).
+        """
+        return (
+            max(self.gpus[i].residents for i in gpus),
+            max(self.gpus[i].used_bytes for i in gpus),
+        )
+
     def memory_used_bytes(self) -> list[float]:
         return [g.used_bytes for g in self.gpus]

@@ -142,6 +142,9 @@ class DiscreteEventSimulator:
         self.instances: list[_Instance] = []
         self.pools: dict[UnitKind, UnitPool] = {}
         self._attention_replicas: dict[Stream, Replica] = {}
+        # KV tokens a run-time-added attention replica reserves: the smallest start-up share
+        # (set by _share_attention_memory), so it leaves room for other replicas on its GPU
+        self._added_attention_kv_tokens = 0
         self._next_replica_id = 0
         self._load_trace(trace)
         self.metrics = MetricsRecorder(
@@ -481,7 +484,10 @@ class DiscreteEventSimulator:
         kv_tokens = (
             min_kv_tokens
             if share_evenly
-            else int((min(self.state.gpus[i].free_bytes for i in group) - base) / kv_per_token)
+            else min(
+                self._added_attention_kv_tokens,
+                int((min(self.state.gpus[i].free_bytes for i in group) - base) / kv_per_token),
+            )
         )
         need = base + kv_tokens * kv_per_token
         now = self.env.now
@@ -547,6 +553,9 @@ class DiscreteEventSimulator:
             stream.total_blocks += extra_blocks
             stream.free_blocks += extra_blocks
             replica.kv_tokens = stream.kv_tokens
+        self._added_attention_kv_tokens = min(
+            (replica.kv_tokens for replica in self._attention_replicas.values()), default=0
+        )
 
     # ------------------------------------------------------------------ arrivals and routing
     def _schedule_arrival(self, index: int) -> None:
@@ -805,15 +814,19 @@ class DiscreteEventSimulator:
     def _remove_unit_replicas(self, unit: UnitKind, count: int) -> int:
         if unit is UnitKind.ATTENTION:
             live = [s for s in self.streams if s.accepting]
-            # loading first, then the least loaded
-            live.sort(key=lambda s: (s.serving, s.pending_work_tokens))
+            # loading first, then the one whose GPU empties soonest (ClusterState.release_order), then the least loaded
+            live.sort(
+                key=lambda s: (s.serving, self.state.release_order(self._attention_replicas[s].gpus), s.pending_work_tokens)
+            )
             removable = live[: max(0, min(count, len(live) - 1))]
             for stream in removable:
                 self._drain_stream(stream)
             return len(removable)
         pool = self.pools[unit]
         live_replicas = [r for r in pool.replicas if r.state in (ReplicaState.LOADING, ReplicaState.SERVING)]
-        live_replicas.sort(key=lambda r: (r.state is ReplicaState.SERVING, r.busy))
+        live_replicas.sort(
+            key=lambda r: (r.state is ReplicaState.SERVING, self.state.release_order(r.gpus), r.busy)
+        )
         removable_replicas = live_replicas[: max(0, min(count, len(live_replicas) - 1))]
         for replica in removable_replicas:
             self._drain_pool_replica(pool, replica)

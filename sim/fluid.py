@@ -592,8 +592,15 @@ class FluidSimulator:
                 report.replicas_added[unit] = added
             return
         live = [r for r in self._pending if r.unit is unit]
-        # loading replicas go first, then the most recently added
-        live.sort(key=lambda r: (r.placed.ready_s <= self._now_s, -r.placed.ready_s))
+        # the engine's rule: loading replicas first, then the one whose GPU empties soonest
+        # (ClusterState.release_order), then the most recently added
+        live.sort(
+            key=lambda r: (
+                r.placed.ready_s <= self._now_s,
+                self.layout.state.release_order(r.placed.gpus),
+                -r.placed.ready_s,
+            )
+        )
         removable = live[: max(0, min(-delta, len(live) - 1))]
         for record in removable:
             self._pending.remove(record)

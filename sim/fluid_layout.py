@@ -67,6 +67,8 @@ class FluidLayout:
     state: ClusterState = field(init=False)
     replicas: dict[UnitKind, list[PlacedReplica]] = field(init=False)
     instances: list[PlacedReplica] = field(init=False)
+    # KV tokens a run-time-added attention replica reserves (the engine's rule): the smallest start-up share
+    added_attention_kv_tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.state = ClusterState(self.cluster, self.model, self.config)
@@ -126,7 +128,8 @@ class FluidLayout:
         """Place one attention replica; ``None`` when it fits nowhere.
 
         :param share_later: at build time: take the minimum KV cache now, :meth:`share_attention_memory`
-            spreads the rest once every replica is placed. Otherwise take all the memory left.
+            spreads the rest once every replica is placed. Otherwise take the smallest start-up share
+            (:attr:`added_attention_kv_tokens`), or the memory left if less.
         """
         unit = UnitKind.ATTENTION
         base = self.state.replica_bytes_per_gpu(unit, tp, token_budget)
@@ -137,7 +140,10 @@ class FluidLayout:
         if share_later:
             kv_tokens = self.min_kv_tokens
         else:
-            kv_tokens = int((min(self.state.gpus[i].free_bytes for i in group) - base) / kv_per_token)
+            kv_tokens = min(
+                self.added_attention_kv_tokens,
+                int((min(self.state.gpus[i].free_bytes for i in group) - base) / kv_per_token),
+            )
         need = base + kv_tokens * kv_per_token
         self.state.reserve(group, need, now_s)
         replica = PlacedReplica(group, need, ready_s, kv_tokens=float(kv_tokens))
@@ -162,6 +168,7 @@ class FluidLayout:
             replica.bytes_per_gpu += grow
             # the engine's stream holds whole blocks: (initial tokens // block + extra blocks) * block
             replica.kv_tokens = float((int(replica.kv_tokens) // block + extra_blocks) * block)
+        self.added_attention_kv_tokens = min((int(replica.kv_tokens) for replica in attention), default=0)
 
     def _group(
         self, unit: UnitKind, tp: int, need: float, policy: Placement, explicit: tuple[int, ...] | None
