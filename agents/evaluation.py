@@ -291,9 +291,9 @@ def make_env(env_id: str, *, fidelity: str | None = "des", trace: str | RequestT
     if trace is not None:
         config["trace"] = trace
     # keyword overrides beat both the config mapping and the id's registered kwargs (its fidelity)
-    overrides: dict[str, Any] = {} if fidelity is None else {"fidelity": fidelity}
-    if "fidelity" in config and fidelity is None:
-        overrides["fidelity"] = config.pop("fidelity")
+    config_fidelity = config.pop("fidelity", None)
+    chosen = fidelity if fidelity is not None else config_fidelity
+    overrides: dict[str, Any] = {} if chosen is None else {"fidelity": chosen}
     return gym.make(env_id.removeprefix("opscale:"), config=config, **overrides)
 
 
