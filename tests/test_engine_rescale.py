@@ -86,3 +86,17 @@ def test_engine_and_fluid_keep_identical_gpu_counts_through_scale_up_and_down() 
         fluid.advance(10.0)
         assert fluid.snapshot().gpus_powered == engine.snapshot().gpus_powered
         assert np.allclose(fluid.snapshot().gpu_memory_used_bytes, engine.snapshot().gpu_memory_used_bytes)
+
+
+@pytest.mark.parametrize("fidelity", ["des", "fluid"])
+def test_removal_takes_the_replica_alone_on_its_gpu(fidelity: str) -> None:
+    engine, fluid = _simulators()
+    sim = engine if fidelity == "des" else fluid
+    start = sim.snapshot().gpus_powered
+    # a spread placement puts the new FFN replica on a GPU of its own
+    sim.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=1, placement="spread-gpu")}))
+    sim.advance(2.0)
+    assert sim.snapshot().gpus_powered == start + 1
+    sim.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=-1)}))
+    sim.advance(2.0)
+    assert sim.snapshot().gpus_powered == start
