@@ -20,10 +20,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from opscale.traces.loaders import load_azure_csv
-from opscale.traces.trace import RequestTrace
 
 from opscale.paths import data_dir
+from opscale.traces.loaders import load_azure_csv
+from opscale.traces.trace import RequestTrace
 
 #: Knot spacing of the fitted rate curve (s).
 KNOT_SPACING_S = 300.0

@@ -20,6 +20,7 @@ and its prompt and output p50 / p99 within a few percent (``tests/test_traces_de
 from __future__ import annotations
 
 import numpy as np
+
 from opscale.traces.synthetic import (
     PiecewiseLinearRate,
     QuantileLengths,

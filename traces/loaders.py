@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
+
 from opscale.traces.errors import TraceFormatError
 from opscale.traces.trace import RequestTrace
 

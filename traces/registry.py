@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from opscale import paths
 from opscale.traces.default import DEFAULT_TRACE_NAME, default_trace
 from opscale.traces.errors import TraceDataNotFoundError, TraceFormatError
 from opscale.traces.loaders import load_azure_csv, load_csv, load_mooncake_jsonl, load_vidur_csv
 from opscale.traces.servegen import DEFAULT_DURATION_S, DEFAULT_START_S, servegen_trace
 from opscale.traces.trace import RequestTrace
-
-from opscale import paths
 
 
 class TraceFormat(str, Enum):

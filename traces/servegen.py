@@ -28,6 +28,7 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
+
 from opscale.traces.errors import TraceFormatError
 from opscale.traces.synthetic import ArrivalProcess, LengthDistribution, LognormalLengths, unit_rate_events
 from opscale.traces.trace import RequestTrace

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from opscale.traces.trace import RequestTrace
 
 

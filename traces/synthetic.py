@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Protocol
 
 import numpy as np
+
 from opscale.traces.trace import RequestTrace
 
 #: Standard-normal quantile at 0.99, for fitting a lognormal to a (p50, p99) pair.
