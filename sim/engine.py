@@ -54,6 +54,7 @@ from opscale.sim.deployment import (
     UnitDeployment,
 )
 from opscale.sim.hardware import ClusterSpec, GPUSpec
+from opscale.sim.inputs import check_deployment, prepare_requests
 from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
 from opscale.sim.models import ModelSpec, UnitKind, get_model
 from opscale.sim.overhead import engine_overhead
@@ -130,7 +131,7 @@ class DiscreteEventSimulator:
         self.state = ClusterState(cluster, self.model, self.config)
         self.link = Link(cluster)
         self.sharing = GpuSharing(self.env, self.state, self.config)
-        self._check_deployment(deployment)
+        check_deployment(deployment, cluster, self.model)
         self._granularity = deployment.granularity
         self._tp = deployment.tp
         self._pp = deployment.pp
@@ -166,66 +167,17 @@ class DiscreteEventSimulator:
             self._schedule_arrival(0)
 
     # ------------------------------------------------------------------ construction
-    def _check_deployment(self, deployment: Deployment) -> None:
-        gpus_per_node = self.cluster.nodes[0].gpus_per_node
-        deployment.validate(gpus_per_node=gpus_per_node)
-        if get_model(deployment.model).name != self.model.name:
-            raise ValueError(
-                f"deployment is for model {deployment.model!r}, the simulator for {self.model.name!r}"
-            )
-        cluster_types = {node.gpu.name for node in self.cluster.nodes}
-        from opscale.sim.hardware import get_gpu
-
-        if get_gpu(deployment.gpu).name not in cluster_types:
-            raise ValueError(
-                f"deployment is for GPU {deployment.gpu!r}; the cluster has {', '.join(sorted(cluster_types))}"
-            )
-        for unit, config in deployment.units.items():
-            for group in config.gpus or []:
-                self.state.check_gpus_exist(tuple(group), f"unit {unit.value!r} replica")
-        if (
-            deployment.granularity == "model"
-            and deployment.instances * deployment.tp * deployment.pp > self.cluster.num_gpus
-        ):
-            raise ValueError(
-                f"{deployment.instances} instances of {deployment.tp * deployment.pp} GPUs need "
-                f"{deployment.instances * deployment.tp * deployment.pp} GPUs; the cluster has {self.cluster.num_gpus}"
-            )
-
     def _load_trace(self, trace: RequestTrace) -> None:
-        arrival = np.asarray(trace.arrival_s, dtype=np.float64)
-        prompt = np.asarray(trace.prompt_tokens, dtype=np.int64).copy()
-        output = np.asarray(trace.output_tokens, dtype=np.int64).copy()
-        image = trace.image_tokens
-        patches = np.zeros_like(prompt)
-        if image is not None and self.model.vision is not None:
-            # image tokens join the prompt; the encoder sees merge_factor patches per image token
-            image = np.asarray(image, dtype=np.int64)
-            prompt = prompt + image
-            patches = image * self.model.vision.merge_factor
-        limit = self.model.max_context
-        too_long = np.flatnonzero(prompt + output > limit)
-        self.clipped_requests = 0
+        requests = prepare_requests(trace, self.model, clip_long_requests=self.config.clip_long_requests)
+        self.clipped_requests = requests.clipped
         #: requests no attention replica could hold any more (see :meth:`_reject`)
         self.rejected_requests = 0
-        if too_long.size:
-            if not self.config.clip_long_requests:
-                i = int(too_long[0])
-                raise ValueError(
-                    f"request {i} needs {int(prompt[i])} prompt + {int(output[i])} output = "
-                    f"{int(prompt[i] + output[i])} tokens, above the context limit {limit} of model "
-                    f"{self.model.name!r} ({too_long.size} such requests; SimConfig.clip_long_requests (CLI: --clip-long) "
-                    "clips them, counted)"
-                )
-            output[too_long] = np.minimum(output[too_long], limit - 1)
-            prompt[too_long] = limit - output[too_long]
-            self.clipped_requests = int(too_long.size)
-        self._arrival_s = arrival.tolist()
-        self._prompt = prompt.tolist()
-        self._output = output.tolist()
-        self._patches = patches.tolist()
+        self._arrival_s = requests.arrival_s.tolist()
+        self._prompt = requests.prompt.tolist()
+        self._output = requests.output.tolist()
+        self._patches = requests.patches.tolist()
         self._num_requests = len(self._arrival_s)
-        self._max_request_tokens = int((prompt + output).max()) if self._num_requests else 0
+        self._max_request_tokens = requests.max_request_tokens
 
     def _check_requests_fit(self) -> None:
         if not self.streams or not self._num_requests:

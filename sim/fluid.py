@@ -91,6 +91,7 @@ from opscale.sim.fluid_latency import (
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
 from opscale.sim.fluid_tables import AttentionSurrogate, TokenLine, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec
+from opscale.sim.inputs import check_deployment, prepare_requests
 from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
 from opscale.sim.models import ModelSpec, UnitKind, get_model
 from opscale.sim.overhead import engine_overhead
@@ -229,7 +230,7 @@ class FluidSimulator:
         self.cost_model: CostModel = cost_model or default_cost_model()
         self.seed = seed
         self.power_model = power_model or PowerModel()
-        self._check_deployment(deployment)
+        check_deployment(deployment, cluster, self.model)
         self._granularity = deployment.granularity
         self._tp = deployment.tp
         self._pp = deployment.pp
@@ -286,48 +287,11 @@ class FluidSimulator:
         self._totals.gpus_peak = self.layout.state.gpus_powered
 
     # ------------------------------------------------------------------ construction
-    def _check_deployment(self, deployment: Deployment) -> None:
-        gpus_per_node = self.cluster.nodes[0].gpus_per_node
-        deployment.validate(gpus_per_node=gpus_per_node)
-        if get_model(deployment.model).name != self.model.name:
-            raise ValueError(f"deployment is for model {deployment.model!r}, the simulator for {self.model.name!r}")
-        from opscale.sim.hardware import get_gpu
-
-        cluster_types = {node.gpu.name for node in self.cluster.nodes}
-        if get_gpu(deployment.gpu).name not in cluster_types:
-            raise ValueError(
-                f"deployment is for GPU {deployment.gpu!r}; the cluster has {', '.join(sorted(cluster_types))}"
-            )
-        if deployment.granularity == "model" and deployment.instances * deployment.tp * deployment.pp > self.cluster.num_gpus:
-            raise ValueError(
-                f"{deployment.instances} instances of {deployment.tp * deployment.pp} GPUs need "
-                f"{deployment.instances * deployment.tp * deployment.pp} GPUs; the cluster has {self.cluster.num_gpus}"
-            )
-
     def _load_trace(self, trace: object) -> None:
-        arrival = np.asarray(trace.arrival_s, dtype=np.float64)  # type: ignore[attr-defined]
-        prompt = np.asarray(trace.prompt_tokens, dtype=np.int64).copy()  # type: ignore[attr-defined]
-        output = np.asarray(trace.output_tokens, dtype=np.int64).copy()  # type: ignore[attr-defined]
-        image = getattr(trace, "image_tokens", None)
-        if image is not None and UnitKind.VISION_ENCODER in self.model.units:
-            prompt = prompt + np.asarray(image, dtype=np.int64)
-        limit = self.model.max_context
-        too_long = np.flatnonzero(prompt + output > limit)
-        self.clipped_requests = 0
-        if too_long.size:
-            if not self.config.clip_long_requests:
-                i = int(too_long[0])
-                raise ValueError(
-                    f"request {i} needs {int(prompt[i])} prompt + {int(output[i])} output = "
-                    f"{int(prompt[i] + output[i])} tokens, above the context limit {limit} of model "
-                    f"{self.model.name!r} ({too_long.size} such requests; set SimConfig.clip_long_requests "
-                    "to clip them)"
-                )
-            output[too_long] = np.minimum(output[too_long], limit - 1)
-            prompt[too_long] = limit - output[too_long]
-            self.clipped_requests = int(too_long.size)
-        self._arrivals = ArrivalIndex(arrival, prompt, output, quantiles=LENGTH_QUANTILES)
-        self._max_request_tokens = int((prompt + output).max()) if prompt.size else 0
+        requests = prepare_requests(trace, self.model, clip_long_requests=self.config.clip_long_requests)
+        self.clipped_requests = requests.clipped
+        self._arrivals = ArrivalIndex(requests.arrival_s, requests.prompt, requests.output, quantiles=LENGTH_QUANTILES)
+        self._max_request_tokens = requests.max_request_tokens
 
     def _build_tables(self) -> None:
         model, gpu = self.model, self._gpu
