@@ -10,7 +10,9 @@ Each interval the controller
    TTFT and TBT budgets hold, then removes replicas while the budgets still hold with
    ``removal_margin`` slack (the hysteresis that keeps it from flapping). Adds are gated by feedback
    (:meth:`OperatorGreedyPolicy.scale_up_allowed`): only under observed latency pressure or a real
-   rise of the rate;
+   rise of the rate. Sustained pressure on a deployment the model certified also shrinks the budgets
+   the plan may use (:meth:`OperatorGreedyPolicy.update_correction`, integral feedback on the model's
+   bias), released slowly once the SLO holds again;
 3. **chooses batch caps per unit**: a stateless unit's cap is the smallest bucket that reaches the knee
    of its roofline (the call size where it turns compute-bound, beyond which merging more work buys no
    efficiency, only longer calls) or one iteration's tokens, whichever is larger; the attention token
@@ -68,6 +70,13 @@ PRESSURE_INTERVALS = 2
 RATE_MARGIN = 1.1
 #: Per-interval decay of the validated rate (it forgets a peak over a few minutes).
 VALIDATED_RATE_DECAY = 0.99
+#: Budget share the feedback correction takes away per interval of sustained pressure.
+CORRECTION_STEP = 0.1
+#: Budget share it gives back per calm interval (ten calm intervals undo one step).
+CORRECTION_RELEASE = 0.01
+#: Largest correction: the planner keeps at least half of every budget (with the removal margin,
+#: :meth:`PlanSearch.excess`'s total slack stays below 1).
+MAX_CORRECTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,8 @@ class PlanSearch:
     :param max_replicas: the most replicas of any unit.
     :param table_size: replica counts tabulated per unit at first (grown on demand, up to
         ``max_replicas``; the Erlang recursions cost grows with it).
+    :param slack: share by which every budget is shrunk (the controller's feedback correction of the
+        latency model, see :meth:`OperatorGreedyPolicy.update_correction`).
     """
 
     model: OperatorLatencyModel
@@ -109,6 +120,7 @@ class PlanSearch:
     token_budget: float
     max_replicas: int
     table_size: int = 8
+    slack: float = 0.0
     evaluations: int = 0
     _tables: dict[int, StreamTables] = field(default_factory=dict)
 
@@ -132,7 +144,8 @@ class PlanSearch:
         return self.model.evaluate(self.workload, tables, candidates, self.token_budget)
 
     def excess(self, estimate: OperatorEstimate, slack: float = 0.0) -> NDArray[np.float64]:
-        return estimate.excess(self.model.slo, self.model.targets, slack)
+        """Budget excess with the search's :attr:`slack` plus ``slack`` (the removal margin)."""
+        return estimate.excess(self.model.slo, self.model.targets, self.slack + slack)
 
 
 def _neighbours(counts: NDArray[np.int64], step: int, max_replicas: int) -> list[tuple[int, NDArray[np.int64]]]:
@@ -353,6 +366,8 @@ class _GreedyMemory:
     validated_rate_per_s: float = 0.0
     #: consecutive intervals under latency pressure
     pressure_streak: int = 0
+    #: feedback correction: share of every budget the plan may not use (grows under pressure)
+    correction: float = 0.0
 
 
 class OperatorGreedyPolicy(HeuristicPolicy):
@@ -391,18 +406,20 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         buckets = self.context.batch_cap_buckets_tokens
         return {unit: knee_batch_cap(self.latency_model, unit, buckets, tokens) for unit in self.latency_model.stateless}
 
-    def search(self, workload: Workload, start: NDArray[np.int64], token_budget: int) -> PlanSearch:
-        """A :class:`PlanSearch` for ``workload`` with tables sized around ``start``."""
+    def search(self, workload: Workload, start: NDArray[np.int64], token_budget: int, slack: float = 0.0) -> PlanSearch:
+        """A :class:`PlanSearch` for ``workload`` with tables sized around ``start`` and budgets shrunk by ``slack``."""
         streams = int(start[self.latency_model.attention_index])
         caps = self.batch_caps(workload, streams, token_budget)
         size = min(self.context.max_replicas, int(start.max()) + 4)
-        return PlanSearch(self.latency_model, workload, caps, float(token_budget), self.context.max_replicas, size)
+        return PlanSearch(self.latency_model, workload, caps, float(token_budget), self.context.max_replicas, size, slack)
 
     def plan(self, search: PlanSearch, start: NDArray[np.int64], allow_add: bool = True) -> OperatorPlan:
         """The replica counts to move to (the oracle overrides this with an exhaustive search)."""
         return greedy_plan(search, start, allow_add)
 
-    def choose_token_budget(self, workload: Workload, start: NDArray[np.int64], around: int | None = None) -> int:
+    def choose_token_budget(
+        self, workload: Workload, start: NDArray[np.int64], around: int | None = None, slack: float = 0.0
+    ) -> int:
         """The budget bucket whose plan needs the fewest GPUs (feasible first; the smaller budget on
         ties: it bounds the prefill spikes that set the TBT tail). With ``around``, only that bucket
         and its two neighbours compete."""
@@ -412,7 +429,7 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             buckets = buckets[max(position - 1, 0) : position + 2]
         best: tuple[tuple[float, ...], int] | None = None
         for budget in buckets:
-            plan = greedy_plan(self.search(workload, start, budget), start)
+            plan = greedy_plan(self.search(workload, start, budget, slack), start)
             key = (0.0 if plan.feasible else 1.0, float(plan.gpus_needed), float(plan.estimate.gpus[0]), budget)
             if best is None or key < best[0]:
                 best = (key, budget)
@@ -465,15 +482,17 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         current = self.unit_replicas(observation)
         start = np.array([current[unit] for unit in self.context.units], dtype=np.int64)
         workload = self.workload(memory.load)
+        allow_add = self.scale_up_allowed(memory, observation)
+        self.update_correction(memory)
         if memory.token_budget is None or memory.steps_since_budget >= self.budget_period_steps:
             # the first choice starts from the budget the deployment runs with
             around = memory.token_budget or round(float(observation[UnitKind.ATTENTION.value]["batch_cap"]))
-            memory.token_budget = self.choose_token_budget(workload, start, around=around)
+            memory.token_budget = self.choose_token_budget(workload, start, around=around, slack=memory.correction)
             memory.steps_since_budget = 0
         memory.steps_since_budget += 1
         budget = int(memory.token_budget)
-        search = self.search(workload, start, budget)
-        plan = self.plan(search, start, self.scale_up_allowed(memory, observation))
+        search = self.search(workload, start, budget, memory.correction)
+        plan = self.plan(search, start, allow_add)
         memory.last_plan = plan
         caps = {**search.batch_caps, UnitKind.ATTENTION: budget}
         deltas = {
@@ -519,6 +538,19 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         # before any calm interval there is no served rate to compare with: pressure alone decides
         rising = memory.validated_rate_per_s > 0 and memory.load.rate_per_s > RATE_MARGIN * memory.validated_rate_per_s
         return sustained or rising
+
+    @staticmethod
+    def update_correction(memory: Any) -> None:
+        """Integral feedback on the latency model's bias: while latency pressure is sustained (the
+        deployment misses its SLO although the model certified it, e.g. GPU contention beyond what the
+        model charges), shrink every budget by :data:`CORRECTION_STEP` more, up to
+        :data:`MAX_CORRECTION`; give :data:`CORRECTION_RELEASE` back per calm interval so that the
+        replicas added under pressure can go again once the load allows. Call after
+        :meth:`scale_up_allowed` (which counts the pressure streak)."""
+        if memory.pressure_streak >= PRESSURE_INTERVALS:
+            memory.correction = min(memory.correction + CORRECTION_STEP, MAX_CORRECTION)
+        elif memory.pressure_streak == 0:
+            memory.correction = max(memory.correction - CORRECTION_RELEASE, 0.0)
 
     def _spread_unit(
         self, search: PlanSearch, plan: OperatorPlan, deltas: Mapping[UnitKind, int], observation: Mapping[str, Any]

@@ -134,6 +134,38 @@ def test_greedy_plan_is_feasible_and_locally_minimal(rate: float) -> None:
             assert search.excess(search.evaluate(fewer), slack)[0] > 0, MODEL.units[index]
 
 
+def test_feedback_slack_buys_headroom_and_holds_the_shrunk_budgets() -> None:
+    """A plan under the controller's correction (budgets shrunk by ``slack``) keeps every budget at the
+    shrunk level, so it never has fewer replicas of a unit than the uncorrected plan needs in total."""
+    model = _operator_model(SimConfig())
+    workload = Workload(6.0, 900.0, 180.0)
+    start = np.ones(len(MODEL.units), dtype=np.int64)
+    plain = greedy_plan(PlanSearch(model, workload, _caps(1024), 512.0, 16), start)
+    corrected_search = PlanSearch(model, workload, _caps(1024), 512.0, 16, slack=0.3)
+    corrected = greedy_plan(corrected_search, start)
+    assert corrected.feasible
+    assert corrected.replicas.sum() > plain.replicas.sum()
+    estimate = corrected.estimate
+    assert float(estimate.iteration_s[0]) <= model.targets.tbt_share * SLO.tbt_s * 0.7 + 1e-12
+    assert float(estimate.ttft_s[0]) <= model.targets.ttft_share * SLO.ttft_s * 0.7 + 1e-12
+
+
+def test_correction_grows_under_sustained_pressure_and_releases_when_calm() -> None:
+    from opscale.agents import operator_greedy as greedy_module
+
+    memory = greedy_module._GreedyMemory(load=LoadEstimator(900.0, 180.0, 5.0))
+    memory.pressure_streak = greedy_module.PRESSURE_INTERVALS - 1
+    OperatorGreedyPolicy.update_correction(memory)
+    assert memory.correction == 0.0  # one bad interval is not enough
+    for _ in range(20):
+        memory.pressure_streak += 1
+        OperatorGreedyPolicy.update_correction(memory)
+    assert memory.correction == greedy_module.MAX_CORRECTION
+    memory.pressure_streak = 0
+    OperatorGreedyPolicy.update_correction(memory)
+    assert memory.correction == pytest.approx(greedy_module.MAX_CORRECTION - greedy_module.CORRECTION_RELEASE)
+
+
 @pytest.mark.parametrize("rate", [2.0, 6.0, 14.0])
 def test_oracle_never_needs_more_gpus_than_greedy(rate: float) -> None:
     model = _operator_model(SimConfig())
