@@ -91,6 +91,10 @@ class PPOConfig:
         ``codec.noop()``), so the untrained policy mostly keeps the deployment (0.65 probability per
         dimension for 5 choices at the default 2.0) instead of random-walking 21 dimensions, which
         fragments replicas over every GPU; 0 disables it (and envs without a codec get none).
+    :param hold_out_windows: unless ``env_kwargs`` sets ``episode_start_s``, training and periodic
+        evaluation episodes start before the trace's held-out tail (the ``"random"`` range of
+        :func:`opscale.agents.evaluation.window_range`), so ``opscale evaluate --windows held-out`` tests
+        on windows the agent never saw; the range is written to the run's ``config.json``.
     :param eval_freq: environment steps between evaluations (0: no periodic evaluation, no best model).
     :param n_eval_episodes: episodes per evaluation.
     :param eval_seed: reset seed of the first evaluation episode (fixed, so evaluations are paired).
@@ -123,6 +127,7 @@ class PPOConfig:
     net_arch: tuple[int, ...] = (128, 128)
     normalize_reward: bool = True
     noop_logit_bias: float = 2.0
+    hold_out_windows: bool = True
     eval_freq: int = 10_000
     n_eval_episodes: int = 2
     eval_seed: int = 10_000
@@ -312,11 +317,15 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecMonitor, VecNormalize
 
     from opscale.agents.callbacks import HParamCallback, ServingEvalCallback, ServingMetricsCallback
+    from opscale.agents.evaluation import window_range
 
     # 1. Run directory and the exact configuration, so the run can be repeated from it.
     env_id = canonical_env_id(config.env_id)
     probe_env = make_env(env_id, config.env_kwargs)  # fail fast, in this process, on a bad id or key
     noop = noop_action(probe_env)
+    if config.hold_out_windows and config.env_kwargs.get("episode_start_s") is None:
+        training_starts = window_range(probe_env, "random")
+        config = replace(config, env_kwargs={**config.env_kwargs, "episode_start_s": training_starts})
     probe_env.close()
     started = time.time()
     run_dir = _unique_dir(Path(config.logdir), run_name(config, started))

@@ -195,8 +195,9 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
                 f"(warmup_intervals + horizon) x control_interval_s = {self.episode_length_s:.1f} s; "
                 "lower the horizon or use a longer trace"
             )
-        if self.config.episode_start_s is not None:
-            self._check_start(self.config.episode_start_s)
+        start = self.config.episode_start_s
+        for bound in start if isinstance(start, tuple) else () if start is None else (start,):
+            self._check_start(bound)
 
     def _check_start(self, start_s: float) -> float:
         earliest, latest = self.trace.start_s, self.trace.end_s - self.episode_length_s
@@ -248,6 +249,8 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             )
         if "start_s" in options:
             start_s = self._check_start(float(options["start_s"]))
+        elif isinstance(self.config.episode_start_s, tuple):
+            start_s = float(self.np_random.uniform(*self.config.episode_start_s))
         elif self.config.episode_start_s is not None:
             start_s = self.config.episode_start_s
         else:

@@ -18,7 +18,9 @@ Keys (all optional; see :func:`default_config` for the defaults):
 ``long_requests``             requests longer than the model's context: ``"clip"`` (default; counted in
                               ``env.trace.notes`` and warned once), ``"drop"`` or ``"error"``
 ``episode_start_s``           ``None``: a random window start per reset (from ``self.np_random``);
-                              a number: a fixed start. ``reset(options={"start_s": ...})`` overrides both.
+                              a number: a fixed start; a pair ``(low, high)``: a random start in that
+                              range per reset (e.g. training windows kept apart from held-out ones).
+                              ``reset(options={"start_s": ...})`` overrides all three.
 ``control_interval_s``        seconds between two decisions (default 5 s)
 ``horizon``                   decisions per episode; the episode is truncated after that many steps
 ``warmup_intervals``          control intervals simulated with no action before the first observation
@@ -117,7 +119,7 @@ class EnvConfig:
     trace_duration_s: float | None
     trace_rate_scale: float
     long_requests: str
-    episode_start_s: float | None
+    episode_start_s: float | tuple[float, float] | None
     control_interval_s: float
     horizon: int
     warmup_intervals: int
@@ -153,6 +155,20 @@ def _positive_number(key: str, value: Any, *, allow_zero: bool = False) -> float
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"config {key!r} must be {bound}, got {value!r}")
     return float(value)
+
+
+def _check_episode_start(value: Any) -> float | tuple[float, float] | None:
+    """``None``, a start time or a ``(low, high)`` range of start times, seconds >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"config 'episode_start_s' as a range must be (low, high), got {value!r}")
+        low, high = (_positive_number("episode_start_s", bound, allow_zero=True) for bound in value)
+        if low > high:
+            raise ValueError(f"config 'episode_start_s' range must have low <= high, got {value!r}")
+        return (low, high)
+    return _positive_number("episode_start_s", value, allow_zero=True)
 
 
 def _positive_int(key: str, value: Any, *, allow_zero: bool = False) -> int:
@@ -327,9 +343,7 @@ def resolve_config(config: Mapping[str, Any] | None = None, **overrides: Any) ->
         trace_duration_s=None if duration is None else _positive_number("trace_duration_s", duration),
         trace_rate_scale=_positive_number("trace_rate_scale", merged["trace_rate_scale"]),
         long_requests=str(long_requests),
-        episode_start_s=None
-        if episode_start is None
-        else _positive_number("episode_start_s", episode_start, allow_zero=True),
+        episode_start_s=_check_episode_start(episode_start),
         control_interval_s=_positive_number("control_interval_s", merged["control_interval_s"]),
         horizon=_positive_int("horizon", merged["horizon"]),
         warmup_intervals=_positive_int("warmup_intervals", merged["warmup_intervals"], allow_zero=True),

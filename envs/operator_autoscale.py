@@ -94,8 +94,8 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
     ``initial_deployment`` (default: sized for the trace's mean rate with the cost model at
     ``initial_utilisation``, see :mod:`opscale.envs.sizing`) on an empty cluster at the start of a trace
     window of ``(warmup_intervals + horizon) x control_interval_s`` seconds. The window starts at
-    ``reset(options={"start_s": s})``, else at ``episode_start_s``, else uniformly at random in the trace
-    (from ``self.np_random``); ``reset(options={"deployment": d})`` starts that episode from ``d``
+    ``reset(options={"start_s": s})``, else at ``episode_start_s`` (or uniformly at random in its
+    ``(low, high)`` range), else uniformly at random in the trace (from ``self.np_random``); ``reset(options={"deployment": d})`` starts that episode from ``d``
     instead. ``warmup_intervals`` (default 1) are simulated with no action before the first
     observation. The simulator's own seed is drawn from ``self.np_random``. Requests longer than the
     model's context are clipped (``long_requests``, counted in ``env.unwrapped.trace.notes``).

@@ -111,6 +111,12 @@ def test_bad_config_raises_at_env_construction(trace: RequestTrace, fake_sim: No
         OperatorAutoscaleEnv(trace=trace, horizon=1000)
     with pytest.raises(ValueError, match=r"episode start 1790\.0 s is outside the trace"):
         OperatorAutoscaleEnv(trace=trace, episode_start_s=1790.0)
+    with pytest.raises(ValueError, match=r"episode start 1790\.0 s is outside the trace"):
+        OperatorAutoscaleEnv(trace=trace, episode_start_s=(0.0, 1790.0))
+    with pytest.raises(ValueError, match="low <= high"):
+        OperatorAutoscaleEnv(trace=trace, episode_start_s=(20.0, 10.0))
+    with pytest.raises(ValueError, match=r"must be \(low, high\)"):
+        OperatorAutoscaleEnv(trace=trace, episode_start_s=(0.0, 1.0, 2.0))
     with pytest.raises(ValueError, match="unknown render_mode 'human'"):
         OperatorAutoscaleEnv(trace=trace, render_mode="human")
 

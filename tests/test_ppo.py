@@ -136,6 +136,21 @@ def test_tiny_run_trains_saves_reloads_and_evaluates(tiny_runs: dict[str, TrainR
     assert steps == TINY_ENV_KWARGS["horizon"]
 
 
+def test_training_windows_stay_before_the_held_out_tail(tiny_runs: dict[str, TrainResult]) -> None:
+    """Training episodes start in the ``"random"`` split, so held-out evaluation windows are unseen."""
+    from opscale.agents.evaluation import window_range
+
+    saved = PPOConfig.from_file(tiny_runs["ppo"].run_dir / "config.json")
+    low, high = saved.env_kwargs["episode_start_s"]
+    env = gym.make(FAST_ENV, **TINY_ENV_KWARGS)
+    held_out_low, _ = window_range(env, "held-out")
+    assert (low, high) == pytest.approx(window_range(env, "random"))
+    assert high + env.unwrapped.episode_length_s <= held_out_low + 1e-9
+    ranged = gym.make(FAST_ENV, **{**TINY_ENV_KWARGS, "episode_start_s": (low, high)})
+    ranged_starts = [ranged.reset(seed=seed)[1]["start_s"] for seed in range(20)]
+    assert all(low <= start <= high for start in ranged_starts) and len(set(ranged_starts)) == 20
+
+
 def test_tensorboard_has_serving_reward_eval_scalars_figure_and_hparams(tiny_runs: dict[str, TrainResult]) -> None:
     accumulator = _event_accumulator(tiny_runs["ppo"].run_dir)
     scalars = set(accumulator.Tags()["scalars"])
