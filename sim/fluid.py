@@ -5,7 +5,8 @@ inputs (cluster, model, deployment, trace, SLO, cost model, :class:`SimConfig`) 
 structures as the discrete-event engine (:mod:`opscale.sim.engine`), but its cost per
 :meth:`~FluidSimulator.advance` does not depend on the request rate: no request is simulated.
 
-Model, per control interval (split at the moments loading replicas become ready):
+Model, per control interval (one solve per :meth:`~FluidSimulator.advance`; the replicas serving are
+those ready by the middle of the interval, see the approximations below):
 
 1. **Arrivals** (:mod:`opscale.sim.fluid_arrivals`): count and mean lengths of the window from
    cumulative sums (two binary searches). Prompt and output lengths are represented by
@@ -59,7 +60,11 @@ Model, per control interval (split at the moments loading replicas become ready)
 
 Approximations to keep in mind (the agreement with the engine is measured by
 ``experiments/fidelity_report.py``): completions are counted when requests are admitted (a lag of
-one end-to-end latency); removed replicas leave at once (the engine drains them); preemption is not
+one end-to-end latency); a replica that becomes ready inside an interval serves all of it when it is
+ready by the middle of the interval, else from the next interval on (its start shifts by at most half an
+interval: operator-level replicas load in well under a second, so they serve the interval they are
+added in; a model-level instance's ~10 s start is rounded to the nearest interval boundary); removed
+replicas leave at once (the engine drains them); preemption is not
 modelled (the KV limit only caps admission); the stream load is split evenly over streams; the
 contention of long calls follows the convoy argument of :meth:`FluidSimulator._pooled_times` (a
 heuristic, not a derivation); admission waits near saturation are approximate. ``SimConfig`` fields
@@ -128,8 +133,8 @@ class _Pending:
 
 
 @dataclass
-class _Segment:
-    """Results of one stretch of time with a fixed set of serving replicas."""
+class _Solution:
+    """Results of the interval model over one control interval."""
 
     duration_s: float
     arrivals: int
@@ -148,12 +153,12 @@ class _Segment:
     waiting: float
     gpu_seconds: float
     energy_j: float
-    unit_utilisation: FloatArray
-    unit_queue_tokens: FloatArray
-    unit_batch_fill: FloatArray
-    unit_wait_s: FloatArray
-    unit_service_s: FloatArray
-    unit_replicas: FloatArray
+    unit_utilisation: list[float]
+    unit_queue_tokens: list[float]
+    unit_batch_fill: list[float]
+    unit_wait_s: list[float]
+    unit_service_s: list[float]
+    unit_replicas: list[float]
     ttft: TtftMixture
     served_ttft: TtftMixture
     served_ttft_mean_s: float
@@ -243,7 +248,6 @@ class FluidSimulator:
         self._stateless = tuple(u for u in self._units if u is not UnitKind.ATTENTION)
         self._lm_head_row = self._stateless.index(UnitKind.LM_HEAD)
         self._pool_columns_list = [self._units.index(u) for u in self._stateless]
-        self._pool_columns = np.array(self._pool_columns_list)
         self._attention_column = self._units.index(UnitKind.ATTENTION)
         self._overhead = engine_overhead(self.config.engine_overhead, self._gpu)
         self._erlang = shared_erlang_c_table(MAX_TABLE_SERVERS)
@@ -255,7 +259,9 @@ class FluidSimulator:
         self._pending: list[_Pending] = []
         self._place_initial(deployment)
         self._check_requests_fit()
-        self._refresh_layout()
+        #: the layout figures (:meth:`_refresh_layout`) need recomputing before the next solve
+        self._layout_stale = True
+        self._layout_valid_until_s = math.inf
         # fluid state carried across intervals
         self._backlog = 0.0
         #: requests admitted and not yet complete, all streams (fluid)
@@ -267,19 +273,15 @@ class FluidSimulator:
         self._capacity_per_stream = math.inf
         #: mean prefill-iteration time over the chunk distribution / time at the mean chunk (last interval)
         self._prefill_correction = 1.0
-        self._jobs_per_call = np.ones(len(self._stateless))
         self._jobs_per_call_list = [1.0] * len(self._stateless)
-        self._mean_job_tokens = np.ones(len(self._stateless))
         self._mean_job_tokens_list = [1.0] * len(self._stateless)
         #: per pool, mean call time of a prefill job (from the last interval's chunk mix)
         self._prefill_call_list = [self._table.scalar_time_s(row, 1024.0) for row in range(len(self._stateless))]
         #: contention slowdown of each pool's calls and of attention (operator level; last interval)
-        self._slowdown = np.ones(len(self._stateless))
         self._slowdown_list = [1.0] * len(self._stateless)
         self._attention_slowdown = 1.0
         #: the streams' iteration cycle (s): the convoy effect of long calls (_pooled_times)
         self._cycle_s = 0.0
-        self._unit_rho = np.zeros(len(self._units))
         self._served_total = 0.0
         self._last_interval: IntervalMetrics | None = None
         self._totals = _RunTotals(len(self._units))
@@ -363,102 +365,108 @@ class FluidSimulator:
                 f"replica holds {int(max(kv))} tokens (raise TP, or give attention replicas more memory)"
             )
 
-    def _serving(self, now_s: float) -> list[_Pending]:
-        return [r for r in self._pending if r.placed.ready_s <= now_s]
-
-    def _refresh_layout(self) -> None:
-        """Recompute what depends only on the deployment (which replicas serve now, batch caps): called at
-        construction, after :meth:`apply` and when loading replicas start serving, not per step."""
-        now = self._now_s
-        layout = self.layout
-        self._shards = layout.unit_shards_on_gpu(self._units, now)
-        self._serving_gpus = float(np.count_nonzero(self._shards.sum(axis=1)))
-        self._powered = np.array([g.powered for g in layout.state.gpus], dtype=bool)
-        self._powered_count = float(self._powered.sum())
+    def _refresh_layout(self, serving_at_s: float) -> None:
+        """Recompute what depends only on the deployment and on which replicas serve (those ready at
+        ``serving_at_s``): batch caps, stream and replica counts, transfer terms, co-location. Called
+        only when the deployment changed or a loading replica starts serving (:meth:`advance`)."""
+        summary = self.layout.serving_summary(self._units, serving_at_s)
+        self._layout_stale = False
+        self._layout_valid_until_s = summary.next_ready_s
+        self._serving_summary = summary
+        self._serving_gpus = float(summary.active_gpus)
+        self._powered_count = float(self.layout.state.gpus_powered)
+        self._replicas = [float(count) for count in summary.replicas]
+        kv_tokens = summary.kv_tokens
         if self._granularity == "model":
-            serving = [r for r in self._pending if r.placed.ready_s <= now]
-            self._replicas = np.full(len(self._units), float(len(serving)))
-            self._streams = len(serving) * self._pp
-            self._kv_per_stream = (
-                sum(r.placed.kv_tokens for r in serving) / (len(serving) * self._pp) if serving else 0.0
-            )
-            self._transfer_fixed_s = np.zeros(len(self._units))
-            self._transfer_per_token_s = np.zeros(len(self._units))
+            instances = summary.replicas[0]
+            self._streams = instances * self._pp
+            self._kv_per_stream = sum(kv_tokens) / (instances * self._pp) if instances else 0.0
             self._ready = self._streams > 0
             return
-        counts = [sum(1 for r in layout.replicas[u] if r.ready_s <= now) for u in self._units]
-        self._replicas = np.array(counts, dtype=np.float64)
-        attention = [r for r in layout.replicas[UnitKind.ATTENTION] if r.ready_s <= now]
-        self._streams = len(attention)
-        self._ready = self._streams > 0 and all(counts)
-        self._kv_per_stream = sum(r.kv_tokens for r in attention) / len(attention) if attention else 0.0
-        self._transfer_fixed_s, self._transfer_per_token_s = self._transfer_terms(now)
-        self._attention_transfer_fixed_s = float(self._transfer_fixed_s[self._attention_column])
-        self._attention_transfer_per_token_s = float(self._transfer_per_token_s[self._attention_column])
-        self._pool_transfer_fixed = self._transfer_fixed_s[self._pool_columns].tolist()
-        self._pool_transfer_per_token = self._transfer_per_token_s[self._pool_columns].tolist()
-        shards_per_unit = np.maximum(self._shards.sum(axis=0), 1.0)
+        self._streams = summary.replicas[self._attention_column]
+        self._ready = self._streams > 0 and all(summary.replicas)
+        self._kv_per_stream = sum(kv_tokens) / len(kv_tokens) if kv_tokens else 0.0
+        fixed, per_token = self._transfer_terms(summary.homes)
+        self._transfer_fixed_s, self._transfer_per_token_s = fixed, per_token
+        self._attention_transfer_fixed_s = fixed[self._attention_column]
+        self._attention_transfer_per_token_s = per_token[self._attention_column]
+        self._pool_transfer_fixed = [fixed[column] for column in self._pool_columns_list]
+        self._pool_transfer_per_token = [per_token[column] for column in self._pool_columns_list]
         #: per unit, shards of every unit on its GPUs per own shard (contention in the fixed point)
-        self._colocation_rows = ((self._shards.T @ self._shards) / shards_per_unit[:, None]).tolist()
-        pool_replicas = self._replicas[self._pool_columns]
-        self._pool_replicas = pool_replicas.tolist()
+        columns = len(self._units)
+        colocation = [[0.0] * columns for _ in range(columns)]
+        for gpus, mix in summary.gpu_groups:
+            for column, shards in mix:
+                row = colocation[column]
+                for other, other_shards in mix:
+                    row[other] += gpus * shards * other_shards
+        self._colocation_rows = [
+            [value / max(own, 1.0) for value in row] for row, own in zip(colocation, summary.shards_per_unit, strict=True)
+        ]
+        self._pool_replicas = [self._replicas[column] for column in self._pool_columns_list]
         # share of the other streams a pool still serves while one of its replicas is held
-        self._contention_free_list = np.minimum(np.maximum(pool_replicas - 1.0, 0.0) / max(self._streams - 1, 1), 1.0).tolist()
+        other_streams = max(self._streams - 1, 1)
+        self._contention_free_list = [min(max(replicas - 1.0, 0.0) / other_streams, 1.0) for replicas in self._pool_replicas]
         self._pool_caps = [float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]
-        self._pool_caps_array = np.array(self._pool_caps)
 
     def _build_transfer_constants(self) -> None:
-        """What :meth:`_transfer_terms` needs that depends only on the cluster and the model: per GPU pair
-        the link latency and inverse bandwidth (0 on the same GPU), per unit the hops and bytes per token
-        of its inbound transfer."""
-        gpus = self.cluster.num_gpus
-        latency = np.zeros((gpus, gpus))
-        inverse_bandwidth = np.zeros((gpus, gpus))
-        for a in range(gpus):
-            for b in range(gpus):
-                link = self.cluster.link_between(a, b)
-                if link is not None:
-                    latency[a, b] = link.latency_s
-                    inverse_bandwidth[a, b] = 1.0 / link.bandwidth_bytes_per_s
-        self._link_latency_s = latency
-        self._link_inverse_bandwidth = inverse_bandwidth
+        """What :meth:`_transfer_terms` needs that depends only on the model: per unit the hops and bytes
+        per token of its inbound transfer, and the unit its jobs come from. Links between GPU pairs are
+        looked up when first needed (:meth:`_link_terms`)."""
         units = self._units
         model = self.model
-        hops = np.zeros(len(units))
-        per_token_bytes = np.zeros(len(units))
+        hops: list[float] = []
+        per_token_bytes: list[float] = []
         for column, unit in enumerate(units):
             if unit is UnitKind.ATTENTION:
-                hops[column] = model.num_layers
-                per_token_bytes[column] = model.activation_bytes_per_token(UnitKind.QKV_PROJ) * model.num_layers
+                hops.append(float(model.num_layers))
+                per_token_bytes.append(model.activation_bytes_per_token(UnitKind.QKV_PROJ) * model.num_layers)
             else:
                 previous = units[column - 1] if column > 0 else None
-                hops[column] = model.layers_of(unit)
-                per_token_bytes[column] = (4.0 if previous is None else model.activation_bytes_per_token(previous)) * hops[column]
+                hops.append(float(model.layers_of(unit)))
+                per_token_bytes.append((4.0 if previous is None else model.activation_bytes_per_token(previous)) * hops[-1])
         self._transfer_hops = hops
         self._transfer_bytes_per_token = per_token_bytes
         # a job comes from the previous unit's replica (the first unit's from the attention replica)
         attention_row = units.index(UnitKind.ATTENTION)
-        self._transfer_source_rows = np.array([attention_row, *range(len(units) - 1)])
+        self._transfer_source_rows = [attention_row, *range(len(units) - 1)]
+        self._links: dict[tuple[int, int], tuple[float, float]] = {}
 
-    def _transfer_terms(self, now_s: float) -> tuple[FloatArray, FloatArray]:
+    def _link_terms(self, source_gpu: int, destination_gpu: int) -> tuple[float, float]:
+        """``(latency_s, 1 / bandwidth_bytes_per_s)`` of the link between two GPUs (0, 0 on the same GPU),
+        memoised per pair (the cluster does not change during a run)."""
+        key = (source_gpu, destination_gpu)
+        terms = self._links.get(key)
+        if terms is None:
+            link = self.cluster.link_between(source_gpu, destination_gpu)
+            terms = (0.0, 0.0) if link is None else (link.latency_s, 1.0 / link.bandwidth_bytes_per_s)
+            self._links[key] = terms
+        return terms
+
+    def _transfer_terms(self, homes: Sequence[dict[int, int]]) -> tuple[list[float], list[float]]:
         """Per unit (model order): expected inbound transfer ``fixed + per_token * tokens`` of one job.
 
         A job comes from the previous unit's replica (the first unit's from the stream's attention
         replica); a pool serves it on a replica of the same GPU when it has one (the engine prefers an
-        idle one there), else on any replica (uniformly).
+        idle one there), else on any replica (uniformly). ``homes``: per unit, first GPU -> replicas.
         """
-        units = self._units
-        homes = np.zeros((len(units), self.cluster.num_gpus))
-        for column, unit in enumerate(units):
-            for replica in self.layout.replicas[unit]:
-                if replica.ready_s <= now_s:
-                    homes[column, replica.gpus[0]] += 1.0
-        share = homes / np.maximum(homes.sum(axis=1, keepdims=True), 1.0)
-        # probability mass of (source GPU, destination GPU) pairs that cross a link, summed against the
-        # link matrices: sum_ab source_a [a has no local replica] share_b M_ab
-        source = share[self._transfer_source_rows] * (homes <= 0)
-        fixed = self._transfer_hops * np.einsum("ua,ab,ub->u", source, self._link_latency_s, share)
-        per_token = self._transfer_bytes_per_token * np.einsum("ua,ab,ub->u", source, self._link_inverse_bandwidth, share)
+        fixed: list[float] = []
+        per_token: list[float] = []
+        for column, destinations in enumerate(homes):
+            sources = homes[self._transfer_source_rows[column]]
+            latency_sum = inverse_bandwidth_sum = 0.0
+            for source_gpu, source_count in sources.items():
+                if source_gpu in destinations:
+                    continue  # served on the same GPU: no transfer
+                for destination_gpu, destination_count in destinations.items():
+                    latency_s, inverse_bandwidth = self._link_terms(source_gpu, destination_gpu)
+                    weight = source_count * destination_count
+                    latency_sum += weight * latency_s
+                    inverse_bandwidth_sum += weight * inverse_bandwidth
+            # source and destination shares: replicas per GPU over the unit's replicas
+            scale = 1.0 / (max(sum(sources.values()), 1) * max(sum(destinations.values()), 1))
+            fixed.append(self._transfer_hops[column] * latency_sum * scale)
+            per_token.append(self._transfer_bytes_per_token[column] * inverse_bandwidth_sum * scale)
         return fixed, per_token
 
     # ------------------------------------------------------------------ protocol
@@ -520,7 +528,8 @@ class FluidSimulator:
             else:
                 report.repairs += 1
                 report.messages.append("instance_delta ignored: operator-level deployments scale per unit")
-        self._refresh_layout()
+        if report.replicas_added or report.replicas_removed:
+            self._layout_stale = True
         self._totals.gpus_peak = max(self._totals.gpus_peak, self.layout.state.gpus_powered)
         return report
 
@@ -529,7 +538,9 @@ class FluidSimulator:
         if clipped != cap:
             report.repairs += 1
             report.messages.append(f"batch cap {cap} for {unit.value!r} clipped to {clipped} (1..{MAX_BATCH_CAP_TOKENS})")
-        self._unit_configs[unit] = replace(self._unit_configs[unit], batch_cap_tokens=clipped)
+        if clipped != self._unit_configs[unit].batch_cap_tokens:
+            self._unit_configs[unit] = replace(self._unit_configs[unit], batch_cap_tokens=clipped)
+            self._layout_stale = True
 
     def _scale_unit(self, unit: UnitKind, delta: int, placement: Placement | None, report: ApplyReport) -> None:
         config = self._unit_configs[unit]
@@ -608,23 +619,20 @@ class FluidSimulator:
 
     # ------------------------------------------------------------------ advance
     def advance(self, dt_s: float) -> IntervalMetrics:
-        """Advance ``dt_s`` simulated seconds and return the interval's metrics."""
+        """Advance ``dt_s`` simulated seconds and return the interval's metrics (one solve of the interval
+        model; see the module docstring for when loading replicas count as serving)."""
         if not dt_s > 0:
             raise ValueError(f"advance needs dt_s > 0, got {dt_s}")
         start = self._now_s
         end = start + dt_s
-        cuts = sorted({r.placed.ready_s for r in self._pending if start < r.placed.ready_s < end})
-        segments = []
-        segment_start = start
-        for cut in [*cuts, end]:
-            segments.append(self._solve(segment_start, cut))
-            self._now_s = cut
-            if cut < end:
-                self._refresh_layout()
-            segment_start = cut
+        # replicas ready by the middle of the interval serve all of it, later ones from the next interval
+        serving_at_s = start + 0.5 * dt_s
+        if self._layout_stale or serving_at_s >= self._layout_valid_until_s:
+            self._refresh_layout(serving_at_s)
+        solution = self._solve(start, end)
         self._now_s = end
-        metrics = self._interval_metrics(start, end, segments)
-        self._totals.add(metrics, segments)
+        metrics = self._interval_metrics(start, end, solution)
+        self._totals.add(solution)
         self._totals.gpus_peak = max(self._totals.gpus_peak, metrics.gpus_powered)
         self._last_interval = metrics
         return metrics
@@ -814,7 +822,7 @@ class FluidSimulator:
         ]
 
     # ------------------------------------------------------------------ the interval model
-    def _solve(self, start_s: float, end_s: float) -> _Segment:
+    def _solve(self, start_s: float, end_s: float) -> _Solution:
         """The fluid model over ``[start_s, end_s)`` with the replicas serving at ``start_s``."""
         dt = end_s - start_s
         window = self._arrivals.window(start_s, end_s)
@@ -921,10 +929,6 @@ class FluidSimulator:
         x = min(x_demand, x_cap) if ready else 0.0
         if ready:
             self._capacity_per_stream = x_cap
-        if operator:
-            self._slowdown = np.array(self._slowdown_list)
-            self._jobs_per_call = np.array(self._jobs_per_call_list)
-            self._mean_job_tokens = np.array(self._mean_job_tokens_list)
         # per prompt quantile: its last chunk shares the iteration with other prefills (rho_p of the rest)
         priors = [(chunk - 1.0) * available for chunk in chunks]
         remaining = [prompt - prior for prompt, prior in zip(prompts, priors, strict=True)]
@@ -945,7 +949,9 @@ class FluidSimulator:
             # used from the next interval on (one interval's lag keeps the loop cheap)
             self._prefill_correction = mean_prefill_s / prefill_at_mean_chunk_s
         served = x * streams * dt
-        backlog_end = max(demand - served, 0.0)
+        # all the demand is admitted unless the streams' capacity binds (no rounding residue left queued:
+        # a residue would count the interval's admissions as drained from a backlog)
+        backlog_end = max(demand - served, 0.0) if x < x_demand else 0.0
         backlog_mean = 0.5 * (self._backlog + backlog_end)
         # FCFS fluid: the requests admitted now are the trace's requests number served_total .. + served;
         # their wait is the time since their arrival (0 when nothing is queued)
@@ -1024,12 +1030,16 @@ class FluidSimulator:
             self._in_service = in_service_end * streams
         self._served_total += served
 
-        # ---- per-unit figures
+        # ---- per-unit figures (plain Python over the handful of units)
         iterations_per_busy_s = 1.0 / iteration_s if ready else 0.0
         decode_only_rate = max(iterations_per_busy_s - prefill_rate, 0.0)
         mean_tokens = decodes + phi * chunk_eff
-        unit_figures = np.zeros((5, len(self._units)))
-        utilisation, queue_tokens, batch_fill, wait_s, unit_service_s = unit_figures
+        columns = len(self._units)
+        utilisation = [0.0] * columns
+        queue_tokens = [0.0] * columns
+        batch_fill = [0.0] * columns
+        wait_s = [0.0] * columns
+        unit_service_s = [0.0] * columns
         attention_column = self._attention_column
         attention_decode_s = self._attention.decode_s(decodes, decodes * context)
         prefill_attention = self._attention.prefill_scalar_s
@@ -1037,87 +1047,81 @@ class FluidSimulator:
             weight * prefill_attention(chunk, prior)
             for weight, chunk, prior in zip(prefill_weights, prefill_chunks, [0.5 * prompt_mean, *priors], strict=True)
         )
-        chunk_array, weight_array = np.array(prefill_chunks), np.array(prefill_weights)
         waiting_tokens = (backlog_mean + streams * x * admission_wait_s) * prompt_mean
         queue_tokens[attention_column] = waiting_tokens
         batch_fill[attention_column] = min(mean_tokens / budget, 1.0)
         # attention's wait: the admission delay of the requests admitted (queue + backlog)
         wait_s[attention_column] = admission_wait_s + backlog_wait_s
-        powered = self._powered
         host = self._overhead.fixed_s + self._overhead.per_tp_rank_s * self._ranks + self._overhead.per_request_s * (decodes + phi)
+        table = self._table
         if operator:
             attention_kernel_s = (attention_decode_s + phi * (attention_prefill_s - attention_decode_s)) * self._attention_slowdown
             attention_call_s = (
-                host
-                + attention_kernel_s
-                + self._transfer_fixed_s[attention_column]
-                + self._transfer_per_token_s[attention_column] * mean_tokens
+                host + attention_kernel_s + self._attention_transfer_fixed_s + self._attention_transfer_per_token_s * mean_tokens
             )
             attention_rho = min(beta * attention_call_s / iteration_s, 1.0) if ready else 0.0
-            pool_columns = self._pool_columns
-            pool_service_s = np.array(pools.service_s)
-            utilisation[pool_columns] = np.minimum(pools.rho, 1.0)
             utilisation[attention_column] = attention_rho
-            queue_tokens[pool_columns] = np.array(pools.queue_jobs) * self._mean_job_tokens
-            batch_fill[pool_columns] = np.minimum(self._jobs_per_call * self._mean_job_tokens / self._pool_caps_array, 1.0)
-            wait_s[pool_columns] = pools.wait_unit_s
-            unit_service_s[pool_columns] = pool_service_s
             unit_service_s[attention_column] = attention_call_s
-            # prefill jobs' calls over this interval's chunk mix (used by the next interval's pool steps)
-            others = (self._jobs_per_call - 1.0) * self._mean_job_tokens
-            prefill_call_tokens = np.maximum(decodes + chunk_array + others[:, None], 1.0)
-            prefill_call_tokens[self._lm_head_row] = decodes + 1.0 + others[self._lm_head_row]
-            prefill_call_times = self._table.time_s_at(prefill_call_tokens)
+            # per unit: its kernel load (busy share without inbound transfers nor the attention's host
+            # overhead), that load without its contention slowdown, and its compute-bound part
+            kernel_load = [0.0] * columns
+            uncontended_load = [0.0] * columns
+            compute_load = [0.0] * columns
+            attention_load = attention_rho * max(1.0 - (attention_call_s - attention_kernel_s) / attention_call_s, 0.0)
+            kernel_load[attention_column] = attention_load
+            uncontended_load[attention_column] = attention_load / self._attention_slowdown
+            compute_load[attention_column] = beta * prefill_rate * (attention_prefill_s - attention_decode_s)
+            prefill_calls = []
+            for row, column in enumerate(self._pool_columns_list):
+                job_tokens, calls, service = self._mean_job_tokens_list[row], self._jobs_per_call_list[row], pools.service_s[row]
+                pool_slowdown = self._slowdown_list[row]
+                rho = min(pools.rho[row], 1.0)
+                utilisation[column] = rho
+                queue_tokens[column] = pools.queue_jobs[row] * job_tokens
+                batch_fill[column] = min(calls * job_tokens / self._pool_caps[row], 1.0)
+                wait_s[column] = pools.wait_unit_s[row]
+                unit_service_s[column] = service
+                # prefill jobs' calls over this interval's chunk mix (used by the next interval's pool steps)
+                others = (calls - 1.0) * job_tokens
+                if row == self._lm_head_row:
+                    call_tokens = [decodes + 1.0 + others] * len(prefill_chunks)
+                else:
+                    call_tokens = [max(decodes + chunk + others, 1.0) for chunk in prefill_chunks]
+                prefill_call_s, prefill_compute_s = table.weighted_times(row, call_tokens, prefill_weights)
+                prefill_calls.append(prefill_call_s)
+                # compute-bound share of the pool's busy time: its calls' kernels that are compute-bound
+                # (the engine flags whole calls by their size), decode and prefill calls weighted by time
+                compute_kernel_s = (1.0 - phi) * table.compute_lines[row].at(pools.decode_call_tokens[row]) + phi * prefill_compute_s
+                compute_flag = compute_kernel_s * pool_slowdown / max(service, 1e-12)
+                transfer_s = self._pool_transfer_fixed[row] + self._pool_transfer_per_token[row] * job_tokens
+                load = rho * max(1.0 - transfer_s / max(service, 1e-12), 0.0)
+                kernel_load[column] = load
+                uncontended_load[column] = load / pool_slowdown
+                compute_load[column] = load * compute_flag
             if x > 0:
-                self._prefill_call_list = (prefill_call_times @ weight_array).tolist()
-            # compute-bound share of each pool's busy time: its calls' kernels that are compute-bound
-            # (the engine flags whole calls by their size), decode and prefill calls weighted by time
-            compute_kernel = (1.0 - phi) * np.array(pools.decode_call_s) * self._table.compute_bound_at(
-                np.array(pools.decode_call_tokens)
-            ) + phi * (
-                (prefill_call_times * self._table.compute_bound_at(prefill_call_tokens)) @ weight_array
-            )
-            compute_flags = np.zeros(len(self._units))
-            compute_flags[pool_columns] = compute_kernel * self._slowdown / np.maximum(pool_service_s, 1e-12)
-            # a stream's job is in service at one replica at a time, so its busy shares on a GPU add up;
-            # the streams are independent: busy = 1 - (1 - load / S) ** S with load = sum of replica rhos
-            # GPUs are busy for kernels only: not for inbound transfers nor the attention's host overhead
-            kernel_load = utilisation.copy()
-            transfer = np.array(self._pool_transfer_fixed) + np.array(self._pool_transfer_per_token) * self._mean_job_tokens
-            kernel_load[pool_columns] *= np.maximum(1.0 - transfer / np.maximum(pool_service_s, 1e-12), 0.0)
-            kernel_load[attention_column] *= max(1.0 - (attention_call_s - attention_kernel_s) / attention_call_s, 0.0)
-            # busy fraction of each GPU: with egalitarian processor sharing (factor 1) the GPU is work-
-            # conserving, busy = uncontended kernel work per second; without interference, calls overlap
-            # independently across streams (a stream runs one call at a time): 1 - (1 - load / S) ** S
-            slowdown_all = np.ones(len(self._units))
-            slowdown_all[pool_columns] = self._slowdown
-            slowdown_all[attention_column] = self._attention_slowdown
-            work = np.minimum(self._shards @ (kernel_load / slowdown_all), 1.0)
-            overlap = 1.0 - (1.0 - np.minimum((self._shards @ kernel_load) / max(streams, 1), 1.0)) ** max(streams, 1)
-            sharing = min(contention, 1.0)
-            busy_gpu = np.minimum(sharing * work + (1.0 - sharing) * overlap, 1.0)
-            compute_busy = self._shards @ (kernel_load * compute_flags)
-            compute_busy += self._shards[:, attention_column] * beta * prefill_rate * (attention_prefill_s - attention_decode_s)
-            compute_fraction = np.minimum(compute_busy / np.maximum(busy_gpu, 1e-12), 1.0)
-            energy_j = float(self._power_array(busy_gpu[powered], compute_fraction[powered]).sum()) * dt
+                self._prefill_call_list = prefill_calls
+            energy_j = self._operator_power_w(kernel_load, uncontended_load, compute_load, streams, contention) * dt
         else:
-            table = self._table
             lm_head = self._lm_head_row
             decode_size = max(decodes, 1.0)
-            stateless_decode = np.array([table.scalar_time_s(row, decode_size) for row in range(n_units)])
-            stateless_prefill = table.time_s_at(np.broadcast_to(decodes + chunk_array, (n_units, chunk_array.size))) @ weight_array
-            # the LM head samples one token per sequence: decodes (+ the finishing prefill)
-            stateless_prefill[lm_head] = table.scalar_time_s(lm_head, decodes + 1.0)
-            stateless_busy = beta * (decode_only_rate * stateless_decode + prefill_rate * stateless_prefill)
-            utilisation[self._pool_columns] = np.minimum(stateless_busy, 1.0)
+            prefill_tokens = [decodes + chunk for chunk in prefill_chunks]
+            for row, column in enumerate(self._pool_columns_list):
+                decode_call_s = table.scalar_time_s(row, decode_size)
+                if row == lm_head:
+                    # the LM head samples one token per sequence: decodes (+ the finishing prefill)
+                    prefill_call_s = table.scalar_time_s(lm_head, decodes + 1.0)
+                else:
+                    prefill_call_s = table.weighted_times(row, prefill_tokens, prefill_weights)[0]
+                utilisation[column] = min(beta * (decode_only_rate * decode_call_s + prefill_rate * prefill_call_s), 1.0)
             # the attention replica is busy for its kernels and the iteration's engine overhead
             utilisation[attention_column] = min(
                 beta * (decode_only_rate * attention_decode_s + prefill_rate * attention_prefill_s + iterations_per_busy_s * host), 1.0
             )
-            batch_fill[:] = min(mean_tokens / budget, 1.0)
+            fill = min(mean_tokens / budget, 1.0)
+            batch_fill = [fill] * columns
             rate = beta * iterations_per_busy_s
             if rate > 0:
-                unit_service_s[:] = utilisation / rate
+                unit_service_s = [value / rate for value in utilisation]
             # a serving instance's GPUs run kernels while its stream iterates, except during the host
             # overhead of each iteration; loading instances' GPUs idle
             prefill_kernel_share = prefill_rate * sum(
@@ -1129,7 +1133,7 @@ class FluidSimulator:
             serving_gpus = self._serving_gpus
             busy_w, idle_w = self._gpu_power_w(busy, compute_fraction_value), self._gpu_power_w(0.0, 0.0)
             energy_j = (serving_gpus * busy_w + (self._powered_count - serving_gpus) * idle_w) * dt
-        return _Segment(
+        return _Solution(
             duration_s=dt,
             arrivals=window.count,
             served=served,
@@ -1145,7 +1149,7 @@ class FluidSimulator:
             output_tokens=served * output_mean,
             running=x * streams * (prefill_s_mean + gaps_per_request * iteration_s),
             waiting=backlog_end + streams * x * admission_wait_s,
-            gpu_seconds=float(powered.sum()) * dt,
+            gpu_seconds=self._powered_count * dt,
             energy_j=energy_j,
             unit_utilisation=utilisation,
             unit_queue_tokens=queue_tokens,
@@ -1166,35 +1170,40 @@ class FluidSimulator:
         idle, memory_w, compute_w = self._power_levels
         return idle + busy * ((memory_w - idle) + compute * (compute_w - memory_w))
 
-    def _power_array(self, busy: FloatArray, compute: FloatArray) -> FloatArray:
-        """Vectorised :meth:`_gpu_power_w`."""
-        idle, memory_w, compute_w = self._power_levels
-        result: FloatArray = idle + busy * ((memory_w - idle) + compute * (compute_w - memory_w))
-        return result
+    def _operator_power_w(
+        self,
+        kernel_load: list[float],
+        uncontended_load: list[float],
+        compute_load: list[float],
+        streams: int,
+        contention: float,
+    ) -> float:
+        """Power of the powered GPUs (operator level) from each unit's busy shares (per replica): kernel
+        load, the same without contention slowdown, and its compute-bound part.
+
+        A stream's job is in service at one replica at a time, so its busy shares on a GPU add up. With
+        egalitarian processor sharing (factor 1) a GPU is work-conserving: busy = uncontended kernel work
+        per second; without interference, calls overlap independently across the streams (a stream runs
+        one call at a time): ``1 - (1 - load / S) ** S``. GPUs without serving shards idle.
+        """
+        summary = self._serving_summary
+        sharing = min(contention, 1.0)
+        independent = max(streams, 1)
+        power_w = (self._powered_count - summary.active_gpus) * self._power_levels[0]
+        for gpus, mix in summary.gpu_groups:
+            load = work = compute = 0.0
+            for column, shards in mix:
+                load += shards * kernel_load[column]
+                work += shards * uncontended_load[column]
+                compute += shards * compute_load[column]
+            overlap = 1.0 - (1.0 - min(load / independent, 1.0)) ** independent
+            busy = min(sharing * min(work, 1.0) + (1.0 - sharing) * overlap, 1.0)
+            power_w += gpus * self._gpu_power_w(busy, min(compute / max(busy, 1e-12), 1.0))
+        return power_w
 
     # ------------------------------------------------------------------ metrics
-    def _interval_metrics(self, start_s: float, end_s: float, segments: list[_Segment]) -> IntervalMetrics:
-        duration = end_s - start_s
-        decided = sum(s.decided for s in segments)
-        served = sum(s.served for s in segments)
-
-        def by_decided(values: list[float], counts: list[float]) -> float:
-            total = sum(counts)
-            return sum(v * c for v, c in zip(values, counts, strict=True)) / total if total > 0 else 0.0
-
-        last = segments[-1]
-        if len(segments) == 1:
-            utilisation, queue, fill = last.unit_utilisation, last.unit_queue_tokens, last.unit_batch_fill
-            wait, service = last.unit_wait_s, last.unit_service_s
-        else:
-            weights = np.array([s.duration_s for s in segments]) / duration
-            utilisation = weights @ np.array([s.unit_utilisation for s in segments])
-            queue = weights @ np.array([s.unit_queue_tokens for s in segments])
-            fill = weights @ np.array([s.unit_batch_fill for s in segments])
-            wait = weights @ np.array([s.unit_wait_s for s in segments])
-            service = weights @ np.array([s.unit_service_s for s in segments])
-        utilisation, queue, fill = utilisation.tolist(), queue.tolist(), fill.tolist()
-        wait, service = wait.tolist(), service.tolist()
+    def _interval_metrics(self, start_s: float, end_s: float, solution: _Solution) -> IntervalMetrics:
+        decided, served = solution.decided, solution.served
         counts = self._replica_counts()
         units: dict[UnitKind, UnitIntervalMetrics] = {}
         for column, unit in enumerate(self._units):
@@ -1203,38 +1212,36 @@ class FluidSimulator:
                 replicas=serving,
                 pending_replicas=pending,
                 draining_replicas=0,
-                utilisation=utilisation[column],
-                queue_tokens=queue[column],
-                batch_fill=fill[column],
-                mean_wait_s=wait[column],
-                mean_service_s=service[column],
+                utilisation=solution.unit_utilisation[column],
+                queue_tokens=solution.unit_queue_tokens[column],
+                batch_fill=solution.unit_batch_fill[column],
+                mean_wait_s=solution.unit_wait_s[column],
+                mean_service_s=solution.unit_service_s[column],
                 batch_cap_tokens=self._unit_configs[unit].batch_cap_tokens,
             )
-        decided_counts = [s.decided for s in segments]
-        gpu_seconds = sum(s.gpu_seconds for s in segments)
         return IntervalMetrics(
             start_s=start_s,
             end_s=end_s,
-            arrivals=sum(s.arrivals for s in segments),
+            arrivals=solution.arrivals,
             completions=self._counts.take("completions", served),
             decided=self._counts.take("decided", decided),
-            slo_met=self._counts.take("slo_met", sum(s.slo_met for s in segments)),
-            slo_attainment=sum(s.slo_met for s in segments) / decided if decided > 1e-9 else 1.0,
-            ttft_mean_s=by_decided([s.ttft_mean_s for s in segments], decided_counts),
-            ttft_p50_s=max(s.ttft_p50_s for s in segments) if decided > 0 else 0.0,
-            ttft_p99_s=max(s.ttft_p99_s for s in segments) if decided > 0 else 0.0,
-            tbt_mean_s=by_decided([s.tbt_mean_s for s in segments], [s.served for s in segments]),
-            tbt_p99_s=max(s.tbt_p99_s for s in segments) if served > 0 else 0.0,
-            e2e_mean_s=by_decided([s.e2e_mean_s for s in segments], [s.served for s in segments]),
-            prompt_tokens_served=self._counts.take("prompt_tokens", sum(s.prompt_tokens for s in segments)),
-            output_tokens_served=self._counts.take("output_tokens", sum(s.output_tokens for s in segments)),
+            slo_met=self._counts.take("slo_met", solution.slo_met),
+            slo_attainment=solution.slo_met / decided if decided > 1e-9 else 1.0,
+            ttft_mean_s=solution.ttft_mean_s if decided > 0 else 0.0,
+            ttft_p50_s=solution.ttft_p50_s if decided > 0 else 0.0,
+            ttft_p99_s=solution.ttft_p99_s if decided > 0 else 0.0,
+            tbt_mean_s=solution.tbt_mean_s if served > 0 else 0.0,
+            tbt_p99_s=solution.tbt_p99_s if served > 0 else 0.0,
+            e2e_mean_s=solution.e2e_mean_s if served > 0 else 0.0,
+            prompt_tokens_served=self._counts.take("prompt_tokens", solution.prompt_tokens),
+            output_tokens_served=self._counts.take("output_tokens", solution.output_tokens),
             preemptions=0,
-            running_requests=round(last.running),
-            waiting_requests=round(last.waiting),
+            running_requests=round(solution.running),
+            waiting_requests=round(solution.waiting),
             gpus_powered=self.layout.state.gpus_powered,
-            gpus_powered_mean=gpu_seconds / duration,
-            gpu_seconds=gpu_seconds,
-            energy_j=sum(s.energy_j for s in segments),
+            gpus_powered_mean=solution.gpu_seconds / (end_s - start_s),
+            gpu_seconds=solution.gpu_seconds,
+            energy_j=solution.energy_j,
             units=units,
         )
 
@@ -1322,24 +1329,25 @@ class _RunTotals:
         self.gpus_peak = 0
         self.ttft_parts: list[tuple[float, TtftMixture]] = []
         self.tbt_parts: list[tuple[float, list[float], list[float]]] = []
-        self.unit_busy_s = np.zeros(num_units)
-        self.unit_capacity_s = np.zeros(num_units)
+        self.unit_busy_s = [0.0] * num_units
+        self.unit_capacity_s = [0.0] * num_units
 
-    def add(self, metrics: IntervalMetrics, segments: list[_Segment]) -> None:
-        for segment in segments:
-            if segment.served > 0:
-                self.ttft_parts.append((segment.served, segment.served_ttft))
-                self.tbt_parts.append((segment.served, segment.tbt_values, segment.tbt_weights))
-            self.decided += segment.decided
-            self.slo_met += segment.slo_met
-            self.served += segment.served
-            self.ttft_sum_s += segment.served * segment.served_ttft_mean_s
-            self.e2e_sum_s += segment.served * segment.e2e_mean_s
-            self.tokens += segment.prompt_tokens + segment.output_tokens
-            self.gpu_seconds += segment.gpu_seconds
-            self.energy_j += segment.energy_j
-            self.unit_busy_s += segment.unit_utilisation * segment.unit_replicas * segment.duration_s
-            self.unit_capacity_s += segment.unit_replicas * segment.duration_s
+    def add(self, solution: _Solution) -> None:
+        if solution.served > 0:
+            self.ttft_parts.append((solution.served, solution.served_ttft))
+            self.tbt_parts.append((solution.served, solution.tbt_values, solution.tbt_weights))
+        self.decided += solution.decided
+        self.slo_met += solution.slo_met
+        self.served += solution.served
+        self.ttft_sum_s += solution.served * solution.served_ttft_mean_s
+        self.e2e_sum_s += solution.served * solution.e2e_mean_s
+        self.tokens += solution.prompt_tokens + solution.output_tokens
+        self.gpu_seconds += solution.gpu_seconds
+        self.energy_j += solution.energy_j
+        duration_s = solution.duration_s
+        for column, (utilisation, replicas) in enumerate(zip(solution.unit_utilisation, solution.unit_replicas, strict=True)):
+            self.unit_busy_s[column] += utilisation * replicas * duration_s
+            self.unit_capacity_s[column] += replicas * duration_s
 
     def ttft_quantile(self, quantile: float) -> float:
         histogram = LogHistogram()

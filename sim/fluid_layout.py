@@ -12,15 +12,13 @@ for the same deployment and actions:
   memory left on each GPU is shared evenly among the attention replicas there;
 * an attention replica added later takes all the memory left on its GPUs as KV cache.
 
-What the fluid model needs from a placement is returned as arrays (:meth:`FluidLayout.unit_shards_on_gpu`).
+What the fluid model needs from a placement is summarised by :meth:`FluidLayout.serving_summary`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-
-import numpy as np
-from numpy.typing import NDArray
 
 from opscale.sim.cluster import ClusterState, PlacementError
 from opscale.sim.config import SimConfig
@@ -28,7 +26,7 @@ from opscale.sim.deployment import Placement
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
-__all__ = ["FluidLayout", "PlacedReplica"]
+__all__ = ["FluidLayout", "PlacedReplica", "ServingSummary"]
 
 #: Smallest KV cache of a replica, in blocks (the engine's rule).
 MIN_KV_BLOCKS = 16
@@ -48,6 +46,34 @@ class PlacedReplica:
     bytes_per_gpu: float
     ready_s: float
     kv_tokens: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServingSummary:
+    """The replicas serving at one moment, as the fluid model reads them (plain Python: a handful of
+    units on a few GPUs, where numpy's call overhead would dominate).
+
+    :param replicas: per unit (model order), replicas serving (model level: instances).
+    :param pending: per unit, replicas still loading.
+    :param homes: per unit, the first GPU of each serving replica (where its activations leave from)
+        and how many replicas of the unit start there.
+    :param gpu_groups: GPUs holding serving shards, grouped by identical mix: ``(GPU count, ((unit
+        column, shards), ...))`` (GPUs with the same mix have the same load).
+    :param active_gpus: GPUs holding at least one serving shard.
+    :param shards_per_unit: per unit, serving shards over all GPUs.
+    :param kv_tokens: KV capacity of each serving attention replica (model level: each instance).
+    :param next_ready_s: earliest ready time of a loading replica (``inf`` when none loads): the
+        summary holds until then.
+    """
+
+    replicas: tuple[int, ...]
+    pending: tuple[int, ...]
+    homes: tuple[dict[int, int], ...]
+    gpu_groups: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
+    active_gpus: int
+    shards_per_unit: tuple[float, ...]
+    kv_tokens: tuple[float, ...]
+    next_ready_s: float
 
 
 @dataclass
@@ -193,16 +219,48 @@ class FluidLayout:
         self.state.release(replica.gpus, replica.bytes_per_gpu, now_s)
 
     # ------------------------------------------------------------------ summaries
-    def unit_shards_on_gpu(self, units: tuple[UnitKind, ...], now_s: float) -> NDArray[np.float64]:
-        """``[gpu, unit]`` counts of replica shards serving at ``now_s`` (model level: instances)."""
+    def serving_summary(self, units: tuple[UnitKind, ...], serving_at_s: float) -> ServingSummary:
+        """What the fluid model needs from the replicas serving at ``serving_at_s`` (``ready_s`` at or
+        before it); model level: every instance counts as a replica of every unit."""
         columns = len(units)
-        flat: list[int] = []  # gpu * columns + column, once per shard
+        replicas = [0] * columns
+        pending = [0] * columns
+        homes: list[dict[int, int]] = [{} for _ in units]
+        mixes: dict[int, dict[int, int]] = {}  # GPU -> column -> shards serving there
+        kv_tokens: list[float] = []
+        next_ready_s = math.inf
         for column, unit in enumerate(units):
+            unit_homes = homes[column]
             for replica in self.instances or self.replicas[unit]:
-                if replica.ready_s <= now_s:
-                    flat.extend(gpu * columns + column for gpu in replica.gpus)
-        counts: NDArray[np.float64] = np.bincount(flat, minlength=self.cluster.num_gpus * columns).astype(np.float64)
-        return counts.reshape(self.cluster.num_gpus, columns)
+                if replica.ready_s > serving_at_s:
+                    pending[column] += 1
+                    next_ready_s = min(next_ready_s, replica.ready_s)
+                    continue
+                replicas[column] += 1
+                unit_homes[replica.gpus[0]] = unit_homes.get(replica.gpus[0], 0) + 1
+                for gpu in replica.gpus:
+                    mix = mixes.setdefault(gpu, {})
+                    mix[column] = mix.get(column, 0) + 1
+                if unit is UnitKind.ATTENTION:
+                    kv_tokens.append(replica.kv_tokens)
+        groups: dict[tuple[tuple[int, int], ...], int] = {}
+        for mix in mixes.values():
+            key = tuple(sorted(mix.items()))
+            groups[key] = groups.get(key, 0) + 1
+        shards_per_unit = [0.0] * columns
+        for key, count in groups.items():
+            for column, shards in key:
+                shards_per_unit[column] += count * shards
+        return ServingSummary(
+            replicas=tuple(replicas),
+            pending=tuple(pending),
+            homes=tuple(homes),
+            gpu_groups=tuple((count, key) for key, count in groups.items()),
+            active_gpus=len(mixes),
+            shards_per_unit=tuple(shards_per_unit),
+            kv_tokens=tuple(kv_tokens),
+            next_ready_s=next_ready_s,
+        )
 
     def placement_error(self, what: str, tp: int, need_bytes: float) -> PlacementError:
         """A :class:`PlacementError` naming ``what`` did not fit and the best free memory."""

@@ -47,15 +47,20 @@ class TokenLine:
 
     :param tokens: the grid (``2 ** (i / GRID_POINTS_PER_OCTAVE)``).
     :param values: the function on the grid.
+    :param segment_mask: optional 0/1 per grid point: the line is 0 on the segments starting at a 0
+        (e.g. a unit's time where it is compute-bound, 0 where it is memory-bound).
     """
 
-    def __init__(self, tokens: FloatArray, values: FloatArray) -> None:
+    def __init__(self, tokens: FloatArray, values: FloatArray, segment_mask: FloatArray | None = None) -> None:
         self._tokens = [float(t) for t in tokens]
         self._values = [float(v) for v in values]
         # per segment, value at its left end less slope x left end: value = intercept + slope x tokens
         slopes = np.diff(values) / np.diff(tokens)
+        intercepts = values[:-1] - slopes * tokens[:-1]
+        if segment_mask is not None:
+            slopes, intercepts = slopes * segment_mask, intercepts * segment_mask
         self._slopes = [float(v) for v in slopes]
-        self._intercepts = [float(v) for v in values[:-1] - slopes * tokens[:-1]]
+        self._intercepts = [float(v) for v in intercepts]
         self._last = len(self._tokens) - 2
 
     def at(self, tokens: float) -> float:
@@ -84,6 +89,25 @@ class TokenLine:
                 index = last
             values.append(intercepts[index] + slopes[index] * value)
         return values
+
+
+    def weighted_sums(self, tokens: Sequence[float], weights: Sequence[float], masked: TokenLine) -> tuple[float, float]:
+        """``(sum_j weights[j] * at(tokens[j]), sum_j weights[j] * masked.at(tokens[j]))`` in one pass;
+        ``masked`` must be on the same grid (a masked copy of this line)."""
+        intercepts, slopes, last, log2, per_octave = self._intercepts, self._slopes, self._last, _log2, GRID_POINTS_PER_OCTAVE
+        masked_intercepts, masked_slopes = masked._intercepts, masked._slopes
+        total = masked_total = 0.0
+        for value, weight in zip(tokens, weights, strict=True):
+            if value <= 0:
+                continue
+            if value < 1.0:
+                value = 1.0
+            index = int(log2(value) * per_octave)
+            if index > last:
+                index = last
+            total += weight * (intercepts[index] + slopes[index] * value)
+            masked_total += weight * (masked_intercepts[index] + masked_slopes[index] * value)
+        return total, masked_total
 
 
 class UnitTimeTable:
@@ -119,10 +143,19 @@ class UnitTimeTable:
         self._flat_bound = self.compute_bound.ravel()
         #: one :class:`TokenLine` per row, for scalar lookups
         self.lines = [TokenLine(self.tokens, row) for row in self.time_s]
+        #: per row, the call time where the call is compute-bound, 0 where it is memory-bound
+        self.compute_lines = [
+            TokenLine(self.tokens, row, flags[:-1]) for row, flags in zip(self.time_s, self.compute_bound, strict=True)
+        ]
 
     def scalar_time_s(self, row: int, tokens: float) -> float:
         """Call time of one row at ``tokens`` (pure-Python scalar lookup)."""
         return self.lines[row].at(tokens)
+
+    def weighted_times(self, row: int, tokens: Sequence[float], weights: Sequence[float]) -> tuple[float, float]:
+        """A mix of calls of one row: ``(sum_j weights[j] * time(tokens[j]), the same over the compute-bound
+        calls only)`` (pure Python, one pass)."""
+        return self.lines[row].weighted_sums(tokens, weights, self.compute_lines[row])
 
     def _position(self, tokens: FloatArray) -> tuple[NDArray[np.int64], FloatArray]:
         tokens = np.maximum(tokens, 1.0)
