@@ -87,6 +87,7 @@ from opscale.sim.costmodel import CostModel, default_cost_model
 from opscale.sim.deployment import ApplyReport, Deployment, Placement, ScalingAction, UnitDeployment
 from opscale.sim.fluid_arrivals import ArrivalIndex
 from opscale.sim.fluid_latency import (
+    ErlangRows,
     LogHistogram,
     TtftMixture,
     interp_scalar,
@@ -94,7 +95,7 @@ from opscale.sim.fluid_latency import (
     weighted_quantile,
 )
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
-from opscale.sim.fluid_tables import AttentionSurrogate, TokenLine, UnitTimeTable
+from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, AttentionSurrogate, TokenLine, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.inputs import check_deployment, prepare_requests
 from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
@@ -118,6 +119,8 @@ UTILISATION_CEILING = 0.98
 POOL_WAIT_FACTOR = 0.5
 #: Largest replica count the Erlang-C table covers (more replicas use its last row).
 MAX_TABLE_SERVERS = 128
+#: Utilisation grid points of the Erlang-C table.
+ERLANG_GRID_POINTS = 1025
 #: Batch caps an action may set, tokens (the engine's limit).
 MAX_BATCH_CAP_TOKENS = 1 << 17
 
@@ -250,7 +253,7 @@ class FluidSimulator:
         self._pool_columns_list = [self._units.index(u) for u in self._stateless]
         self._attention_column = self._units.index(UnitKind.ATTENTION)
         self._overhead = engine_overhead(self.config.engine_overhead, self._gpu)
-        self._erlang = shared_erlang_c_table(MAX_TABLE_SERVERS)
+        self._erlang_rows = ErlangRows(shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS), ERLANG_GRID_POINTS)
         self._poisson = shared_poisson_tail_table()
         self._build_tables()
         self._build_transfer_constants()
@@ -380,10 +383,12 @@ class FluidSimulator:
         if self._granularity == "model":
             instances = summary.replicas[0]
             self._streams = instances * self._pp
+            self._stream_erlang_row = self._erlang_rows.row(max(self._streams, 1))
             self._kv_per_stream = sum(kv_tokens) / (instances * self._pp) if instances else 0.0
             self._ready = self._streams > 0
             return
         self._streams = summary.replicas[self._attention_column]
+        self._stream_erlang_row = self._erlang_rows.row(max(self._streams, 1))
         self._ready = self._streams > 0 and all(summary.replicas)
         self._kv_per_stream = sum(kv_tokens) / len(kv_tokens) if kv_tokens else 0.0
         fixed, per_token = self._transfer_terms(summary.homes)
@@ -392,7 +397,7 @@ class FluidSimulator:
         self._attention_transfer_per_token_s = per_token[self._attention_column]
         self._pool_transfer_fixed = [fixed[column] for column in self._pool_columns_list]
         self._pool_transfer_per_token = [per_token[column] for column in self._pool_columns_list]
-        #: per unit, shards of every unit on its GPUs per own shard (contention in the fixed point)
+        #: per unit, (unit, its shards on the unit's GPUs per own shard) where non-zero (contention in the fixed point)
         columns = len(self._units)
         colocation = [[0.0] * columns for _ in range(columns)]
         for gpus, mix in summary.gpu_groups:
@@ -401,9 +406,11 @@ class FluidSimulator:
                 for other, other_shards in mix:
                     row[other] += gpus * shards * other_shards
         self._colocation_rows = [
-            [value / max(own, 1.0) for value in row] for row, own in zip(colocation, summary.shards_per_unit, strict=True)
+            [(other, value / max(own, 1.0)) for other, value in enumerate(row) if value]
+            for row, own in zip(colocation, summary.shards_per_unit, strict=True)
         ]
         self._pool_replicas = [self._replicas[column] for column in self._pool_columns_list]
+        self._pool_erlang_rows = [self._erlang_rows.row(int(replicas)) for replicas in self._pool_replicas]
         # share of the other streams a pool still serves while one of its replicas is held
         other_streams = max(self._streams - 1, 1)
         self._contention_free_list = [min(max(replicas - 1.0, 0.0) / other_streams, 1.0) for replicas in self._pool_replicas]
@@ -637,17 +644,7 @@ class FluidSimulator:
         self._last_interval = metrics
         return metrics
 
-    def _pool_step(
-        self,
-        streams: int,
-        beta: float,
-        iteration_s: float,
-        decodes: float,
-        phi: float,
-        chunk_tokens: float,
-        caps: list[float],
-        replicas: list[float],
-    ) -> _PoolState:
+    def _pool_step(self, streams: int, beta: float, iteration_s: float, decodes: float, phi: float, chunk_tokens: float) -> _PoolState:
         """One damped step of the pools' batching / Erlang-C model (module docstring, point 4), in
         plain Python over the units (a handful of floats each: faster than numpy at this size).
         Updates the jobs per call and the mean job size; returns the pools' state."""
@@ -655,33 +652,41 @@ class FluidSimulator:
         lm_head = self._lm_head_row
         job_rate = streams * beta / iteration_s
         busy_streams = streams * beta
+        wait_per_queued_job = POOL_WAIT_FACTOR / max(job_rate, 1e-12)
         decode_tokens = max(decodes, 1.0)
+        prefill_tokens = max(decodes + phi * chunk_tokens, 1.0)
         jobs_per_call = self._jobs_per_call_list
         slowdown = self._slowdown_list
         prefill_call = self._prefill_call_list
         fixed, per_token = self._pool_transfer_fixed, self._pool_transfer_per_token
-        erlang = self._erlang
-        out = [[0.0] * len(lines) for _ in range(7)]
-        rho_out, service_out, queue_out, wait_out, decode_out, decode_tokens_out, mean_tokens_out = out
+        caps, replicas, erlang_rows = self._pool_caps, self._pool_replicas, self._pool_erlang_rows
+        erlang_at = self._erlang_rows.at
+        units = len(lines)
+        rho_out, service_out, queue_out = [0.0] * units, [0.0] * units, [0.0] * units
+        wait_out, decode_out, decode_tokens_out = [0.0] * units, [0.0] * units, [0.0] * units
+        mean_tokens_out = [0.0] * units
         bound_s = wait_total = 0.0
-        for u, line in enumerate(lines):
-            tokens = max(decodes + phi if u == lm_head else decodes + phi * chunk_tokens, 1.0)
+        for u in range(units):
+            line = lines[u]
+            tokens = max(decodes + phi, 1.0) if u == lm_head else prefill_tokens
             calls = jobs_per_call[u]
             servers = replicas[u]
-            others = (calls - 1.0) * tokens
+            unit_slowdown = slowdown[u]
             transfer = fixed[u] + per_token[u] * tokens
-            decode_call_tokens = decode_tokens + others
+            decode_call_tokens = decode_tokens + (calls - 1.0) * tokens
             decode_call = line.at(decode_call_tokens)
-            service = ((1.0 - phi) * decode_call + phi * prefill_call[u]) * slowdown[u] + transfer
+            service = ((1.0 - phi) * decode_call + phi * prefill_call[u]) * unit_slowdown + transfer
             rho = job_rate * service / (calls * servers)
             max_jobs = max(1.0, math.floor(caps[u] / tokens))
-            full = line.at(max_jobs * tokens) * slowdown[u] + transfer
-            bound_s = max(bound_s, busy_streams * full / (max_jobs * servers))
+            full = line.at(max_jobs * tokens) * unit_slowdown + transfer
+            bound = busy_streams * full / (max_jobs * servers)
+            if bound > bound_s:
+                bound_s = bound
             capped = min(rho, UTILISATION_CEILING)
-            waiting_calls = erlang.lookup_scalar(int(servers), capped) * capped / (1.0 - capped)
+            waiting_calls = erlang_at(erlang_rows[u], capped) * capped / (1.0 - capped)
             # closed population: at most one job per busy stream is anywhere in the pools
             queue = min(waiting_calls * calls, max(busy_streams - servers, 0.0))
-            wait = POOL_WAIT_FACTOR * queue / max(job_rate, 1e-12)
+            wait = queue * wait_per_queued_job
             target = min(max(1.0 + queue / servers, 1.0), max_jobs)
             jobs_per_call[u] = math.sqrt(calls * target)
             rho_out[u], service_out[u], queue_out[u], wait_out[u] = rho, service, queue, wait
@@ -708,7 +713,7 @@ class FluidSimulator:
         if self._granularity == "operator":
             decode, with_chunk, full = self._pooled_times(
                 decodes, (0.0, chunk_s, full_chunk), (prior, prior, prior), (decodes, decodes + 1.0, decodes + 1.0), context, jobs_wait_s
-            )
+            )[0]
             return decode, with_chunk, full
         overhead = self._overhead
         host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * decodes
@@ -729,11 +734,17 @@ class FluidSimulator:
         sequences: Sequence[float],
         context: float,
         jobs_wait_s: float,
-    ) -> list[float]:
+        mix_weights: Sequence[float] | None = None,
+    ) -> tuple[list[float], list[float], list[float]]:
         """Operator level: iteration time of a busy stream with ``decodes`` decodes and, per entry, one
         prefill chunk of ``chunks[j]`` tokens (0: none) after ``priors[j]`` tokens of its prompt, sampling
         ``sequences[j]`` tokens at the LM head; ``context``: mean KV read per decode; ``jobs_wait_s``:
         summed pool waits. Plain Python over the units (a handful: faster than numpy).
+
+        With ``mix_weights`` (one per entry: a mix of calls) it also returns, per unit, the weighted
+        mean over the entries of the kernel time of the unit's call and of its compute-bound part (no
+        contention, no transfer): the prefill-call figures of :meth:`_solve`, from the same lookups.
+        Without, those two lists are empty.
 
         A job shares its call with ``n - 1`` jobs of the mean size. Contention: under processor sharing
         a call is slowed by ``f`` per call running beside it; on average that is the pool's ``1 + f k``
@@ -749,34 +760,62 @@ class FluidSimulator:
         attention_decode = attention.decode_s(decodes, decodes * context)
         base = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + jobs_wait_s + self._attention_transfer_fixed_s
         per_request, per_token_in = overhead.per_request_s, self._attention_transfer_per_token_s
+        prefill = attention.prefill_scalar_s
         compositions = [decodes + chunk for chunk in chunks]
         totals = [
             base
             + per_request * sequence
-            + (attention_decode + attention.prefill_scalar_s(chunk, prior)) * attention_slowdown
+            + (attention_decode + prefill(chunk, prior)) * attention_slowdown
             + per_token_in * tokens
             for chunk, prior, sequence, tokens in zip(chunks, priors, sequences, compositions, strict=True)
         ]
-        cycle = self._cycle_s
+        mix_call_s: list[float] = []
+        mix_compute_s: list[float] = []
+        # each unit's call time over the entries: TokenLine.at inlined (hundreds of lookups per interval)
+        log2, per_octave = math.log2, GRID_POINTS_PER_OCTAVE
+        half_cycle = 0.5 * self._cycle_s
         lm_head = self._lm_head_row
-        entries = range(len(totals))
+        compute_lines = self._table.compute_lines
         for u, line in enumerate(self._table.lines):
+            intercepts, slopes, last = line.intercepts, line.slopes, line.last_segment
+            compute_intercepts, compute_slopes = compute_lines[u].intercepts, compute_lines[u].slopes
             others = (self._jobs_per_call_list[u] - 1.0) * self._mean_job_tokens_list[u]
             excess = self._slowdown_list[u] - 1.0
             free = self._contention_free_list[u]
+            # contended time = kernel (1 + shared + convoy overlap), overlap = min(1, cycle / (2 kernel (1 + excess)))
+            shared, convoy, contended = excess * free, excess * (1.0 - free), 1.0 + excess
             fixed, per_token = self._pool_transfer_fixed[u], self._pool_transfer_per_token[u]
-            jobs = sequences if u == lm_head else compositions
-            kernels = line.at_each([job + others for job in jobs])
-            if excess > 0:
-                contended = 1.0 + excess
-                for j in entries:
-                    kernel = kernels[j]
-                    overlap = min(1.0, cycle / (2.0 * kernel * contended + 1e-12))
-                    totals[j] += kernel * (1.0 + excess * (free + (1.0 - free) * overlap)) + fixed + per_token * jobs[j]
-            else:
-                for j in entries:
-                    totals[j] += kernels[j] + fixed + per_token * jobs[j]
-        return totals
+            previous_job = -1.0
+            kernel = compute_kernel = time_s = call_sum = compute_sum = 0.0
+            for j, job in enumerate(sequences if u == lm_head else compositions):
+                if job != previous_job:  # equal jobs (the LM head's) take the same time
+                    previous_job = job
+                    tokens = job + others
+                    if tokens > 0.0:
+                        if tokens < 1.0:
+                            tokens = 1.0
+                        index = int(log2(tokens) * per_octave)
+                        if index > last:
+                            index = last
+                        kernel = intercepts[index] + slopes[index] * tokens
+                        compute_kernel = compute_intercepts[index] + compute_slopes[index] * tokens
+                    else:
+                        kernel = compute_kernel = 0.0
+                    time_s = kernel
+                    if excess > 0.0:
+                        overlap = half_cycle / (kernel * contended + 5e-13)
+                        time_s *= 1.0 + shared + convoy * (overlap if overlap < 1.0 else 1.0)
+                    time_s += fixed + per_token * job
+                totals[j] += time_s
+                if mix_weights is not None:
+                    weight = mix_weights[j]
+                    call_sum += weight * kernel
+                    compute_sum += weight * compute_kernel
+            mix_call_s.append(call_sum)
+            mix_compute_s.append(compute_sum)
+        if mix_weights is None:
+            mix_call_s, mix_compute_s = [], []
+        return totals, mix_call_s, mix_compute_s
 
     @staticmethod
     def _prefill_share_over(
@@ -801,15 +840,11 @@ class FluidSimulator:
             last_over = 1.0 - interp_scalar(threshold, chunks, _QUANTILE_LEVEL_LIST, left=0.0, right=1.0)
         return full_weight * float(full_s > limit_s) + (1.0 - full_weight) * last_over
 
-    def _iteration_times(
-        self, decodes: float, chunks: list[float], priors: list[float], context: float, jobs_wait_s: float
-    ) -> list[float]:
-        """Iteration time of a busy stream with ``decodes`` decodes and one prefill chunk (> 0 tokens) per
-        entry of ``chunks`` after ``priors`` tokens of that prompt; ``context``: mean KV read per decode;
-        ``jobs_wait_s``: summed pool waits (operator level)."""
+    def _instance_iteration_times(self, decodes: float, chunks: list[float], priors: list[float], context: float) -> list[float]:
+        """Model level: iteration time of a busy stream with ``decodes`` decodes and one prefill chunk
+        (> 0 tokens) per entry of ``chunks`` after ``priors`` tokens of that prompt; ``context``: mean
+        KV read per decode."""
         sequences = decodes + 1.0  # every entry carries a prefill chunk that samples one token
-        if self._granularity == "operator":
-            return self._pooled_times(decodes, chunks, priors, [sequences] * len(chunks), context, jobs_wait_s)
         overhead = self._overhead
         host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * sequences
         attention = self._attention
@@ -894,7 +929,7 @@ class FluidSimulator:
             )
             if operator:
                 phi = min(prefill_rate * new_iteration_s, 1.0)
-                pools = self._pool_step(streams, beta, new_iteration_s, decodes, phi, chunk_eff, self._pool_caps, self._pool_replicas)
+                pools = self._pool_step(streams, beta, new_iteration_s, decodes, phi, chunk_eff)
                 new_iteration_s = max(new_iteration_s, pools.bound_s)
                 pool_wait = pools.wait_s
                 overhead = self._overhead
@@ -914,7 +949,7 @@ class FluidSimulator:
                     # job in flight): the co-location matrix (shards^T shards / shards per unit) times rho
                     others_share = 1.0 - 1.0 / streams
                     slowdown = [
-                        1.0 + contention * max(sum(m * r for m, r in zip(row, rho_all, strict=True)) * others_share, 0.0)
+                        1.0 + contention * max(sum(share * rho_all[other] for other, share in row) * others_share, 0.0)
                         for row in self._colocation_rows
                     ]
                     self._slowdown_list = [slowdown[column] for column in self._pool_columns_list]
@@ -933,17 +968,27 @@ class FluidSimulator:
         priors = [(chunk - 1.0) * available for chunk in chunks]
         remaining = [prompt - prior for prompt, prior in zip(prompts, priors, strict=True)]
         last_chunk = [last + rho_prefill * max(available - last, 0.0) for last in remaining]
-        last_times = (
-            self._iteration_times(decodes, last_chunk, priors, context, pool_wait) if ready else [0.0] * LENGTH_QUANTILES
-        )
-        prefill_s = [(chunk - 1.0) * full_s + time_s for chunk, time_s in zip(chunks, last_times, strict=True)]
         # prefill iterations over the chunk distribution (full chunks and each quantile's last chunk):
         # iteration time is convex in tokens, so its mean exceeds the time at the mean chunk (Jensen)
-        prefill_times = [full_s, *last_times]
         prefill_chunks = [available, *last_chunk]
         full_chunks = sum(chunks) - LENGTH_QUANTILES
         each_last = 1.0 / (full_chunks + LENGTH_QUANTILES)
         prefill_weights = [full_chunks * each_last, *[each_last] * LENGTH_QUANTILES]
+        # operator level: the pools' prefill-call mix comes from the same lookups (the full chunk's
+        # iteration time is the fixed point's full_s)
+        mix_call_s: list[float] = []
+        mix_compute_s: list[float] = []
+        if not ready:
+            last_times = [0.0] * LENGTH_QUANTILES
+        elif operator:
+            times, mix_call_s, mix_compute_s = self._pooled_times(
+                decodes, prefill_chunks, [0.5 * prompt_mean, *priors], [decodes + 1.0] * len(prefill_chunks), context, pool_wait, prefill_weights
+            )
+            last_times = times[1:]
+        else:
+            last_times = self._instance_iteration_times(decodes, last_chunk, priors, context)
+        prefill_s = [(chunk - 1.0) * full_s + time_s for chunk, time_s in zip(chunks, last_times, strict=True)]
+        prefill_times = [full_s, *last_times]
         mean_prefill_s = sum(weight * time_s for weight, time_s in zip(prefill_weights, prefill_times, strict=True))
         if ready and x > 0:
             # used from the next interval on (one interval's lag keeps the loop cheap)
@@ -963,7 +1008,7 @@ class FluidSimulator:
         service_s = prompt_mean * iteration_s / available if ready else 0.0
         admission_rho = min(x * service_s, UTILISATION_CEILING)
         prompt_cv2 = sum(prompt * prompt for prompt in prompts) * inverse_quantiles / prompt_mean**2 - 1.0
-        prob_wait = self._erlang.lookup_scalar(max(streams, 1), admission_rho) if ready else 0.0
+        prob_wait = self._erlang_rows.at(self._stream_erlang_row, admission_rho) if ready else 0.0
         admission_wait_s = (
             prob_wait * service_s / (max(streams, 1) * (1.0 - admission_rho)) * (1.0 + prompt_cv2) / 2.0 if ready else 0.0
         )
@@ -990,17 +1035,13 @@ class FluidSimulator:
         )
         # the engine's per-request p99 is the gap at rank floor(0.99 (g - 1)) (0-based, no interpolation):
         # it is a long gap when at least g - floor(0.99 (g - 1)) gaps are long
-        tail = self._poisson.lookup_scalar
-        over_tails = long_tails = 0.0
-        for output in outputs:
-            gaps = float(round(max(output - 1.0, 0.0)))
-            if self.slo.tbt_statistic == "max":
-                needed = 1
-            else:
-                needed = int(max(1.0, gaps - math.floor(0.99 * max(gaps - 1.0, 0.0))))
-            if over > 0:
-                over_tails += tail(gaps * over, needed)
-            long_tails += tail(gaps * phi_gap, needed)
+        gaps = [float(round(output - 1.0)) for output in outputs]  # outputs >= 1
+        if self.slo.tbt_statistic == "max":
+            needed = [1] * len(gaps)
+        else:
+            needed = [int(max(1.0, count - math.floor(0.99 * max(count - 1.0, 0.0)))) for count in gaps]
+        over_tails = self._poisson.total_at_least(over, gaps, needed)
+        long_tails = self._poisson.total_at_least(phi_gap, gaps, needed)
         tbt_ok = 1.0 - over_tails * inverse_quantiles
         long_share = long_tails * inverse_quantiles
         # per-request TBT statistic: a prefill iteration's time when long gaps count, else the decode gap
@@ -1071,7 +1112,6 @@ class FluidSimulator:
             kernel_load[attention_column] = attention_load
             uncontended_load[attention_column] = attention_load / self._attention_slowdown
             compute_load[attention_column] = beta * prefill_rate * (attention_prefill_s - attention_decode_s)
-            prefill_calls = []
             for row, column in enumerate(self._pool_columns_list):
                 job_tokens, calls, service = self._mean_job_tokens_list[row], self._jobs_per_call_list[row], pools.service_s[row]
                 pool_slowdown = self._slowdown_list[row]
@@ -1081,17 +1121,11 @@ class FluidSimulator:
                 batch_fill[column] = min(calls * job_tokens / self._pool_caps[row], 1.0)
                 wait_s[column] = pools.wait_unit_s[row]
                 unit_service_s[column] = service
-                # prefill jobs' calls over this interval's chunk mix (used by the next interval's pool steps)
-                others = (calls - 1.0) * job_tokens
-                if row == self._lm_head_row:
-                    call_tokens = [decodes + 1.0 + others] * len(prefill_chunks)
-                else:
-                    call_tokens = [max(decodes + chunk + others, 1.0) for chunk in prefill_chunks]
-                prefill_call_s, prefill_compute_s = table.weighted_times(row, call_tokens, prefill_weights)
-                prefill_calls.append(prefill_call_s)
                 # compute-bound share of the pool's busy time: its calls' kernels that are compute-bound
                 # (the engine flags whole calls by their size), decode and prefill calls weighted by time
-                compute_kernel_s = (1.0 - phi) * table.compute_lines[row].at(pools.decode_call_tokens[row]) + phi * prefill_compute_s
+                compute_kernel_s = (1.0 - phi) * table.compute_lines[row].at(pools.decode_call_tokens[row])
+                if mix_compute_s:
+                    compute_kernel_s += phi * mix_compute_s[row]
                 compute_flag = compute_kernel_s * pool_slowdown / max(service, 1e-12)
                 transfer_s = self._pool_transfer_fixed[row] + self._pool_transfer_per_token[row] * job_tokens
                 load = rho * max(1.0 - transfer_s / max(service, 1e-12), 0.0)
@@ -1099,7 +1133,8 @@ class FluidSimulator:
                 uncontended_load[column] = load / pool_slowdown
                 compute_load[column] = load * compute_flag
             if x > 0:
-                self._prefill_call_list = prefill_calls
+                # prefill jobs' calls over this interval's chunk mix (used by the next interval's pool steps)
+                self._prefill_call_list = mix_call_s
             energy_j = self._operator_power_w(kernel_load, uncontended_load, compute_load, streams, contention) * dt
         else:
             lm_head = self._lm_head_row

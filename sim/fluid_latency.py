@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 
 import numpy as np
 from numpy.typing import NDArray
 
+from opscale.sim.queueing import ErlangCTable
+
 __all__ = [
+    "ErlangRows",
     "LogHistogram",
     "PoissonTailTable",
     "TtftMixture",
@@ -114,11 +118,12 @@ class TtftMixture:
         """Quantiles by interpolating the CDF on the fixed parts and a tail grid past each of them.
 
         The CDF is non-decreasing, so each level's bracket on the sorted grid is found by bisection,
-        evaluating the CDF (:meth:`cdf_scalar`) at a few grid points only, cached across levels; the
-        interpolation is :func:`numpy.interp`'s on the whole grid. Pure Python: a vectorised CDF over
-        the whole grid costs several times more at this size."""
-        fixed_s = self.fixed_s.tolist()
-        top, wait_mean_s, late_s = max(fixed_s), self.wait_mean_s, self.late_s
+        evaluating the CDF at a few grid points only, cached across levels; the interpolation is
+        :func:`numpy.interp`'s on the whole grid. Pure Python: a vectorised CDF over the whole grid
+        costs several times more at this size."""
+        fixed_s = sorted(self.fixed_s.tolist())
+        cdf_at = self._sorted_cdf(fixed_s)
+        top, wait_mean_s, late_s = fixed_s[-1], self.wait_mean_s, self.late_s
         # just below each point mass too, so that a jump of the CDF is crossed at (almost) its location
         grid = [
             *fixed_s,
@@ -132,7 +137,7 @@ class TtftMixture:
 
         def value(index: int) -> float:
             if index not in cdf:
-                cdf[index] = self.cdf_scalar(grid[index], fixed_s)
+                cdf[index] = cdf_at(grid[index])
             return cdf[index]
 
         last = len(grid) - 1
@@ -156,6 +161,66 @@ class TtftMixture:
                 slope = (grid[low] - grid[low - 1]) / (value(low) - value(low - 1))
                 result.append(slope * (level - value(low - 1)) + grid[low - 1])
         return tuple(result)
+
+    def _sorted_cdf(self, fixed_s: list[float]) -> Callable[[float], float]:
+        """:meth:`cdf_scalar` for ``fixed_s`` sorted ascending, in O(log Q) per point: with ``k`` fixed
+        parts at or below ``t``, the served CDF is ``(k - p sum_{j<k} exp(-(t - f_j) / w)) / Q``, and the
+        sum is ``S_k exp(-(t - f_{k-1}) / w)`` with ``S_k = sum_{j<k} exp(-(f_{k-1} - f_j) / w)``,
+        accumulated once (every exponent <= 0: no overflow)."""
+        count = len(fixed_s)
+        prob_wait, wait_mean_s, late_share, late_s = self.prob_wait, self.wait_mean_s, self.late_share, self.late_s
+        waits = prob_wait > 0 and wait_mean_s > 0
+        sums = [1.0]
+        if waits:
+            for previous, fixed in pairwise(fixed_s):
+                sums.append(sums[-1] * math.exp((previous - fixed) / wait_mean_s) + 1.0)
+
+        def cdf(t: float) -> float:
+            below = bisect_right(fixed_s, t)
+            if below == 0:
+                served = 0.0
+            elif waits:
+                served = (below - prob_wait * sums[below - 1] * math.exp((fixed_s[below - 1] - t) / wait_mean_s)) / count
+            else:
+                served = below / count
+            if late_share <= 0:
+                return served
+            return (1.0 - late_share) * served + late_share * float(t >= late_s)
+
+        return cdf
+
+
+class ErlangRows:
+    """Rows of an :class:`opscale.sim.queueing.ErlangCTable` as Python lists (built when first asked,
+    per server count), for scalar lookups in hot loops without numpy indexing.
+
+    :param table: the table.
+    :param grid_points: its utilisation grid points (as it was built with).
+    """
+
+    def __init__(self, table: ErlangCTable, grid_points: int) -> None:
+        self._table = table
+        self._grid = np.linspace(0.0, 1.0, grid_points)
+        self._steps = grid_points - 1
+        self._rows: dict[int, list[float]] = {}
+
+    def row(self, servers: int) -> list[float]:
+        """``C(c, c * rho)`` at the grid points for ``c = servers`` (clipped to the table's largest)."""
+        servers = min(int(servers), self._table.max_servers)
+        row = self._rows.get(servers)
+        if row is None:
+            row = self._table.lookup(np.full(self._grid.size, servers), self._grid).tolist()
+            self._rows[servers] = row
+        return row
+
+    def at(self, row: list[float], utilisation: float) -> float:
+        """:meth:`ErlangCTable.lookup_scalar` on a row from :meth:`row` (linear in ``rho``)."""
+        position = (0.0 if utilisation < 0.0 else 1.0 if utilisation > 1.0 else utilisation) * self._steps
+        index = int(position)
+        if index >= self._steps:
+            index = self._steps - 1
+        low = row[index]
+        return low + (position - index) * (row[index + 1] - low)
 
 
 def poisson_at_least(mean: FloatArray, needed: FloatArray) -> FloatArray:
@@ -201,6 +266,26 @@ class PoissonTailTable:
         flat = min(needed, self.max_count) * self._row + (index - self._row)
         low = self._flat_list[flat]
         return low + (position - index) * (self._flat_list[flat + 1] - low)
+
+    def total_at_least(self, rate: float, counts: Sequence[float], needed: Sequence[int]) -> float:
+        """``sum_j P(N_j >= needed[j])`` with ``N_j ~ Poisson(counts[j] * rate)``: :meth:`lookup_scalar`
+        over a list in one call (the TBT tails of the length quantiles)."""
+        if rate <= 0.0:
+            return 0.0
+        log, flat_list, row, max_count = math.log, self._flat_list, self._row, self.max_count
+        log_low, per_log, mean_low, top = self._log_low, self._per_log, self._mean_low, self._row - 1.000001
+        total = 0.0
+        for count, count_needed in zip(counts, needed, strict=True):
+            mean = count * rate
+            if mean < mean_low:
+                continue
+            position = (log(mean + 1e-300) - log_low) * per_log
+            position = 0.0 if position < 0.0 else top if position > top else position
+            index = int(position)
+            flat = (count_needed if count_needed < max_count else max_count) * row + (index - row)
+            low = flat_list[flat]
+            total += low + (position - index) * (flat_list[flat + 1] - low)
+        return total
 
     def lookup(self, mean: FloatArray, needed: FloatArray) -> FloatArray:
         """``P(N >= needed)`` elementwise (``needed`` integers >= 1; means clipped to the grid)."""

@@ -45,6 +45,10 @@ class TokenLine:
     """A function of tokens tabulated on the log grid, for scalar lookups in pure Python (faster than
     numpy for one value).
 
+    Hot loops may inline :meth:`at` with the public segment lists: for ``tokens >= 1`` the segment is
+    ``index = min(int(log2(tokens) * GRID_POINTS_PER_OCTAVE), last_segment)`` and the value
+    ``intercepts[index] + slopes[index] * tokens``.
+
     :param tokens: the grid (``2 ** (i / GRID_POINTS_PER_OCTAVE)``).
     :param values: the function on the grid.
     :param segment_mask: optional 0/1 per grid point: the line is 0 on the segments starting at a 0
@@ -52,16 +56,16 @@ class TokenLine:
     """
 
     def __init__(self, tokens: FloatArray, values: FloatArray, segment_mask: FloatArray | None = None) -> None:
-        self._tokens = [float(t) for t in tokens]
-        self._values = [float(v) for v in values]
         # per segment, value at its left end less slope x left end: value = intercept + slope x tokens
         slopes = np.diff(values) / np.diff(tokens)
         intercepts = values[:-1] - slopes * tokens[:-1]
         if segment_mask is not None:
-            slopes, intercepts = slopes * segment_mask, intercepts * segment_mask
-        self._slopes = [float(v) for v in slopes]
-        self._intercepts = [float(v) for v in intercepts]
-        self._last = len(self._tokens) - 2
+            slopes, intercepts = slopes * segment_mask[:-1], intercepts * segment_mask[:-1]
+        #: per grid segment, slope and intercept of the line (Python floats)
+        self.slopes: list[float] = slopes.tolist()
+        self.intercepts: list[float] = intercepts.tolist()
+        #: index of the last segment (extended beyond the grid)
+        self.last_segment = len(self.slopes) - 1
 
     def at(self, tokens: float) -> float:
         """Linear interpolation in tokens (0 tokens -> 0; beyond the grid, the last segment extended)."""
@@ -70,32 +74,15 @@ class TokenLine:
         if tokens < 1.0:
             tokens = 1.0
         index = int(_log2(tokens) * GRID_POINTS_PER_OCTAVE)
-        if index > self._last:
-            index = self._last
-        return self._intercepts[index] + self._slopes[index] * tokens
-
-    def at_each(self, tokens: list[float]) -> list[float]:
-        """:meth:`at` for every entry (one call for a batch of lookups: no per-value call overhead)."""
-        intercepts, slopes, last, log2, per_octave = self._intercepts, self._slopes, self._last, _log2, GRID_POINTS_PER_OCTAVE
-        values = []
-        for value in tokens:
-            if value <= 0:
-                values.append(0.0)
-                continue
-            if value < 1.0:
-                value = 1.0
-            index = int(log2(value) * per_octave)
-            if index > last:
-                index = last
-            values.append(intercepts[index] + slopes[index] * value)
-        return values
-
+        if index > self.last_segment:
+            index = self.last_segment
+        return self.intercepts[index] + self.slopes[index] * tokens
 
     def weighted_sums(self, tokens: Sequence[float], weights: Sequence[float], masked: TokenLine) -> tuple[float, float]:
         """``(sum_j weights[j] * at(tokens[j]), sum_j weights[j] * masked.at(tokens[j]))`` in one pass;
         ``masked`` must be on the same grid (a masked copy of this line)."""
-        intercepts, slopes, last, log2, per_octave = self._intercepts, self._slopes, self._last, _log2, GRID_POINTS_PER_OCTAVE
-        masked_intercepts, masked_slopes = masked._intercepts, masked._slopes
+        intercepts, slopes, last, log2, per_octave = self.intercepts, self.slopes, self.last_segment, _log2, GRID_POINTS_PER_OCTAVE
+        masked_intercepts, masked_slopes = masked.intercepts, masked.slopes
         total = masked_total = 0.0
         for value, weight in zip(tokens, weights, strict=True):
             if value <= 0:
@@ -145,7 +132,7 @@ class UnitTimeTable:
         self.lines = [TokenLine(self.tokens, row) for row in self.time_s]
         #: per row, the call time where the call is compute-bound, 0 where it is memory-bound
         self.compute_lines = [
-            TokenLine(self.tokens, row, flags[:-1]) for row, flags in zip(self.time_s, self.compute_bound, strict=True)
+            TokenLine(self.tokens, row, flags) for row, flags in zip(self.time_s, self.compute_bound, strict=True)
         ]
 
     def scalar_time_s(self, row: int, tokens: float) -> float:
