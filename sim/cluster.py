@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from opscale.sim.config import SimConfig
 from opscale.sim.deployment import Placement
@@ -108,6 +109,10 @@ class Replica:
     busy_since_s: float = 0.0
     #: called once a draining replica has gone idle and left
     on_released: Callable[[Replica], None] | None = None
+    #: stateless pools: the jobs of the call in progress, and the pool's completion handler for this
+    #: replica (bound once, so a call allocates no closure)
+    call_jobs: list[Any] = field(default_factory=list, repr=False)
+    on_call_done: Callable[[], None] | None = field(default=None, repr=False)
     #: TP degree (GPUs in the group) and the GPU its activations leave from (hot-loop attributes)
     tp: int = field(init=False)
     home_gpu: int = field(init=False)
@@ -256,26 +261,6 @@ class ClusterState:
                 )
 
     # ------------------------------------------------------------------ busy / power accounting
-    def mark_busy(self, gpus: tuple[int, ...], now_s: float) -> None:
-        """A replica on ``gpus`` starts a call."""
-        for index in gpus:
-            gpu = self.gpus[index]
-            if gpu.busy == 0:
-                gpu.busy_since_s = now_s
-            gpu.busy += 1
-
-    def mark_idle(
-        self, gpus: tuple[int, ...], now_s: float, compute_bound_s: float = 0.0, idle_tail_s: float = 0.0
-    ) -> None:
-        """A replica on ``gpus`` ends a call; ``compute_bound_s`` of it was compute-bound work and its
-        last ``idle_tail_s`` no GPU work (transfer, host overhead)."""
-        for index in gpus:
-            gpu = self.gpus[index]
-            gpu.busy -= 1
-            gpu.compute_bound_s += compute_bound_s
-            if gpu.busy == 0:
-                gpu.busy_s += max(0.0, now_s - idle_tail_s - gpu.busy_since_s)
-
     def take_interval(self, now_s: float) -> list[tuple[GPUSpec, float, float, float]]:
         """Per GPU ``(spec, powered_s, busy_s, compute_bound_s)`` since the previous call; resets them."""
         out = []

@@ -18,9 +18,11 @@ sharing of kernel time); the inbound transfer is a fixed part of a call that sha
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
@@ -133,6 +135,7 @@ class UnitPool:
     # ------------------------------------------------------------------ replicas
     def add_replica(self, replica: Replica) -> None:
         """Track ``replica``; it serves once :meth:`replica_ready` is called."""
+        replica.on_call_done = functools.partial(self._done, replica)
         self.replicas.append(replica)
 
     def replica_ready(self, replica: Replica) -> None:
@@ -277,7 +280,11 @@ class UnitPool:
     def _start(self, replica: Replica, jobs: list[PoolClient], tokens: int) -> None:
         now = self.env.now
         if self.service_time_s is None:
-            table, threshold = self._fast_table(replica.tp)
+            tp = replica.tp
+            entry = self._fast.get(tp)
+            if entry is None:
+                entry = self._fast_table(tp)
+            table, threshold = entry
             if tokens <= replica.batch_cap_tokens and tokens < len(table):
                 kernel = table[tokens]
             else:
@@ -290,12 +297,15 @@ class UnitPool:
         transfer = 0.0
         stats = self.stats
         home = replica.home_gpu
+        lines = self._transfer_lines
         for job in jobs:
             stats.wait_s += now - job.job_enqueued_s
             source = job.job_source_gpu
             if source != home:
-                fixed, per_token = self._transfer_line(source, home)
-                t = fixed + per_token * job.job_tokens
+                line = lines.get((source, home))
+                if line is None:
+                    line = self._transfer_line(source, home)
+                t = line[0] + line[1] * job.job_tokens
                 if t > transfer:
                     transfer = t
         stats.calls += 1
@@ -303,19 +313,24 @@ class UnitPool:
         stats.tokens += tokens
         replica.busy = True
         replica.busy_since_s = now
+        replica.call_jobs = jobs
+        on_done = replica.on_call_done
+        assert on_done is not None, "replica not added to a pool"
         self.sharing.start(
             replica.gpus,
             kernel,
-            lambda: self._done(replica, jobs),
+            on_done,
             fixed_s=transfer,
             compute_bound_s=kernel if tokens >= threshold else 0.0,
         )
 
-    def _done(self, replica: Replica, jobs: list[PoolClient]) -> None:
+    def _done(self, replica: Replica) -> None:
         now = self.env.now
+        jobs = replica.call_jobs  # (a job's continuation may start the replica's next call)
         replica.busy = False
-        self.stats.service_s += now - replica.busy_since_s
-        replica.busy_s += now - replica.busy_since_s
+        busy_s = now - replica.busy_since_s
+        self.stats.service_s += busy_s
+        replica.busy_s += busy_s
         if replica.state is ReplicaState.DRAINING and replica.on_released is not None:
             self._release(replica, replica.on_released)
         else:
@@ -337,6 +352,26 @@ class UnitPool:
             replica.busy_s = 0.0
         stats, self.stats = self.stats, UnitStats()
         return stats, busy
+
+
+class _TokensOf(Enum):
+    """What a path step's job size is: the iteration's tokens, its sampled sequences (LM head), its
+    new image patches (vision encoder), or the attention replica's own step."""
+
+    BATCH = "batch"
+    SEQUENCES = "sequences"
+    VISION_PATCHES = "vision-patches"
+    ATTENTION = "attention"
+
+
+def _tokens_of(pool: UnitPool | None) -> _TokensOf:
+    if pool is None:
+        return _TokensOf.ATTENTION
+    if pool.unit is UnitKind.LM_HEAD:
+        return _TokensOf.SEQUENCES
+    if pool.unit is UnitKind.VISION_ENCODER:
+        return _TokensOf.VISION_PATCHES
+    return _TokensOf.BATCH
 
 
 class PooledStream(Stream):
@@ -361,7 +396,10 @@ class PooledStream(Stream):
     ) -> None:
         super().__init__(stream_id, host, **kwargs)
         self.replica = replica
-        self.path = path
+        # per step: the pool (None: attention on this replica) and which token count its job carries
+        self._steps: list[tuple[UnitPool | None, _TokensOf]] = [
+            (pool, _tokens_of(pool)) for pool in path
+        ]
         self.timer = timer
         self.sharing = sharing
         self.link = link
@@ -399,27 +437,30 @@ class PooledStream(Stream):
         self._advance()
 
     def _advance(self) -> None:
-        path = self.path
-        while self._step < len(path):
-            pool = path[self._step]
-            if pool is None:
+        """Submit the iteration's job to the next unit on the path (or run attention, or finish)."""
+        steps = self._steps
+        step = self._step
+        while step < len(steps):
+            pool, tokens_of = steps[step]
+            if tokens_of is _TokensOf.BATCH:
+                tokens = self._batch_tokens
+            elif tokens_of is _TokensOf.SEQUENCES:
+                tokens = self._sequences
+            elif tokens_of is _TokensOf.ATTENTION:
+                self._step = step
                 self._run_attention()
                 return
-            unit = pool.unit
-            if unit is UnitKind.VISION_ENCODER:
+            else:
                 # only requests starting their prefill bring image patches; otherwise skip the encoder
                 batch = self._batch
                 assert batch is not None
-                if not batch.vision_patches:
-                    self._step += 1
+                tokens = batch.vision_patches
+                if not tokens:
+                    step += 1
                     continue
-                self.job_tokens = batch.vision_patches
-                pool.submit(self)
-                return
-            if unit is UnitKind.LM_HEAD:
-                self.job_tokens = self._sequences
-            elif self.job_tokens != self._batch_tokens:
-                self.job_tokens = self._batch_tokens
+            self._step = step
+            self.job_tokens = tokens
+            assert pool is not None
             pool.submit(self)
             return
         batch = self._batch

@@ -32,8 +32,8 @@ class _Call:
         "compute_bound_s",
         "due_s",
         "end_s",
+        "event",
         "fixed_s",
-        "generation",
         "gpus",
         "on_done",
         "rate",
@@ -61,7 +61,8 @@ class _Call:
         #: when the call ends at the current rate, and when its pending event fires
         self.end_s = now_s + work_s + fixed_s
         self.due_s = self.end_s
-        self.generation = 0
+        #: the pending finish event that counts (earlier ones of a re-timed call are stale)
+        self.event: simpy.Event | None = None
 
 
 class GpuSharing:
@@ -81,7 +82,10 @@ class GpuSharing:
         self.factor = (
             config.contention_factor if config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
         )
+        self._gpus = cluster.gpus
         self._running: list[list[_Call]] = [[] for _ in cluster.gpus]
+        # one bound method for every finish event (no closure per event)
+        self._on_event = self._end
 
     def start(
         self,
@@ -98,17 +102,18 @@ class GpuSharing:
         :param compute_bound_s: how much of ``work_s`` is compute-bound (energy).
         """
         now = self.env.now
-        cluster_gpus = self.cluster.gpus
-        for index in gpus:  # ClusterState.mark_busy, inlined (hot path)
+        cluster_gpus = self._gpus
+        for index in gpus:  # GpuState busy count and busy-time integral
             gpu = cluster_gpus[index]
             if gpu.busy == 0:
                 gpu.busy_since_s = now
             gpu.busy += 1
         call = _Call(gpus, work_s, fixed_s, compute_bound_s, on_done, now)
         if self.factor:
+            running_by_gpu = self._running
             affected: list[_Call] = []
             for index in gpus:
-                running = self._running[index]
+                running = running_by_gpu[index]
                 if running:
                     for other in running:
                         if other not in affected:
@@ -117,7 +122,11 @@ class GpuSharing:
             if affected:
                 affected.append(call)
                 self._rerate(affected, now)
-        self._schedule(call, call.end_s, now)
+        # _schedule, inlined (hot path); the call is new, so it has no earlier event
+        call.due_s = call.end_s
+        event = self.env.timeout(call.end_s - now, call)
+        event.callbacks.append(self._on_event)
+        call.event = event
 
     def _rate(self, call: _Call) -> float:
         running = self._running
@@ -141,28 +150,38 @@ class GpuSharing:
                 continue  # already in its fixed tail: the rate no longer matters
             call.remaining_s = remaining
             call.end_s = now_s + remaining / rate + call.fixed_s
-            if call.end_s < call.due_s and call.generation:
+            if call.end_s < call.due_s and call.event is not None:
                 self._schedule(call, call.end_s, now_s)
 
     def _schedule(self, call: _Call, at_s: float, now_s: float) -> None:
-        call.generation += 1
         call.due_s = at_s
-        generation = call.generation
-        self.env.timeout(at_s - now_s).callbacks.append(lambda _event: self._end(call, generation))
+        event = self.env.timeout(at_s - now_s, call)
+        event.callbacks.append(self._on_event)
+        call.event = event
 
-    def _end(self, call: _Call, generation: int) -> None:
-        if generation != call.generation:
-            return  # rescheduled since
+    def _end(self, event: simpy.Event) -> None:
+        call = event.value
+        assert isinstance(call, _Call)
+        if event is not call.event:
+            return  # re-timed since
         now = self.env.now
         if call.end_s > now + 1e-12:
             self._schedule(call, call.end_s, now)  # slowed down since the event was set
             return
         gpus = call.gpus
-        self.cluster.mark_idle(gpus, now, call.compute_bound_s, call.fixed_s)
+        cluster_gpus = self._gpus
+        compute_bound_s = call.compute_bound_s
+        for index in gpus:  # the busy time ends before the fixed tail (no GPU work)
+            gpu = cluster_gpus[index]
+            gpu.busy -= 1
+            gpu.compute_bound_s += compute_bound_s
+            if gpu.busy == 0:
+                gpu.busy_s += max(0.0, now - call.fixed_s - gpu.busy_since_s)
         if self.factor:
+            running_by_gpu = self._running
             affected: list[_Call] = []
             for index in gpus:
-                running = self._running[index]
+                running = running_by_gpu[index]
                 running.remove(call)
                 for other in running:
                     if other not in affected:

@@ -431,7 +431,10 @@ class Stream:
         block = self.block_tokens
         # 1. decodes: every decode crossing a block boundary needs one block; preempt until they fit
         while True:
-            needed = sum(1 for r in self.decoding if r.ctx + 1 > r.blocks * block)
+            needed = 0
+            for r in self.decoding:
+                if r.ctx + 1 > r.blocks * block:
+                    needed += 1
             if needed <= self.free_blocks or not (self.decoding or self.prefilling):
                 break
             victim = self.prefilling[-1] if self.prefilling else self.decoding[-1]
@@ -498,7 +501,8 @@ class Stream:
                 r.gap_count += 1
                 if gap > r.tbt_max_s:
                     r.tbt_max_s = gap
-                if abs(gap - shared_gap) > 1e-9:
+                # (back-to-back iterations give the shared gap exactly: skip the tolerance test)
+                if gap != shared_gap and abs(gap - shared_gap) > 1e-9:
                     tbt.replace_shared(r.hist_row, shared_gap, gap)
                 if r.generated >= r.output:
                     completed.append(r)
