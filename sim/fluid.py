@@ -260,6 +260,8 @@ class FluidSimulator:
         self.layout = FluidLayout(cluster, self.model, self.config, min_kv_tokens=self._max_request_tokens)
         self._now_s = 0.0
         self._pending: list[_Pending] = []
+        #: load time of an added operator-level replica, per (unit, TP) (asked once)
+        self._replica_load_s: dict[tuple[UnitKind, int], float] = {}
         self._place_initial(deployment)
         self._check_requests_fit()
         #: the layout figures (:meth:`_refresh_layout`) need recomputing before the next solve
@@ -336,7 +338,7 @@ class FluidSimulator:
                 explicit = None if config.gpus is None else tuple(config.gpus[index])
                 placed = self._place_unit(unit, config, explicit, 0.0, share_later=True, policy=config.placement)
                 if placed is None:
-                    need = layout.state.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
+                    need = layout.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
                     raise layout.placement_error(f"a replica of unit {unit.value!r}", config.tp, need)
         layout.share_attention_memory()
 
@@ -417,9 +419,11 @@ class FluidSimulator:
         self._pool_caps = [float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]
 
     def _build_transfer_constants(self) -> None:
-        """What :meth:`_transfer_terms` needs that depends only on the model: per unit the hops and bytes
-        per token of its inbound transfer, and the unit its jobs come from. Links between GPU pairs are
-        looked up when first needed (:meth:`_link_terms`)."""
+        """What :meth:`_transfer_terms` needs that depends only on the cluster and the model: per unit
+        the hops and bytes per token of its inbound transfer and the unit its jobs come from; per GPU its
+        node; per node the ``(latency_s, 1 / bandwidth_bytes_per_s)`` of its intra-node link, and the same
+        for the interconnect (:meth:`ClusterSpec.link_between`'s rule: none on the same GPU, the node's
+        link inside a node, the interconnect across nodes)."""
         units = self._units
         model = self.model
         hops: list[float] = []
@@ -437,18 +441,10 @@ class FluidSimulator:
         # a job comes from the previous unit's replica (the first unit's from the attention replica)
         attention_row = units.index(UnitKind.ATTENTION)
         self._transfer_source_rows = [attention_row, *range(len(units) - 1)]
-        self._links: dict[tuple[int, int], tuple[float, float]] = {}
-
-    def _link_terms(self, source_gpu: int, destination_gpu: int) -> tuple[float, float]:
-        """``(latency_s, 1 / bandwidth_bytes_per_s)`` of the link between two GPUs (0, 0 on the same GPU),
-        memoised per pair (the cluster does not change during a run)."""
-        key = (source_gpu, destination_gpu)
-        terms = self._links.get(key)
-        if terms is None:
-            link = self.cluster.link_between(source_gpu, destination_gpu)
-            terms = (0.0, 0.0) if link is None else (link.latency_s, 1.0 / link.bandwidth_bytes_per_s)
-            self._links[key] = terms
-        return terms
+        cluster = self.cluster
+        self._node_of_gpu = [cluster.node_of(gpu) for gpu in range(cluster.num_gpus)]
+        self._intra_node_link = [(node.link.latency_s, 1.0 / node.link.bandwidth_bytes_per_s) for node in cluster.nodes]
+        self._inter_node_link = (cluster.interconnect.latency_s, 1.0 / cluster.interconnect.bandwidth_bytes_per_s)
 
     def _transfer_terms(self, homes: Sequence[dict[int, int]]) -> tuple[list[float], list[float]]:
         """Per unit (model order): expected inbound transfer ``fixed + per_token * tokens`` of one job.
@@ -456,22 +452,33 @@ class FluidSimulator:
         A job comes from the previous unit's replica (the first unit's from the stream's attention
         replica); a pool serves it on a replica of the same GPU when it has one (the engine prefers an
         idle one there), else on any replica (uniformly). ``homes``: per unit, first GPU -> replicas.
+        From a source GPU without a local replica, ``n`` of the pool's ``N`` replicas sit on its node
+        (its link) and ``N - n`` on other nodes (the interconnect).
         """
+        node_of, intra, inter_latency_s, inter_inverse = self._node_of_gpu, self._intra_node_link, *self._inter_node_link
         fixed: list[float] = []
         per_token: list[float] = []
         for column, destinations in enumerate(homes):
             sources = homes[self._transfer_source_rows[column]]
+            total = 0
+            on_node: dict[int, int] = {}
+            for gpu, count in destinations.items():
+                node = node_of[gpu]
+                on_node[node] = on_node.get(node, 0) + count
+                total += count
             latency_sum = inverse_bandwidth_sum = 0.0
+            sources_total = 0
             for source_gpu, source_count in sources.items():
+                sources_total += source_count
                 if source_gpu in destinations:
                     continue  # served on the same GPU: no transfer
-                for destination_gpu, destination_count in destinations.items():
-                    latency_s, inverse_bandwidth = self._link_terms(source_gpu, destination_gpu)
-                    weight = source_count * destination_count
-                    latency_sum += weight * latency_s
-                    inverse_bandwidth_sum += weight * inverse_bandwidth
+                node = node_of[source_gpu]
+                near = on_node.get(node, 0)
+                latency_s, inverse_bandwidth = intra[node]
+                latency_sum += source_count * (near * latency_s + (total - near) * inter_latency_s)
+                inverse_bandwidth_sum += source_count * (near * inverse_bandwidth + (total - near) * inter_inverse)
             # source and destination shares: replicas per GPU over the unit's replicas
-            scale = 1.0 / (max(sum(sources.values()), 1) * max(sum(destinations.values()), 1))
+            scale = 1.0 / (max(sources_total, 1) * max(total, 1))
             fixed.append(self._transfer_hops[column] * latency_sum * scale)
             per_token.append(self._transfer_bytes_per_token[column] * inverse_bandwidth_sum * scale)
         return fixed, per_token
@@ -552,10 +559,10 @@ class FluidSimulator:
     def _scale_unit(self, unit: UnitKind, delta: int, placement: Placement | None, report: ApplyReport) -> None:
         config = self._unit_configs[unit]
         if delta > 0:
-            if unit is UnitKind.ATTENTION:
-                load_s = self.config.replica_load_time_s(0.0, whole_instance=False)
-            else:
-                load_s = self.config.replica_load_time_s(self.model.weight_bytes(unit, config.tp), whole_instance=False)
+            load_s = self._replica_load_s.get((unit, config.tp))
+            if load_s is None:
+                weight_bytes = 0.0 if unit is UnitKind.ATTENTION else self.model.weight_bytes(unit, config.tp)
+                load_s = self._replica_load_s[unit, config.tp] = self.config.replica_load_time_s(weight_bytes, whole_instance=False)
             added = 0
             for _ in range(delta):
                 placed = self._place_unit(
@@ -568,7 +575,7 @@ class FluidSimulator:
                 report.repairs += 1
                 report.messages.append(
                     f"{unit.value}: asked +{delta} replicas, added {added} (no GPU with "
-                    f"{self.layout.state.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens) / 1e9:.2f} GB free)"
+                    f"{self.layout.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens) / 1e9:.2f} GB free)"
                 )
             if added:
                 report.replicas_added[unit] = added
@@ -646,21 +653,27 @@ class FluidSimulator:
 
     def _pool_step(self, streams: int, beta: float, iteration_s: float, decodes: float, phi: float, chunk_tokens: float) -> _PoolState:
         """One damped step of the pools' batching / Erlang-C model (module docstring, point 4), in
-        plain Python over the units (a handful of floats each: faster than numpy at this size).
-        Updates the jobs per call and the mean job size; returns the pools' state."""
+        plain Python over the units (a handful of floats each: faster than numpy at this size; the
+        table lookups are inlined, every call size here is >= 1 token and every utilisation in
+        [0, UTILISATION_CEILING]). Updates the jobs per call and the mean job size; returns the pools'
+        state."""
         lines = self._table.lines
         lm_head = self._lm_head_row
+        log2, floor, sqrt, per_octave = math.log2, math.floor, math.sqrt, GRID_POINTS_PER_OCTAVE
         job_rate = streams * beta / iteration_s
         busy_streams = streams * beta
-        wait_per_queued_job = POOL_WAIT_FACTOR / max(job_rate, 1e-12)
-        decode_tokens = max(decodes, 1.0)
-        prefill_tokens = max(decodes + phi * chunk_tokens, 1.0)
+        wait_per_queued_job = POOL_WAIT_FACTOR / (job_rate if job_rate > 1e-12 else 1e-12)
+        decode_tokens = decodes if decodes > 1.0 else 1.0
+        prefill_tokens = decodes + phi * chunk_tokens
+        if prefill_tokens < 1.0:
+            prefill_tokens = 1.0
+        lm_head_tokens = decodes + phi if decodes + phi > 1.0 else 1.0
         jobs_per_call = self._jobs_per_call_list
         slowdown = self._slowdown_list
         prefill_call = self._prefill_call_list
         fixed, per_token = self._pool_transfer_fixed, self._pool_transfer_per_token
         caps, replicas, erlang_rows = self._pool_caps, self._pool_replicas, self._pool_erlang_rows
-        erlang_at = self._erlang_rows.at
+        erlang_steps = self._erlang_rows.steps
         units = len(lines)
         rho_out, service_out, queue_out = [0.0] * units, [0.0] * units, [0.0] * units
         wait_out, decode_out, decode_tokens_out = [0.0] * units, [0.0] * units, [0.0] * units
@@ -668,27 +681,47 @@ class FluidSimulator:
         bound_s = wait_total = 0.0
         for u in range(units):
             line = lines[u]
-            tokens = max(decodes + phi, 1.0) if u == lm_head else prefill_tokens
+            intercepts, slopes, last = line.intercepts, line.slopes, line.last_segment
+            tokens = lm_head_tokens if u == lm_head else prefill_tokens
             calls = jobs_per_call[u]
             servers = replicas[u]
             unit_slowdown = slowdown[u]
             transfer = fixed[u] + per_token[u] * tokens
             decode_call_tokens = decode_tokens + (calls - 1.0) * tokens
-            decode_call = line.at(decode_call_tokens)
+            index = int(log2(decode_call_tokens) * per_octave)
+            if index > last:
+                index = last
+            decode_call = intercepts[index] + slopes[index] * decode_call_tokens
             service = ((1.0 - phi) * decode_call + phi * prefill_call[u]) * unit_slowdown + transfer
             rho = job_rate * service / (calls * servers)
-            max_jobs = max(1.0, math.floor(caps[u] / tokens))
-            full = line.at(max_jobs * tokens) * unit_slowdown + transfer
+            max_jobs = float(floor(caps[u] / tokens))
+            if max_jobs < 1.0:
+                max_jobs = 1.0
+            full_tokens = max_jobs * tokens
+            index = int(log2(full_tokens) * per_octave)
+            if index > last:
+                index = last
+            full = (intercepts[index] + slopes[index] * full_tokens) * unit_slowdown + transfer
             bound = busy_streams * full / (max_jobs * servers)
             if bound > bound_s:
                 bound_s = bound
-            capped = min(rho, UTILISATION_CEILING)
-            waiting_calls = erlang_at(erlang_rows[u], capped) * capped / (1.0 - capped)
+            capped = rho if rho < UTILISATION_CEILING else UTILISATION_CEILING
+            # Erlang-C probability of waiting (ErlangRows.at inlined)
+            erlang_row = erlang_rows[u]
+            position = capped * erlang_steps
+            index = int(position)
+            low = erlang_row[index]
+            waiting_calls = (low + (position - index) * (erlang_row[index + 1] - low)) * capped / (1.0 - capped)
             # closed population: at most one job per busy stream is anywhere in the pools
-            queue = min(waiting_calls * calls, max(busy_streams - servers, 0.0))
+            queue = waiting_calls * calls
+            waiting_limit = busy_streams - servers
+            if queue > waiting_limit:
+                queue = waiting_limit if waiting_limit > 0.0 else 0.0
             wait = queue * wait_per_queued_job
-            target = min(max(1.0 + queue / servers, 1.0), max_jobs)
-            jobs_per_call[u] = math.sqrt(calls * target)
+            target = 1.0 + queue / servers
+            if target > max_jobs:
+                target = max_jobs
+            jobs_per_call[u] = sqrt(calls * target)
             rho_out[u], service_out[u], queue_out[u], wait_out[u] = rho, service, queue, wait
             decode_out[u], decode_tokens_out[u], mean_tokens_out[u] = decode_call, decode_call_tokens, tokens
             wait_total += wait
@@ -1281,7 +1314,11 @@ class FluidSimulator:
         )
 
     def _replica_counts(self) -> dict[UnitKind, tuple[int, int]]:
+        """Per unit, ``(serving, loading)`` replicas now (model level: instances, for every unit)."""
         now = self._now_s
+        summary = self._serving_summary
+        if now < summary.next_ready_s:  # nothing started serving since the summary: its counts hold
+            return {unit: (summary.replicas[column], summary.pending[column]) for column, unit in enumerate(self._units)}
         if self._granularity == "model":
             serving = sum(1 for r in self._pending if r.placed.ready_s <= now)
             return {u: (serving, len(self._pending) - serving) for u in self._units}

@@ -201,7 +201,8 @@ class ErlangRows:
     def __init__(self, table: ErlangCTable, grid_points: int) -> None:
         self._table = table
         self._grid = np.linspace(0.0, 1.0, grid_points)
-        self._steps = grid_points - 1
+        #: grid intervals: ``rho`` lies between points ``int(rho * steps)`` and the next
+        self.steps = grid_points - 1
         self._rows: dict[int, list[float]] = {}
 
     def row(self, servers: int) -> list[float]:
@@ -215,10 +216,10 @@ class ErlangRows:
 
     def at(self, row: list[float], utilisation: float) -> float:
         """:meth:`ErlangCTable.lookup_scalar` on a row from :meth:`row` (linear in ``rho``)."""
-        position = (0.0 if utilisation < 0.0 else 1.0 if utilisation > 1.0 else utilisation) * self._steps
+        position = (0.0 if utilisation < 0.0 else 1.0 if utilisation > 1.0 else utilisation) * self.steps
         index = int(position)
-        if index >= self._steps:
-            index = self._steps - 1
+        if index >= self.steps:
+            index = self.steps - 1
         low = row[index]
         return low + (position - index) * (row[index + 1] - low)
 

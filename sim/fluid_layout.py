@@ -95,6 +95,7 @@ class FluidLayout:
     instances: list[PlacedReplica] = field(init=False)
     # KV tokens a run-time-added attention replica reserves (the engine's rule): the smallest start-up share
     added_attention_kv_tokens: int = field(init=False, default=0)
+    _replica_bytes: dict[tuple[UnitKind, int, int], float] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.state = ClusterState(self.cluster, self.model, self.config)
@@ -131,7 +132,7 @@ class FluidLayout:
         explicit: tuple[int, ...] | None = None,
     ) -> PlacedReplica | None:
         """Place one replica of a non-attention unit; ``None`` when it fits nowhere."""
-        need = self.state.replica_bytes_per_gpu(unit, tp, batch_cap_tokens)
+        need = self.replica_bytes_per_gpu(unit, tp, batch_cap_tokens)
         group = self._group(unit, tp, need, policy, explicit)
         if group is None:
             return None
@@ -158,7 +159,7 @@ class FluidLayout:
             (:attr:`added_attention_kv_tokens`), or the memory left if less.
         """
         unit = UnitKind.ATTENTION
-        base = self.state.replica_bytes_per_gpu(unit, tp, token_budget)
+        base = self.replica_bytes_per_gpu(unit, tp, token_budget)
         kv_per_token = self.model.kv_bytes_per_token(tp)
         group = self._group(unit, tp, base + kv_per_token * self.min_kv_tokens, policy, explicit)
         if group is None:
@@ -226,41 +227,57 @@ class FluidLayout:
         replicas = [0] * columns
         pending = [0] * columns
         homes: list[dict[int, int]] = [{} for _ in units]
-        mixes: dict[int, dict[int, int]] = {}  # GPU -> column -> shards serving there
+        shard_counts = [0] * (self.cluster.num_gpus * columns)  # [gpu * columns + column]
         kv_tokens: list[float] = []
         next_ready_s = math.inf
         for column, unit in enumerate(units):
             unit_homes = homes[column]
+            serving = 0
             for replica in self.instances or self.replicas[unit]:
                 if replica.ready_s > serving_at_s:
                     pending[column] += 1
-                    next_ready_s = min(next_ready_s, replica.ready_s)
+                    if replica.ready_s < next_ready_s:
+                        next_ready_s = replica.ready_s
                     continue
-                replicas[column] += 1
-                unit_homes[replica.gpus[0]] = unit_homes.get(replica.gpus[0], 0) + 1
-                for gpu in replica.gpus:
-                    mix = mixes.setdefault(gpu, {})
-                    mix[column] = mix.get(column, 0) + 1
+                serving += 1
+                gpus = replica.gpus
+                unit_homes[gpus[0]] = unit_homes.get(gpus[0], 0) + 1
+                for gpu in gpus:
+                    shard_counts[gpu * columns + column] += 1
                 if unit is UnitKind.ATTENTION:
                     kv_tokens.append(replica.kv_tokens)
+            replicas[column] = serving
         groups: dict[tuple[tuple[int, int], ...], int] = {}
-        for mix in mixes.values():
-            key = tuple(sorted(mix.items()))
-            groups[key] = groups.get(key, 0) + 1
         shards_per_unit = [0.0] * columns
-        for key, count in groups.items():
-            for column, shards in key:
-                shards_per_unit[column] += count * shards
+        active_gpus = 0
+        for offset in range(0, len(shard_counts), columns):
+            row = shard_counts[offset : offset + columns]
+            if not any(row):
+                continue
+            active_gpus += 1
+            mix = tuple((column, shards) for column, shards in enumerate(row) if shards)
+            groups[mix] = groups.get(mix, 0) + 1
+            for column, shards in mix:
+                shards_per_unit[column] += shards
         return ServingSummary(
             replicas=tuple(replicas),
             pending=tuple(pending),
             homes=tuple(homes),
-            gpu_groups=tuple((count, key) for key, count in groups.items()),
-            active_gpus=len(mixes),
+            gpu_groups=tuple((count, mix) for mix, count in groups.items()),
+            active_gpus=active_gpus,
             shards_per_unit=tuple(shards_per_unit),
             kv_tokens=tuple(kv_tokens),
             next_ready_s=next_ready_s,
         )
+
+    def replica_bytes_per_gpu(self, unit: UnitKind, tp: int, batch_cap_tokens: int) -> float:
+        """:meth:`ClusterState.replica_bytes_per_gpu`, memoised (it depends only on its arguments, and
+        random scaling actions ask it for every added replica)."""
+        key = (unit, tp, batch_cap_tokens)
+        need = self._replica_bytes.get(key)
+        if need is None:
+            need = self._replica_bytes[key] = self.state.replica_bytes_per_gpu(unit, tp, batch_cap_tokens)
+        return need
 
     def placement_error(self, what: str, tp: int, need_bytes: float) -> PlacementError:
         """A :class:`PlacementError` naming ``what`` did not fit and the best free memory."""
