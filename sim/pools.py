@@ -429,9 +429,10 @@ class PooledStream(Stream):
         self._batch = batch
         self.iteration_start_s = self.env.now
         self._sequences = len(batch.decodes) + len(batch.chunks)
-        self._batch_tokens = batch.num_tokens
-        self.job_tokens = batch.num_tokens
-        self.tokens_scheduled += batch.num_tokens
+        tokens = batch.num_tokens
+        self._batch_tokens = tokens
+        self.job_tokens = tokens
+        self.tokens_scheduled += tokens
         self.job_source_gpu = self.replica.home_gpu
         self._step = 0
         self._advance()
@@ -477,12 +478,12 @@ class PooledStream(Stream):
         kernel = self.timer.attention_s(batch)
         host_s = self.overhead.iteration_s(self.overhead_ranks, self._sequences)
         transfer = self.link.time_s(
-            self.job_source_gpu, replica.home_gpu, self.qkv_bytes_per_token * batch.num_tokens, self.layers
+            self.job_source_gpu, replica.home_gpu, self.qkv_bytes_per_token * self._batch_tokens, self.layers
         )
         stats = self.attention_stats
         stats.calls += 1
         stats.jobs += 1
-        stats.tokens += batch.num_tokens
+        stats.tokens += self._batch_tokens
         replica.busy = True
         replica.busy_since_s = now
         # the host overhead and the inbound transfer do not occupy the GPU

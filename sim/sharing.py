@@ -128,18 +128,18 @@ class GpuSharing:
         event.callbacks.append(self._on_event)
         call.event = event
 
-    def _rate(self, call: _Call) -> float:
-        running = self._running
-        gpus = call.gpus
-        sharing = len(running[gpus[0]])
-        for index in gpus[1:]:
-            if len(running[index]) > sharing:
-                sharing = len(running[index])
-        return 1.0 / (1.0 + self.factor * (sharing - 1))
-
     def _rerate(self, calls: list[_Call], now_s: float) -> None:
+        """Re-time ``calls`` after the number of calls on some of their GPUs changed."""
+        running = self._running
+        factor = self.factor
         for call in calls:
-            rate = self._rate(call)
+            # a call progresses at the rate of its most shared GPU
+            gpus = call.gpus
+            sharing = len(running[gpus[0]])
+            for index in gpus[1:]:
+                if len(running[index]) > sharing:
+                    sharing = len(running[index])
+            rate = 1.0 / (1.0 + factor * (sharing - 1))
             if rate == call.rate:
                 continue
             remaining = call.remaining_s - (now_s - call.updated_s) * call.rate

@@ -177,7 +177,7 @@ class IterationTimer:
         values = self.cost_model.unit_time_s_array(
             self.model, unit, self.gpu, self.tp, np.arange(size, dtype=np.float64)
         )
-        table = [float(v) for v in values]
+        table: list[float] = np.asarray(values, dtype=np.float64).tolist()
         table[0] = 0.0
         self._tables[unit] = table
         return table
