@@ -413,7 +413,7 @@ def evaluate(
         mismatched ``episodes`` / ``seeds``.
     :raises FileNotFoundError: a saved-model path that does not exist.
     """
-    from opscale.agents.registry import make_policy
+    from opscale.agents.registry import SB3Policy, make_policy
 
     if seeds is None:
         seeds = list(range(episodes if episodes is not None else 3))
@@ -433,6 +433,8 @@ def evaluate(
         if deployment is not None:
             env.close()
             env = make_env(env_id, fidelity=fidelity, trace=trace, env_config={**dict(env_config or {}), "initial_deployment": deployment})
+            if isinstance(agent, SB3Policy):
+                agent.env = env  # its action masks come from the env it acts on
     starts: list[float | None] | None = None
     if windows == "held-out":
         low, high = window_range(env, "held-out")

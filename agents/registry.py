@@ -4,7 +4,9 @@ Names (:class:`PolicyName`): ``static``, ``model-level``, ``model-level-throughp
 ``operator-greedy``, ``oracle``. Anything else is taken as the path of a Stable-Baselines3 model saved
 with ``model.save(path)`` (a ``.zip``): it loads as ``MaskablePPO`` (sb3-contrib) when its policy class
 is a maskable one, else as ``PPO``, and is wrapped in :class:`SB3Policy`, which feeds
-``env.action_masks()`` to maskable models.
+``env.action_masks()`` to maskable models. ``make_policy(path, env, start_from="operator-greedy")``
+makes the saved model start its episodes from the deployment that heuristic would start from (the
+same information, so a comparison measures the control, not the starting point).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from opscale.agents.base import ControlContext, Policy, PolicyState
+from opscale.agents.base import ControlContext, Policy, PolicyState, ProposesInitialDeployment
+from opscale.sim.deployment import Deployment
 
 __all__ = ["POLICY_NAMES", "PolicyName", "SB3Policy", "load_sb3_policy", "make_policy"]
 
@@ -52,13 +55,19 @@ class SB3Policy:
     :param model: a loaded ``PPO`` or ``MaskablePPO``.
     :param env: the environment it acts on (``action_masks()`` is read from it for maskable models).
     :param path: where it was loaded from (for reports).
+    :param start_from: a policy whose starting deployment this one adopts (``None``: the env's own).
     """
 
-    def __init__(self, model: Any, env: Any, path: Path) -> None:
+    def __init__(self, model: Any, env: Any, path: Path, start_from: ProposesInitialDeployment | None = None) -> None:
         self.model = model
         self.env = env
         self.path = path
         self.maskable = type(model).__name__ == "MaskablePPO"
+        self.start_from = start_from
+
+    def initial_deployment(self) -> Deployment | None:
+        """The ``start_from`` policy's starting deployment (``None``: start from the env's default)."""
+        return None if self.start_from is None else self.start_from.initial_deployment()
 
     def predict(
         self,
@@ -92,8 +101,8 @@ def _is_maskable(path: Path) -> bool:
     return "Maskable" in described
 
 
-def load_sb3_policy(path: str | Path, env: Any) -> SB3Policy:
-    """Load a saved ``PPO`` / ``MaskablePPO`` model for ``env``.
+def load_sb3_policy(path: str | Path, env: Any, start_from: ProposesInitialDeployment | None = None) -> SB3Policy:
+    """Load a saved ``PPO`` / ``MaskablePPO`` model for ``env`` (``start_from``: see :class:`SB3Policy`).
 
     :raises FileNotFoundError: if ``path`` does not exist.
     :raises ValueError: if it is not an SB3 model zip, or its spaces do not match ``env``'s.
@@ -121,7 +130,7 @@ def load_sb3_policy(path: str | Path, env: Any) -> SB3Policy:
             f"{base.observation_space.shape} / {getattr(base.action_space, 'nvec', base.action_space)} "
             "(different model, env id or action buckets)"
         )
-    return SB3Policy(model, env, file)
+    return SB3Policy(model, env, file, start_from)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -134,7 +143,8 @@ def make_policy(name_or_path: str | Path | PolicyName, env: Any, **kwargs: Any) 
     :param name_or_path: a :class:`PolicyName` (or its value), or the path of a saved SB3 model.
     :param env: the environment the policy acts on (heuristics read their configuration from it).
     :param kwargs: keyword arguments of the policy class (e.g. ``percentile=95`` for ``static``,
-        ``metric="queue"`` for ``model-level``, ``targets=PlannerTargets(...)`` for the planners).
+        ``metric="queue"`` for ``model-level``, ``targets=PlannerTargets(...)`` for the planners); for a
+        saved model only ``start_from`` (a policy name, see :class:`SB3Policy`).
     :raises ValueError: for an unknown name (listing the valid ones) or a policy that does not fit
         the environment's granularity.
     :raises FileNotFoundError: for a model path that does not exist.
@@ -144,13 +154,26 @@ def make_policy(name_or_path: str | Path | PolicyName, env: Any, **kwargs: Any) 
         name = PolicyName(text)
     except ValueError:
         if _looks_like_path(text):
+            start_from = kwargs.pop("start_from", None)
             if kwargs:
-                raise ValueError(f"saved models take no policy options, got {sorted(kwargs)}") from None
-            return load_sb3_policy(text, env)
+                raise ValueError(f"saved models take only the option start_from, got {sorted(kwargs)}") from None
+            return load_sb3_policy(text, env, _starting_policy(start_from, env))
         raise ValueError(
             f"unknown policy {text!r}; valid names: {', '.join(POLICY_NAMES)}, or a path to a saved SB3 model (.zip)"
         ) from None
+    if "start_from" in kwargs:
+        raise ValueError(f"start_from is an option of saved models; {name.value!r} starts from its own deployment")
     module_name, class_name = _POLICY_CLASSES[name].split(":")
     policy_class = getattr(importlib.import_module(module_name), class_name)
     policy: Policy = policy_class(ControlContext.from_env(env), **kwargs)
+    return policy
+
+
+def _starting_policy(name: str | None, env: Any) -> ProposesInitialDeployment | None:
+    """The registry policy named ``name`` as a source of starting deployments (``None`` for none)."""
+    if name is None:
+        return None
+    policy = make_policy(name, env)
+    if not isinstance(policy, ProposesInitialDeployment):
+        raise ValueError(f"policy {name!r} proposes no starting deployment; use one that does, e.g. 'operator-greedy'")
     return policy

@@ -351,12 +351,22 @@ class _Progress:
 
 def _train_ppo(config: PaperTableConfig, case: Case) -> tuple[Path, float, int]:
     """Train PPO on the fluid fidelity for ``case``; returns ``(best model, wall s, timesteps)``."""
+    from opscale.agents.evaluation import make_env
     from opscale.agents.ppo import PPOConfig, train
+    from opscale.agents.registry import make_policy
 
     # Another realisation (``trace_seed``) of a generated trace (embedded default, ServeGen arrivals) than the
-    # evaluation's, so evaluation windows are unseen; a replayed file (Azure) ignores the seed, and its
-    # held-out windows may overlap training windows.
-    env_kwargs = {**config.env_config(case, horizon=config.ppo_train_horizon), "trace_seed": config.seed + 1}
+    # evaluation's; training windows also end before the held-out tail (``PPOConfig.hold_out_windows``).
+    env_kwargs: dict[str, Any] = {**config.env_config(case, horizon=config.ppo_train_horizon), "trace_seed": config.seed + 1}
+    # PPO starts where operator-greedy starts (the planner's deployment for the trace's mean rate), in
+    # training and in evaluation (``start_from``), so the comparison measures control, not the start
+    probe = make_env(PPO_TRAIN_ENV_ID, fidelity=None, env_config=env_kwargs)
+    try:
+        start = make_policy(PaperPolicy.OPERATOR_GREEDY.value, probe).initial_deployment()
+    finally:
+        probe.close()
+    if start is not None:
+        env_kwargs["initial_deployment"] = start.to_dict()
     rollout = 128
     ppo_config = PPOConfig(
         env_id=PPO_TRAIN_ENV_ID,
@@ -397,6 +407,11 @@ def _policy_spec(policy: PaperPolicy, ppo_model: Path | None) -> str:
     return policy.value
 
 
+def _policy_kwargs(policy: PaperPolicy) -> dict[str, Any] | None:
+    """PPO starts from operator-greedy's deployment (see :func:`_train_ppo`); heuristics need nothing."""
+    return {"start_from": PaperPolicy.OPERATOR_GREEDY.value} if policy is PaperPolicy.PPO else None
+
+
 def _budget_nodes(config: PaperTableConfig, model_level_peak_gpus: int) -> int:
     """The throughput comparison's nodes: configured, or the nodes model-level peaked at."""
     if config.budget_num_nodes is not None:
@@ -425,7 +440,14 @@ def _throughput(
                 "rate_scale_per_s": rate_scale_per_s if policy is PaperPolicy.PPO else None,
             }
             try:
-                result = evaluate(spec, POLICY_ENV_IDS[policy], seeds=config.eval_seeds[:1], env_config=env_config, windows="held-out")
+                result = evaluate(
+                    spec,
+                    POLICY_ENV_IDS[policy],
+                    seeds=config.eval_seeds[:1],
+                    env_config=env_config,
+                    windows="held-out",
+                    policy_kwargs=_policy_kwargs(policy),
+                )
             except ValueError as error:
                 if "deployment" not in str(error):
                     raise
@@ -462,6 +484,7 @@ def _run_case(config: PaperTableConfig, case: Case, progress: _Progress) -> Case
                 env_config=env_config,
                 windows="held-out",
                 out_dir=config.out_dir / "evaluations" / case.slug / policy.value,
+                policy_kwargs=_policy_kwargs(policy),
             )
         evaluation.policy = policy.value
         result.policies[policy] = PolicyResult(policy, POLICY_ENV_IDS[policy], evaluation)

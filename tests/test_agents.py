@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from opscale.agents.base import ControlContext, LoadEstimator
-from opscale.agents.evaluation import make_env
+from opscale.agents.evaluation import evaluate, make_env
 from opscale.agents.latency_model import (
     ModelLevelLatencyModel,
     OperatorLatencyModel,
@@ -313,6 +313,15 @@ def test_registry_loads_saved_sb3_models(tmp_path, maskable: bool) -> None:
     model_env = make_env("opscale/ModelAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
     with pytest.raises(ValueError, match="trained for observation"):
         make_policy(str(path), model_env)
+    # start_from: the saved model starts where the planner starts, and the harness rebinds its env
+    assert policy.initial_deployment() is None
+    started = make_policy(str(path), env, start_from="operator-greedy")
+    planned = make_policy("operator-greedy", env).initial_deployment()
+    assert isinstance(started, SB3Policy) and started.initial_deployment() == planned
+    with pytest.raises(ValueError, match="only the option start_from"):
+        make_policy(str(path), env, percentile=95)
+    result = evaluate(started, "opscale/OperatorAutoscale-v0", seeds=[0], fidelity="fluid", env_config={"horizon": 3})
+    assert started.env is not env and result.episodes[0].steps == 3
 
 
 def test_estimate_matches_the_tables_for_any_stream_counts() -> None:

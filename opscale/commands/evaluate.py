@@ -57,6 +57,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--rate-scale", type=float, default=None, help="multiply the trace's request rate")
     parser.add_argument("--config", default=None, help="JSON object of further env config keys")
     parser.add_argument("--out", default=None, help="write episodes.csv/json, series.csv, summary.json here")
+    parser.add_argument(
+        "--start-from",
+        default=None,
+        help="saved models only: start episodes from this heuristic's deployment (e.g. operator-greedy)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_evaluate)
@@ -109,6 +114,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         windows=args.windows,
         out_dir=args.out,
         progress=not (args.no_progress or args.json),
+        policy_kwargs=None if args.start_from is None else {"start_from": args.start_from},
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
