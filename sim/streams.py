@@ -431,21 +431,20 @@ class Stream:
         block = self.block_tokens
         # 1. decodes: every decode crossing a block boundary needs one block; preempt until they fit
         while True:
-            needed = 0
+            crossing: list[ActiveRequest] = []
+            decode_context = 0
             for r in self.decoding:
+                decode_context += r.ctx + 1
                 if r.ctx + 1 > r.blocks * block:
-                    needed += 1
-            if needed <= self.free_blocks or not (self.decoding or self.prefilling):
+                    crossing.append(r)
+            if len(crossing) <= self.free_blocks or not (self.decoding or self.prefilling):
                 break
             victim = self.prefilling[-1] if self.prefilling else self.decoding[-1]
             self._preempt(victim)
             preemptions += 1
-        decode_context = 0
-        for r in self.decoding:
-            if r.ctx + 1 > r.blocks * block:
-                r.blocks += 1
-                self.free_blocks -= 1
-            decode_context += r.ctx + 1
+        for r in crossing:
+            r.blocks += 1
+        self.free_blocks -= len(crossing)
         budget = self.token_budget - len(self.decoding)
         chunks: list[tuple[ActiveRequest, int]] = []
         prefill_tokens = 0
@@ -477,7 +476,7 @@ class Stream:
             budget -= chunk
             prefill_tokens += chunk
             pairs += chunk * (chunk + 1) / 2
-        vision_patches = sum(r.image_patches for r, _ in chunks if r.computed == 0)
+        vision_patches = sum(r.image_patches for r, _ in chunks if r.computed == 0) if chunks else 0
         return Batch(
             self.decoding, chunks, decode_context, prefill_tokens, pairs, vision_patches
         ), preemptions
