@@ -21,8 +21,9 @@ semantics of DESIGN.md 2.4 at steady state:
 * **Budgets.** The planner provisions for a target iteration time ``tau_b = tbt_share x TBT SLO``: the
   deployment keeps up if ``g(tau_b) <= tau_b`` (then the stream's true fixed point ``g(tau) = tau`` lies
   below ``tau_b``). The TBT estimate adds the *prefill bump*, the extra time of an iteration that carries
-  a prefill chunk of ``min(3P, budget - nd)`` tokens (the p99 gap of a request is such an iteration
-  once more than 1 % of iterations carry one). TTFT: the mean prompt needs ``P / (budget - nd)``
+  a prefill chunk of the whole free budget ``budget - nd``: a request's p99 gap is such an iteration
+  whatever the mean rate, because arrivals come in bursts (a burst queues prompts that fill the
+  budget, and every stream's chunks pass through the shared pools). TTFT: the mean prompt needs ``P / (budget - nd)``
   iterations, stretched by ``1 / (1 - rho_B)`` with ``rho_B = j / budget`` the share of the token budget
   in use. Budgets: mean iteration <= ``tbt_share`` x TBT SLO, bump iteration <= ``tbt_tail_share`` x
   TBT SLO, TTFT <= ``ttft_share`` x TTFT SLO.
@@ -75,12 +76,6 @@ __all__ = [
 ]
 
 FloatArray = NDArray[np.float64]
-
-#: A bump iteration's prefill is capped at this multiple of the mean prompt (the prompt tail).
-_PROMPT_TAIL_FACTOR = 3.0
-
-#: Requests per iteration above which the prefill bump sets a request's p99 TBT gap.
-_BUMP_ITERATION_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -150,7 +145,6 @@ class StreamLoad:
     :param overhead_s: engine host time of the iteration.
     :param chunk_tokens: tokens of the prefill chunk that makes a TBT-bump iteration.
     :param chunk_attention_s: extra attention time of that chunk.
-    :param prefill_share: probability that an iteration carries a prefill.
     :param budget_use: ``tokens / token budget``.
     """
 
@@ -162,7 +156,6 @@ class StreamLoad:
     overhead_s: FloatArray
     chunk_tokens: FloatArray
     chunk_attention_s: FloatArray
-    prefill_share: FloatArray
     budget_use: FloatArray
 
 
@@ -273,9 +266,10 @@ class _StreamModel:
         tokens = decodes + prefill
         context = prompt + output / 2.0
         attention = self._attention_s(tp, decodes, context, prefill, prompt)
-        # an iteration after a quiet spell fills its whole free budget with prefill (several prompts),
-        # up to the prompt tail (~3x the mean for the lognormal-like traces we replay)
-        chunk = np.clip(budget - decodes, 1.0, _PROMPT_TAIL_FACTOR * prompt)
+        # an iteration that finds prompts queued (a burst, or the backlog of a quiet spell) fills its
+        # whole free budget with prefill, several prompts at once: capping the chunk at a multiple of the
+        # mean prompt let the planner pick budgets whose bursts broke the TBT SLO (Azure code, H100)
+        chunk = np.maximum(budget - decodes, 1.0)
         with_chunk = self._attention_s(tp, decodes, context, prefill + chunk, prompt)
         prefills_per_iteration = rate * tau / streams
         return StreamLoad(
@@ -287,7 +281,6 @@ class _StreamModel:
             overhead_s=self.overhead.iteration_s(tp, 0) + self.overhead.per_request_s * (decodes + prefills_per_iteration),
             chunk_tokens=chunk,
             chunk_attention_s=with_chunk - attention,
-            prefill_share=1.0 - np.exp(-prefills_per_iteration),
             budget_use=tokens / budget,
         )
 
@@ -552,7 +545,6 @@ class OperatorLatencyModel(_StreamModel):
     ) -> OperatorEstimate:
         """Turn summed per-unit terms into TBT, TTFT, GPUs and stability (arrays over candidates)."""
         tp_attention = self.tp[UnitKind.ATTENTION]
-        bump = np.where(load.prefill_share >= _BUMP_ITERATION_SHARE, bump, 0.0)
         ttft = self.ttft_s(load, iteration, bump, workload, np.array(token_budget))
         # unstable candidates have infinite latencies; their memory is sized at the budgets instead
         finite_ttft = np.where(np.isfinite(ttft), ttft, 0.0)
@@ -628,7 +620,6 @@ class ModelLevelLatencyModel(_StreamModel):
             units += base
             bump += with_chunk - base
         iteration = load.overhead_s + load.attention_s + units
-        bump = np.where(load.prefill_share >= _BUMP_ITERATION_SHARE, bump, 0.0)
         ttft = self.ttft_s(load, iteration, bump, workload, np.array(token_budget))
         return iteration, iteration + bump, ttft
 

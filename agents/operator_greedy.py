@@ -420,9 +420,12 @@ class OperatorGreedyPolicy(HeuristicPolicy):
     def choose_token_budget(
         self, workload: Workload, start: NDArray[np.int64], around: int | None = None, slack: float = 0.0
     ) -> int:
-        """The budget bucket whose plan needs the fewest GPUs (feasible first; the smaller budget on
-        ties: it bounds the prefill spikes that set the TBT tail). With ``around``, only that bucket
-        and its two neighbours compete."""
+        """The budget bucket whose plan needs the fewest whole GPUs (feasible first), and on ties the
+        one with the shortest TTFT estimate: a larger budget clears long prompts and bursts in fewer
+        iterations, and its longer prefill iterations are already held to the TBT tail budget by the
+        plan's feasibility (a smaller budget that merely saves a fraction of a GPU's memory would
+        leave bursty long-prompt traffic queueing). With ``around``, only that bucket and its two
+        neighbours compete."""
         buckets = self.context.batch_cap_buckets_tokens
         if around is not None and around in buckets:
             position = buckets.index(around)
@@ -430,7 +433,7 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         best: tuple[tuple[float, ...], int] | None = None
         for budget in buckets:
             plan = greedy_plan(self.search(workload, start, budget, slack), start)
-            key = (0.0 if plan.feasible else 1.0, float(plan.gpus_needed), float(plan.estimate.gpus[0]), budget)
+            key = (0.0 if plan.feasible else 1.0, float(plan.gpus_needed), float(plan.estimate.ttft_s[0]), budget)
             if best is None or key < best[0]:
                 best = (key, budget)
         assert best is not None
