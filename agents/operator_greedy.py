@@ -420,12 +420,11 @@ class OperatorGreedyPolicy(HeuristicPolicy):
     def choose_token_budget(
         self, workload: Workload, start: NDArray[np.int64], around: int | None = None, slack: float = 0.0
     ) -> int:
-        """The budget bucket whose plan needs the fewest whole GPUs (feasible first), and on ties the
-        one with the shortest TTFT estimate: a larger budget clears long prompts and bursts in fewer
-        iterations, and its longer prefill iterations are already held to the TBT tail budget by the
-        plan's feasibility (a smaller budget that merely saves a fraction of a GPU's memory would
-        leave bursty long-prompt traffic queueing). With ``around``, only that bucket and its two
-        neighbours compete."""
+        """The budget bucket whose plan needs the fewest whole GPUs (feasible first), and on ties the one
+        with the most headroom on its tighter latency budget (the larger of TTFT / its budget and the
+        TBT tail / its budget): a small budget stretches long prompts and bursts over many iterations
+        (TTFT), a large one lengthens the iterations that carry them (TBT tail). With ``around``, only
+        that bucket and its two neighbours compete."""
         buckets = self.context.batch_cap_buckets_tokens
         if around is not None and around in buckets:
             position = buckets.index(around)
@@ -433,11 +432,19 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         best: tuple[tuple[float, ...], int] | None = None
         for budget in buckets:
             plan = greedy_plan(self.search(workload, start, budget, slack), start)
-            key = (0.0 if plan.feasible else 1.0, float(plan.gpus_needed), float(plan.estimate.ttft_s[0]), budget)
+            key = (0.0 if plan.feasible else 1.0, float(plan.gpus_needed), self._latency_pressure(plan), budget)
             if best is None or key < best[0]:
                 best = (key, budget)
         assert best is not None
         return best[1]
+
+    def _latency_pressure(self, plan: OperatorPlan) -> float:
+        """The larger of the plan's TTFT and TBT-tail estimates as shares of their planning budgets."""
+        slo, targets = self.context.slo, self.latency_model.targets
+        return max(
+            float(plan.estimate.ttft_s[0]) / (targets.ttft_share * slo.ttft_s),
+            float(plan.estimate.tbt_s[0]) / (targets.tbt_tail_share * slo.tbt_s),
+        )
 
     def planned_deployment(self, workload: Workload) -> Deployment:
         """A deployment for a steady ``workload``: greedy plan from one replica per unit, the best
