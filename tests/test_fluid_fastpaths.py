@@ -1,0 +1,179 @@
+"""The fluid fidelity's fast paths agree with their plain definitions, and the documented one-solve rule.
+
+The interval model inlines table lookups and aggregates the layout for speed; these tests recompute the
+same quantities the direct way (vectorised tables, pairwise links, per-GPU shard matrices, the direct
+TTFT and Poisson sums) and check that the cut-free advance serves a loading replica from the interval
+boundary nearest its ready time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from opscale.sim.costmodel import default_cost_model
+from opscale.sim.deployment import Deployment, ScalingAction, UnitAction
+from opscale.sim.fluid import ERLANG_GRID_POINTS, MAX_TABLE_SERVERS, FluidSimulator
+from opscale.sim.fluid_latency import ErlangRows, PoissonTailTable, TtftMixture
+from opscale.sim.fluid_tables import UnitTimeTable
+from opscale.sim.hardware import ClusterSpec, get_gpu
+from opscale.sim.models import UnitKind, get_model
+from opscale.sim.queueing import shared_erlang_c_table
+from opscale.traces.trace import RequestTrace
+
+MODEL = "llama-2-7b"
+
+
+def poisson_trace(rate_per_s: float, duration_s: float, seed: int = 0) -> RequestTrace:
+    rng = np.random.default_rng(seed)
+    count = int(rng.poisson(rate_per_s * duration_s))
+    arrival = np.sort(rng.uniform(0.0, duration_s, count))
+    prompt = np.clip(rng.lognormal(np.log(800.0), 0.8, count), 1, 3000).astype(np.int64)
+    output = np.clip(rng.lognormal(np.log(150.0), 0.8, count), 1, 1000).astype(np.int64)
+    return RequestTrace(arrival, prompt, output, time_range_s=(0.0, duration_s))
+
+
+def test_compute_lines_and_weighted_sums_match_the_vectorised_table() -> None:
+    model, gpu = get_model(MODEL), get_gpu("a100")
+    units = [u for u in model.units if u is not UnitKind.ATTENTION]
+    table = UnitTimeTable(model, gpu, default_cost_model(), units, [1] * len(units))
+    tokens = [0.0, 0.5, 1.0, 3.3, 100.0, 777.0, 4096.0, 300_000.0]
+    weights = [0.1, 0.05, 0.2, 0.1, 0.15, 0.2, 0.1, 0.1]
+    grid = np.broadcast_to(np.array(tokens), (len(units), len(tokens)))
+    times = table.time_s_at(grid)
+    compute = times * table.compute_bound_at(grid)
+    for row in range(len(units)):
+        line, compute_line = table.lines[row], table.compute_lines[row]
+        assert [line.at(t) for t in tokens] == pytest.approx(times[row].tolist(), rel=1e-12, abs=1e-15)
+        assert [compute_line.at(t) for t in tokens] == pytest.approx(compute[row].tolist(), rel=1e-12, abs=1e-15)
+        total, compute_total = table.weighted_times(row, tokens, weights)
+        assert total == pytest.approx(float(times[row] @ weights), rel=1e-12)
+        assert compute_total == pytest.approx(float(compute[row] @ weights), rel=1e-12, abs=1e-15)
+    # a memory-bound decode and a compute-bound long prefill (the flag switches once, near the ridge)
+    ffn = table.compute_lines[units.index(UnitKind.FFN)]
+    assert ffn.at(1.0) == 0.0 and ffn.at(200_000.0) > 0.0
+
+
+def test_erlang_rows_equal_the_table_lookup() -> None:
+    table = shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS)
+    rows = ErlangRows(table, ERLANG_GRID_POINTS)
+    rng = np.random.default_rng(2)
+    for servers, utilisation in zip(rng.integers(0, 200, 300), rng.uniform(-0.1, 1.1, 300), strict=True):
+        expected = table.lookup_scalar(int(servers), float(utilisation))
+        assert rows.at(rows.row(int(servers)), float(utilisation)) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert rows.row(500) is rows.row(MAX_TABLE_SERVERS)  # clipped to the table, built once
+
+
+def test_summed_poisson_tails_equal_the_scalar_lookups() -> None:
+    table = PoissonTailTable(64)
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 400, 16).astype(float).tolist()
+    needed = rng.integers(1, 80, 16).tolist()
+    for rate in (0.0, 1e-7, 0.003, 0.2, 5.0):
+        expected = sum(table.lookup_scalar(count * rate, int(n)) for count, n in zip(counts, needed, strict=True))
+        assert table.total_at_least(rate, counts, needed) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize(("prob_wait", "wait_mean_s", "late_share"), [(0.4, 0.3, 0.0), (0.9, 1e-4, 0.2), (0.0, 0.0, 0.5)])
+def test_sorted_ttft_cdf_equals_the_direct_sum(prob_wait: float, wait_mean_s: float, late_share: float) -> None:
+    fixed = np.random.default_rng(5).uniform(0.05, 40.0, 16)
+    mixture = TtftMixture(fixed, prob_wait, wait_mean_s, late_share, late_s=2.5)
+    fast = mixture._sorted_cdf(sorted(fixed.tolist()))
+    for t in [0.0, 0.05, *fixed.tolist(), 1.0, 2.5, 10.0, 100.0]:
+        assert fast(t) == pytest.approx(mixture.cdf_scalar(t, fixed.tolist()), abs=1e-12)
+        assert fast(t) == pytest.approx(float(mixture.cdf(np.array(t))), abs=1e-12)
+
+
+def _brute_force_layout(simulator: FluidSimulator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shards per (GPU, unit), and per unit the inbound transfer terms by pairwise links (the definition)."""
+    units, cluster = simulator.model.units, simulator.cluster
+    now = simulator.now_s
+    shards = np.zeros((cluster.num_gpus, len(units)))
+    homes = np.zeros((len(units), cluster.num_gpus))
+    for column, unit in enumerate(units):
+        for replica in simulator.layout.replicas[unit]:
+            if replica.ready_s <= now:
+                homes[column, replica.gpus[0]] += 1
+                for gpu in replica.gpus:
+                    shards[gpu, column] += 1
+    share = homes / np.maximum(homes.sum(axis=1, keepdims=True), 1.0)
+    fixed, per_token = np.zeros(len(units)), np.zeros(len(units))
+    for column in range(len(units)):
+        source_row = simulator._transfer_source_rows[column]
+        for a in range(cluster.num_gpus):
+            if homes[column, a] > 0:
+                continue
+            for b in range(cluster.num_gpus):
+                link = cluster.link_between(a, b)
+                if link is None:
+                    continue
+                weight = share[source_row, a] * share[column, b]
+                fixed[column] += weight * link.latency_s
+                per_token[column] += weight / link.bandwidth_bytes_per_s
+    fixed *= np.array(simulator._transfer_hops)
+    per_token *= np.array(simulator._transfer_bytes_per_token)
+    return shards, fixed, per_token
+
+
+def test_layout_summary_matches_the_pairwise_definitions() -> None:
+    replicas = {"embed": 2, "norm": 1, "qkv_proj": 3, "attention": 4, "o_proj": 2, "ffn": 5, "lm_head": 1}
+    deployment = Deployment.operator_level(MODEL, "a100", replicas=replicas, placement="spread-gpu", num_nodes=2)
+    simulator = FluidSimulator(ClusterSpec.homogeneous("a100", 2), MODEL, deployment, poisson_trace(2.0, 60.0))
+    simulator.advance(5.0)
+    simulator.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=2, placement="spread-node")}))
+    simulator.advance(5.0)  # the added replicas load in well under half an interval: they serve it
+    shards, fixed, per_token = _brute_force_layout(simulator)
+    summary = simulator._serving_summary
+    assert summary.active_gpus == int(np.count_nonzero(shards.sum(axis=1)))
+    assert list(summary.shards_per_unit) == shards.sum(axis=0).tolist()
+    by_mix: dict[tuple[tuple[int, int], ...], int] = {}
+    for row in shards:
+        if row.any():
+            mix = tuple((column, int(count)) for column, count in enumerate(row) if count)
+            by_mix[mix] = by_mix.get(mix, 0) + 1
+    assert dict((mix, count) for count, mix in summary.gpu_groups) == by_mix
+    assert simulator._transfer_fixed_s == pytest.approx(fixed.tolist(), rel=1e-12, abs=1e-18)
+    assert simulator._transfer_per_token_s == pytest.approx(per_token.tolist(), rel=1e-12, abs=1e-24)
+    colocation = (shards.T @ shards) / np.maximum(shards.sum(axis=0), 1.0)[:, None]
+    dense = np.zeros_like(colocation)
+    for column, row in enumerate(simulator._colocation_rows):
+        for other, value in row:
+            dense[column, other] = value
+    assert np.allclose(dense, colocation, rtol=1e-12, atol=0.0)
+    assert simulator.advance(5.0).units[UnitKind.FFN].replicas == 7
+
+
+def test_a_loading_instance_serves_from_the_boundary_nearest_its_ready_time() -> None:
+    """Overload on one instance; a second one is added: an interval it would serve for less than half
+    gets one instance's throughput, one it serves for more than half gets two."""
+    trace = poisson_trace(40.0, 60.0, seed=3)
+    simulator = FluidSimulator(
+        ClusterSpec.homogeneous("a100", 1), MODEL, Deployment.model_level(MODEL, "a100", instances=1, num_nodes=1), trace
+    )
+    simulator.advance(2.0)
+    simulator.apply(ScalingAction(instance_delta=1))
+    ready_s = max(record.placed.ready_s for record in simulator._pending)
+    simulator.advance(ready_s - 3.4 - simulator.now_s)
+    one = simulator.advance(2.0)  # ends 1.4 s before the ready time
+    late = simulator.advance(2.0)  # ready 1.4 s in (after its middle): one instance serves it
+    early = simulator.advance(2.0)  # ready 0.6 s before it starts
+    simulator.apply(ScalingAction(instance_delta=1))
+    ready_s = max(record.placed.ready_s for record in simulator._pending)
+    simulator.advance(ready_s - 0.6 - simulator.now_s)
+    mostly = simulator.advance(2.0)  # ready 0.6 s in (before its middle): the third instance serves all of it
+    assert one.units[UnitKind.FFN].pending_replicas == 1 and late.units[UnitKind.FFN].replicas == 2
+    assert late.completions == pytest.approx(one.completions, rel=0.2)
+    assert early.completions == pytest.approx(2.0 * one.completions, rel=0.2)
+    assert mostly.completions == pytest.approx(3.0 * one.completions, rel=0.2)
+    assert math.isclose(early.gpus_powered_mean, 2.0)
+
+
+def test_light_load_leaves_no_backlog_wait() -> None:
+    """All the demand is admitted when the streams keep up: no rounding residue counts as a backlog."""
+    deployment = Deployment.model_level(MODEL, "a100", instances=20)
+    simulator = FluidSimulator(ClusterSpec.homogeneous("a100", deployment.num_nodes), MODEL, deployment, poisson_trace(40.0, 200.0))
+    intervals = [simulator.advance(5.0) for _ in range(40)]
+    assert all(m.waiting_requests == 0 for m in intervals)
+    assert max(m.units[UnitKind.ATTENTION].mean_wait_s for m in intervals) < 1e-3
