@@ -127,7 +127,7 @@ MAX_BATCH_CAP_TOKENS = 1 << 17
 _QUANTILE_LEVEL_LIST = ((np.arange(LENGTH_QUANTILES) + 0.5) / LENGTH_QUANTILES).tolist()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     """A replica (or instance) that is loading or serving, with its placement record."""
 
@@ -744,8 +744,14 @@ class FluidSimulator:
         a full chunk of ``full_chunk`` tokens (the fixed point's inner evaluation; scalar fast path for
         model-level instances)."""
         if self._granularity == "operator":
+            prefill = self._attention.prefill_scalar_s
             decode, with_chunk, full = self._pooled_times(
-                decodes, (0.0, chunk_s, full_chunk), (prior, prior, prior), (decodes, decodes + 1.0, decodes + 1.0), context, jobs_wait_s
+                decodes,
+                (0.0, chunk_s, full_chunk),
+                (0.0, prefill(chunk_s, prior), prefill(full_chunk, prior)),
+                (decodes, decodes + 1.0, decodes + 1.0),
+                context,
+                jobs_wait_s,
             )[0]
             return decode, with_chunk, full
         overhead = self._overhead
@@ -763,16 +769,17 @@ class FluidSimulator:
         self,
         decodes: float,
         chunks: Sequence[float],
-        priors: Sequence[float],
+        attention_prefills_s: Sequence[float],
         sequences: Sequence[float],
         context: float,
         jobs_wait_s: float,
         mix_weights: Sequence[float] | None = None,
     ) -> tuple[list[float], list[float], list[float]]:
         """Operator level: iteration time of a busy stream with ``decodes`` decodes and, per entry, one
-        prefill chunk of ``chunks[j]`` tokens (0: none) after ``priors[j]`` tokens of its prompt, sampling
-        ``sequences[j]`` tokens at the LM head; ``context``: mean KV read per decode; ``jobs_wait_s``:
-        summed pool waits. Plain Python over the units (a handful: faster than numpy).
+        prefill chunk of ``chunks[j]`` tokens (0: none) whose attention takes ``attention_prefills_s[j]``
+        (uncontended), sampling ``sequences[j]`` tokens at the LM head; ``context``: mean KV read per
+        decode; ``jobs_wait_s``: summed pool waits. Plain Python over the units (a handful: faster than
+        numpy).
 
         With ``mix_weights`` (one per entry: a mix of calls) it also returns, per unit, the weighted
         mean over the entries of the kernel time of the unit's call and of its compute-bound part (no
@@ -793,14 +800,10 @@ class FluidSimulator:
         attention_decode = attention.decode_s(decodes, decodes * context)
         base = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + jobs_wait_s + self._attention_transfer_fixed_s
         per_request, per_token_in = overhead.per_request_s, self._attention_transfer_per_token_s
-        prefill = attention.prefill_scalar_s
         compositions = [decodes + chunk for chunk in chunks]
         totals = [
-            base
-            + per_request * sequence
-            + (attention_decode + prefill(chunk, prior)) * attention_slowdown
-            + per_token_in * tokens
-            for chunk, prior, sequence, tokens in zip(chunks, priors, sequences, compositions, strict=True)
+            base + per_request * sequence + (attention_decode + prefill_s) * attention_slowdown + per_token_in * tokens
+            for prefill_s, sequence, tokens in zip(attention_prefills_s, sequences, compositions, strict=True)
         ]
         mix_call_s: list[float] = []
         mix_compute_s: list[float] = []
@@ -873,10 +876,12 @@ class FluidSimulator:
             last_over = 1.0 - interp_scalar(threshold, chunks, _QUANTILE_LEVEL_LIST, left=0.0, right=1.0)
         return full_weight * float(full_s > limit_s) + (1.0 - full_weight) * last_over
 
-    def _instance_iteration_times(self, decodes: float, chunks: list[float], priors: list[float], context: float) -> list[float]:
+    def _instance_iteration_times(
+        self, decodes: float, chunks: list[float], attention_prefills_s: list[float], context: float
+    ) -> list[float]:
         """Model level: iteration time of a busy stream with ``decodes`` decodes and one prefill chunk
-        (> 0 tokens) per entry of ``chunks`` after ``priors`` tokens of that prompt; ``context``: mean
-        KV read per decode."""
+        (> 0 tokens) per entry of ``chunks`` whose attention takes ``attention_prefills_s``; ``context``:
+        mean KV read per decode."""
         sequences = decodes + 1.0  # every entry carries a prefill chunk that samples one token
         overhead = self._overhead
         host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * sequences
@@ -885,8 +890,8 @@ class FluidSimulator:
         fixed = host + self._table.scalar_time_s(self._lm_head_row, sequences)
         dense = self._dense_line.at
         return [
-            fixed + dense(decodes + chunk) + (attention_decode + attention.prefill_scalar_s(chunk, prior))
-            for chunk, prior in zip(chunks, priors, strict=True)
+            fixed + dense(decodes + chunk) + (attention_decode + prefill_s)
+            for chunk, prefill_s in zip(chunks, attention_prefills_s, strict=True)
         ]
 
     # ------------------------------------------------------------------ the interval model
@@ -1009,17 +1014,21 @@ class FluidSimulator:
         prefill_weights = [full_chunks * each_last, *[each_last] * LENGTH_QUANTILES]
         # operator level: the pools' prefill-call mix comes from the same lookups (the full chunk's
         # iteration time is the fixed point's full_s)
+        prefill_attention = self._attention.prefill_scalar_s
+        attention_prefills_s = [
+            prefill_attention(chunk, prior) for chunk, prior in zip(prefill_chunks, [0.5 * prompt_mean, *priors], strict=True)
+        ]
         mix_call_s: list[float] = []
         mix_compute_s: list[float] = []
         if not ready:
             last_times = [0.0] * LENGTH_QUANTILES
         elif operator:
             times, mix_call_s, mix_compute_s = self._pooled_times(
-                decodes, prefill_chunks, [0.5 * prompt_mean, *priors], [decodes + 1.0] * len(prefill_chunks), context, pool_wait, prefill_weights
+                decodes, prefill_chunks, attention_prefills_s, [decodes + 1.0] * len(prefill_chunks), context, pool_wait, prefill_weights
             )
             last_times = times[1:]
         else:
-            last_times = self._instance_iteration_times(decodes, last_chunk, priors, context)
+            last_times = self._instance_iteration_times(decodes, last_chunk, attention_prefills_s[1:], context)
         prefill_s = [(chunk - 1.0) * full_s + time_s for chunk, time_s in zip(chunks, last_times, strict=True)]
         prefill_times = [full_s, *last_times]
         mean_prefill_s = sum(weight * time_s for weight, time_s in zip(prefill_weights, prefill_times, strict=True))
@@ -1116,10 +1125,8 @@ class FluidSimulator:
         unit_service_s = [0.0] * columns
         attention_column = self._attention_column
         attention_decode_s = self._attention.decode_s(decodes, decodes * context)
-        prefill_attention = self._attention.prefill_scalar_s
         attention_prefill_s = attention_decode_s + sum(
-            weight * prefill_attention(chunk, prior)
-            for weight, chunk, prior in zip(prefill_weights, prefill_chunks, [0.5 * prompt_mean, *priors], strict=True)
+            weight * prefill_s for weight, prefill_s in zip(prefill_weights, attention_prefills_s, strict=True)
         )
         waiting_tokens = (backlog_mean + streams * x * admission_wait_s) * prompt_mean
         queue_tokens[attention_column] = waiting_tokens

@@ -7,7 +7,9 @@ so the fluid simulator asks it once, at construction, and interpolates afterward
   included) and whether it is compute-bound, on a log-spaced token grid (:data:`GRID_POINTS_PER_OCTAVE`
   points per doubling from 1 to :data:`GRID_MAX_TOKENS` tokens), interpolated linearly in tokens
   between grid points. Beyond the grid the last segment is extrapolated linearly (GEMM time is
-  affine in tokens there, far into the compute-bound regime).
+  affine in tokens there, far into the compute-bound regime). Each row is also a :class:`TokenLine`
+  (pure-Python scalar lookups) and a compute-bound :class:`TokenLine` (the time where the call is
+  compute-bound, 0 elsewhere), so the fluid model's loops need no numpy call per lookup.
 * :class:`AttentionSurrogate`: attention time of one iteration as a linear model in the batch
   statistics. Decode: ``a + b * decodes + c * context_tokens``, which is exact for the roofline
   backend (a floor, a per-sequence term and a byte term proportional to the context read; the engine's
