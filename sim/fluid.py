@@ -15,7 +15,8 @@ those ready by the middle of the interval, see the approximations below):
 2. **Backlog** (fluid): requests not yet admitted are carried across intervals. The streams admit
    at most their capacity ``x_cap`` per second (token budget, KV cache, ``max_running_requests``
    and, operator-level, the slowest unit pool); the excess stays queued, so overload and bursts
-   show up as a growing queue and TTFT, and drain later.
+   show up as a growing queue and TTFT, and drain later. When the capacity does not bind, the whole
+   demand is admitted (no floating-point residue is left queued to count as a backlog).
 3. **Streams** (attention replicas, or model-level instances x ``pp``): continuous batching with
    chunked prefill, solved as a fixed point of the mean busy iteration time ``T``. With admission
    rate ``x`` per stream, the stream is busy with probability ``beta = 1 - exp(-x * E2E)`` (M/G/inf
@@ -71,6 +72,13 @@ heuristic, not a derivation); admission waits near saturation are approximate. `
 about individual requests or calls (``attention_drain``, ``service_time_distribution``,
 ``record_requests``, ``fast_forward_decode``) do not apply; image tokens join the prompt as in the
 engine.
+
+Cost: one solve per :meth:`~FluidSimulator.advance` (under a millisecond of CPU; its cost depends on
+neither the request rate nor the replica count); what depends only on the deployment (which replicas serve,
+transfer terms, co-location, batch caps) is recomputed only after an action changed it or a loading
+replica started serving. The model's arithmetic runs in plain Python over the handful of units and
+the :data:`LENGTH_QUANTILES` length points, with table lookups inlined in the hot loops: at these sizes
+numpy's per-call overhead would dominate.
 """
 
 from __future__ import annotations

@@ -204,10 +204,14 @@ class FluidLayout:
             if any(self.state.gpus[i].free_bytes + 1e-3 < need for i in explicit):
                 return None
             return explicit
-        by_node: dict[int, int] = {}
-        for replica in self.replicas[unit]:
-            node = self.state.gpus[replica.gpus[0]].node
-            by_node[node] = by_node.get(node, 0) + 1
+        if self.state.best_free_bytes() + 1e-3 < need:
+            return None  # no GPU has room (find_group's test): skip its per-node search
+        by_node: dict[int, int] | None = None
+        if policy is Placement.SPREAD_NODE:  # the only policy that reads the unit's replicas per node
+            by_node = {}
+            for replica in self.replicas[unit]:
+                node = self.state.gpus[replica.gpus[0]].node
+                by_node[node] = by_node.get(node, 0) + 1
         return self.state.find_group(tp, need, policy, unit_count_by_node=by_node)
 
     # ------------------------------------------------------------------ removal
