@@ -134,6 +134,23 @@ def test_greedy_plan_is_feasible_and_locally_minimal(rate: float) -> None:
             assert search.excess(search.evaluate(fewer), slack)[0] > 0, MODEL.units[index]
 
 
+def test_tbt_tail_counts_a_full_budget_chunk_even_at_light_load() -> None:
+    """Bursts fill the token budget whatever the mean rate: the TBT estimate carries the whole free
+    budget's prefill, so a budget whose full-chunk iteration breaks the TBT SLO is never feasible."""
+    model = _operator_model(SimConfig())
+    workload = Workload(0.2, 2000.0, 30.0)
+    start = np.ones(len(MODEL.units), dtype=np.int64)
+    decodes = workload.rate_per_s * workload.output_tokens * model.tau_budget_s
+    chunk_s = float(default_cost_model().unit_time_s_array(MODEL, UnitKind.FFN, CLUSTER.gpu_of(0), 1, np.array([8192.0 - decodes]))[0])
+    assert chunk_s > SLO.tbt_s  # the FFN alone on an 8k-token chunk outlasts the TBT SLO
+    for budget in (2048.0, 8192.0):
+        plan = greedy_plan(PlanSearch(model, workload, _caps(16384), budget, 16), start)
+        bump = float(plan.estimate.tbt_s[0] - plan.estimate.iteration_s[0])
+        assert bump > 0.0
+        if budget == 8192.0:
+            assert not plan.feasible and float(plan.estimate.tbt_s[0]) > chunk_s
+
+
 def test_feedback_slack_buys_headroom_and_holds_the_shrunk_budgets() -> None:
     """A plan under the controller's correction (budgets shrunk by ``slack``) keeps every budget at the
     shrunk level, so it never has fewer replicas of a unit than the uncorrected plan needs in total."""
