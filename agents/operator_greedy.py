@@ -29,7 +29,7 @@ The action moves each unit towards its planned count by the largest representabl
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,8 @@ PRESSURE_INTERVALS = 2
 RATE_MARGIN = 1.1
 #: Per-interval decay of the validated rate (it forgets a peak over a few minutes).
 VALIDATED_RATE_DECAY = 0.99
+#: Per-interval decay of the recent peak rate the token budget is chosen for.
+PEAK_RATE_DECAY = 0.99
 #: Budget share the feedback correction takes away per interval of sustained pressure.
 CORRECTION_STEP = 0.1
 #: Budget share it gives back per calm interval (ten calm intervals undo one step).
@@ -366,6 +368,10 @@ class _GreedyMemory:
     validated_rate_per_s: float = 0.0
     #: consecutive intervals under latency pressure
     pressure_streak: int = 0
+    #: highest recent arrival rate (decays): the burst the token budget must absorb
+    peak_rate_per_s: float = 0.0
+    #: the rate the running token budget was chosen for
+    budget_rate_per_s: float = 0.0
     #: feedback correction: share of every budget the plan may not use (grows under pressure)
     correction: float = 0.0
 
@@ -494,10 +500,21 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         workload = self.workload(memory.load)
         allow_add = self.scale_up_allowed(memory, observation)
         self.update_correction(memory)
-        if memory.token_budget is None or memory.steps_since_budget >= self.budget_period_steps:
+        memory.peak_rate_per_s = max(float(observation["arrival_rate"]), memory.peak_rate_per_s * PEAK_RATE_DECAY)
+        # the budget is chosen for the recent peak, not the smoothed rate (after a quiet spell the
+        # smoothed rate is near zero, every budget looks fast, and the smallest would meet the next
+        # burst's long prompts), and re-chosen at once when a burst beats the rate it was chosen for
+        burst_rate = max(workload.rate_per_s, memory.peak_rate_per_s)
+        if (
+            memory.token_budget is None
+            or memory.steps_since_budget >= self.budget_period_steps
+            or burst_rate > RATE_MARGIN * memory.budget_rate_per_s
+        ):
             # the first choice starts from the budget the deployment runs with
             around = memory.token_budget or round(float(observation[UnitKind.ATTENTION.value]["batch_cap"]))
-            memory.token_budget = self.choose_token_budget(workload, start, around=around, slack=memory.correction)
+            burst = replace(workload, rate_per_s=burst_rate)
+            memory.token_budget = self.choose_token_budget(burst, start, around=around, slack=memory.correction)
+            memory.budget_rate_per_s = burst_rate
             memory.steps_since_budget = 0
         memory.steps_since_budget += 1
         budget = int(memory.token_budget)
