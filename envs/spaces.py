@@ -291,12 +291,19 @@ def addable_replicas(
     if tp == 1:
         return int(slots.sum())
     total = 0
-    for node_slots in slots.reshape(-1, gpus_per_node):
-        # k TP replicas fit on a node iff its GPUs offer k*tp slots with at most k on any one GPU
-        groups = 0
-        while np.minimum(node_slots, groups + 1).sum() >= (groups + 1) * tp:
-            groups += 1
-        total += groups
+    for node_slots in slots.reshape(-1, gpus_per_node).tolist():
+        # k TP replicas fit on a node iff its GPUs offer k*tp slots with at most k on any one GPU:
+        # sum(min(slots, k)) >= k*tp. The left side is concave in k, so the k that fit are 0..K;
+        # bisect for K (small replicas give thousands of slots: counting up k by k was the cost
+        # of every action mask)
+        low, high = 0, sum(node_slots) // tp
+        while low < high:
+            middle = (low + high + 1) // 2
+            if sum(min(slot, middle) for slot in node_slots) >= middle * tp:
+                low = middle
+            else:
+                high = middle - 1
+        total += low
     return total
 
 

@@ -251,6 +251,16 @@ def test_addable_replicas_counts_slots_and_tp_groups() -> None:
     assert addable_replicas(free, 3 * gb, 2, 8) == 5  # 10 slots, at most 3 on either 10-GB GPU
     assert addable_replicas(free, 3 * gb, 8, 8) == 0
     assert addable_replicas(np.full(16, 80 * gb), 70 * gb, 8, 8) == 2
+    # tiny replicas (thousands of slots per GPU) against the definition, counted up one group at a time
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        slots_free = rng.integers(0, 3000, size=8) * 1e6
+        for tp in (2, 4, 8):
+            slots = np.floor(slots_free / 1e6).astype(np.int64)
+            groups = 0
+            while np.minimum(slots, groups + 1).sum() >= (groups + 1) * tp:
+                groups += 1
+            assert addable_replicas(slots_free, 1e6, tp, 8) == groups
 
 
 # ---------------------------------------------------------------------------------------------- reward
