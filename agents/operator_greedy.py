@@ -79,6 +79,12 @@ CORRECTION_RELEASE = 0.01
 #: Largest correction: the planner keeps at least half of every budget (with the removal margin,
 #: :meth:`PlanSearch.excess`'s total slack stays below 1).
 MAX_CORRECTION = 0.5
+#: A correction step must lower the observed latency level (p99 latency over SLO, the worse of TTFT
+#: and TBT) below this share of its level when the step was taken, or it is taken back.
+CORRECTION_MIN_EFFECT = 0.98
+#: Per-interval rise of the correction's ceiling after a step was taken back (it may try again after
+#: a few minutes: the load, and so what replicas buy, changes).
+CORRECTION_CEILING_RELEASE = 0.002
 
 
 @dataclass(frozen=True)
@@ -286,62 +292,104 @@ def greedy_plan(search: PlanSearch, start: NDArray[np.int64], allow_add: bool = 
     return OperatorPlan(counts, current, bool(search.excess(current)[0] == 0.0), search.evaluations)
 
 
-def contention_aware_placement(
-    search: PlanSearch, replicas: NDArray[np.int64], num_gpus: int, attention_reserve_bytes: float
-) -> dict[UnitKind, list[tuple[int, ...]]]:
-    """Explicit GPUs for a planned deployment: best fit with a busy-time balance (TP-1 units only).
+def _aligned_groups(num_gpus: int, gpus_per_node: int, tp: int) -> list[tuple[int, ...]]:
+    """Every GPU group a TP-``tp`` replica may take: ``tp`` consecutive GPUs starting at a multiple of
+    ``tp`` inside one node (groups of different TP degrees then nest instead of straddling each
+    other, so a TP call shares its GPUs with as few other groups as possible)."""
+    groups: list[tuple[int, ...]] = []
+    for node_start in range(0, num_gpus, gpus_per_node):
+        node_end = min(node_start + gpus_per_node, num_gpus)
+        for first in range(node_start, node_end - tp + 1, tp):
+            groups.append(tuple(range(first, first + tp)))
+    return groups
 
+
+def contention_aware_placement(
+    search: PlanSearch, replicas: NDArray[np.int64], num_gpus: int, attention_reserve_bytes: float, gpus_per_node: int = 8
+) -> dict[UnitKind, list[tuple[int, ...]]]:
+    """Explicit GPUs for a planned deployment: best fit with a busy-time balance.
+
+    Every replica takes an aligned group of TP GPUs inside one node (:func:`_aligned_groups`).
     Attention replicas (the streams, which take their GPU's leftover memory as KV cache) go one per
-    GPU, round robin over the ``G`` GPUs the plan needs; stateless replicas follow in order of
-    decreasing busy time, each onto the GPU with the least busy time that still has the memory
-    (weights + activations, keeping ``attention_reserve_bytes`` per resident attention replica), so
-    replicas of one pool land on different GPUs and no GPU collects the hot units. A replica that
-    fits nowhere opens the next GPU. Units with TP > 1 are left to the engine's placement policy.
+    group, round robin over the groups inside the ``G`` GPUs the plan needs; stateless replicas follow in order of decreasing busy time, each onto the group whose
+    busiest GPU is least busy among those with the memory on every GPU (weights + activations, keeping
+    ``attention_reserve_bytes`` per resident attention replica), so replicas of one pool land on
+    different GPUs and no GPU collects the hot units. A TP call runs at the pace of its most shared
+    GPU (:mod:`opscale.sim.sharing`), hence the balance on the busiest GPU of a group. A replica that
+    fits in no group inside the GPUs opened so far, or only by making a GPU busier than the planner's
+    ``max_gpu_busy``, opens the next ones; so does one that would share a group with a replica of
+    its own pool while the plan's GPUs, rounded up to whole groups of its TP degree, have a free
+    group.
 
     :param search: the plan's search (tables give per-replica busy time and memory).
     :param replicas: planned replicas per unit.
     :param num_gpus: GPUs the cluster has.
     :param attention_reserve_bytes: memory an attention replica needs beyond its buffers (its
-        smallest KV cache).
+        smallest KV cache, over all its GPUs).
+    :param gpus_per_node: GPUs per node (TP groups never cross a node).
+    :raises ValueError: when a replica fits on no group of the cluster.
     """
     model = search.model
     estimate = search.evaluate(replicas)
     wanted = max(1, min(int(estimate.gpus_needed[0]), num_gpus))
+    max_busy = model.targets.max_gpu_busy
     tables = search.tables(int(replicas[model.attention_index]), int(replicas.max()))
     busy = [0.0] * num_gpus
     used = [0.0] * num_gpus
-    opened = wanted
+    groups_by_tp = {tp: _aligned_groups(num_gpus, gpus_per_node, tp) for tp in {model.tp[unit] for unit in model.units}}
+
+    def take(group: tuple[int, ...], busy_per_gpu: float, bytes_per_gpu: float) -> None:
+        for gpu in group:
+            busy[gpu] += busy_per_gpu
+            used[gpu] += bytes_per_gpu
+
     placement: dict[UnitKind, list[tuple[int, ...]]] = {}
-    if model.tp[UnitKind.ATTENTION] == 1:
-        streams = int(replicas[model.attention_index])
-        need = model.replica_bytes(UnitKind.ATTENTION, 1, search.token_budget) + attention_reserve_bytes
-        per_stream_busy = tables.busy / max(streams, 1)
-        placement[UnitKind.ATTENTION] = []
-        for stream in range(streams):
-            gpu = stream % wanted
-            placement[UnitKind.ATTENTION].append((gpu,))
-            busy[gpu] += per_stream_busy
-            used[gpu] += need
+    attention_tp = model.tp[UnitKind.ATTENTION]
+    streams = int(replicas[model.attention_index])
+    stream_groups = [g for g in groups_by_tp[attention_tp] if g[-1] < wanted] or groups_by_tp[attention_tp][:1]
+    if not stream_groups:
+        raise ValueError(f"no group of {attention_tp} GPUs for an attention replica in {num_gpus} GPUs")
+    need = (model.replica_bytes(UnitKind.ATTENTION, attention_tp, search.token_budget) + attention_reserve_bytes) / attention_tp
+    # tables' busy is GPU-seconds per second over all of a replica's GPUs; each GPU of the group is busy that long / tp
+    per_stream_busy = tables.busy / max(streams, 1) / attention_tp
+    placement[UnitKind.ATTENTION] = []
+    for stream in range(streams):
+        stream_group = stream_groups[stream % len(stream_groups)]
+        placement[UnitKind.ATTENTION].append(stream_group)
+        take(stream_group, per_stream_busy, need)
+    opened = max(wanted, stream_groups[-1][-1] + 1)
     items: list[tuple[float, float, UnitKind]] = []
     for index, unit in enumerate(model.units):
-        if unit is UnitKind.ATTENTION or model.tp[unit] != 1:
+        if unit is UnitKind.ATTENTION:
             continue
-        count = int(replicas[index])
-        table = tables.units[unit]
-        per_replica_busy = float(table.busy[count - 1]) / count
-        memory = model.replica_bytes(unit, 1, float(search.batch_caps[unit]))
-        items += [(per_replica_busy, memory, unit)] * count
-    for per_replica_busy, memory, unit in sorted(items, key=lambda item: (-item[0], -item[1], item[2].value)):
-        fits = [g for g in range(opened) if used[g] + memory <= model.usable_bytes]
-        if not fits and opened < num_gpus:
-            opened += 1
-            fits = [opened - 1]
-        if not fits:
+        count, tp = int(replicas[index]), model.tp[unit]
+        per_gpu_busy = float(tables.units[unit].busy[count - 1]) / count / tp
+        per_gpu_bytes = model.replica_bytes(unit, tp, float(search.batch_caps[unit])) / tp
+        items += [(per_gpu_busy, per_gpu_bytes, unit)] * count
+    for per_gpu_busy, per_gpu_bytes, unit in sorted(items, key=lambda item: (-item[0], -item[1], item[2].value)):
+        tp = model.tp[unit]
+        taken = placement.setdefault(unit, [])
+        # the plan's GPUs rounded up to whole groups of this unit's TP: room to keep its replicas apart
+        own_limit = min(-(-wanted // tp) * tp, num_gpus)
+        while True:
+            fits = [g for g in groups_by_tp[tp] if g[-1] < opened and all(used[i] + per_gpu_bytes <= model.usable_bytes for i in g)]
+            group = (
+                min(fits, key=lambda g: (taken.count(g), max(busy[i] for i in g), -min(used[i] for i in g), g))
+                if fits
+                else None
+            )
+            # the planner's contention term assumes no GPU busier than max_gpu_busy and co-located work
+            # independent of the unit's own; replicas of one pool are busy together (the pool hands
+            # queued jobs to every free replica at once), so two on one group halve each other's speed
+            crowded = group is not None and group in taken and opened < own_limit
+            balanced = group is not None and max(busy[i] for i in group) + per_gpu_busy <= max_busy + 1e-9
+            if (balanced and not crowded) or opened >= num_gpus:
+                break
+            opened = min(opened + tp, num_gpus)
+        if group is None:
             raise ValueError(f"planned deployment does not fit {num_gpus} GPUs (no room for a {unit.value} replica)")
-        gpu = min(fits, key=lambda g: (busy[g], -used[g], g))
-        placement.setdefault(unit, []).append((gpu,))
-        busy[gpu] += per_replica_busy
-        used[gpu] += memory
+        taken.append(group)
+        take(group, per_gpu_busy, per_gpu_bytes)
     return placement
 
 
@@ -374,6 +422,16 @@ class _GreedyMemory:
     budget_rate_per_s: float = 0.0
     #: feedback correction: share of every budget the plan may not use (grows under pressure)
     correction: float = 0.0
+    #: ceiling of the correction (lowered when a step made latency no better)
+    correction_ceiling: float = MAX_CORRECTION
+    #: observed latency level (worse of TTFT and TBT p99 over its SLO) of the last interval
+    latency_level: float = 0.0
+    #: latency level when the correction last grew (``None``: no step to judge)
+    level_at_step: float | None = None
+    #: replicas per unit when the correction last grew (the deployment a step taken back returns to)
+    replicas_at_step: NDArray[np.int64] | None = None
+    #: set when a step is taken back: the next plan keeps at most these replicas per unit
+    revert_to: NDArray[np.int64] | None = None
 
 
 class OperatorGreedyPolicy(HeuristicPolicy):
@@ -471,7 +529,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             tp={unit: initial.units[unit].tp for unit in context.units},
             batch_caps=caps,
             num_nodes=initial.num_nodes,
-            gpus=contention_aware_placement(search, plan.replicas, context.cluster.num_gpus, reserve),
+            gpus=contention_aware_placement(
+                search, plan.replicas, context.cluster.num_gpus, reserve, context.cluster.nodes[0].gpus_per_node
+            ),
             gpus_per_node=context.cluster.nodes[0].gpus_per_node,
         )
 
@@ -499,7 +559,10 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         start = np.array([current[unit] for unit in self.context.units], dtype=np.int64)
         workload = self.workload(memory.load)
         allow_add = self.scale_up_allowed(memory, observation)
+        correction_before = memory.correction
         self.update_correction(memory)
+        if memory.correction > correction_before:
+            memory.replicas_at_step = start
         memory.peak_rate_per_s = max(float(observation["arrival_rate"]), memory.peak_rate_per_s * PEAK_RATE_DECAY)
         # the budget is chosen for the recent peak, not the smoothed rate (after a quiet spell the
         # smoothed rate is near zero, every budget looks fast, and the smallest would meet the next
@@ -520,6 +583,10 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         budget = int(memory.token_budget)
         search = self.search(workload, start, budget, memory.correction)
         plan = self.plan(search, start, allow_add)
+        if memory.revert_to is not None:
+            # a correction step taken back: drop the replicas it bought (the model would keep them)
+            plan = replace(plan, replicas=np.minimum(plan.replicas, memory.revert_to))
+            memory.revert_to = None
         memory.last_plan = plan
         caps = {**search.batch_caps, UnitKind.ATTENTION: budget}
         deltas = {
@@ -556,6 +623,8 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         conservative for some operators (it overstates MoE calls, see the report); without the guard a
         model that cannot certify the running deployment would keep adding replicas that do not help."""
         pressure = self.under_pressure(observation)
+        slo = self.context.slo
+        memory.latency_level = max(float(observation["tbt_p99"]) / slo.tbt_s, float(observation["ttft_p99"]) / slo.ttft_s)
         memory.pressure_streak = memory.pressure_streak + 1 if pressure else 0
         observed_rate = float(observation["arrival_rate"])
         memory.validated_rate_per_s *= VALIDATED_RATE_DECAY
@@ -572,12 +641,31 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         deployment misses its SLO although the model certified it, e.g. GPU contention beyond what the
         model charges), shrink every budget by :data:`CORRECTION_STEP` more, up to
         :data:`MAX_CORRECTION`; give :data:`CORRECTION_RELEASE` back per calm interval so that the
-        replicas added under pressure can go again once the load allows. Call after
-        :meth:`scale_up_allowed` (which counts the pressure streak)."""
+        replicas added under pressure can go again once the load allows.
+
+        A step is judged at the next interval of sustained pressure: if the observed latency level did
+        not fall below :data:`CORRECTION_MIN_EFFECT` of its level when the step was taken, the replicas
+        it bought did not help (more attention streams of a bandwidth-bound model cut each pool's
+        batches and add co-located calls), so the step is taken back and the correction's ceiling
+        drops to it, rising again by :data:`CORRECTION_CEILING_RELEASE` per interval. Without this
+        the integral runs away, adding replicas that make latency worse. Call after
+        :meth:`scale_up_allowed` (which counts the pressure streak and the latency level); a step taken
+        back also removes the replicas added since it (``memory.revert_to``, read by :meth:`decide`)."""
+        memory.correction_ceiling = min(memory.correction_ceiling + CORRECTION_CEILING_RELEASE, MAX_CORRECTION)
         if memory.pressure_streak >= PRESSURE_INTERVALS:
-            memory.correction = min(memory.correction + CORRECTION_STEP, MAX_CORRECTION)
-        elif memory.pressure_streak == 0:
-            memory.correction = max(memory.correction - CORRECTION_RELEASE, 0.0)
+            if memory.level_at_step is not None and memory.latency_level > CORRECTION_MIN_EFFECT * memory.level_at_step:
+                memory.correction_ceiling = max(memory.correction - CORRECTION_STEP, 0.0)
+                memory.correction = memory.correction_ceiling
+                memory.level_at_step = None
+                memory.revert_to = memory.replicas_at_step
+                return
+            raised = min(memory.correction + CORRECTION_STEP, MAX_CORRECTION, memory.correction_ceiling)
+            memory.level_at_step = memory.latency_level if raised > memory.correction else None
+            memory.correction = max(raised, memory.correction)
+        else:
+            memory.level_at_step = None
+            if memory.pressure_streak == 0:
+                memory.correction = max(memory.correction - CORRECTION_RELEASE, 0.0)
 
     def _spread_unit(
         self, search: PlanSearch, plan: OperatorPlan, deltas: Mapping[UnitKind, int], observation: Mapping[str, Any]

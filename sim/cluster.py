@@ -211,41 +211,54 @@ class ClusterState:
         """A TP group of ``tp`` GPUs in one node, each with ``bytes_per_gpu`` free, chosen by ``policy``;
         ``None`` when no node has one.
 
+        When ``tp`` divides the node's GPU count the group is aligned (``tp`` consecutive GPUs starting
+        at a multiple of ``tp``), as NVLink/NCCL topologies and serving engines lay TP groups out:
+        groups of different degrees then nest instead of straddling each other, and a TP call, which
+        runs at the pace of its most shared GPU, meets as few other groups as possible.
+
         :param unit_count_by_node: replicas of the unit per node (``spread-node``).
         :param exclude: GPUs not to use.
         """
         best: tuple[tuple[float, ...], tuple[int, ...]] | None = None
         for node_index in range(len(self.spec.nodes)):
+            node_gpus = self.spec.gpus_of_node(node_index)
             candidates = [
-                self.gpus[i]
-                for i in self.spec.gpus_of_node(node_index)
-                if i not in exclude and self.gpus[i].free_bytes + 1e-3 >= bytes_per_gpu
+                self.gpus[i] for i in node_gpus if i not in exclude and self.gpus[i].free_bytes + 1e-3 >= bytes_per_gpu
             ]
             if len(candidates) < tp:
                 continue
-            if policy is Placement.PACK:
-                candidates.sort(key=lambda g: (not g.powered, g.free_bytes, g.index))
+            if tp > 1 and len(node_gpus) % tp == 0:
+                free = {g.index for g in candidates}
+                windows = [
+                    [self.gpus[i] for i in range(first, first + tp)]
+                    for first in range(node_gpus.start, node_gpus.stop, tp)
+                    if all(i in free for i in range(first, first + tp))
+                ]
             else:
-                candidates.sort(key=lambda g: (g.residents, -g.free_bytes, g.index))
-            group = candidates[:tp]
-            if policy is Placement.PACK:
-                key: tuple[float, ...] = (
-                    sum(not g.powered for g in group),
-                    sum(g.free_bytes for g in group),
-                    node_index,
-                )
-            elif policy is Placement.SPREAD_GPU:
-                key = (sum(g.residents for g in group), -sum(g.free_bytes for g in group), node_index)
-            else:
-                node_units = 0 if unit_count_by_node is None else unit_count_by_node.get(node_index, 0)
-                key = (
-                    node_units,
-                    sum(g.residents for g in group),
-                    -sum(g.free_bytes for g in group),
-                    node_index,
-                )
-            if best is None or key < best[0]:
-                best = (key, tuple(sorted(g.index for g in group)))
+                if policy is Placement.PACK:
+                    candidates.sort(key=lambda g: (not g.powered, g.free_bytes, g.index))
+                else:
+                    candidates.sort(key=lambda g: (g.residents, -g.free_bytes, g.index))
+                windows = [candidates[:tp]]
+            for group in windows:
+                if policy is Placement.PACK:
+                    key: tuple[float, ...] = (
+                        sum(not g.powered for g in group),
+                        sum(g.free_bytes for g in group),
+                        node_index,
+                    )
+                elif policy is Placement.SPREAD_GPU:
+                    key = (sum(g.residents for g in group), -sum(g.free_bytes for g in group), node_index)
+                else:
+                    node_units = 0 if unit_count_by_node is None else unit_count_by_node.get(node_index, 0)
+                    key = (
+                        node_units,
+                        sum(g.residents for g in group),
+                        -sum(g.free_bytes for g in group),
+                        node_index,
+                    )
+                if best is None or key < best[0]:
+                    best = (key, tuple(sorted(g.index for g in group)))
         return None if best is None else best[1]
 
     def best_free_bytes(self) -> float:

@@ -183,6 +183,36 @@ def test_correction_grows_under_sustained_pressure_and_releases_when_calm() -> N
     assert memory.correction == pytest.approx(greedy_module.MAX_CORRECTION - greedy_module.CORRECTION_RELEASE)
 
 
+def test_correction_step_that_does_not_lower_latency_is_taken_back() -> None:
+    """Llama-2-70B on H100 ran away to 28 GPUs: each step bought attention streams that made the
+    pooled calls smaller and slower, pressure stayed, and the integral kept adding. A step whose
+    replicas leave the observed latency no better is undone, with its replicas."""
+    from opscale.agents import operator_greedy as greedy_module
+
+    memory = greedy_module._GreedyMemory(load=LoadEstimator(900.0, 180.0, 5.0))
+    memory.pressure_streak = greedy_module.PRESSURE_INTERVALS
+    memory.latency_level = 1.05
+    OperatorGreedyPolicy.update_correction(memory)
+    assert memory.correction == greedy_module.CORRECTION_STEP and memory.level_at_step == 1.05
+    memory.replicas_at_step = np.array([1, 2, 4])
+    # a step that helped is kept and the next one is judged against the new level
+    memory.pressure_streak += 1
+    memory.latency_level = 1.0
+    OperatorGreedyPolicy.update_correction(memory)
+    assert memory.correction == pytest.approx(2 * greedy_module.CORRECTION_STEP)
+    # one that did not is taken back: correction, ceiling and the replicas it added
+    memory.pressure_streak += 1
+    memory.latency_level = 1.01
+    OperatorGreedyPolicy.update_correction(memory)
+    assert memory.correction == pytest.approx(greedy_module.CORRECTION_STEP)
+    assert memory.correction_ceiling == pytest.approx(greedy_module.CORRECTION_STEP)
+    assert memory.revert_to is not None and memory.revert_to.tolist() == [1, 2, 4]
+    # under the lowered ceiling, further pressure cannot push the correction up at once
+    memory.pressure_streak += 1
+    OperatorGreedyPolicy.update_correction(memory)
+    assert memory.correction <= greedy_module.CORRECTION_STEP + greedy_module.CORRECTION_CEILING_RELEASE + 1e-12
+
+
 @pytest.mark.parametrize("rate", [2.0, 6.0, 14.0])
 def test_oracle_never_needs_more_gpus_than_greedy(rate: float) -> None:
     model = _operator_model(SimConfig())
@@ -365,6 +395,32 @@ def test_contention_aware_placement_spreads_pools_and_streams() -> None:
         assert len(groups) == plan.replicas[MODEL.units.index(unit)]
         gpus = [group[0] for group in groups]
         assert len(set(gpus)) == min(len(gpus), plan.gpus_needed), unit  # one per GPU while GPUs last
+
+
+def test_contention_aware_placement_gives_tp_units_aligned_balanced_groups() -> None:
+    """Llama-2-70B on H100: TP-2 and TP-4 units. Every group is aligned inside one node, and a pool's
+    replicas take different groups while groups last (placing TP units by hand was what kept a
+    70B operator deployment from thrashing on shared GPUs)."""
+    from opscale.agents.operator_greedy import contention_aware_placement
+
+    env = make_env("opscale/OperatorAutoscale-v0", fidelity="fluid", env_config={"model": "llama-2-70b", "gpu": "h100", "num_nodes": 6, "horizon": 2})
+    policy = make_policy("operator-greedy", env)
+    model = policy.latency_model
+    assert {model.tp[unit] for unit in model.units} >= {2, 4}
+    workload = Workload(5.0, 1100.0, 200.0)
+    start = np.ones(len(model.units), dtype=np.int64)
+    search = policy.search(workload, start, 256)
+    plan = greedy_plan(search, start)
+    placement = contention_aware_placement(search, plan.replicas, policy.context.cluster.num_gpus, 0.0, 8)
+    for unit, groups in placement.items():
+        tp = model.tp[unit]
+        assert len(groups) == plan.replicas[model.units.index(unit)]
+        for group in groups:
+            assert len(group) == tp and group[0] % tp == 0 and group == tuple(range(group[0], group[0] + tp)), (unit, group)
+            assert group[0] // 8 == group[-1] // 8
+        distinct = -(-plan.gpus_needed // tp) * tp // tp
+        assert len(set(groups)) == min(len(groups), distinct), unit
+    env.close()
 
 
 @pytest.mark.parametrize("metric", ["utilisation", "queue", "throughput"])

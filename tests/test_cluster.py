@@ -41,6 +41,20 @@ def test_tp_groups_stay_inside_one_node() -> None:
     assert state.find_group(4, 1e9, Placement.PACK) is not None
 
 
+def test_tp_groups_are_aligned_and_nest() -> None:
+    state = _state(1)
+    # a TP-1 replica on GPU 3 must not pull a TP-2 group onto (3, 4) or a TP-4 group onto (2..5)
+    state.reserve((3,), 20e9, now_s=0.0)
+    assert state.find_group(2, 10e9, Placement.PACK) == (2, 3)
+    assert state.find_group(4, 10e9, Placement.PACK) == (0, 1, 2, 3)
+    state.reserve((0, 1, 2, 3), 10e9, now_s=0.0)
+    assert state.find_group(4, 10e9, Placement.SPREAD_GPU) == (4, 5, 6, 7)
+    # no aligned group left with room: None even though four scattered GPUs have it
+    state.reserve((4,), 60e9, now_s=0.0)
+    assert state.find_group(4, 45e9, Placement.PACK) is None
+    assert state.find_group(2, 45e9, Placement.PACK) == (0, 1)
+
+
 def test_pack_fills_powered_gpus_first_spread_uses_fresh_ones() -> None:
     state = _state(1)
     state.reserve((3,), 20e9, now_s=0.0)
