@@ -659,9 +659,14 @@ class OperatorGreedyPolicy(HeuristicPolicy):
                 memory.level_at_step = None
                 memory.revert_to = memory.replicas_at_step
                 return
-            raised = min(memory.correction + CORRECTION_STEP, MAX_CORRECTION, memory.correction_ceiling)
-            memory.level_at_step = memory.latency_level if raised > memory.correction else None
-            memory.correction = max(raised, memory.correction)
+            # whole steps only: a sliver under a lowered ceiling would buy a replica, be judged, be
+            # taken back, and flap every interval
+            raised = min(memory.correction + CORRECTION_STEP, MAX_CORRECTION)
+            if raised > memory.correction and raised <= memory.correction_ceiling + 1e-12:
+                memory.level_at_step = memory.latency_level
+                memory.correction = raised
+            else:
+                memory.level_at_step = None
         else:
             memory.level_at_step = None
             if memory.pressure_streak == 0:

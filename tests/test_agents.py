@@ -207,10 +207,15 @@ def test_correction_step_that_does_not_lower_latency_is_taken_back() -> None:
     assert memory.correction == pytest.approx(greedy_module.CORRECTION_STEP)
     assert memory.correction_ceiling == pytest.approx(greedy_module.CORRECTION_STEP)
     assert memory.revert_to is not None and memory.revert_to.tolist() == [1, 2, 4]
-    # under the lowered ceiling, further pressure cannot push the correction up at once
+    # under the lowered ceiling further pressure adds nothing until the ceiling has room for a whole step
+    steps_to_room = round(greedy_module.CORRECTION_STEP / greedy_module.CORRECTION_CEILING_RELEASE)
+    for _ in range(steps_to_room - 1):
+        memory.pressure_streak += 1
+        OperatorGreedyPolicy.update_correction(memory)
+        assert memory.correction == pytest.approx(greedy_module.CORRECTION_STEP)
     memory.pressure_streak += 1
     OperatorGreedyPolicy.update_correction(memory)
-    assert memory.correction <= greedy_module.CORRECTION_STEP + greedy_module.CORRECTION_CEILING_RELEASE + 1e-12
+    assert memory.correction == pytest.approx(2 * greedy_module.CORRECTION_STEP)
 
 
 @pytest.mark.parametrize("rate", [2.0, 6.0, 14.0])
