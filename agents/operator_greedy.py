@@ -18,10 +18,16 @@ Each interval the controller
    efficiency, only longer calls) or one iteration's tokens, whichever is larger; the attention token
    budget is the bucket whose plan needs the fewest GPUs (re-chosen every ``budget_period_s``);
 4. **places** replicas contention-aware, best fit: the starting deployment gets explicit GPUs
-   (:func:`contention_aware_placement`: attention replicas one per GPU, stateless replicas in order of
-   decreasing busy time onto the least-busy GPU with room); at run time new replicas ``pack`` (best
-   fit by memory) unless the plan needs more GPUs than are powered, when the busiest added unit
-   uses ``spread-gpu`` and so opens one more GPU.
+   (:func:`contention_aware_placement`: every replica on an aligned TP group inside a node, attention
+   replicas one per group, stateless replicas in order of decreasing busy time onto the group whose
+   busiest GPU is least busy, opening GPUs rather than exceed ``max_gpu_busy`` or stack a pool's
+   replicas); at run time new replicas ``pack`` (best fit by memory, on aligned groups) unless the
+   plan needs more GPUs than are powered, when the busiest added unit uses ``spread-gpu`` and so
+   opens one more GPU.
+
+A correction step (point 2) whose replicas leave the observed latency no better is taken back with
+the replicas it bought: more attention streams of a bandwidth-bound model cut the pools' batches and
+add co-located calls, and an integral that kept adding ran Llama-2-70B up to 28 GPUs at SLO 0.02.
 
 The action moves each unit towards its planned count by the largest representable delta.
 """
