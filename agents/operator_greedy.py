@@ -85,12 +85,13 @@ CORRECTION_RELEASE = 0.01
 #: Largest correction: the planner keeps at least half of every budget (with the removal margin,
 #: :meth:`PlanSearch.excess`'s total slack stays below 1).
 MAX_CORRECTION = 0.5
-#: A correction step must lower the observed latency level (p99 latency over SLO, the worse of TTFT
-#: and TBT) below this share of its level when the step was taken, or it is taken back.
-CORRECTION_MIN_EFFECT = 0.98
-#: Per-interval rise of the correction's ceiling after a step was taken back (it may try again after
-#: a few minutes: the load, and so what replicas buy, changes).
-CORRECTION_CEILING_RELEASE = 0.002
+#: A correction step is taken back when the observed latency level (p99 latency over SLO, the worse
+#: of TTFT and TBT) rose above this multiple of its level when the step was taken (a clear worsening:
+#: one interval's p99 moves by a few per cent on its own).
+CORRECTION_WORSE = 1.05
+#: Per-interval rise of the correction's ceiling after a step was taken back (ten intervals allow the
+#: next whole step: the load, and so what replicas buy, changes).
+CORRECTION_CEILING_RELEASE = 0.01
 
 
 @dataclass(frozen=True)
@@ -649,9 +650,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         :data:`MAX_CORRECTION`; give :data:`CORRECTION_RELEASE` back per calm interval so that the
         replicas added under pressure can go again once the load allows.
 
-        A step is judged at the next interval of sustained pressure: if the observed latency level did
-        not fall below :data:`CORRECTION_MIN_EFFECT` of its level when the step was taken, the replicas
-        it bought did not help (more attention streams of a bandwidth-bound model cut each pool's
+        A step is judged at the next interval of sustained pressure: if the observed latency level rose
+        above :data:`CORRECTION_WORSE` times its level when the step was taken, the replicas it bought
+        made things worse (more attention streams of a bandwidth-bound model cut each pool's
         batches and add co-located calls), so the step is taken back and the correction's ceiling
         drops to it, rising again by :data:`CORRECTION_CEILING_RELEASE` per interval. Without this
         the integral runs away, adding replicas that make latency worse. Call after
@@ -659,7 +660,7 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         back also removes the replicas added since it (``memory.revert_to``, read by :meth:`decide`)."""
         memory.correction_ceiling = min(memory.correction_ceiling + CORRECTION_CEILING_RELEASE, MAX_CORRECTION)
         if memory.pressure_streak >= PRESSURE_INTERVALS:
-            if memory.level_at_step is not None and memory.latency_level > CORRECTION_MIN_EFFECT * memory.level_at_step:
+            if memory.level_at_step is not None and memory.latency_level > CORRECTION_WORSE * memory.level_at_step:
                 memory.correction_ceiling = max(memory.correction - CORRECTION_STEP, 0.0)
                 memory.correction = memory.correction_ceiling
                 memory.level_at_step = None

@@ -195,14 +195,15 @@ def test_correction_step_that_does_not_lower_latency_is_taken_back() -> None:
     OperatorGreedyPolicy.update_correction(memory)
     assert memory.correction == greedy_module.CORRECTION_STEP and memory.level_at_step == 1.05
     memory.replicas_at_step = np.array([1, 2, 4])
-    # a step that helped is kept and the next one is judged against the new level
+    # a step that did not make latency clearly worse is kept (one interval's p99 is noisy), and the
+    # next one is judged against the new level
     memory.pressure_streak += 1
-    memory.latency_level = 1.0
+    memory.latency_level = 1.05 * 1.04
     OperatorGreedyPolicy.update_correction(memory)
     assert memory.correction == pytest.approx(2 * greedy_module.CORRECTION_STEP)
-    # one that did not is taken back: correction, ceiling and the replicas it added
+    # one that did is taken back: correction, ceiling and the replicas it added
     memory.pressure_streak += 1
-    memory.latency_level = 1.01
+    memory.latency_level = 1.05 * 1.04 * 1.06
     OperatorGreedyPolicy.update_correction(memory)
     assert memory.correction == pytest.approx(greedy_module.CORRECTION_STEP)
     assert memory.correction_ceiling == pytest.approx(greedy_module.CORRECTION_STEP)
