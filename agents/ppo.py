@@ -42,6 +42,7 @@ __all__ = [
     "make_env",
     "noop_action",
     "run_name",
+    "small_network_torch",
     "train",
 ]
 
@@ -142,7 +143,9 @@ class PPOConfig:
         try:
             object.__setattr__(self, "algo", Algo(self.algo))
         except ValueError:
-            raise ValueError(f"unknown algo {self.algo!r}; valid: {', '.join(a.value for a in Algo)}") from None
+            raise ValueError(
+                f"unknown algo {self.algo!r}; valid: {', '.join(a.value for a in Algo)}"
+            ) from None
         try:
             object.__setattr__(self, "vec_env", VecEnvKind(self.vec_env))
         except ValueError:
@@ -150,16 +153,30 @@ class PPOConfig:
                 f"unknown vec_env {self.vec_env!r}; valid: {', '.join(k.value for k in VecEnvKind)}"
             ) from None
         object.__setattr__(self, "net_arch", tuple(int(width) for width in self.net_arch))
-        for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "n_eval_episodes", "torch_threads"):
+        for name in (
+            "total_timesteps",
+            "n_envs",
+            "n_steps",
+            "batch_size",
+            "n_epochs",
+            "n_eval_episodes",
+            "torch_threads",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PPOConfig.{name} must be an int >= 1, got {value!r}")
         if self.eval_freq < 0:
-            raise ValueError(f"PPOConfig.eval_freq must be >= 0 (0 disables evaluation), got {self.eval_freq}")
+            raise ValueError(
+                f"PPOConfig.eval_freq must be >= 0 (0 disables evaluation), got {self.eval_freq}"
+            )
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
-            raise ValueError(f"gamma must be in (0, 1] and gae_lambda in [0, 1], got {self.gamma}, {self.gae_lambda}")
+            raise ValueError(
+                f"gamma must be in (0, 1] and gae_lambda in [0, 1], got {self.gamma}, {self.gae_lambda}"
+            )
         if self.learning_rate <= 0 or not self.net_arch or min(self.net_arch) < 1:
-            raise ValueError(f"learning_rate must be > 0 and net_arch non-empty positive, got {self.learning_rate}, {self.net_arch}")
+            raise ValueError(
+                f"learning_rate must be > 0 and net_arch non-empty positive, got {self.learning_rate}, {self.net_arch}"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PPOConfig:
@@ -167,7 +184,9 @@ class PPOConfig:
         valid = {item.name for item in fields(cls)}
         unknown = set(values) - valid
         if unknown:
-            raise ValueError(f"unknown PPOConfig keys {sorted(unknown)}; valid keys: {', '.join(sorted(valid))}")
+            raise ValueError(
+                f"unknown PPOConfig keys {sorted(unknown)}; valid keys: {', '.join(sorted(valid))}"
+            )
         return cls(**values)
 
     @classmethod
@@ -281,7 +300,7 @@ def bias_towards_noop(model: Any, noop: np.ndarray, bias: float) -> None:
 
 
 @contextlib.contextmanager
-def _small_network_torch(threads: int) -> Iterator[None]:
+def small_network_torch(threads: int) -> Iterator[None]:
     """Run torch single-threaded and without distribution argument checks, then restore both.
 
     The networks here are tiny MLPs and a ``MultiDiscrete`` action has one categorical per dimension
@@ -389,9 +408,11 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
 
     # 5. Train (evaluating at least once, so a best model exists) and save.
     try:
-        with _small_network_torch(config.torch_threads):
+        with small_network_torch(config.torch_threads):
             model.learn(
-                total_timesteps=config.total_timesteps, callback=CallbackList(callbacks), progress_bar=progress_bar
+                total_timesteps=config.total_timesteps,
+                callback=CallbackList(callbacks),
+                progress_bar=progress_bar,
             )
             if eval_callback is not None and eval_callback.evaluations == 0:
                 eval_callback.evaluate()

@@ -39,7 +39,7 @@ from opscale.sim.models import UnitKind
 from opscale.sim.simulator import ServingSimulator, simulator_class
 from opscale.traces.trace import RequestTrace
 
-__all__ = ["AutoscaleEnv", "interval_metrics_dict"]
+__all__ = ["AutoscaleEnv", "MetricsSnapshot", "interval_metrics_dict"]
 
 _SECONDS_PER_DAY = 86400.0
 _RESET_OPTIONS = frozenset({"start_s", "deployment"})
@@ -47,17 +47,50 @@ _RESET_OPTIONS = frozenset({"start_s", "deployment"})
 _UNIT_NAMES: dict[UnitKind, str] = {unit: unit.value for unit in UnitKind}
 
 
-def interval_metrics_dict(metrics: IntervalMetrics) -> dict[str, Any]:
-    """``metrics`` as a fresh plain dict (units keyed by name).
+class MetricsSnapshot(dict[str, Any]):
+    """A read-only dict of one interval's metrics (``info["interval"]``, and its ``"units"`` entries).
+
+    The values are numbers (and, for ``"units"``, snapshots), so the snapshot is immutable and
+    ``copy.deepcopy`` returns it as is: SB3's ``DummyVecEnv`` deep-copies every env's ``info`` on every
+    step, and copying ~90 numbers item by item cost ~0.2 ms per env step (a sixth of a fluid step).
+    It is still a ``dict`` (``json.dumps``, ``isinstance`` and pickling work); ``dict(snapshot)`` gives
+    a mutable copy.
+
+    :raises TypeError: on any attempt to change it.
+    """
+
+    __slots__ = ()
+
+    def _read_only(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise TypeError("interval metrics are a read-only snapshot; take dict(snapshot) to change a copy")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MetricsSnapshot:
+        return self
+
+    def __copy__(self) -> MetricsSnapshot:
+        return self
+
+    def __reduce__(self) -> tuple[type[MetricsSnapshot], tuple[dict[str, Any]]]:
+        # rebuilt through __init__ (unpickling a dict subclass would otherwise call __setitem__)
+        return type(self), (dict(self),)
+
+
+def interval_metrics_dict(metrics: IntervalMetrics) -> MetricsSnapshot:
+    """``metrics`` as a fresh read-only dict (:class:`MetricsSnapshot`, units keyed by name).
 
     Much cheaper than ``dataclasses.asdict`` (no recursion, no deep copies): the metrics dataclasses
     hold numbers only, so a shallow copy of each instance's ``__dict__`` is a full copy.
     """
     data: dict[str, Any] = dict(vars(metrics))
-    data["units"] = {
-        _UNIT_NAMES[unit]: dict(vars(unit_metrics)) for unit, unit_metrics in metrics.units.items()
-    }
-    return data
+    data["units"] = MetricsSnapshot(
+        {
+            _UNIT_NAMES[unit]: MetricsSnapshot(vars(unit_metrics))
+            for unit, unit_metrics in metrics.units.items()
+        }
+    )
+    return MetricsSnapshot(data)
 
 
 class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):

@@ -6,8 +6,9 @@
   target >= 1,500 env steps/s;
 * ``OperatorAutoscale-v0`` (DES) on the default workload and config (5-s control interval):
   target >= 50 env steps/s;
-* no-op actions (the deployment stays as sized), the model-level ids for comparison, and the env layer's own cost (a replayed interval instead of a
-  simulation), which bounds what any simulator behind it can reach.
+* no-op actions (the deployment stays as sized), the model-level ids for comparison, and the env
+  layer's own cost (a replayed interval instead of a simulation), which bounds what any simulator
+  behind it can reach; likewise PPO on the replayed interval, which bounds the PPO figure.
 
 Each figure runs for a fixed number of steps or a wall-time budget (30 s; 5 s with ``--quick``),
 whichever ends first, so slow simulators still give a figure in bounded time.
@@ -18,11 +19,12 @@ print the top functions of a cProfile of the fast env.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import gymnasium as gym
@@ -37,6 +39,7 @@ __all__ = [
     "env_layer_steps_per_s",
     "env_steps_per_s",
     "main",
+    "ppo_layer_steps_per_s",
     "ppo_steps_per_s",
     "profile_fast_env",
     "reset_s",
@@ -106,8 +109,10 @@ def _shallow_copy(instance: _T) -> _T:
     return clone
 
 
-def env_layer_steps_per_s(max_steps: int, max_seconds: float) -> float:
-    """Steps per second of the operator-level env on :class:`_ReplaySimulator` (the env layer's own cost)."""
+@contextlib.contextmanager
+def _replayed_simulator() -> Iterator[None]:
+    """Inside the block every environment built runs on :class:`_ReplaySimulator` (one interval
+    recorded from a real fast simulator): what the layers above the simulator cost alone."""
     from unittest import mock
 
     from opscale.envs import base
@@ -121,6 +126,12 @@ def env_layer_steps_per_s(max_steps: int, max_seconds: float) -> float:
         return _ReplaySimulator(recorded, deployment)
 
     with mock.patch.object(base, "simulator_class", lambda fidelity: factory):
+        yield
+
+
+def env_layer_steps_per_s(max_steps: int, max_seconds: float) -> float:
+    """Steps per second of the operator-level env on :class:`_ReplaySimulator` (the env layer's own cost)."""
+    with _replayed_simulator():
         return env_steps_per_s(FAST_ID, max_steps, max_seconds)
 
 
@@ -138,8 +149,9 @@ def ppo_steps_per_s(total_timesteps: int, max_seconds: float, num_envs: int = 8,
     """Env steps per second of SB3 PPO (``MlpPolicy``, ``n_steps=256``, ``batch_size=256``, 10 epochs)
     on ``num_envs`` fast environments in a ``DummyVecEnv``: ``learn`` wall time (rollouts and updates)
     until ``total_timesteps`` or ``max_seconds``, whichever comes first. With a slow simulator the
-    budget may end inside the first rollout, and the figure is then the rollout speed alone."""
-    import torch
+    budget may end inside the first rollout, and the figure is then the rollout speed alone. Torch runs
+    as ``opscale train`` runs it (:func:`opscale.agents.ppo.small_network_torch`: one thread, no
+    distribution argument checks)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
@@ -152,14 +164,23 @@ def ppo_steps_per_s(total_timesteps: int, max_seconds: float, num_envs: int = 8,
         def _on_step(self) -> bool:
             return time.perf_counter() < self.deadline
 
-    torch.set_num_threads(1)
+    from opscale.agents.ppo import small_network_torch
+
     vec_env = make_vec_env(FAST_ID, n_envs=num_envs, seed=seed)
     model = PPO("MlpPolicy", vec_env, n_steps=256, batch_size=256, seed=seed, device="cpu", verbose=0)
-    start = time.perf_counter()
-    model.learn(total_timesteps=total_timesteps, callback=StopAt(start + max_seconds))
-    elapsed = time.perf_counter() - start
+    with small_network_torch(threads=1):
+        start = time.perf_counter()
+        model.learn(total_timesteps=total_timesteps, callback=StopAt(start + max_seconds))
+        elapsed = time.perf_counter() - start
     vec_env.close()
     return model.num_timesteps / elapsed
+
+
+def ppo_layer_steps_per_s(total_timesteps: int, max_seconds: float, num_envs: int = 8) -> float:
+    """:func:`ppo_steps_per_s` on :class:`_ReplaySimulator`: the ceiling of PPO (rollouts, policy,
+    updates, env layer) whatever the simulator's speed."""
+    with _replayed_simulator():
+        return ppo_steps_per_s(total_timesteps, max_seconds, num_envs)
 
 
 def profile_fast_env(max_steps: int, max_seconds: float) -> None:
@@ -191,6 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         (f"{FAST_ID}, no-op actions", env_steps_per_s(FAST_ID, fast_steps, seconds, noop=True), 0.0),
         (f"{model_fast_id}, random actions", env_steps_per_s(model_fast_id, fast_steps, seconds), 0.0),
         (f"SB3 PPO, 8 DummyVecEnv x {FAST_ID}", ppo_steps_per_s(ppo_steps, seconds), 1500.0),
+        (
+            "SB3 PPO, 8 DummyVecEnv x replayed interval (PPO's own cost)",
+            ppo_layer_steps_per_s(ppo_steps, seconds),
+            0.0,
+        ),
         (f"{DES_ID}, random actions", env_steps_per_s(DES_ID, des_steps, seconds), 50.0),
         (f"{DES_ID}, no-op actions", env_steps_per_s(DES_ID, des_steps, seconds, noop=True), 0.0),
         (f"{model_des_id}, random actions", env_steps_per_s(model_des_id, des_steps, seconds), 0.0),

@@ -312,6 +312,36 @@ def test_episode_truncates_at_horizon_and_never_terminates(
     assert "attention" in table and "SLO attainment" in table and "GPUs powered" in table
 
 
+def test_interval_metrics_are_a_read_only_snapshot(trace: RequestTrace, fake_sim: None) -> None:
+    """``info["interval"]`` cannot be changed behind a consumer's back, so deep copies (SB3's
+    ``DummyVecEnv`` makes one of every info on every step) may share it; pickling (``SubprocVecEnv``)
+    and JSON still see a plain dict."""
+    import copy
+    import json
+    import pickle
+
+    env = OperatorAutoscaleEnv(trace=trace, horizon=3)
+    env.reset(seed=0)
+    interval = env.step(env.codec.noop())[4]["interval"]
+    unit = interval["units"]["ffn"]
+    for change in (
+        lambda: interval.__setitem__("arrivals", 0),
+        lambda: interval.update(arrivals=0),
+        lambda: interval.pop("arrivals"),
+        lambda: unit.__setitem__("replicas", 9),
+        lambda: interval["units"].clear(),
+    ):
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    assert copy.deepcopy(interval) is interval
+    restored = pickle.loads(pickle.dumps(interval))
+    assert restored == interval and type(restored["units"]["ffn"]) is type(unit)
+    assert json.loads(json.dumps(interval)) == interval
+    editable = dict(interval)
+    editable["arrivals"] = -1
+    assert interval["arrivals"] != -1
+
+
 def test_out_of_space_actions_raise(trace: RequestTrace, fake_sim: None) -> None:
     env = OperatorAutoscaleEnv(trace=trace, horizon=3)
     with pytest.raises(RuntimeError, match="reset"):
