@@ -146,7 +146,11 @@ class PlanSearch:
             self._tables.clear()
         if streams not in self._tables:
             self._tables[streams] = self.model.stream_tables(
-                self.workload, streams, self.batch_caps, self.token_budget, min(self.table_size, self.max_replicas)
+                self.workload,
+                streams,
+                self.batch_caps,
+                self.token_budget,
+                min(self.table_size, self.max_replicas),
             )
         return self._tables[streams]
 
@@ -163,7 +167,9 @@ class PlanSearch:
         return estimate.excess(self.model.slo, self.model.targets, self.slack + slack)
 
 
-def _neighbours(counts: NDArray[np.int64], step: int, max_replicas: int) -> list[tuple[int, NDArray[np.int64]]]:
+def _neighbours(
+    counts: NDArray[np.int64], step: int, max_replicas: int
+) -> list[tuple[int, NDArray[np.int64]]]:
     """``(unit index, counts with that unit changed by step)`` for every unit where the change is legal."""
     out = []
     for index in range(counts.size):
@@ -174,7 +180,9 @@ def _neighbours(counts: NDArray[np.int64], step: int, max_replicas: int) -> list
     return out
 
 
-def _score(search: PlanSearch, candidates: list[NDArray[np.int64]]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _score(
+    search: PlanSearch, candidates: list[NDArray[np.int64]]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """``(excess, fractional GPUs)`` of candidates (grouped by stream count for the tables)."""
     excess = np.empty(len(candidates))
     gpus = np.empty(len(candidates))
@@ -188,7 +196,9 @@ def _score(search: PlanSearch, candidates: list[NDArray[np.int64]]) -> tuple[NDA
     return excess, gpus
 
 
-def _best_add(search: PlanSearch, counts: NDArray[np.int64], current: OperatorEstimate) -> NDArray[np.int64] | None:
+def _best_add(
+    search: PlanSearch, counts: NDArray[np.int64], current: OperatorEstimate
+) -> NDArray[np.int64] | None:
     """The add move with the largest excess reduction per GPU it costs: single stateless replicas
     first; when none helps, one more stream (attention replica); then pairs of replicas (a stream and
     the pool it would queue at only help together). A move helps if it removes at least :data:`MIN_RELATIVE_GAIN` of the excess.
@@ -212,7 +222,10 @@ def _best_add(search: PlanSearch, counts: NDArray[np.int64], current: OperatorEs
             continue
         excess, gpus = _score(search, moves)
         memory_floor = np.array(
-            [sum(_replica_gpu_cost(search, model.units[i]) * int(d) for i, d in enumerate(m - counts) if d) for m in moves]
+            [
+                sum(_replica_gpu_cost(search, model.units[i]) * int(d) for i, d in enumerate(m - counts) if d)
+                for m in moves
+            ]
         )
         if not np.isfinite(excess_now):
             # still unstable after the pool repair: the cheapest move that makes it stable
@@ -312,7 +325,11 @@ def _aligned_groups(num_gpus: int, gpus_per_node: int, tp: int) -> list[tuple[in
 
 
 def contention_aware_placement(
-    search: PlanSearch, replicas: NDArray[np.int64], num_gpus: int, attention_reserve_bytes: float, gpus_per_node: int = 8
+    search: PlanSearch,
+    replicas: NDArray[np.int64],
+    num_gpus: int,
+    attention_reserve_bytes: float,
+    gpus_per_node: int = 8,
 ) -> dict[UnitKind, list[tuple[int, ...]]]:
     """Explicit GPUs for a planned deployment: best fit with a busy-time balance.
 
@@ -343,7 +360,9 @@ def contention_aware_placement(
     tables = search.tables(int(replicas[model.attention_index]), int(replicas.max()))
     busy = [0.0] * num_gpus
     used = [0.0] * num_gpus
-    groups_by_tp = {tp: _aligned_groups(num_gpus, gpus_per_node, tp) for tp in {model.tp[unit] for unit in model.units}}
+    groups_by_tp = {
+        tp: _aligned_groups(num_gpus, gpus_per_node, tp) for tp in {model.tp[unit] for unit in model.units}
+    }
 
     def take(group: tuple[int, ...], busy_per_gpu: float, bytes_per_gpu: float) -> None:
         for gpu in group:
@@ -353,10 +372,14 @@ def contention_aware_placement(
     placement: dict[UnitKind, list[tuple[int, ...]]] = {}
     attention_tp = model.tp[UnitKind.ATTENTION]
     streams = int(replicas[model.attention_index])
-    stream_groups = [g for g in groups_by_tp[attention_tp] if g[-1] < wanted] or groups_by_tp[attention_tp][:1]
+    stream_groups = [g for g in groups_by_tp[attention_tp] if g[-1] < wanted] or groups_by_tp[attention_tp][
+        :1
+    ]
     if not stream_groups:
         raise ValueError(f"no group of {attention_tp} GPUs for an attention replica in {num_gpus} GPUs")
-    need = (model.replica_bytes(UnitKind.ATTENTION, attention_tp, search.token_budget) + attention_reserve_bytes) / attention_tp
+    need = (
+        model.replica_bytes(UnitKind.ATTENTION, attention_tp, search.token_budget) + attention_reserve_bytes
+    ) / attention_tp
     # tables' busy is GPU-seconds per second over all of a replica's GPUs; each GPU of the group is busy that long / tp
     per_stream_busy = tables.busy / max(streams, 1) / attention_tp
     placement[UnitKind.ATTENTION] = []
@@ -373,15 +396,23 @@ def contention_aware_placement(
         per_gpu_busy = float(tables.units[unit].busy[count - 1]) / count / tp
         per_gpu_bytes = model.replica_bytes(unit, tp, float(search.batch_caps[unit])) / tp
         items += [(per_gpu_busy, per_gpu_bytes, unit)] * count
-    for per_gpu_busy, per_gpu_bytes, unit in sorted(items, key=lambda item: (-item[0], -item[1], item[2].value)):
+    for per_gpu_busy, per_gpu_bytes, unit in sorted(
+        items, key=lambda item: (-item[0], -item[1], item[2].value)
+    ):
         tp = model.tp[unit]
         taken = placement.setdefault(unit, [])
         # the plan's GPUs rounded up to whole groups of this unit's TP: room to keep its replicas apart
         own_limit = min(-(-wanted // tp) * tp, num_gpus)
         while True:
-            fits = [g for g in groups_by_tp[tp] if g[-1] < opened and all(used[i] + per_gpu_bytes <= model.usable_bytes for i in g)]
+            fits = [
+                g
+                for g in groups_by_tp[tp]
+                if g[-1] < opened and all(used[i] + per_gpu_bytes <= model.usable_bytes for i in g)
+            ]
             group = (
-                min(fits, key=lambda g: (taken.count(g), max(busy[i] for i in g), -min(used[i] for i in g), g))
+                min(
+                    fits, key=lambda g: (taken.count(g), max(busy[i] for i in g), -min(used[i] for i in g), g)
+                )
                 if fits
                 else None
             )
@@ -392,15 +423,21 @@ def contention_aware_placement(
             balanced = group is not None and max(busy[i] for i in group) + per_gpu_busy <= max_busy + 1e-9
             if (balanced and not crowded) or opened >= num_gpus:
                 break
-            opened = min(opened + tp, num_gpus)
+            # open just the next group: ``opened + tp`` from an unaligned count overshot into a group
+            # of GPUs that the small replicas placed next then spread onto (busy 0 looks best)
+            opened = min((g[-1] + 1 for g in groups_by_tp[tp] if g[-1] >= opened), default=num_gpus)
         if group is None:
-            raise ValueError(f"planned deployment does not fit {num_gpus} GPUs (no room for a {unit.value} replica)")
+            raise ValueError(
+                f"planned deployment does not fit {num_gpus} GPUs (no room for a {unit.value} replica)"
+            )
         taken.append(group)
         take(group, per_gpu_busy, per_gpu_bytes)
     return placement
 
 
-def knee_batch_cap(model: OperatorLatencyModel, unit: UnitKind, buckets: tuple[int, ...], min_tokens: float) -> int:
+def knee_batch_cap(
+    model: OperatorLatencyModel, unit: UnitKind, buckets: tuple[int, ...], min_tokens: float
+) -> int:
     """The smallest bucket at or above both the unit's compute-bound knee and ``min_tokens``."""
     tokens = 2.0 ** np.arange(0, 17)
     times = model.unit_time_s(unit, tokens)
@@ -455,11 +492,20 @@ class OperatorGreedyPolicy(HeuristicPolicy):
     granularity = "operator"
     name = "operator-greedy"
 
-    def __init__(self, context: ControlContext, targets: PlannerTargets | None = None, budget_period_s: float = 60.0) -> None:
+    def __init__(
+        self, context: ControlContext, targets: PlannerTargets | None = None, budget_period_s: float = 60.0
+    ) -> None:
         super().__init__(context)
         tp = {unit: context.initial_deployment.units[unit].tp for unit in context.units}
         self.latency_model = OperatorLatencyModel(
-            context.model, context.cluster, context.slo, context.cost_model, context.sim_config, context.units, tp, targets
+            context.model,
+            context.cluster,
+            context.slo,
+            context.cost_model,
+            context.sim_config,
+            context.units,
+            tp,
+            targets,
         )
         self.budget_period_steps = self.decision_steps(budget_period_s)
 
@@ -469,20 +515,29 @@ class OperatorGreedyPolicy(HeuristicPolicy):
     # ------------------------------------------------------------------ planning
     def workload(self, load: LoadEstimator) -> Workload:
         """The load to plan for (a floor of 0.05 req/s keeps an idle service at its minimum)."""
-        return Workload(max(load.rate_per_s, 0.05), max(load.mean_prompt_tokens, 1.0), max(load.mean_output_tokens, 1.0))
+        return Workload(
+            max(load.rate_per_s, 0.05), max(load.mean_prompt_tokens, 1.0), max(load.mean_output_tokens, 1.0)
+        )
 
     def batch_caps(self, workload: Workload, streams: int, token_budget: float) -> dict[UnitKind, int]:
         """Per stateless unit: :func:`knee_batch_cap` with one iteration's tokens as the floor."""
         tokens = workload.tokens_per_s * self.latency_model.tau_budget_s / max(streams, 1)
         buckets = self.context.batch_cap_buckets_tokens
-        return {unit: knee_batch_cap(self.latency_model, unit, buckets, tokens) for unit in self.latency_model.stateless}
+        return {
+            unit: knee_batch_cap(self.latency_model, unit, buckets, tokens)
+            for unit in self.latency_model.stateless
+        }
 
-    def search(self, workload: Workload, start: NDArray[np.int64], token_budget: int, slack: float = 0.0) -> PlanSearch:
+    def search(
+        self, workload: Workload, start: NDArray[np.int64], token_budget: int, slack: float = 0.0
+    ) -> PlanSearch:
         """A :class:`PlanSearch` for ``workload`` with tables sized around ``start`` and budgets shrunk by ``slack``."""
         streams = int(start[self.latency_model.attention_index])
         caps = self.batch_caps(workload, streams, token_budget)
         size = min(self.context.max_replicas, int(start.max()) + 4)
-        return PlanSearch(self.latency_model, workload, caps, float(token_budget), self.context.max_replicas, size, slack)
+        return PlanSearch(
+            self.latency_model, workload, caps, float(token_budget), self.context.max_replicas, size, slack
+        )
 
     def plan(self, search: PlanSearch, start: NDArray[np.int64], allow_add: bool = True) -> OperatorPlan:
         """The replica counts to move to (the oracle overrides this with an exhaustive search)."""
@@ -503,7 +558,12 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         best: tuple[tuple[float, ...], int] | None = None
         for budget in buckets:
             plan = greedy_plan(self.search(workload, start, budget, slack), start)
-            key = (0.0 if plan.feasible else 1.0, float(plan.gpus_needed), self._latency_pressure(plan), budget)
+            key = (
+                0.0 if plan.feasible else 1.0,
+                float(plan.gpus_needed),
+                self._latency_pressure(plan),
+                budget,
+            )
             if best is None or key < best[0]:
                 best = (key, budget)
         assert best is not None
@@ -525,9 +585,18 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         budget = self.choose_token_budget(workload, ones)
         search = self.search(workload, ones, budget)
         plan = self.plan(search, ones)
-        caps: dict[UnitKind, int] = {**{u: int(c) for u, c in search.batch_caps.items()}, UnitKind.ATTENTION: budget}
-        longest = float((context.trace.prompt_tokens + context.trace.output_tokens).max()) if len(context.trace) else 0.0
-        reserve = max(longest, 16.0 * context.sim_config.kv_block_tokens) * context.model.kv_bytes_per_token(1)
+        caps: dict[UnitKind, int] = {
+            **{u: int(c) for u, c in search.batch_caps.items()},
+            UnitKind.ATTENTION: budget,
+        }
+        longest = (
+            float((context.trace.prompt_tokens + context.trace.output_tokens).max())
+            if len(context.trace)
+            else 0.0
+        )
+        reserve = max(longest, 16.0 * context.sim_config.kv_block_tokens) * context.model.kv_bytes_per_token(
+            1
+        )
         initial = context.initial_deployment
         return Deployment.operator_level(
             context.model.name,
@@ -537,7 +606,11 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             batch_caps=caps,
             num_nodes=initial.num_nodes,
             gpus=contention_aware_placement(
-                search, plan.replicas, context.cluster.num_gpus, reserve, context.cluster.nodes[0].gpus_per_node
+                search,
+                plan.replicas,
+                context.cluster.num_gpus,
+                reserve,
+                context.cluster.nodes[0].gpus_per_node,
             ),
             gpus_per_node=context.cluster.nodes[0].gpus_per_node,
         )
@@ -553,7 +626,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         except ValueError as error:
             import gymnasium as gym
 
-            gym.logger.warn(f"{self.name}: planned starting deployment unusable ({error}); starting from the env's default")
+            gym.logger.warn(
+                f"{self.name}: planned starting deployment unusable ({error}); starting from the env's default"
+            )
             return None
 
     # ------------------------------------------------------------------ control
@@ -570,7 +645,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         self.update_correction(memory)
         if memory.correction > correction_before:
             memory.replicas_at_step = start
-        memory.peak_rate_per_s = max(float(observation["arrival_rate"]), memory.peak_rate_per_s * PEAK_RATE_DECAY)
+        memory.peak_rate_per_s = max(
+            float(observation["arrival_rate"]), memory.peak_rate_per_s * PEAK_RATE_DECAY
+        )
         # the budget is chosen for the recent peak, not the smoothed rate (after a quiet spell the
         # smoothed rate is near zero, every budget looks fast, and the smallest would meet the next
         # burst's long prompts), and re-chosen at once when a burst beats the rate it was chosen for
@@ -583,7 +660,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             # the first choice starts from the budget the deployment runs with
             around = memory.token_budget or round(float(observation[UnitKind.ATTENTION.value]["batch_cap"]))
             burst = replace(workload, rate_per_s=burst_rate)
-            memory.token_budget = self.choose_token_budget(burst, start, around=around, slack=memory.correction)
+            memory.token_budget = self.choose_token_budget(
+                burst, start, around=around, slack=memory.correction
+            )
             memory.budget_rate_per_s = burst_rate
             memory.steps_since_budget = 0
         memory.steps_since_budget += 1
@@ -631,7 +710,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         model that cannot certify the running deployment would keep adding replicas that do not help."""
         pressure = self.under_pressure(observation)
         slo = self.context.slo
-        memory.latency_level = max(float(observation["tbt_p99"]) / slo.tbt_s, float(observation["ttft_p99"]) / slo.ttft_s)
+        memory.latency_level = max(
+            float(observation["tbt_p99"]) / slo.tbt_s, float(observation["ttft_p99"]) / slo.ttft_s
+        )
         memory.pressure_streak = memory.pressure_streak + 1 if pressure else 0
         observed_rate = float(observation["arrival_rate"])
         memory.validated_rate_per_s *= VALIDATED_RATE_DECAY
@@ -639,7 +720,10 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             memory.validated_rate_per_s = max(memory.validated_rate_per_s, observed_rate)
         sustained = memory.pressure_streak >= PRESSURE_INTERVALS
         # before any calm interval there is no served rate to compare with: pressure alone decides
-        rising = memory.validated_rate_per_s > 0 and memory.load.rate_per_s > RATE_MARGIN * memory.validated_rate_per_s
+        rising = (
+            memory.validated_rate_per_s > 0
+            and memory.load.rate_per_s > RATE_MARGIN * memory.validated_rate_per_s
+        )
         return sustained or rising
 
     @staticmethod
@@ -658,9 +742,14 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         the integral runs away, adding replicas that make latency worse. Call after
         :meth:`scale_up_allowed` (which counts the pressure streak and the latency level); a step taken
         back also removes the replicas added since it (``memory.revert_to``, read by :meth:`decide`)."""
-        memory.correction_ceiling = min(memory.correction_ceiling + CORRECTION_CEILING_RELEASE, MAX_CORRECTION)
+        memory.correction_ceiling = min(
+            memory.correction_ceiling + CORRECTION_CEILING_RELEASE, MAX_CORRECTION
+        )
         if memory.pressure_streak >= PRESSURE_INTERVALS:
-            if memory.level_at_step is not None and memory.latency_level > CORRECTION_WORSE * memory.level_at_step:
+            if (
+                memory.level_at_step is not None
+                and memory.latency_level > CORRECTION_WORSE * memory.level_at_step
+            ):
                 memory.correction_ceiling = max(memory.correction - CORRECTION_STEP, 0.0)
                 memory.correction = memory.correction_ceiling
                 memory.level_at_step = None
@@ -680,7 +769,11 @@ class OperatorGreedyPolicy(HeuristicPolicy):
                 memory.correction = max(memory.correction - CORRECTION_RELEASE, 0.0)
 
     def _spread_unit(
-        self, search: PlanSearch, plan: OperatorPlan, deltas: Mapping[UnitKind, int], observation: Mapping[str, Any]
+        self,
+        search: PlanSearch,
+        plan: OperatorPlan,
+        deltas: Mapping[UnitKind, int],
+        observation: Mapping[str, Any],
     ) -> UnitKind | None:
         """The unit whose new replicas open a new GPU: when the plan needs more GPUs than are powered,
         the added stateless unit with the busiest replicas; ``None`` otherwise (everything packs, best

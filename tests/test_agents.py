@@ -34,8 +34,12 @@ SLO = default_slo(MODEL)
 NO_CONTENTION = SimConfig(contention="none")
 
 
-def _operator_model(sim_config: SimConfig = NO_CONTENTION, targets: PlannerTargets | None = None) -> OperatorLatencyModel:
-    return OperatorLatencyModel(MODEL, CLUSTER, SLO, default_cost_model(), sim_config, MODEL.units, targets=targets)
+def _operator_model(
+    sim_config: SimConfig = NO_CONTENTION, targets: PlannerTargets | None = None
+) -> OperatorLatencyModel:
+    return OperatorLatencyModel(
+        MODEL, CLUSTER, SLO, default_cost_model(), sim_config, MODEL.units, targets=targets
+    )
 
 
 def _caps(value: float) -> dict[UnitKind, float]:
@@ -53,8 +57,13 @@ def test_one_stream_never_queues_and_pays_its_call_and_transfers() -> None:
     link = CLUSTER.nodes[0].link
     for unit in model.stateless:
         hops = MODEL.layers_of(unit)
-        transfer = hops * link.latency_s + MODEL.activation_bytes_per_token(unit) * tokens * hops / link.bandwidth_bytes_per_s
-        expected = float(default_cost_model().unit_time_s_array(MODEL, unit, CLUSTER.gpu_of(0), 1, np.array([tokens]))[0])
+        transfer = (
+            hops * link.latency_s
+            + MODEL.activation_bytes_per_token(unit) * tokens * hops / link.bandwidth_bytes_per_s
+        )
+        expected = float(
+            default_cost_model().unit_time_s_array(MODEL, unit, CLUSTER.gpu_of(0), 1, np.array([tokens]))[0]
+        )
         assert tables.units[unit].sojourn_s[0] == pytest.approx(expected + transfer, rel=2e-3)
 
 
@@ -70,7 +79,10 @@ def test_pool_without_batching_waits_like_mmc() -> None:
     unit = UnitKind.FFN
     service = model.unit_time_s(unit, np.array(tokens))
     hops = MODEL.layers_of(unit)
-    transfer = hops * link.latency_s + MODEL.activation_bytes_per_token(unit) * tokens * hops / link.bandwidth_bytes_per_s
+    transfer = (
+        hops * link.latency_s
+        + MODEL.activation_bytes_per_token(unit) * tokens * hops / link.bandwidth_bytes_per_s
+    )
     table = tables.units[unit]
     for count in range(1, 7):
         wait = float(mmc_mean_wait_s(calls_per_s, service, count))
@@ -78,7 +90,9 @@ def test_pool_without_batching_waits_like_mmc() -> None:
             assert not table.stable[count - 1]
             continue
         closed_bound = math.ceil((streams - 1) / count) * float(service)
-        assert table.sojourn_s[count - 1] == pytest.approx(min(wait, closed_bound) + float(service) + transfer, rel=1e-6)
+        assert table.sojourn_s[count - 1] == pytest.approx(
+            min(wait, closed_bound) + float(service) + transfer, rel=1e-6
+        )
 
 
 def test_more_replicas_never_slow_a_pool() -> None:
@@ -101,12 +115,27 @@ def test_model_level_iteration_is_the_sum_of_its_units() -> None:
     prefill = workload.rate_per_s * workload.prompt_tokens * tau / 2
     gpu = CLUSTER.gpu_of(0)
     attention = cost.attention_time_s_array(
-        MODEL, gpu, 1, np.array([decodes]), np.array([decodes * 900.0]), np.array([prefill]),
-        np.array([prefill * 801.0 / 2.0]), np.array([prefill / 800.0]),
+        MODEL,
+        gpu,
+        1,
+        np.array([decodes]),
+        np.array([decodes * 900.0]),
+        np.array([prefill]),
+        np.array([prefill * 801.0 / 2.0]),
+        np.array([prefill / 800.0]),
     )[0]
-    units = sum(cost.unit_time_s(MODEL, u, gpu, 1, decodes + prefill) for u in MODEL.units if u is not UnitKind.ATTENTION)
+    units = sum(
+        cost.unit_time_s(MODEL, u, gpu, 1, decodes + prefill)
+        for u in MODEL.units
+        if u is not UnitKind.ATTENTION
+    )
     overhead = engine_overhead(NO_CONTENTION.engine_overhead, gpu)
-    expected = overhead.fixed_s + overhead.per_request_s * (decodes + workload.rate_per_s * tau / 2) + attention + units
+    expected = (
+        overhead.fixed_s
+        + overhead.per_request_s * (decodes + workload.rate_per_s * tau / 2)
+        + attention
+        + units
+    )
     # unit_time_s takes whole tokens; the model uses the fractional count
     assert iteration[0] == pytest.approx(expected, rel=1e-2)
     assert tbt[0] > iteration[0]
@@ -141,7 +170,11 @@ def test_tbt_tail_counts_a_full_budget_chunk_even_at_light_load() -> None:
     workload = Workload(0.2, 2000.0, 30.0)
     start = np.ones(len(MODEL.units), dtype=np.int64)
     decodes = workload.rate_per_s * workload.output_tokens * model.tau_budget_s
-    chunk_s = float(default_cost_model().unit_time_s_array(MODEL, UnitKind.FFN, CLUSTER.gpu_of(0), 1, np.array([8192.0 - decodes]))[0])
+    chunk_s = float(
+        default_cost_model().unit_time_s_array(
+            MODEL, UnitKind.FFN, CLUSTER.gpu_of(0), 1, np.array([8192.0 - decodes])
+        )[0]
+    )
     assert chunk_s > SLO.tbt_s  # the FFN alone on an 8k-token chunk outlasts the TBT SLO
     for budget in (2048.0, 8192.0):
         plan = greedy_plan(PlanSearch(model, workload, _caps(16384), budget, 16), start)
@@ -227,14 +260,19 @@ def test_oracle_never_needs_more_gpus_than_greedy(rate: float) -> None:
     greedy = greedy_plan(PlanSearch(model, workload, _caps(1024), 512.0, 16), start)
     oracle = exhaustive_plan(PlanSearch(model, workload, _caps(1024), 512.0, 16), start, extra_replicas=2)
     assert oracle.feasible and greedy.feasible
-    assert (oracle.gpus_needed, float(oracle.estimate.gpus[0])) <= (greedy.gpus_needed, float(greedy.estimate.gpus[0]) + 1e-12)
+    assert (oracle.gpus_needed, float(oracle.estimate.gpus[0])) <= (
+        greedy.gpus_needed,
+        float(greedy.estimate.gpus[0]) + 1e-12,
+    )
 
 
 def test_oracle_refuses_large_boxes() -> None:
     model = _operator_model(SimConfig())
     search = PlanSearch(model, Workload(6.0, 900.0, 180.0), _caps(1024), 512.0, 16)
     with pytest.raises(ValueError, match="max_candidates"):
-        exhaustive_plan(search, np.ones(len(MODEL.units), dtype=np.int64), extra_replicas=4, max_candidates=100)
+        exhaustive_plan(
+            search, np.ones(len(MODEL.units), dtype=np.int64), extra_replicas=4, max_candidates=100
+        )
 
 
 def test_planner_targets_validate() -> None:
@@ -336,7 +374,13 @@ def test_static_provisions_for_the_peak() -> None:
 # ----------------------------------------------------------------------------- registry
 def test_registry_names_and_errors(tmp_path) -> None:
     env = make_env("opscale/OperatorAutoscale-v0", fidelity="fluid", env_config={"horizon": 3})
-    assert set(POLICY_NAMES) == {"static", "model-level", "model-level-throughput", "operator-greedy", "oracle"}
+    assert set(POLICY_NAMES) == {
+        "static",
+        "model-level",
+        "model-level-throughput",
+        "operator-greedy",
+        "oracle",
+    }
     with pytest.raises(ValueError, match=r"unknown policy 'nope'.*operator-greedy"):
         make_policy("nope", env)
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -373,7 +417,9 @@ def test_registry_loads_saved_sb3_models(tmp_path, maskable: bool) -> None:
     assert isinstance(started, SB3Policy) and started.initial_deployment() == planned
     with pytest.raises(ValueError, match="only the option start_from"):
         make_policy(str(path), env, percentile=95)
-    result = evaluate(started, "opscale/OperatorAutoscale-v0", seeds=[0], fidelity="fluid", env_config={"horizon": 3})
+    result = evaluate(
+        started, "opscale/OperatorAutoscale-v0", seeds=[0], fidelity="fluid", env_config={"horizon": 3}
+    )
     assert started.env is not env and result.episodes[0].steps == 3
 
 
@@ -409,7 +455,11 @@ def test_contention_aware_placement_gives_tp_units_aligned_balanced_groups() -> 
     70B operator deployment from thrashing on shared GPUs)."""
     from opscale.agents.operator_greedy import contention_aware_placement
 
-    env = make_env("opscale/OperatorAutoscale-v0", fidelity="fluid", env_config={"model": "llama-2-70b", "gpu": "h100", "num_nodes": 6, "horizon": 2})
+    env = make_env(
+        "opscale/OperatorAutoscale-v0",
+        fidelity="fluid",
+        env_config={"model": "llama-2-70b", "gpu": "h100", "num_nodes": 6, "horizon": 2},
+    )
     policy = make_policy("operator-greedy", env)
     model = policy.latency_model
     assert {model.tp[unit] for unit in model.units} >= {2, 4}
@@ -422,10 +472,38 @@ def test_contention_aware_placement_gives_tp_units_aligned_balanced_groups() -> 
         tp = model.tp[unit]
         assert len(groups) == plan.replicas[model.units.index(unit)]
         for group in groups:
-            assert len(group) == tp and group[0] % tp == 0 and group == tuple(range(group[0], group[0] + tp)), (unit, group)
+            assert (
+                len(group) == tp and group[0] % tp == 0 and group == tuple(range(group[0], group[0] + tp))
+            ), (unit, group)
             assert group[0] // 8 == group[-1] // 8
         distinct = -(-plan.gpus_needed // tp) * tp // tp
         assert len(set(groups)) == min(len(groups), distinct), unit
+    env.close()
+
+
+def test_contention_aware_placement_opens_only_the_group_it_needs() -> None:
+    """Qwen2-57B-A14B on A100 at 5.5 req/s: three TP-4 MoE replicas too busy to share a group take
+    GPUs 0-11. Opening a group must open just its GPUs: an overshoot (to GPU 15) left free GPUs that
+    the TP-1 replicas placed next spread onto, three GPUs more for no latency gain."""
+    from opscale.agents.operator_greedy import contention_aware_placement
+
+    env = make_env(
+        "opscale/OperatorAutoscale-v0",
+        fidelity="fluid",
+        env_config={"model": "qwen2-57b-a14b", "gpu": "a100", "num_nodes": 2, "horizon": 2},
+    )
+    policy = make_policy("operator-greedy", env)
+    model = policy.latency_model
+    workload = Workload(5.5, 1155.0, 211.0)
+    start = np.ones(len(model.units), dtype=np.int64)
+    search = policy.search(workload, start, 256)
+    plan = greedy_plan(search, start)
+    moe = model.units.index(UnitKind.MOE)
+    assert plan.replicas[moe] == 3 and model.tp[UnitKind.MOE] == 4
+    placement = contention_aware_placement(search, plan.replicas, policy.context.cluster.num_gpus, 0.0, 8)
+    assert sorted(placement[UnitKind.MOE]) == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)]
+    used = {gpu for groups in placement.values() for group in groups for gpu in group}
+    assert used == set(range(12))
     env.close()
 
 
