@@ -337,6 +337,7 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
 
     from opscale.agents.callbacks import HParamCallback, ServingEvalCallback, ServingMetricsCallback
     from opscale.agents.evaluation import window_range
+    from opscale.agents.policies import MultiDiscreteActorCriticPolicy
 
     # 1. Run directory and the exact configuration, so the run can be repeated from it.
     env_id = canonical_env_id(config.env_id)
@@ -361,10 +362,12 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
     envs.action_space.seed(config.seed)
     set_random_seed(config.seed)
 
-    # 3. The algorithm: PPO, or MaskablePPO which asks each env for action_masks() every step.
-    algo_cls = MaskablePPO if config.algo is Algo.MASKABLE_PPO else PPO
-    model = algo_cls(
-        "MlpPolicy",
+    # 3. The algorithm: PPO (with one batched categorical over the MultiDiscrete action instead of
+    # SB3's one per dimension: twice PPO's own speed), or MaskablePPO which asks each env for
+    # action_masks() every step (sb3-contrib's own masked distribution).
+    maskable = config.algo is Algo.MASKABLE_PPO
+    model = (MaskablePPO if maskable else PPO)(
+        "MlpPolicy" if maskable else MultiDiscreteActorCriticPolicy,
         envs,
         learning_rate=config.learning_rate,
         n_steps=config.n_steps,

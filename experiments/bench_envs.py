@@ -149,12 +149,16 @@ def ppo_steps_per_s(total_timesteps: int, max_seconds: float, num_envs: int = 8,
     """Env steps per second of SB3 PPO (``MlpPolicy``, ``n_steps=256``, ``batch_size=256``, 10 epochs)
     on ``num_envs`` fast environments in a ``DummyVecEnv``: ``learn`` wall time (rollouts and updates)
     until ``total_timesteps`` or ``max_seconds``, whichever comes first. With a slow simulator the
-    budget may end inside the first rollout, and the figure is then the rollout speed alone. Torch runs
-    as ``opscale train`` runs it (:func:`opscale.agents.ppo.small_network_torch`: one thread, no
-    distribution argument checks)."""
+    budget may end inside the first rollout, and the figure is then the rollout speed alone. PPO runs
+    as ``opscale train`` runs it: :class:`~opscale.agents.policies.MultiDiscreteActorCriticPolicy`,
+    torch in :func:`opscale.agents.ppo.small_network_torch` (one thread, no distribution argument
+    checks)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
+
+    from opscale.agents.policies import MultiDiscreteActorCriticPolicy
+    from opscale.agents.ppo import small_network_torch
 
     class StopAt(BaseCallback):
         def __init__(self, deadline: float) -> None:
@@ -164,10 +168,16 @@ def ppo_steps_per_s(total_timesteps: int, max_seconds: float, num_envs: int = 8,
         def _on_step(self) -> bool:
             return time.perf_counter() < self.deadline
 
-    from opscale.agents.ppo import small_network_torch
-
     vec_env = make_vec_env(FAST_ID, n_envs=num_envs, seed=seed)
-    model = PPO("MlpPolicy", vec_env, n_steps=256, batch_size=256, seed=seed, device="cpu", verbose=0)
+    model = PPO(
+        MultiDiscreteActorCriticPolicy,
+        vec_env,
+        n_steps=256,
+        batch_size=256,
+        seed=seed,
+        device="cpu",
+        verbose=0,
+    )
     with small_network_torch(threads=1):
         start = time.perf_counter()
         model.learn(total_timesteps=total_timesteps, callback=StopAt(start + max_seconds))

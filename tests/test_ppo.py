@@ -65,15 +65,22 @@ def _event_accumulator(run_dir: Path) -> EventAccumulator:
 
 
 def test_config_loads_from_json_and_toml_and_round_trips(tmp_path: Path) -> None:
-    config = PPOConfig(env_id=FAST_ENV, algo=Algo.MASKABLE_PPO, n_envs=3, net_arch=(64, 32), env_kwargs={"horizon": 8})
+    config = PPOConfig(
+        env_id=FAST_ENV, algo=Algo.MASKABLE_PPO, n_envs=3, net_arch=(64, 32), env_kwargs={"horizon": 8}
+    )
     json_path = tmp_path / "c.json"
     json_path.write_text(json.dumps(config.to_dict()))
     assert PPOConfig.from_file(json_path) == config
     toml_path = tmp_path / "c.toml"
-    toml_path.write_text('algo = "maskable-ppo"\nn_envs = 3\nnet_arch = [64, 32]\n[env_kwargs]\nhorizon = 8\n')
+    toml_path.write_text(
+        'algo = "maskable-ppo"\nn_envs = 3\nnet_arch = [64, 32]\n[env_kwargs]\nhorizon = 8\n'
+    )
     loaded = PPOConfig.from_file(toml_path)
     assert (loaded.algo, loaded.n_envs, loaded.net_arch, dict(loaded.env_kwargs)) == (
-        Algo.MASKABLE_PPO, 3, (64, 32), {"horizon": 8}
+        Algo.MASKABLE_PPO,
+        3,
+        (64, 32),
+        {"horizon": 8},
     )
 
 
@@ -120,7 +127,12 @@ def test_tiny_run_trains_saves_reloads_and_evaluates(tiny_runs: dict[str, TrainR
     assert PPOConfig.from_file(result.run_dir / "config.json").algo is Algo(algo)
     env = gym.make(FAST_ENV, **TINY_ENV_KWARGS)
     policy = make_policy(str(result.best_model_path), env)
-    assert isinstance(policy, SB3Policy) and type(policy.model).__name__ == {"ppo": "PPO", "maskable-ppo": "MaskablePPO"}[algo]
+    assert (
+        isinstance(policy, SB3Policy)
+        and type(policy.model).__name__ == {"ppo": "PPO", "maskable-ppo": "MaskablePPO"}[algo]
+    )
+    if algo == "ppo":  # one batched categorical over the MultiDiscrete action (opscale.agents.policies)
+        assert type(policy.model.policy).__name__ == "MultiDiscreteActorCriticPolicy"
     observation, _ = env.reset(seed=5)
     steps, done = 0, False
     offsets = np.concatenate([[0], np.cumsum(env.action_space.nvec)[:-1]])
@@ -151,11 +163,20 @@ def test_training_windows_stay_before_the_held_out_tail(tiny_runs: dict[str, Tra
     assert all(low <= start <= high for start in ranged_starts) and len(set(ranged_starts)) == 20
 
 
-def test_tensorboard_has_serving_reward_eval_scalars_figure_and_hparams(tiny_runs: dict[str, TrainResult]) -> None:
+def test_tensorboard_has_serving_reward_eval_scalars_figure_and_hparams(
+    tiny_runs: dict[str, TrainResult],
+) -> None:
     accumulator = _event_accumulator(tiny_runs["ppo"].run_dir)
     scalars = set(accumulator.Tags()["scalars"])
     assert scalars >= SERVING_TAGS
-    assert scalars >= {"eval/mean_reward", "eval/slo_attainment", "eval/gpus_mean", "eval/energy_kwh", "eval/ttft_p99", "rollout/ep_rew_mean"}
+    assert scalars >= {
+        "eval/mean_reward",
+        "eval/slo_attainment",
+        "eval/gpus_mean",
+        "eval/energy_kwh",
+        "eval/ttft_p99",
+        "rollout/ep_rew_mean",
+    }
     gpus = [event.value for event in accumulator.Scalars("serving/gpus")]
     attainment = [event.value for event in accumulator.Scalars("serving/slo_attainment")]
     assert len(gpus) == 1024 // (2 * 64)  # one point per rollout
@@ -169,11 +190,24 @@ def test_tensorboard_has_serving_reward_eval_scalars_figure_and_hparams(tiny_run
 def test_cli_train_runs_and_reports_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config_path = tmp_path / "tiny.toml"
     config_path.write_text(
-        'n_steps = 64\nbatch_size = 64\nn_epochs = 1\nnet_arch = [16]\neval_freq = 0\n[env_kwargs]\nhorizon = 8\ntrace_duration_s = 600.0\n'
+        "n_steps = 64\nbatch_size = 64\nn_epochs = 1\nnet_arch = [16]\neval_freq = 0\n[env_kwargs]\nhorizon = 8\ntrace_duration_s = 600.0\n"
     )
     code = main(
-        ["train", "--env", FAST_ENV, "--timesteps", "64", "--n-envs", "1", "--seed", "2",
-         "--config", str(config_path), "--logdir", str(tmp_path / "runs")]
+        [
+            "train",
+            "--env",
+            FAST_ENV,
+            "--timesteps",
+            "64",
+            "--n-envs",
+            "1",
+            "--seed",
+            "2",
+            "--config",
+            str(config_path),
+            "--logdir",
+            str(tmp_path / "runs"),
+        ]
     )
     output = capsys.readouterr().out
     assert code == 0 and "final model:" in output
