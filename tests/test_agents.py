@@ -16,7 +16,7 @@ from opscale.agents.latency_model import (
     Workload,
 )
 from opscale.agents.model_level import ScalingMetric, TargetTrackingPolicy
-from opscale.agents.operator_greedy import OperatorGreedyPolicy, PlanSearch, greedy_plan
+from opscale.agents.operator_greedy import OperatorGreedyPolicy, OperatorPlan, PlanSearch, greedy_plan
 from opscale.agents.oracle import exhaustive_plan
 from opscale.agents.registry import POLICY_NAMES, SB3Policy, make_policy
 from opscale.agents.static import StaticPolicy, provisioning_rate_per_s
@@ -449,25 +449,33 @@ def test_contention_aware_placement_spreads_pools_and_streams() -> None:
         assert len(set(gpus)) == min(len(gpus), plan.gpus_needed), unit  # one per GPU while GPUs last
 
 
-def test_contention_aware_placement_gives_tp_units_aligned_balanced_groups() -> None:
-    """Llama-2-70B on H100: TP-2 and TP-4 units. Every group is aligned inside one node, and a pool's
-    replicas take different groups while groups last (placing TP units by hand was what kept a
-    70B operator deployment from thrashing on shared GPUs)."""
+def _planned_placement(
+    model_name: str, gpu: str, num_nodes: int, workload: Workload
+) -> tuple[OperatorLatencyModel, OperatorPlan, dict[UnitKind, list[tuple[int, ...]]]]:
+    """Operator-greedy's latency model, its plan from one replica per unit (token budget 256) for
+    ``workload``, and :func:`contention_aware_placement` of that plan on 8-GPU nodes."""
     from opscale.agents.operator_greedy import contention_aware_placement
 
     env = make_env(
         "opscale/OperatorAutoscale-v0",
         fidelity="fluid",
-        env_config={"model": "llama-2-70b", "gpu": "h100", "num_nodes": 6, "horizon": 2},
+        env_config={"model": model_name, "gpu": gpu, "num_nodes": num_nodes, "horizon": 2},
     )
     policy = make_policy("operator-greedy", env)
-    model = policy.latency_model
-    assert {model.tp[unit] for unit in model.units} >= {2, 4}
-    workload = Workload(5.0, 1100.0, 200.0)
-    start = np.ones(len(model.units), dtype=np.int64)
+    start = np.ones(len(policy.latency_model.units), dtype=np.int64)
     search = policy.search(workload, start, 256)
     plan = greedy_plan(search, start)
     placement = contention_aware_placement(search, plan.replicas, policy.context.cluster.num_gpus, 0.0, 8)
+    env.close()
+    return policy.latency_model, plan, placement
+
+
+def test_contention_aware_placement_gives_tp_units_aligned_balanced_groups() -> None:
+    """Llama-2-70B on H100: TP-2 and TP-4 units. Every group is aligned inside one node, and a pool's
+    replicas take different groups while groups last (placing TP units by hand was what kept a
+    70B operator deployment from thrashing on shared GPUs)."""
+    model, plan, placement = _planned_placement("llama-2-70b", "h100", 6, Workload(5.0, 1100.0, 200.0))
+    assert {model.tp[unit] for unit in model.units} >= {2, 4}
     for unit, groups in placement.items():
         tp = model.tp[unit]
         assert len(groups) == plan.replicas[model.units.index(unit)]
@@ -478,33 +486,18 @@ def test_contention_aware_placement_gives_tp_units_aligned_balanced_groups() -> 
             assert group[0] // 8 == group[-1] // 8
         distinct = -(-plan.gpus_needed // tp) * tp // tp
         assert len(set(groups)) == min(len(groups), distinct), unit
-    env.close()
 
 
 def test_contention_aware_placement_opens_only_the_group_it_needs() -> None:
     """Qwen2-57B-A14B on A100 at 5.5 req/s: three TP-4 MoE replicas too busy to share a group take
     GPUs 0-11. Opening a group must open just its GPUs: an overshoot (to GPU 15) left free GPUs that
     the TP-1 replicas placed next spread onto, three GPUs more for no latency gain."""
-    from opscale.agents.operator_greedy import contention_aware_placement
-
-    env = make_env(
-        "opscale/OperatorAutoscale-v0",
-        fidelity="fluid",
-        env_config={"model": "qwen2-57b-a14b", "gpu": "a100", "num_nodes": 2, "horizon": 2},
-    )
-    policy = make_policy("operator-greedy", env)
-    model = policy.latency_model
-    workload = Workload(5.5, 1155.0, 211.0)
-    start = np.ones(len(model.units), dtype=np.int64)
-    search = policy.search(workload, start, 256)
-    plan = greedy_plan(search, start)
+    model, plan, placement = _planned_placement("qwen2-57b-a14b", "a100", 2, Workload(5.5, 1155.0, 211.0))
     moe = model.units.index(UnitKind.MOE)
     assert plan.replicas[moe] == 3 and model.tp[UnitKind.MOE] == 4
-    placement = contention_aware_placement(search, plan.replicas, policy.context.cluster.num_gpus, 0.0, 8)
     assert sorted(placement[UnitKind.MOE]) == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)]
     used = {gpu for groups in placement.values() for group in groups for gpu in group}
     assert used == set(range(12))
-    env.close()
 
 
 @pytest.mark.parametrize("metric", ["utilisation", "queue", "throughput"])
