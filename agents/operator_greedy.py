@@ -49,6 +49,7 @@ from opscale.agents.latency_model import (
     StreamTables,
     Workload,
 )
+from opscale.sim.cluster import aligned_tp_groups
 from opscale.sim.deployment import Deployment, Placement, ScalingAction, UnitAction
 from opscale.sim.models import UnitKind
 
@@ -313,15 +314,14 @@ def greedy_plan(search: PlanSearch, start: NDArray[np.int64], allow_add: bool = 
 
 
 def _aligned_groups(num_gpus: int, gpus_per_node: int, tp: int) -> list[tuple[int, ...]]:
-    """Every GPU group a TP-``tp`` replica may take: ``tp`` consecutive GPUs starting at a multiple of
-    ``tp`` inside one node (groups of different TP degrees then nest instead of straddling each
-    other, so a TP call shares its GPUs with as few other groups as possible)."""
-    groups: list[tuple[int, ...]] = []
-    for node_start in range(0, num_gpus, gpus_per_node):
-        node_end = min(node_start + gpus_per_node, num_gpus)
-        for first in range(node_start, node_end - tp + 1, tp):
-            groups.append(tuple(range(first, first + tp)))
-    return groups
+    """Every GPU group a TP-``tp`` replica may take: the aligned groups of each node
+    (:func:`opscale.sim.cluster.aligned_tp_groups`, the engine's own rule), so a TP call shares its
+    GPUs with as few other groups as possible."""
+    return [
+        group
+        for node_start in range(0, num_gpus, gpus_per_node)
+        for group in aligned_tp_groups(range(node_start, min(node_start + gpus_per_node, num_gpus)), tp)
+    ]
 
 
 def contention_aware_placement(
@@ -335,8 +335,9 @@ def contention_aware_placement(
 
     Every replica takes an aligned group of TP GPUs inside one node (:func:`_aligned_groups`).
     Attention replicas (the streams, which take their GPU's leftover memory as KV cache) go one per
-    group, round robin over the groups inside the ``G`` GPUs the plan needs; stateless replicas follow in order of decreasing busy time, each onto the group whose
-    busiest GPU is least busy among those with the memory on every GPU (weights + activations, keeping
+    group, round robin over the groups inside the ``G`` GPUs the plan needs; stateless replicas
+    follow in order of decreasing busy time, each onto the group whose busiest GPU is least busy
+    among those with the memory on every GPU (weights + activations, keeping
     ``attention_reserve_bytes`` per resident attention replica), so replicas of one pool land on
     different GPUs and no GPU collects the hot units. A TP call runs at the pace of its most shared
     GPU (:mod:`opscale.sim.sharing`), hence the balance on the busiest GPU of a group. A replica that
@@ -372,9 +373,8 @@ def contention_aware_placement(
     placement: dict[UnitKind, list[tuple[int, ...]]] = {}
     attention_tp = model.tp[UnitKind.ATTENTION]
     streams = int(replicas[model.attention_index])
-    stream_groups = [g for g in groups_by_tp[attention_tp] if g[-1] < wanted] or groups_by_tp[attention_tp][
-        :1
-    ]
+    all_stream_groups = groups_by_tp[attention_tp]
+    stream_groups = [g for g in all_stream_groups if g[-1] < wanted] or all_stream_groups[:1]
     if not stream_groups:
         raise ValueError(f"no group of {attention_tp} GPUs for an attention replica in {num_gpus} GPUs")
     need = (

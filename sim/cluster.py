@@ -31,9 +31,16 @@ from opscale.sim.deployment import Placement
 from opscale.sim.hardware import ClusterSpec, GPUSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
-__all__ = ["ClusterState", "GpuState", "PlacementError", "Replica", "ReplicaState"]
+__all__ = ["ClusterState", "GpuState", "PlacementError", "Replica", "ReplicaState", "aligned_tp_groups"]
 
 _GB = 1e9
+
+
+def aligned_tp_groups(node_gpus: range, tp: int) -> list[tuple[int, ...]]:
+    """The aligned TP-``tp`` groups of one node: ``tp`` consecutive GPUs starting at a multiple of
+    ``tp`` from the node's first GPU, as NVLink/NCCL topologies and serving engines lay TP groups out
+    (groups of different degrees then nest instead of straddling each other)."""
+    return [tuple(range(first, first + tp)) for first in range(node_gpus.start, node_gpus.stop - tp + 1, tp)]
 
 
 class PlacementError(ValueError):
@@ -211,10 +218,8 @@ class ClusterState:
         """A TP group of ``tp`` GPUs in one node, each with ``bytes_per_gpu`` free, chosen by ``policy``;
         ``None`` when no node has one.
 
-        When ``tp`` divides the node's GPU count the group is aligned (``tp`` consecutive GPUs starting
-        at a multiple of ``tp``), as NVLink/NCCL topologies and serving engines lay TP groups out:
-        groups of different degrees then nest instead of straddling each other, and a TP call, which
-        runs at the pace of its most shared GPU, meets as few other groups as possible.
+        When ``tp`` divides the node's GPU count the group is one of :func:`aligned_tp_groups`: a TP
+        call runs at the pace of its most shared GPU, and aligned groups meet as few others as possible.
 
         :param unit_count_by_node: replicas of the unit per node (``spread-node``).
         :param exclude: GPUs not to use.
@@ -223,16 +228,18 @@ class ClusterState:
         for node_index in range(len(self.spec.nodes)):
             node_gpus = self.spec.gpus_of_node(node_index)
             candidates = [
-                self.gpus[i] for i in node_gpus if i not in exclude and self.gpus[i].free_bytes + 1e-3 >= bytes_per_gpu
+                self.gpus[i]
+                for i in node_gpus
+                if i not in exclude and self.gpus[i].free_bytes + 1e-3 >= bytes_per_gpu
             ]
             if len(candidates) < tp:
                 continue
             if tp > 1 and len(node_gpus) % tp == 0:
                 free = {g.index for g in candidates}
                 windows = [
-                    [self.gpus[i] for i in range(first, first + tp)]
-                    for first in range(node_gpus.start, node_gpus.stop, tp)
-                    if all(i in free for i in range(first, first + tp))
+                    [self.gpus[i] for i in group]
+                    for group in aligned_tp_groups(node_gpus, tp)
+                    if all(i in free for i in group)
                 ]
             else:
                 if policy is Placement.PACK:
