@@ -214,13 +214,16 @@ class _StreamModel:
         """The planned iteration time ``tau_b``."""
         return self.targets.tbt_share * self.slo.tbt_s
 
-    def within_budgets(self, iteration_s: FloatArray, tbt_s: FloatArray, ttft_s: FloatArray) -> NDArray[np.bool_]:
-        """Mean iteration, bump iteration and TTFT each within their share of the SLO."""
-        targets, slo = self.targets, self.slo
+    def within_budgets(
+        self, iteration_s: FloatArray, tbt_s: FloatArray, ttft_s: FloatArray, slack: float = 0.0
+    ) -> NDArray[np.bool_]:
+        """Mean iteration, bump iteration and TTFT each within their share of the SLO, every share
+        shrunk by ``slack`` (as :meth:`OperatorEstimate.excess` shrinks them)."""
+        targets, slo, keep = self.targets, self.slo, 1.0 - slack
         return (
-            (iteration_s <= targets.tbt_share * slo.tbt_s)
-            & (tbt_s <= targets.tbt_tail_share * slo.tbt_s)
-            & (ttft_s <= targets.ttft_share * slo.ttft_s)
+            (iteration_s <= targets.tbt_share * slo.tbt_s * keep)
+            & (tbt_s <= targets.tbt_tail_share * slo.tbt_s * keep)
+            & (ttft_s <= targets.ttft_share * slo.ttft_s * keep)
         )
 
     def _attention_s(self, tp: int, decodes: FloatArray, context: float, prefill: FloatArray, prompt: float) -> FloatArray:
@@ -628,16 +631,22 @@ class ModelLevelLatencyModel(_StreamModel):
         ttft = self.ttft_s(load, iteration, bump, workload, np.array(token_budget))
         return iteration, iteration + bump, ttft
 
-    def instances_needed(self, workload: Workload, token_budget: float, limit: int) -> int:
-        """Fewest instances (up to ``limit``) meeting both budgets and fitting the KV cache; ``limit`` if none does."""
+    def fewest_instances(self, workload: Workload, token_budget: float, limit: int, slack: float = 0.0) -> int | None:
+        """Fewest instances (up to ``limit``) meeting the budgets (shrunk by ``slack``) and fitting the
+        KV cache; ``None`` if none does."""
         counts = np.arange(1, limit + 1, dtype=np.float64)
         iteration, tbt, ttft = self.iteration_s(workload, counts, token_budget)
         kv = self.kv_bytes(workload, np.where(np.isfinite(ttft), ttft, 0.0), np.minimum(iteration, self.tau_budget_s), self.tp)
         weights = self.model.total_weight_bytes(self.tp) * self.tp
         memory_ok = kv <= counts * (self.usable_bytes * self.tp - weights)
-        ok = self.within_budgets(iteration, tbt, ttft) & memory_ok
+        ok = self.within_budgets(iteration, tbt, ttft, slack) & memory_ok
         hits = np.flatnonzero(ok)
-        return int(counts[hits[0]]) if hits.size else limit
+        return int(counts[hits[0]]) if hits.size else None
+
+    def instances_needed(self, workload: Workload, token_budget: float, limit: int) -> int:
+        """:meth:`fewest_instances`, or ``limit`` if none does."""
+        fewest = self.fewest_instances(workload, token_budget, limit)
+        return limit if fewest is None else fewest
 
     def best_token_budget(self, workload: Workload, buckets: Sequence[int], limit: int) -> tuple[int, int]:
         """``(token budget, instances)``: the bucket needing the fewest instances for ``workload``

@@ -25,6 +25,19 @@ Each interval the controller
    plan needs more GPUs than are powered, when the busiest added unit uses ``spread-gpu`` and so
    opens one more GPU.
 
+5. **falls back to co-located chains** where they need no more GPUs. The engine serves a job on an
+   idle replica on its stream's own GPU first, with no transfer, so a *chain* (one replica of every
+   unit on the GPUs of one stream) serves exactly as a model-level instance: no pool queueing, no
+   transfer, no contention between streams. The Erlang-C model prices every pool as shared and cannot
+   see this (:mod:`opscale.agents.latency_model`), so the starting plan is compared with the
+   fewest chains :class:`~opscale.agents.latency_model.ModelLevelLatencyModel` certifies (every unit at
+   one TP degree, the chain on one aligned TP group); when the chains need no more GPUs, the episode
+   runs in *chain mode*: whole chains are added (one per interval, on a group of its own) and
+   removed, with the same feedback guard, correction and removal margin as the per-unit plan, and
+   every unit's batch cap at the token budget (a stream's job is one call). Qwen2-7B on 8 A100s at
+   ~45 req/s: the greedy plan ``[1, 2, 2, 8, 1, 6, 2]`` fails the TBT SLO on the DES (p99 0.18 s),
+   8 chains meet it (0.085 s).
+
 A correction step (point 2) whose replicas leave the observed latency no better is taken back with
 the replicas it bought: more attention streams of a bandwidth-bound model cut the pools' batches and
 add co-located calls, and an integral that kept adding ran Llama-2-70B up to 28 GPUs at SLO 0.02.
@@ -43,6 +56,7 @@ from numpy.typing import NDArray
 
 from opscale.agents.base import ControlContext, HeuristicPolicy, LoadEstimator
 from opscale.agents.latency_model import (
+    ModelLevelLatencyModel,
     OperatorEstimate,
     OperatorLatencyModel,
     PlannerTargets,
@@ -57,6 +71,7 @@ __all__ = [
     "OperatorGreedyPolicy",
     "OperatorPlan",
     "PlanSearch",
+    "chain_placement",
     "contention_aware_placement",
     "greedy_plan",
     "knee_batch_cap",
@@ -435,6 +450,20 @@ def contention_aware_placement(
     return placement
 
 
+def chain_placement(
+    units: tuple[UnitKind, ...], tp: int, chains: int, num_gpus: int, gpus_per_node: int = 8
+) -> dict[UnitKind, list[tuple[int, ...]]]:
+    """Explicit GPUs for ``chains`` co-located chains: chain ``k`` puts one replica of every unit on the
+    ``k``-th aligned TP group (:func:`_aligned_groups`), the layout of a model-level instance.
+
+    :raises ValueError: when the cluster has fewer than ``chains`` groups of ``tp`` GPUs.
+    """
+    groups = _aligned_groups(num_gpus, gpus_per_node, tp)
+    if chains > len(groups):
+        raise ValueError(f"{chains} chains of {tp} GPUs do not fit {num_gpus} GPUs ({len(groups)} groups)")
+    return {unit: groups[:chains] for unit in units}
+
+
 def knee_batch_cap(
     model: OperatorLatencyModel, unit: UnitKind, buckets: tuple[int, ...], min_tokens: float
 ) -> int:
@@ -476,6 +505,8 @@ class _GreedyMemory:
     replicas_at_step: NDArray[np.int64] | None = None
     #: set when a step is taken back: the next plan keeps at most these replicas per unit
     revert_to: NDArray[np.int64] | None = None
+    #: chain mode: scale whole co-located chains (module docstring, point 5)
+    chains: bool = False
 
 
 class OperatorGreedyPolicy(HeuristicPolicy):
@@ -508,9 +539,27 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             targets,
         )
         self.budget_period_steps = self.decision_steps(budget_period_s)
+        # chains exist where every unit has one TP degree (a chain is then that many GPUs)
+        degrees = set(tp.values())
+        self.chain_tp = degrees.pop() if len(degrees) == 1 else None
+        self.chain_model = (
+            None
+            if self.chain_tp is None
+            else ModelLevelLatencyModel(
+                context.model,
+                context.cluster,
+                context.slo,
+                context.cost_model,
+                context.sim_config,
+                self.chain_tp,
+                self.latency_model.targets,
+            )
+        )
+        #: whether :meth:`initial_deployment` chose chains (episodes then start in chain mode)
+        self.starts_with_chains = False
 
     def new_memory(self) -> _GreedyMemory:
-        return _GreedyMemory(load=self.new_load_estimator())
+        return _GreedyMemory(load=self.new_load_estimator(), chains=self.starts_with_chains)
 
     # ------------------------------------------------------------------ planning
     def workload(self, load: LoadEstimator) -> Workload:
@@ -569,6 +618,29 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         assert best is not None
         return best[1]
 
+    @property
+    def max_chains(self) -> int:
+        """Chains the cluster holds (0 without a chain model)."""
+        if self.chain_tp is None:
+            return 0
+        return min(self.context.cluster.num_gpus // self.chain_tp, self.context.max_replicas)
+
+    def chain_budget(self, workload: Workload, slack: float = 0.0) -> tuple[int, int | None]:
+        """``(token budget, chains)``: the budget bucket whose chains the model certifies with the fewest
+        (the smaller budget on ties), budgets shrunk by ``slack``. When no count up to
+        :attr:`max_chains` meets them at any budget, chains is ``None`` and the budget is the one with
+        the most decode throughput per chain (what the cluster's every chain then has to deliver)."""
+        assert self.chain_model is not None
+        chain_model = self.chain_model
+        buckets = self.context.batch_cap_buckets_tokens
+        limit = self.max_chains
+        fewest = {budget: chain_model.fewest_instances(workload, budget, limit, slack) for budget in buckets}
+        certified = [(chains, budget) for budget, chains in fewest.items() if chains is not None]
+        if certified:
+            chains, budget = min(certified)
+            return budget, chains
+        return max(buckets, key=lambda budget: (chain_model.capacity(workload, budget)[1], -budget)), None
+
     def _latency_pressure(self, plan: OperatorPlan) -> float:
         """The larger of the plan's TTFT and TBT-tail estimates as shares of their planning budgets."""
         slo, targets = self.context.slo, self.latency_model.targets
@@ -579,12 +651,18 @@ class OperatorGreedyPolicy(HeuristicPolicy):
 
     def planned_deployment(self, workload: Workload) -> Deployment:
         """A deployment for a steady ``workload``: greedy plan from one replica per unit, the best
-        token budget, knee batch caps and :func:`contention_aware_placement`."""
+        token budget, knee batch caps and :func:`contention_aware_placement`; or co-located chains
+        (:meth:`chain_deployment`) where they need no more GPUs (module docstring, point 5)."""
         context = self.context
         ones = np.ones(len(context.units), dtype=np.int64)
         budget = self.choose_token_budget(workload, ones)
         search = self.search(workload, ones, budget)
         plan = self.plan(search, ones)
+        chains = self.chain_deployment(workload)
+        if chains is not None and (
+            not plan.feasible or chains.units[UnitKind.ATTENTION].replicas * self.chain_tp <= plan.gpus_needed
+        ):
+            return chains
         caps: dict[UnitKind, int] = {
             **{u: int(c) for u, c in search.batch_caps.items()},
             UnitKind.ATTENTION: budget,
@@ -615,14 +693,40 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             gpus_per_node=context.cluster.nodes[0].gpus_per_node,
         )
 
+    def chain_deployment(self, workload: Workload) -> Deployment | None:
+        """The fewest co-located chains the model certifies for ``workload`` (:func:`chain_placement`,
+        every batch cap at the chosen token budget), or as many as the cluster holds when no count is
+        certified; ``None`` without a chain model."""
+        if self.chain_tp is None:
+            return None
+        budget, certified = self.chain_budget(workload)
+        chains = self.max_chains if certified is None else certified
+        context = self.context
+        gpus_per_node = context.cluster.nodes[0].gpus_per_node
+        return Deployment.operator_level(
+            context.model.name,
+            context.gpu.name,
+            replicas=dict.fromkeys(context.units, chains),
+            tp=dict.fromkeys(context.units, self.chain_tp),
+            batch_caps=dict.fromkeys(context.units, budget),
+            num_nodes=context.initial_deployment.num_nodes,
+            gpus=chain_placement(context.units, self.chain_tp, chains, context.cluster.num_gpus, gpus_per_node),
+            gpus_per_node=gpus_per_node,
+        )
+
     def initial_deployment(self) -> Deployment | None:
         """The episode's starting deployment: :meth:`planned_deployment` for the trace's mean rate
         (the same information the environment's default sizing uses). ``None`` (start from the
-        environment's default, with a warning) when the plan does not fit the cluster."""
+        environment's default, with a warning) when the plan does not fit the cluster. Episodes run
+        in chain mode when it is a chain deployment."""
         prompt, output = self._prior_lengths
         rate = self.context.trace.mean_rate_per_s if len(self.context.trace) else 0.0
+        self.starts_with_chains = False
         try:
-            return self.planned_deployment(Workload(max(rate, 0.05), max(prompt, 1.0), max(output, 1.0)))
+            deployment = self.planned_deployment(Workload(max(rate, 0.05), max(prompt, 1.0), max(output, 1.0)))
+            self.starts_with_chains = self.chain_tp is not None and _is_chain_layout(deployment)
+            self.reset()
+            return deployment
         except ValueError as error:
             import gymnasium as gym
 
@@ -652,6 +756,8 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         # smoothed rate is near zero, every budget looks fast, and the smallest would meet the next
         # burst's long prompts), and re-chosen at once when a burst beats the rate it was chosen for
         burst_rate = max(workload.rate_per_s, memory.peak_rate_per_s)
+        if memory.chains:
+            return self._chain_action(memory, observation, current, workload, burst_rate, allow_add)
         if (
             memory.token_budget is None
             or memory.steps_since_budget >= self.budget_period_steps
@@ -689,6 +795,59 @@ class OperatorGreedyPolicy(HeuristicPolicy):
                 batch_cap_tokens=None if cap == observed_cap else cap,
                 placement=Placement.SPREAD_GPU if unit is spread_unit else Placement.PACK,
             )
+        return ScalingAction(units=units)
+
+    def _chain_action(
+        self,
+        memory: _GreedyMemory,
+        observation: Mapping[str, Any],
+        current: Mapping[UnitKind, int],
+        workload: Workload,
+        burst_rate: float,
+        allow_add: bool,
+    ) -> ScalingAction:
+        """Chain mode (module docstring, point 5): move to the fewest chains the model certifies at the
+        budgets shrunk by the correction, adding only when :meth:`scale_up_allowed` said so and removing
+        only down to what holds with the removal margin too; the token budget is re-chosen as in
+        :meth:`decide`."""
+        if (
+            memory.token_budget is None
+            or memory.steps_since_budget >= self.budget_period_steps
+            or burst_rate > RATE_MARGIN * memory.budget_rate_per_s
+        ):
+            burst = replace(workload, rate_per_s=burst_rate)
+            memory.token_budget, _ = self.chain_budget(burst, memory.correction)
+            memory.budget_rate_per_s = burst_rate
+            memory.steps_since_budget = 0
+        memory.steps_since_budget += 1
+        assert self.chain_model is not None
+        budget, limit = int(memory.token_budget), self.max_chains
+        chains = current[UnitKind.ATTENTION]
+        needed = self.chain_model.fewest_instances(workload, budget, limit, memory.correction)
+        target = needed if needed is not None else min(chains + 1, limit)
+        if target > chains and not allow_add:
+            target = chains
+        elif target < chains:
+            margin = memory.correction + self.latency_model.targets.removal_margin
+            keep = self.chain_model.fewest_instances(workload, budget, limit, margin)
+            target = chains if keep is None else max(target, min(keep, chains))
+        if memory.revert_to is not None:
+            target = min(target, int(memory.revert_to.max()))
+            memory.revert_to = None
+        # one chain per interval: the first unit's replica opens the least-occupied GPU group
+        # (``spread-gpu``) and the others ``pack`` beside it, the only powered group with room (a
+        # stream's KV cache fills its own); a second chain in the same action would pack onto the same
+        # group. Removals take the whole chain: the engine removes from the GPU that empties soonest.
+        step = max(-1, min(1, target - chains))
+        first = self.context.units[0]
+        units = {
+            unit: UnitAction(
+                replica_delta=self.context.clip_delta(chains + step - current[unit]),
+                batch_cap_tokens=None if round(float(observation[unit.value]["batch_cap"])) == budget else budget,
+                placement=Placement.SPREAD_GPU if unit is first else Placement.PACK,
+            )
+            for unit in self.context.units
+        }
         return ScalingAction(units=units)
 
     def under_pressure(self, observation: Mapping[str, Any]) -> bool:
@@ -789,3 +948,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             if deltas[unit] > 0 and unit is not UnitKind.ATTENTION
         ]
         return max(added, key=lambda item: item[0])[1] if added else None
+
+
+def _is_chain_layout(deployment: Deployment) -> bool:
+    """Whether every unit of ``deployment`` has the same replicas on the same explicit GPU groups."""
+    layouts = {tuple(config.gpus or ()) for config in deployment.units.values()}
+    return len(layouts) == 1 and bool(next(iter(layouts)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from opscale.agents.registry import POLICY_NAMES, SB3Policy, make_policy
 from opscale.agents.static import StaticPolicy, provisioning_rate_per_s
 from opscale.sim.config import SimConfig
 from opscale.sim.costmodel import default_cost_model
+from opscale.sim.deployment import Placement, ScalingAction, UnitAction
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.metrics import default_slo
 from opscale.sim.models import UnitKind, get_model
@@ -513,3 +515,155 @@ def test_hpa_metrics_produce_valid_actions(metric: str) -> None:
         policy.observe_info(info)
     with pytest.raises(ValueError, match="not a batch-cap bucket"):
         make_policy("model-level", env, metric=metric, token_budget=300)
+
+
+# ----------------------------------------------------------------------------- co-located chains
+def _default_greedy(horizon: int = 2) -> tuple[Any, OperatorGreedyPolicy]:
+    env = make_env("opscale/OperatorAutoscale-v0", fidelity="fluid", env_config={"horizon": horizon})
+    policy = make_policy("operator-greedy", env)
+    assert isinstance(policy, OperatorGreedyPolicy)
+    return env, policy
+
+
+@pytest.mark.parametrize("rate", [2.0, 20.0])
+def test_planner_takes_chains_only_when_they_need_no_more_gpus(rate: float) -> None:
+    """The starting plan is co-located chains exactly when the chain model's count needs no more GPUs
+    than the greedy per-unit plan (Qwen2-7B on A100: chains at the embedded default's light load,
+    the per-unit plan at 20 req/s, where its Erlang-C estimate is the cheaper)."""
+    env, policy = _default_greedy()
+    workload = Workload(rate, *policy._prior_lengths)
+    ones = np.ones(len(policy.context.units), dtype=np.int64)
+    budget = policy.choose_token_budget(workload, ones)
+    plan = policy.plan(policy.search(workload, ones, budget), ones)
+    _, chains = policy.chain_budget(workload)
+    assert chains is not None and plan.feasible
+    deployment = policy.planned_deployment(workload)
+    replicas = {config.replicas for config in deployment.units.values()}
+    if chains * (policy.chain_tp or 0) <= plan.gpus_needed:
+        assert replicas == {chains}
+        layouts = {tuple(config.gpus or ()) for config in deployment.units.values()}
+        assert layouts == {tuple((gpu,) for gpu in range(chains))}  # chain k on GPU k
+        assert len({config.batch_cap_tokens for config in deployment.units.values()}) == 1
+    else:
+        assert len(replicas) > 1
+    env.close()
+
+
+def test_no_chains_for_units_of_different_tp() -> None:
+    """Qwen2-57B-A14B runs its MoE experts at TP 4 and the rest narrower: no chain exists."""
+    env = make_env(
+        "opscale/OperatorAutoscale-v0",
+        fidelity="fluid",
+        env_config={"model": "qwen2-57b-a14b", "num_nodes": 2, "horizon": 2},
+    )
+    policy = make_policy("operator-greedy", env)
+    assert isinstance(policy, OperatorGreedyPolicy)
+    assert policy.chain_tp is None and policy.chain_model is None and policy.max_chains == 0
+    assert policy.chain_deployment(Workload(2.0, 1000.0, 200.0)) is None
+    env.close()
+
+
+def test_fewest_instances_needs_more_with_slack() -> None:
+    latency = ModelLevelLatencyModel(MODEL, ClusterSpec.homogeneous("a100", 4), SLO, default_cost_model(), SimConfig())
+    workload = Workload(12.0, 1000.0, 200.0)
+    counts = [latency.fewest_instances(workload, 512, 32, slack) for slack in (0.0, 0.2, 0.4)]
+    assert all(count is not None for count in counts)
+    assert counts == sorted(counts) and counts[-1] > counts[0]  # type: ignore[type-var]
+    assert latency.instances_needed(workload, 512, 32) == counts[0]
+    assert latency.fewest_instances(Workload(1e4, 1000.0, 200.0), 512, 4) is None
+
+
+def _units_on_gpus(simulator: Any) -> dict[int, list[UnitKind]]:
+    """Per powered GPU, the units whose replicas live there (either fidelity; reads private state)."""
+    placed: dict[int, list[UnitKind]] = {}
+    for unit in MODEL.units:
+        if hasattr(simulator, "layout"):  # fluid
+            groups = [replica.gpus for replica in simulator.layout.replicas[unit]]
+        elif unit is UnitKind.ATTENTION:
+            groups = [replica.gpus for replica in simulator._attention_replicas.values()]
+        else:
+            groups = [replica.gpus for replica in simulator.pools[unit].replicas]
+        for group in groups:
+            for gpu in group:
+                placed.setdefault(gpu, []).append(unit)
+    return placed
+
+
+@pytest.mark.parametrize("fidelity", ["fluid", "des"])
+def test_chain_actions_add_and_remove_whole_chains(fidelity: str) -> None:
+    """Chain mode's actions (every unit +1, then every unit -1) keep the layout
+    co-located on both simulators: the new chain opens one GPU holding one replica of every unit, and
+    the removal empties one GPU (the engine's removal order takes the whole chain)."""
+    _, policy = _default_greedy()
+    deployment = policy.chain_deployment(Workload(2.0, *policy._prior_lengths))
+    assert deployment is not None
+    chains = deployment.units[UnitKind.ATTENTION].replicas
+    env = make_env(
+        "opscale/OperatorAutoscale-v0",
+        fidelity=fidelity,
+        env_config={"horizon": 4, "initial_deployment": deployment},
+    )
+    env.reset(seed=0)
+    simulator = env.unwrapped.simulator
+    one_chain = set(MODEL.units)
+    for delta, expected in ((+1, chains + 1), (-1, chains)):
+        # chain mode's action: the first unit opens a GPU (spread-gpu), the others pack beside it
+        action = ScalingAction(
+            units={
+                unit: UnitAction(
+                    replica_delta=delta, placement=Placement.SPREAD_GPU if unit is MODEL.units[0] else Placement.PACK
+                )
+                for unit in MODEL.units
+            }
+        )
+        report = simulator.apply(action)
+        assert report.repairs == 0, report.messages
+        simulator.advance(5.0)
+        placed = _units_on_gpus(simulator)
+        assert len(placed) == expected
+        assert all(sorted(units, key=MODEL.units.index) == list(MODEL.units) for units in placed.values()), placed
+        assert {unit for units in placed.values() for unit in units} == one_chain
+    env.close()
+
+
+def test_chain_mode_moves_every_unit_together() -> None:
+    """In chain mode every action gives all units the same replica delta (one chain at most), the
+    first unit ``spread-gpu`` and the rest ``pack`` (in the codec's unit order, which is the order the
+    simulators apply them in); under sustained pressure at a load beyond the chains it adds whole
+    chains, and when the load is gone it removes them."""
+    env, policy = _default_greedy()
+    policy.initial_deployment()
+    assert policy.starts_with_chains
+    context = policy.context
+
+    def deltas(replicas: int, **globals_: float) -> set[int]:
+        action, _ = policy.predict(_observation(context, replicas, **globals_))
+        decoded = context.codec.decode(action)
+        placements = [unit_action.placement for unit_action in decoded.units.values()]
+        assert placements == [Placement.SPREAD_GPU] + [Placement.PACK] * (len(placements) - 1)
+        assert list(decoded.units) == list(context.units)
+        return {unit_action.replica_delta for unit_action in decoded.units.values()}
+
+    seen = [deltas(2, arrival_rate=40.0, slo_attainment=0.5) for _ in range(3)]
+    assert all(len(step) == 1 for step in seen) and max(next(iter(step)) for step in seen) == 1
+    policy.reset()
+    calm = [deltas(6, arrival_rate=0.1, slo_attainment=1.0) for _ in range(3)]
+    assert all(len(step) == 1 for step in calm) and min(next(iter(step)) for step in calm) == -1
+    env.close()
+
+
+def test_chains_beyond_any_certified_count_take_the_whole_cluster() -> None:
+    """A load no chain count meets: every chain the cluster holds, at the budget with the most decode
+    throughput per chain (what the model-level autoscaler's budget maximises too)."""
+    env, policy = _default_greedy()
+    workload = Workload(1e4, *policy._prior_lengths)
+    budget, chains = policy.chain_budget(workload)
+    assert chains is None
+    assert policy.chain_model is not None
+    capacities = {b: policy.chain_model.capacity(workload, b)[1] for b in policy.context.batch_cap_buckets_tokens}
+    assert capacities[budget] == max(capacities.values())
+    deployment = policy.chain_deployment(workload)
+    assert deployment is not None
+    assert {config.replicas for config in deployment.units.values()} == {policy.max_chains}
+    assert policy.max_chains == policy.context.cluster.num_gpus
+    env.close()
