@@ -50,7 +50,10 @@ idle replica on its stream's GPU first, with no transfer): it prices a pool with
 every stream like any shared pool, so it overstates co-located deployments. For Qwen2-7B on 8 A100s
 at ~45 req/s it predicts a TBT p99 of 0.147 s for every unit at 8 replicas (budget 1,024), where the
 engine, one chain per GPU (exactly a model-level deployment), measures 0.085 s; the greedy plan it
-prefers instead ([1, 2, 2, 8, 1, 6, 2] replicas) measures 0.18 s. It evaluates at ``tau_b``, not at the stream's fixed point, so
+prefers instead ([1, 2, 2, 8, 1, 6, 2] replicas) measures 0.18 s. ``operator-greedy`` therefore also
+prices co-located chains with :class:`ModelLevelLatencyModel` (a chain serves as an instance) and
+takes them where they need no more GPUs (:mod:`opscale.agents.operator_greedy`, point 5); pools
+shared by several streams keep this model's optimism. It evaluates at ``tau_b``, not at the stream's fixed point, so
 it is conservative at light load. Tests hold it to the closed forms (M/M/c, one-stream closed loop,
 sum of unit times).
 """

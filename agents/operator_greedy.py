@@ -25,13 +25,15 @@ Each interval the controller
    plan needs more GPUs than are powered, when the busiest added unit uses ``spread-gpu`` and so
    opens one more GPU.
 
-5. **falls back to co-located chains** where they need no more GPUs. The engine serves a job on an
+5. **falls back to co-located chains** where they are the cheaper or safer plan. The engine serves a job on an
    idle replica on its stream's own GPU first, with no transfer, so a *chain* (one replica of every
    unit on the GPUs of one stream) serves exactly as a model-level instance: no pool queueing, no
    transfer, no contention between streams. The Erlang-C model prices every pool as shared and cannot
    see this (:mod:`opscale.agents.latency_model`), so the starting plan is compared with the
    fewest chains :class:`~opscale.agents.latency_model.ModelLevelLatencyModel` certifies (every unit at
-   one TP degree, the chain on one aligned TP group); when the chains need no more GPUs, the episode
+   the model-level TP degree of :func:`opscale.envs.sizing.model_level_tp`, the chain on one aligned
+   group of that many GPUs); when the chains need fewer GPUs, or as many while the plan shares a pool
+   among streams (:meth:`OperatorGreedyPolicy.prefers_chains`), the episode
    runs in *chain mode*: whole chains are added (one per interval, on a group of its own) and
    removed, with the same feedback guard, correction and removal margin as the per-unit plan, and
    every unit's batch cap at the token budget (a stream's job is one call). Qwen2-7B on 8 A100s at
@@ -63,6 +65,7 @@ from opscale.agents.latency_model import (
     StreamTables,
     Workload,
 )
+from opscale.envs.sizing import model_level_tp
 from opscale.sim.cluster import aligned_tp_groups
 from opscale.sim.deployment import Deployment, Placement, ScalingAction, UnitAction
 from opscale.sim.models import UnitKind
@@ -539,9 +542,12 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             targets,
         )
         self.budget_period_steps = self.decision_steps(budget_period_s)
-        # chains exist where every unit has one TP degree (a chain is then that many GPUs)
-        degrees = set(tp.values())
-        self.chain_tp = degrees.pop() if len(degrees) == 1 else None
+        # a chain runs every unit at the model-level TP degree (the smallest whose weights leave room
+        # for a KV cache), one aligned group of that many GPUs; none when the model needs pipeline stages
+        try:
+            self.chain_tp: int | None = model_level_tp(context.model, context.cluster, context.sim_config)
+        except ValueError:
+            self.chain_tp = None
         self.chain_model = (
             None
             if self.chain_tp is None
@@ -659,9 +665,7 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         search = self.search(workload, ones, budget)
         plan = self.plan(search, ones)
         chains = self.chain_deployment(workload)
-        if chains is not None and (
-            not plan.feasible or chains.units[UnitKind.ATTENTION].replicas * self.chain_tp <= plan.gpus_needed
-        ):
+        if chains is not None and self.prefers_chains(plan, chains.units[UnitKind.ATTENTION].replicas):
             return chains
         caps: dict[UnitKind, int] = {
             **{u: int(c) for u, c in search.batch_caps.items()},
@@ -691,6 +695,22 @@ class OperatorGreedyPolicy(HeuristicPolicy):
                 context.cluster.nodes[0].gpus_per_node,
             ),
             gpus_per_node=context.cluster.nodes[0].gpus_per_node,
+        )
+
+    def prefers_chains(self, plan: OperatorPlan, chains: int) -> bool:
+        """Whether ``chains`` co-located chains beat the per-unit ``plan``: the plan is not certified,
+        or the chains need fewer GPUs, or as many while the plan has a pool shared by several streams
+        (fewer replicas than streams), whose latency the Erlang-C model understates (module docstring,
+        point 5). A plan without shared pools is priced exactly and may run units at narrower TP."""
+        if self.chain_tp is None:
+            return False
+        chain_gpus = chains * self.chain_tp
+        streams = int(plan.replicas[self.latency_model.attention_index])
+        shares_pools = bool((plan.replicas < streams).any())
+        return (
+            not plan.feasible
+            or chain_gpus < plan.gpus_needed
+            or (chain_gpus == plan.gpus_needed and shares_pools)
         )
 
     def chain_deployment(self, workload: Workload) -> Deployment | None:

@@ -526,10 +526,11 @@ def _default_greedy(horizon: int = 2) -> tuple[Any, OperatorGreedyPolicy]:
 
 
 @pytest.mark.parametrize("rate", [2.0, 20.0])
-def test_planner_takes_chains_only_when_they_need_no_more_gpus(rate: float) -> None:
-    """The starting plan is co-located chains exactly when the chain model's count needs no more GPUs
-    than the greedy per-unit plan (Qwen2-7B on A100: chains at the embedded default's light load,
-    the per-unit plan at 20 req/s, where its Erlang-C estimate is the cheaper)."""
+def test_planner_takes_chains_only_when_they_are_cheaper_or_safer(rate: float) -> None:
+    """The starting plan is co-located chains exactly when the chain model's count needs fewer GPUs
+    than the greedy per-unit plan, or as many while the plan shares a pool among streams (Qwen2-7B on
+    A100: chains at the embedded default's light load, the per-unit plan at 20 req/s, where its
+    Erlang-C estimate is the cheaper)."""
     env, policy = _default_greedy()
     workload = Workload(rate, *policy._prior_lengths)
     ones = np.ones(len(policy.context.units), dtype=np.int64)
@@ -539,7 +540,12 @@ def test_planner_takes_chains_only_when_they_need_no_more_gpus(rate: float) -> N
     assert chains is not None and plan.feasible
     deployment = policy.planned_deployment(workload)
     replicas = {config.replicas for config in deployment.units.values()}
-    if chains * (policy.chain_tp or 0) <= plan.gpus_needed:
+    streams = plan.replicas[policy.latency_model.attention_index]
+    chain_gpus = chains * (policy.chain_tp or 0)
+    assert policy.prefers_chains(plan, chains) == (
+        chain_gpus < plan.gpus_needed or (chain_gpus == plan.gpus_needed and bool((plan.replicas < streams).any()))
+    )
+    if policy.prefers_chains(plan, chains):
         assert replicas == {chains}
         layouts = {tuple(config.gpus or ()) for config in deployment.units.values()}
         assert layouts == {tuple((gpu,) for gpu in range(chains))}  # chain k on GPU k
@@ -549,8 +555,9 @@ def test_planner_takes_chains_only_when_they_need_no_more_gpus(rate: float) -> N
     env.close()
 
 
-def test_no_chains_for_units_of_different_tp() -> None:
-    """Qwen2-57B-A14B runs its MoE experts at TP 4 and the rest narrower: no chain exists."""
+def test_chains_of_a_model_with_tp_units_run_every_unit_at_the_model_level_tp() -> None:
+    """Qwen2-57B-A14B on A100 runs its MoE experts at TP 4 and the rest narrower in the env's default;
+    its chain runs every unit at the model-level degree (4: the weights need it) on aligned groups."""
     env = make_env(
         "opscale/OperatorAutoscale-v0",
         fidelity="fluid",
@@ -558,8 +565,14 @@ def test_no_chains_for_units_of_different_tp() -> None:
     )
     policy = make_policy("operator-greedy", env)
     assert isinstance(policy, OperatorGreedyPolicy)
-    assert policy.chain_tp is None and policy.chain_model is None and policy.max_chains == 0
-    assert policy.chain_deployment(Workload(2.0, 1000.0, 200.0)) is None
+    assert len({config.tp for config in policy.context.initial_deployment.units.values()}) > 1
+    assert policy.chain_tp == 4 and policy.max_chains == 4
+    deployment = policy.chain_deployment(Workload(30.0, 1000.0, 200.0))
+    assert deployment is not None
+    chains = deployment.units[UnitKind.ATTENTION].replicas
+    assert chains >= 2
+    for config in deployment.units.values():
+        assert config.tp == 4 and config.gpus == [tuple(range(4 * k, 4 * k + 4)) for k in range(chains)]
     env.close()
 
 
