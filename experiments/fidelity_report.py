@@ -69,11 +69,23 @@ class AgreementCase:
 
 def agreement_cases() -> list[AgreementCase]:
     """Llama-2-7B on one A100 node: two model-level instances; an operator-level deployment with two
-    attention streams and two FFN replicas (the default ``pack`` placement co-locates everything)."""
+    attention streams and two FFN replicas (the default ``pack`` placement co-locates everything);
+    the model-level deployment as operator-level chains (every unit's replica ``k`` on GPU ``k``, the
+    layout ``operator-greedy`` falls back to)."""
     operator_replicas = {"embed": 1, "norm": 1, "qkv_proj": 1, "attention": 2, "o_proj": 1, "ffn": 2, "lm_head": 1}
+    chain_units = tuple(operator_replicas)
     return [
         AgreementCase("model-level 2x(TP1)", Deployment.model_level("llama-2-7b", "a100", instances=2)),
         AgreementCase("operator-level", Deployment.operator_level("llama-2-7b", "a100", replicas=operator_replicas)),
+        AgreementCase(
+            "operator-level chains 2x(TP1)",
+            Deployment.operator_level(
+                "llama-2-7b",
+                "a100",
+                replicas=dict.fromkeys(chain_units, 2),
+                gpus={unit: [(0,), (1,)] for unit in chain_units},
+            ),
+        ),
     ]
 
 

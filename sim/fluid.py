@@ -37,7 +37,10 @@ those ready by the middle of the interval, see the approximations below):
    ``S beta - c`` jobs wait: none when a pool has as many replicas as there are busy streams). A pool that cannot
    keep up even at the cap bounds ``T`` from below (``T >= S beta s / (c n)``). Transfers between
    GPUs (latency per layer + bytes / link bandwidth) use the probability that consecutive units of
-   an iteration sit on different GPUs or nodes, from the placement.
+   an iteration sit on different GPUs or nodes, from the placement. Co-located work of the calling
+   stream does not contend: a share ``1/S`` of it is the caller's own, except on a GPU whose units
+   only serve its own ``k`` streams (each with a local replica, as in a chain: one replica of every
+   unit per stream GPU), where the share is ``1/k``.
 5. **Latency**: TTFT of a prompt quantile = backlog wait (FCFS drain of the fluid queue) + admission
    wait (Erlang-C over the ``S`` streams, service = the prompt's share of the prefill budget,
    Allen-Cunneen correction from the prompt-length spread) + the residual of the running iteration
@@ -410,11 +413,18 @@ class FluidSimulator:
         #: per unit, (unit, its shards on the unit's GPUs per own shard) where non-zero (contention in the fixed point)
         columns = len(self._units)
         colocation = [[0.0] * columns for _ in range(columns)]
+        local = self._local_columns(summary.homes)
+        # the fixed point counts (1 - 1/S) of co-located work as other streams'; on a GPU whose k
+        # streams are the only users of its local units, (1 - 1/k) is (a chain: none)
+        others_share = 1.0 - 1.0 / max(self._streams, 1)
         for gpus, mix in summary.gpu_groups:
+            local_streams = dict(mix).get(self._attention_column, 0)
+            own_scale = (1.0 - 1.0 / local_streams) / others_share if local_streams and others_share > 0 else 1.0
             for column, shards in mix:
                 row = colocation[column]
                 for other, other_shards in mix:
-                    row[other] += gpus * shards * other_shards
+                    weight = gpus * shards * other_shards
+                    row[other] += weight * own_scale if column in local and other in local else weight
         self._colocation_rows = [
             [(other, value / max(own, 1.0)) for other, value in enumerate(row) if value]
             for row, own in zip(colocation, summary.shards_per_unit, strict=True)
@@ -425,6 +435,18 @@ class FluidSimulator:
         other_streams = max(self._streams - 1, 1)
         self._contention_free_list = [min(max(replicas - 1.0, 0.0) / other_streams, 1.0) for replicas in self._pool_replicas]
         self._pool_caps = [float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]
+
+    def _local_columns(self, homes: Sequence[dict[int, int]]) -> set[int]:
+        """Columns whose every job is served beside its stream: attention, and each pool with the same
+        replicas per GPU as the attention replicas whose source unit is local too (the engine takes an
+        idle replica on the job's GPU first, and each such GPU has one per stream there). Its work on
+        a GPU belongs to that GPU's streams only."""
+        attention = self._attention_column
+        local = {attention}
+        for column in range(len(homes)):  # sources come first in model order (the first: attention)
+            if column != attention and homes[column] == homes[attention] and self._transfer_source_rows[column] in local:
+                local.add(column)
+        return local
 
     def _build_transfer_constants(self) -> None:
         """What :meth:`_transfer_terms` needs that depends only on the cluster and the model: per unit

@@ -76,3 +76,14 @@ def test_operator_level_all_targets_at_light_load(compare: Callable[[int, float]
 def test_operator_level_slo_and_ttft_agree(load: float, compare: Callable[[int, float], dict[str, bool]]) -> None:
     checks = compare(1, load)
     assert checks["slo"] and checks["ttft"], checks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("load", LOADS)
+def test_operator_level_chains_meet_every_target(load: float, compare: Callable[[int, float], dict[str, bool]]) -> None:
+    """The model-level layout in operator form (every unit's replica beside its stream, the layout
+    ``operator-greedy`` falls back to): the fluid must price its local routing as the engine serves
+    it, with no pool wait, no transfer and no contention from the stream's own units (before it did,
+    it put SLO attainment at 0.46 against the engine's 0.92 at 30 % load)."""
+    checks = compare(2, load)
+    assert all(checks.values()), checks

@@ -24,6 +24,7 @@ from opscale.sim.queueing import shared_erlang_c_table
 from opscale.traces.trace import RequestTrace
 
 MODEL = "llama-2-7b"
+MODEL_SPEC = get_model(MODEL)
 
 
 def poisson_trace(rate_per_s: float, duration_s: float, seed: int = 0) -> RequestTrace:
@@ -86,8 +87,11 @@ def test_sorted_ttft_cdf_equals_the_direct_sum(prob_wait: float, wait_mean_s: fl
         assert fast(t) == pytest.approx(float(mixture.cdf(np.array(t))), abs=1e-12)
 
 
-def _brute_force_layout(simulator: FluidSimulator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shards per (GPU, unit), and per unit the inbound transfer terms by pairwise links (the definition)."""
+def _brute_force_layout(simulator: FluidSimulator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shards per (GPU, unit); per unit the inbound transfer terms by pairwise links; and the
+    co-location matrix (the definitions): per GPU, shards x shards, where both units serve only the
+    GPU's own k streams (attention, and pools placed like it whose source is too) scaled by the other
+    streams' share there over the global one, (1 - 1/k) / (1 - 1/S); over each unit's shards."""
     units, cluster = simulator.model.units, simulator.cluster
     now = simulator.now_s
     shards = np.zeros((cluster.num_gpus, len(units)))
@@ -114,7 +118,23 @@ def _brute_force_layout(simulator: FluidSimulator) -> tuple[np.ndarray, np.ndarr
                 per_token[column] += weight / link.bandwidth_bytes_per_s
     fixed *= np.array(simulator._transfer_hops)
     per_token *= np.array(simulator._transfer_bytes_per_token)
-    return shards, fixed, per_token
+    attention = units.index(UnitKind.ATTENTION)
+    local = {attention}
+    for column in range(len(units)):
+        if (homes[column] == homes[attention]).all() and simulator._transfer_source_rows[column] in local:
+            local.add(column)
+    streams = homes[attention].sum()
+    colocation = np.zeros((len(units), len(units)))
+    for row in shards:
+        k = row[attention]
+        for column in range(len(units)):
+            for other in range(len(units)):
+                weight = row[column] * row[other]
+                if column in local and other in local and k and streams > 1:
+                    weight *= (1.0 - 1.0 / k) / (1.0 - 1.0 / streams)
+                colocation[column, other] += weight
+    colocation /= np.maximum(shards.sum(axis=0), 1.0)[:, None]
+    return shards, fixed, per_token, colocation
 
 
 def test_layout_summary_matches_the_pairwise_definitions() -> None:
@@ -124,7 +144,34 @@ def test_layout_summary_matches_the_pairwise_definitions() -> None:
     simulator.advance(5.0)
     simulator.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=2, placement="spread-node")}))
     simulator.advance(5.0)  # the added replicas load in well under half an interval: they serve it
-    shards, fixed, per_token = _brute_force_layout(simulator)
+    _check_layout_summary(simulator)
+    assert simulator.advance(5.0).units[UnitKind.FFN].replicas == 7
+
+
+def test_layout_summary_of_chains_and_shared_gpus() -> None:
+    """Chains (every unit beside its stream: no co-located work of other streams) next to a GPU with two
+    streams, and an FFN pool that is not placed like the streams (so it, and the LM head fed by it,
+    are not local)."""
+    stream_gpus = [(0,), (1,), (2,), (2,)]
+    gpus = {unit.value: stream_gpus for unit in MODEL_SPEC.units}
+    gpus["ffn"] = [(0,), (1,), (2,), (3,)]
+    replicas = dict.fromkeys(gpus, 4)
+    deployment = Deployment.operator_level(MODEL, "a100", replicas=replicas, gpus=gpus, num_nodes=1)
+    simulator = FluidSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, poisson_trace(2.0, 60.0))
+    simulator.advance(5.0)
+    local = simulator._local_columns(simulator._serving_summary.homes)
+    units = MODEL_SPEC.units
+    assert {units[column] for column in local} == set(units) - {UnitKind.FFN, UnitKind.LM_HEAD}
+    _check_layout_summary(simulator)
+    # on GPUs 0 and 1 a chain's attention meets no other stream's work
+    attention = units.index(UnitKind.ATTENTION)
+    row = dict(simulator._colocation_rows[attention])
+    # GPU 2 only: 2 x 2 shard pairs over attention's 4 shards, other streams' share 1/2 there over 3/4
+    assert row.get(attention, 0.0) == pytest.approx((2 * 2 / 4) * (1 - 1 / 2) / (1 - 1 / 4))
+
+
+def _check_layout_summary(simulator: FluidSimulator) -> None:
+    shards, fixed, per_token, colocation = _brute_force_layout(simulator)
     summary = simulator._serving_summary
     assert summary.active_gpus == int(np.count_nonzero(shards.sum(axis=1)))
     assert list(summary.shards_per_unit) == shards.sum(axis=0).tolist()
@@ -136,13 +183,11 @@ def test_layout_summary_matches_the_pairwise_definitions() -> None:
     assert dict((mix, count) for count, mix in summary.gpu_groups) == by_mix
     assert simulator._transfer_fixed_s == pytest.approx(fixed.tolist(), rel=1e-12, abs=1e-18)
     assert simulator._transfer_per_token_s == pytest.approx(per_token.tolist(), rel=1e-12, abs=1e-24)
-    colocation = (shards.T @ shards) / np.maximum(shards.sum(axis=0), 1.0)[:, None]
     dense = np.zeros_like(colocation)
     for column, row in enumerate(simulator._colocation_rows):
         for other, value in row:
             dense[column, other] = value
     assert np.allclose(dense, colocation, rtol=1e-12, atol=0.0)
-    assert simulator.advance(5.0).units[UnitKind.FFN].replicas == 7
 
 
 def test_a_loading_instance_serves_from_the_boundary_nearest_its_ready_time() -> None:
