@@ -49,7 +49,7 @@ The action moves each unit towards its planned count by the largest representabl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -778,21 +778,14 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         burst_rate = max(workload.rate_per_s, memory.peak_rate_per_s)
         if memory.chains:
             return self._chain_action(memory, observation, current, workload, burst_rate, allow_add)
-        if (
-            memory.token_budget is None
-            or memory.steps_since_budget >= self.budget_period_steps
-            or burst_rate > RATE_MARGIN * memory.budget_rate_per_s
-        ):
-            # the first choice starts from the budget the deployment runs with
-            around = memory.token_budget or round(float(observation[UnitKind.ATTENTION.value]["batch_cap"]))
-            burst = replace(workload, rate_per_s=burst_rate)
-            memory.token_budget = self.choose_token_budget(
-                burst, start, around=around, slack=memory.correction
-            )
-            memory.budget_rate_per_s = burst_rate
-            memory.steps_since_budget = 0
-        memory.steps_since_budget += 1
-        budget = int(memory.token_budget)
+        # the first choice starts from the budget the deployment runs with
+        around = memory.token_budget or round(float(observation[UnitKind.ATTENTION.value]["batch_cap"]))
+        budget = self._token_budget(
+            memory,
+            workload,
+            burst_rate,
+            lambda burst: self.choose_token_budget(burst, start, around=around, slack=memory.correction),
+        )
         search = self.search(workload, start, budget, memory.correction)
         plan = self.plan(search, start, allow_add)
         if memory.revert_to is not None:
@@ -817,6 +810,23 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             )
         return ScalingAction(units=units)
 
+    def _token_budget(
+        self, memory: _GreedyMemory, workload: Workload, burst_rate: float, choose: Callable[[Workload], int]
+    ) -> int:
+        """The token budget to run with: ``choose(burst workload)`` at the first decision, every
+        ``budget_period_s`` and at once when a burst beats the rate it was chosen for by
+        :data:`RATE_MARGIN`, else the running one."""
+        if (
+            memory.token_budget is None
+            or memory.steps_since_budget >= self.budget_period_steps
+            or burst_rate > RATE_MARGIN * memory.budget_rate_per_s
+        ):
+            memory.token_budget = choose(replace(workload, rate_per_s=burst_rate))
+            memory.budget_rate_per_s = burst_rate
+            memory.steps_since_budget = 0
+        memory.steps_since_budget += 1
+        return int(memory.token_budget)
+
     def _chain_action(
         self,
         memory: _GreedyMemory,
@@ -830,18 +840,11 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         budgets shrunk by the correction, adding only when :meth:`scale_up_allowed` said so and removing
         only down to what holds with the removal margin too; the token budget is re-chosen as in
         :meth:`decide`."""
-        if (
-            memory.token_budget is None
-            or memory.steps_since_budget >= self.budget_period_steps
-            or burst_rate > RATE_MARGIN * memory.budget_rate_per_s
-        ):
-            burst = replace(workload, rate_per_s=burst_rate)
-            memory.token_budget, _ = self.chain_budget(burst, memory.correction)
-            memory.budget_rate_per_s = burst_rate
-            memory.steps_since_budget = 0
-        memory.steps_since_budget += 1
+        budget = self._token_budget(
+            memory, workload, burst_rate, lambda burst: self.chain_budget(burst, memory.correction)[0]
+        )
         assert self.chain_model is not None
-        budget, limit = int(memory.token_budget), self.max_chains
+        limit = self.max_chains
         chains = current[UnitKind.ATTENTION]
         needed = self.chain_model.fewest_instances(workload, budget, limit, memory.correction)
         target = needed if needed is not None else min(chains + 1, limit)
