@@ -542,12 +542,7 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             targets,
         )
         self.budget_period_steps = self.decision_steps(budget_period_s)
-        # a chain runs every unit at the model-level TP degree (the smallest whose weights leave room
-        # for a KV cache), one aligned group of that many GPUs; none when the model needs pipeline stages
-        try:
-            self.chain_tp: int | None = model_level_tp(context.model, context.cluster, context.sim_config)
-        except ValueError:
-            self.chain_tp = None
+        self.chain_tp = self.chain_degree(context)
         self.chain_model = (
             None
             if self.chain_tp is None
@@ -563,6 +558,15 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         )
         #: whether :meth:`initial_deployment` chose chains (episodes then start in chain mode)
         self.starts_with_chains = False
+
+    @staticmethod
+    def chain_degree(context: ControlContext) -> int | None:
+        """TP degree of a chain: the model-level degree (the smallest whose weights leave room for a KV
+        cache), one aligned group of that many GPUs; ``None`` when the model needs pipeline stages."""
+        try:
+            return model_level_tp(context.model, context.cluster, context.sim_config)
+        except ValueError:
+            return None
 
     def new_memory(self) -> _GreedyMemory:
         return _GreedyMemory(load=self.new_load_estimator(), chains=self.starts_with_chains)
@@ -827,25 +831,18 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         memory.steps_since_budget += 1
         return int(memory.token_budget)
 
-    def _chain_action(
-        self,
-        memory: _GreedyMemory,
-        observation: Mapping[str, Any],
-        current: Mapping[UnitKind, int],
-        workload: Workload,
-        burst_rate: float,
-        allow_add: bool,
-    ) -> ScalingAction:
-        """Chain mode (module docstring, point 5): move to the fewest chains the model certifies at the
-        budgets shrunk by the correction, adding only when :meth:`scale_up_allowed` said so and removing
-        only down to what holds with the removal margin too; the token budget is re-chosen as in
-        :meth:`decide`."""
+    def chain_target(
+        self, memory: _GreedyMemory, chains: int, workload: Workload, burst_rate: float, allow_add: bool
+    ) -> tuple[int, int]:
+        """Chain mode's ``(token budget, chains to move to)`` from ``chains`` (module docstring, point 5):
+        the fewest chains the model certifies at the budgets shrunk by the correction, adding only when
+        :meth:`scale_up_allowed` said so and removing only down to what holds with the removal margin
+        too; the token budget is re-chosen as in :meth:`decide`."""
         budget = self._token_budget(
             memory, workload, burst_rate, lambda burst: self.chain_budget(burst, memory.correction)[0]
         )
         assert self.chain_model is not None
         limit = self.max_chains
-        chains = current[UnitKind.ATTENTION]
         needed = self.chain_model.fewest_instances(workload, budget, limit, memory.correction)
         target = needed if needed is not None else min(chains + 1, limit)
         if target > chains and not allow_add:
@@ -857,6 +854,20 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         if memory.revert_to is not None:
             target = min(target, int(memory.revert_to.max()))
             memory.revert_to = None
+        return budget, target
+
+    def _chain_action(
+        self,
+        memory: _GreedyMemory,
+        observation: Mapping[str, Any],
+        current: Mapping[UnitKind, int],
+        workload: Workload,
+        burst_rate: float,
+        allow_add: bool,
+    ) -> ScalingAction:
+        """Chain mode's action: every unit towards :meth:`chain_target`, one chain per interval."""
+        chains = current[UnitKind.ATTENTION]
+        budget, target = self.chain_target(memory, chains, workload, burst_rate, allow_add)
         # one chain per interval: the first unit's replica opens the least-occupied GPU group
         # (``spread-gpu``) and the others ``pack`` beside it, the only powered group with room (a
         # stream's KV cache fills its own); a second chain in the same action would pack onto the same

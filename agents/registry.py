@@ -32,6 +32,7 @@ class PolicyName(str, Enum):
     STATIC = "static"
     MODEL_LEVEL = "model-level"
     MODEL_LEVEL_THROUGHPUT = "model-level-throughput"
+    MODEL_LEVEL_PLANNER = "model-level-planner"
     OPERATOR_GREEDY = "operator-greedy"
     ORACLE = "oracle"
 
@@ -41,6 +42,7 @@ _POLICY_CLASSES: dict[PolicyName, str] = {
     PolicyName.STATIC: "opscale.agents.static:StaticPolicy",
     PolicyName.MODEL_LEVEL: "opscale.agents.model_level:TargetTrackingPolicy",
     PolicyName.MODEL_LEVEL_THROUGHPUT: "opscale.agents.model_level:ThroughputTrackingPolicy",
+    PolicyName.MODEL_LEVEL_PLANNER: "opscale.agents.model_planner:ModelLevelPlannerPolicy",
     PolicyName.OPERATOR_GREEDY: "opscale.agents.operator_greedy:OperatorGreedyPolicy",
     PolicyName.ORACLE: "opscale.agents.oracle:OraclePolicy",
 }

@@ -65,6 +65,7 @@ class PaperPolicy(str, Enum):
 
     STATIC = "static"
     MODEL_LEVEL = "model-level"
+    MODEL_LEVEL_PLANNER = "model-level-planner"
     OPERATOR_GREEDY = "operator-greedy"
     PPO = "ppo"
 
@@ -73,6 +74,7 @@ class PaperPolicy(str, Enum):
 POLICY_ENV_IDS: dict[PaperPolicy, str] = {
     PaperPolicy.STATIC: "opscale/ModelAutoscale-v0",
     PaperPolicy.MODEL_LEVEL: "opscale/ModelAutoscale-v0",
+    PaperPolicy.MODEL_LEVEL_PLANNER: "opscale/ModelAutoscale-v0",
     PaperPolicy.OPERATOR_GREEDY: "opscale/OperatorAutoscale-v0",
     PaperPolicy.PPO: "opscale/OperatorAutoscale-v0",
 }

@@ -248,12 +248,16 @@ def _markdown(config: PaperTableConfig, results: Sequence[CaseResult], rows: Seq
     sections += [
         "## Method",
         "",
-        "static and model-level scale whole instances (`opscale/ModelAutoscale-v0`); operator-greedy and PPO scale "
-        "operators (`opscale/OperatorAutoscale-v0`); both run the same DES engine with the same windows and "
+        "static, model-level and model-level-planner scale whole instances (`opscale/ModelAutoscale-v0`); "
+        "operator-greedy and PPO scale operators (`opscale/OperatorAutoscale-v0`); both run the same DES engine "
+        "with the same windows and "
         "arrivals (paired seeds). The bisection doubles the rate scale from 1 while the SLO holds, then bisects "
         "geometrically; it assumes SLO attainment falls with load and measures one window per probe, so the "
         "max rate is a noisy lower bound. Per-episode figures: `evaluations/<case>/<policy>/`; time series: "
-        "`plots/` and `tensorboard/eval/`; PPO training runs: `tensorboard/train/`.",
+        "`plots/` and `tensorboard/eval/`; PPO training runs: `tensorboard/train/`. model-level-planner runs "
+        "operator-greedy's chain-mode controller on whole instances: where operator-greedy falls back to chains "
+        "(the model-level layout), operator-greedy against it isolates the granularity, and it against "
+        "model-level isolates the controller.",
         "",
     ]
     return "\n".join(sections)

@@ -23,7 +23,7 @@ from opscale.agents.registry import POLICY_NAMES, SB3Policy, make_policy
 from opscale.agents.static import StaticPolicy, provisioning_rate_per_s
 from opscale.sim.config import SimConfig
 from opscale.sim.costmodel import default_cost_model
-from opscale.sim.deployment import Placement, ScalingAction, UnitAction
+from opscale.sim.deployment import Deployment, Placement, ScalingAction, UnitAction
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.metrics import default_slo
 from opscale.sim.models import UnitKind, get_model
@@ -380,6 +380,7 @@ def test_registry_names_and_errors(tmp_path) -> None:
         "static",
         "model-level",
         "model-level-throughput",
+        "model-level-planner",
         "operator-greedy",
         "oracle",
     }
@@ -680,3 +681,35 @@ def test_chains_beyond_any_certified_count_take_the_whole_cluster() -> None:
     assert {config.replicas for config in deployment.units.values()} == {policy.max_chains}
     assert policy.max_chains == policy.context.cluster.num_gpus
     env.close()
+
+
+def test_model_level_planner_is_chain_mode_on_instances() -> None:
+    """``model-level-planner`` starts from the instances chain mode would start from (same count, same
+    budget), scales by instance deltas toward :meth:`chain_target`, and refuses pipeline stages."""
+    operator_env, greedy = _default_greedy()
+    model_env = make_env("opscale/ModelAutoscale-v0", fidelity="fluid", env_config={"horizon": 2})
+    planner = make_policy("model-level-planner", model_env)
+    from opscale.agents.model_planner import ModelLevelPlannerPolicy
+
+    assert isinstance(planner, ModelLevelPlannerPolicy)
+    chains = greedy.initial_deployment()
+    instances = planner.initial_deployment()
+    assert chains is not None and instances is not None and greedy.starts_with_chains
+    assert instances.instances == chains.units[UnitKind.ATTENTION].replicas
+    assert instances.units[UnitKind.ATTENTION].batch_cap_tokens == chains.units[UnitKind.ATTENTION].batch_cap_tokens
+    context = planner.context
+    action, _ = planner.predict(_observation(context, 1, arrival_rate=40.0, slo_attainment=0.5))
+    decoded = context.codec.decode(action)
+    assert decoded.instance_delta == 0  # pressure must be sustained before adding
+    for _ in range(3):
+        action, _ = planner.predict(_observation(context, 1, arrival_rate=40.0, slo_attainment=0.5))
+    assert context.codec.decode(action).instance_delta == max(context.replica_deltas)
+    staged = make_env(
+        "opscale/ModelAutoscale-v0",
+        fidelity="fluid",
+        env_config={"horizon": 2, "initial_deployment": Deployment.model_level("qwen2-7b", "a100", instances=1, pp=2, num_nodes=2)},
+    )
+    with pytest.raises(ValueError, match="single-stage"):
+        make_policy("model-level-planner", staged)
+    for env in (operator_env, model_env, staged):
+        env.close()

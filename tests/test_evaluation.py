@@ -26,6 +26,7 @@ HEURISTICS = (
     ("static", "opscale/ModelAutoscale-v0"),
     ("model-level", "opscale/ModelAutoscale-v0"),
     ("model-level-throughput", "opscale/ModelAutoscale-v0"),
+    ("model-level-planner", "opscale/ModelAutoscale-v0"),
     ("static", "opscale/OperatorAutoscale-v0"),
     ("operator-greedy", "opscale/OperatorAutoscale-v0"),
     ("oracle", "opscale/OperatorAutoscale-v0"),

@@ -42,7 +42,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--policy",
         required=True,
-        help="static, model-level, model-level-throughput, operator-greedy, oracle, or a path to a saved SB3 .zip",
+        help=(
+            "static, model-level, model-level-throughput, model-level-planner, operator-greedy, oracle, or a path "
+            "to a saved SB3 .zip"
+        ),
     )
     parser.add_argument("--env", default="opscale/OperatorAutoscale-v0", help="environment id (default %(default)s)")
     parser.add_argument("--trace", default=None, help="trace name or file (default: the env's, the embedded default workload)")

@@ -37,7 +37,11 @@ def add_parser(subparsers: Any) -> None:
     paper.add_argument("--models", nargs="+", help="model names (full default: qwen2-7b qwen2-57b-a14b llama-2-70b)")
     paper.add_argument("--gpus", nargs="+", help="GPU names (full default: a100 h100)")
     paper.add_argument("--traces", nargs="+", help="trace names (full default: azure-conv azure-code servegen-m-large)")
-    paper.add_argument("--policies", nargs="+", help="subset of static model-level operator-greedy ppo (model-level required)")
+    paper.add_argument(
+        "--policies",
+        nargs="+",
+        help="subset of static model-level model-level-planner operator-greedy ppo (model-level required)",
+    )
     paper.add_argument("--out", type=Path, default=Path("results/paper-table"), help="output folder (default %(default)s)")
     paper.add_argument("--ppo-model", type=Path, help="saved PPO/MaskablePPO model to use instead of training")
     paper.add_argument("--ppo-timesteps", type=int, help="PPO training steps per case")
