@@ -29,6 +29,9 @@ episode a rescue. The defaults here are a quick analytic sizing (not the greedy 
   KV; instances for the larger of the token throughput and the KV need.
 
 Counts are capped at what the cluster holds; a cap that binds is reported with ``gymnasium.logger.warn``.
+Operator-level counts whose memory does not fit the cluster (each stream reserves :data:`KV_SHARE` of
+its GPUs) are scaled down together until they do, with a warning; only a deployment that does not fit
+with one replica of every unit is an error.
 """
 
 from __future__ import annotations
@@ -140,6 +143,10 @@ class IterationModel:
         return fitting[-1] if fitting else min(candidates)
 
 
+#: Factor by which :func:`_fit_by_shrinking` scales every replica count per attempt.
+_SHRINK_FACTOR = 0.8
+
+
 def _capped(count: int, cap: int, what: str) -> int:
     if count > cap:
         gym.logger.warn(
@@ -217,7 +224,7 @@ def size_operator_level(
         for unit in model.units
     }
     bytes_per_replica[UnitKind.ATTENTION] += KV_SHARE * usable_bytes
-    gpus = _place_by_load(
+    replicas, gpus = _fit_by_shrinking(
         replicas, tp, busy_per_replica, bytes_per_replica, usable_bytes, cluster, target_utilisation
     )
     return Deployment.operator_level(
@@ -295,6 +302,43 @@ def _latency_tp(
     if fastest is None:
         raise ValueError(f"model {model.name!r} has no valid TP degree within a node")
     return fastest[1]
+
+
+def _fit_by_shrinking(
+    replicas: Mapping[UnitKind, int],
+    tp: Mapping[UnitKind, int],
+    busy_per_replica: Mapping[UnitKind, float],
+    bytes_per_replica: Mapping[UnitKind, float],
+    usable_bytes: float,
+    cluster: ClusterSpec,
+    target_utilisation: float,
+) -> tuple[dict[UnitKind, int], dict[UnitKind, list[tuple[int, ...]]]]:
+    """:func:`_place_by_load` of ``replicas``, or, when their memory does not fit the cluster, of every
+    count scaled down by the same factor (at least one replica each; each replica then carries its
+    unit's whole load), reported with ``gymnasium.logger.warn``: a trace too heavy for the cluster
+    still gets a starting deployment (the simulator shows the overload), as the count caps do.
+
+    :raises ValueError: when even one replica of every unit does not fit.
+    """
+    counts = dict(replicas)
+    scale = 1.0
+    while True:
+        shares = {unit: busy_per_replica[unit] * replicas[unit] / counts[unit] for unit in counts}
+        try:
+            gpus = _place_by_load(counts, tp, shares, bytes_per_replica, usable_bytes, cluster, target_utilisation)
+        except ValueError:
+            if all(count == 1 for count in counts.values()):
+                raise
+            scale *= _SHRINK_FACTOR
+            counts = {unit: max(1, math.floor(count * scale)) for unit, count in replicas.items()}
+            continue
+        if counts != dict(replicas):
+            wanted = ", ".join(f"{unit.value}={count}" for unit, count in replicas.items())
+            used = ", ".join(f"{unit.value}={count}" for unit, count in counts.items())
+            gym.logger.warn(
+                f"default deployment: the sized replicas ({wanted}) do not fit the cluster's memory; using {used}"
+            )
+        return counts, gpus
 
 
 def _place_by_load(

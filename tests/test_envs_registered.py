@@ -137,3 +137,19 @@ def test_default_deployment_meets_the_slo_on_the_default_workload(model: str, gp
         noop = env.unwrapped.codec.noop()  # type: ignore[attr-defined]
         attainment = [env.step(noop)[4]["interval"]["slo_attainment"] for _ in range(24)]
         assert float(np.mean(attainment)) >= 0.95, (env_id, attainment)
+
+
+def test_default_deployment_too_big_for_the_cluster_shrinks_with_a_warning() -> None:
+    """Qwen2-57B-A14B on one A100 node at twice the default workload's rate: the sized replicas'
+    memory (each stream reserves a share of its GPUs for KV) does not fit 8 GPUs. The env still starts,
+    from every count scaled down together, and says so; before, ``gym.make`` raised, and the paper
+    table's max-rate search counted the load as not sustained without running a policy."""
+    with pytest.warns(UserWarning, match="do not fit the cluster's memory"):
+        env = gym.make(
+            "opscale:opscale/OperatorAutoscale-fast-v0", horizon=2, model="qwen2-57b-a14b", num_nodes=1, trace_rate_scale=2.0
+        )
+    deployment = env.unwrapped.initial_deployment  # type: ignore[attr-defined]
+    placed = {gpu for config in deployment.units.values() for group in config.gpus or () for gpu in group}
+    assert placed <= set(range(8)) and all(config.replicas >= 1 for config in deployment.units.values())
+    env.reset(seed=0)
+    env.step(env.unwrapped.codec.noop())  # type: ignore[attr-defined]
