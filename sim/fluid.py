@@ -60,7 +60,9 @@ those ready by the middle of the interval, see the approximations below):
    transfers): ``beta`` less the host share (instances) or, for pools under processor sharing, the
    uncontended kernel work per second on the GPU (work-conserving), without interference
    ``1 - (1 - L / S) ** S`` (``L``: summed kernel loads; a stream runs one call at a time); the
-   compute-bound share is the prefill share, and power follows the engine's power function.
+   compute-bound time is the engine's: whole unit calls from their compute-bound size on (the
+   roofline's bound, as the power calibration flags them) and attention calls carrying prefill
+   chunks, at either granularity; power follows the engine's power function.
 
 Approximations to keep in mind (the agreement with the engine is measured by
 ``experiments/fidelity_report.py``): completions are counted when requests are admitted (a lag of
@@ -1210,14 +1212,20 @@ class FluidSimulator:
             lm_head = self._lm_head_row
             decode_size = max(decodes, 1.0)
             prefill_tokens = [decodes + chunk for chunk in prefill_chunks]
+            # compute-bound kernel seconds per busy second, by the engine's rule: whole unit calls from
+            # their compute-bound size on, and the attention of iterations that carry prefill chunks
+            compute_per_busy_s = prefill_rate * attention_prefill_s
             for row, column in enumerate(self._pool_columns_list):
                 decode_call_s = table.scalar_time_s(row, decode_size)
+                decode_compute_s = table.compute_lines[row].at(decode_size)
                 if row == lm_head:
                     # the LM head samples one token per sequence: decodes (+ the finishing prefill)
                     prefill_call_s = table.scalar_time_s(lm_head, decodes + 1.0)
+                    prefill_compute_s = table.compute_lines[lm_head].at(decodes + 1.0)
                 else:
-                    prefill_call_s = table.weighted_times(row, prefill_tokens, prefill_weights)[0]
+                    prefill_call_s, prefill_compute_s = table.weighted_times(row, prefill_tokens, prefill_weights)
                 utilisation[column] = min(beta * (decode_only_rate * decode_call_s + prefill_rate * prefill_call_s), 1.0)
+                compute_per_busy_s += decode_only_rate * decode_compute_s + prefill_rate * prefill_compute_s
             # the attention replica is busy for its kernels and the iteration's engine overhead
             utilisation[attention_column] = min(
                 beta * (decode_only_rate * attention_decode_s + prefill_rate * attention_prefill_s + iterations_per_busy_s * host), 1.0
@@ -1229,12 +1237,8 @@ class FluidSimulator:
                 unit_service_s = [value / rate for value in utilisation]
             # a serving instance's GPUs run kernels while its stream iterates, except during the host
             # overhead of each iteration; loading instances' GPUs idle
-            prefill_kernel_share = prefill_rate * sum(
-                weight * time_s * chunk / (decodes + chunk)
-                for weight, time_s, chunk in zip(prefill_weights, prefill_times, prefill_chunks, strict=True)
-            )
             busy = min(beta * max(1.0 - iterations_per_busy_s * host, 0.0), 1.0)
-            compute_fraction_value = min(beta * prefill_kernel_share / busy, 1.0) if busy > 0 else 0.0
+            compute_fraction_value = min(beta * compute_per_busy_s / busy, 1.0) if busy > 0 else 0.0
             serving_gpus = self._serving_gpus
             busy_w, idle_w = self._gpu_power_w(busy, compute_fraction_value), self._gpu_power_w(0.0, 0.0)
             energy_j = (serving_gpus * busy_w + (self._powered_count - serving_gpus) * idle_w) * dt

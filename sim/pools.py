@@ -127,7 +127,6 @@ class UnitPool:
         self.stats = UnitStats()
         self._queue_changed_s = 0.0
         self._exponential = config.service_time_distribution is ServiceTimeDistribution.EXPONENTIAL
-        self._compute_threshold: dict[int, int] = {}
         self._transfer_lines: dict[tuple[int, int], tuple[float, float]] = {}
         self._timer_by_tp: dict[int, IterationTimer] = {}
         self._fast: dict[int, tuple[list[float], int]] = {}
@@ -230,28 +229,8 @@ class UnitPool:
         return full * timer.unit_s(self.unit, cap) + timer.unit_s(self.unit, rest)
 
     def _compute_bound_from(self, tp: int) -> int:
-        """Smallest token count at which the unit is compute-bound at ``tp`` (the roofline bound is
-        monotone in tokens: memory-bound GEMMs at small batch, compute-bound at large)."""
-        threshold = self._compute_threshold.get(tp)
-        if threshold is None:
-            timer = self._timer(tp)
-
-            def compute(tokens: int) -> bool:
-                return timer.cost_model.bound(timer.model, self.unit, timer.gpu, tp, tokens) == "compute"
-
-            low, high = 0, 1 << 20
-            if not compute(high):
-                threshold = high
-            else:
-                while high - low > 1:
-                    mid = (low + high) // 2
-                    if compute(mid):
-                        high = mid
-                    else:
-                        low = mid
-                threshold = high
-            self._compute_threshold[tp] = threshold
-        return threshold
+        """:meth:`IterationTimer.compute_bound_from` of the unit at ``tp``."""
+        return self._timer(tp).compute_bound_from(self.unit)
 
     def _transfer_line(self, source: int, home: int) -> tuple[float, float]:
         """``(fixed_s, per_token_s)`` of moving one job's input from ``source`` to ``home``."""

@@ -160,6 +160,31 @@ class IterationTimer:
         self._decode_line: dict[int, tuple[float, float]] = {}
         #: per unit, time by token count (index), filled in vectorised blocks
         self._tables: dict[UnitKind, list[float]] = {}
+        self._compute_threshold: dict[UnitKind, int] = {}
+
+    def compute_bound_from(self, unit: UnitKind) -> int:
+        """Smallest token count at which a call of ``unit`` is compute-bound (the roofline bound is
+        monotone in tokens: memory-bound GEMMs at small batch, compute-bound at large). Both
+        granularities flag a call's whole time as compute-bound from it (energy)."""
+        threshold = self._compute_threshold.get(unit)
+        if threshold is None:
+
+            def compute(tokens: int) -> bool:
+                return self.cost_model.bound(self.model, unit, self.gpu, self.tp, tokens) == "compute"
+
+            low, high = 0, 1 << 20
+            if not compute(high):
+                threshold = high
+            else:
+                while high - low > 1:
+                    mid = (low + high) // 2
+                    if compute(mid):
+                        high = mid
+                    else:
+                        low = mid
+                threshold = high
+            self._compute_threshold[unit] = threshold
+        return threshold
 
     def unit_s(self, unit: UnitKind, tokens: int) -> float:
         """All-layer time of ``unit`` for ``tokens`` tokens (a table lookup after the first call)."""
@@ -588,6 +613,7 @@ class InstanceStream(Stream):
         self.pp_hop_s = pp_hop_s
         self.fast_forward = fast_forward
         self._dense_cache: dict[int, float] = {}
+        self._compute_dense_cache: dict[int, float] = {}
         self._generation = 0
         #: the model-level instance this stream belongs to (set by the simulator)
         self.instance: Any = None
@@ -624,6 +650,20 @@ class InstanceStream(Stream):
         shapes = self._iteration_shapes
         shapes[key] = shapes.get(key, 0) + iterations
         self._attention_busy_s += attention_s
+        self.compute_bound_s += iterations * self._compute_bound_units_s(tokens, sequences)
+
+    def _compute_bound_units_s(self, tokens: int, sequences: int) -> float:
+        """Time of the units whose calls are compute-bound at this size (whole calls, as the operator-
+        level pools flag them): an instance's energy then equals that of the same units deployed as
+        co-located operator replicas."""
+        value = self._compute_dense_cache.get(tokens)
+        timer = self.timer
+        if value is None:
+            value = sum(timer.unit_s(u, tokens) for u in self.dense_units if tokens >= timer.compute_bound_from(u))
+            self._compute_dense_cache[tokens] = value
+        if self.has_lm_head and sequences >= timer.compute_bound_from(UnitKind.LM_HEAD):
+            value += timer.unit_s(UnitKind.LM_HEAD, sequences)
+        return value
 
     def take_overhead_s(self) -> float:
         """Host-overhead seconds since the previous call."""
@@ -675,13 +715,15 @@ class InstanceStream(Stream):
             vision_s = self.timer.unit_s(UnitKind.VISION_ENCODER, batch.vision_patches)
             duration += vision_s
             self._vision_busy_s += vision_s
+            if batch.vision_patches >= self.timer.compute_bound_from(UnitKind.VISION_ENCODER):
+                self.compute_bound_s += vision_s
         # the attention replica is busy for its kernels and the iteration's engine overhead
         host_s = self.overhead.iteration_s(self.overhead_ranks, sequences)
         self.overhead_s += host_s
         self._account_units(tokens, sequences, 1, attention_s + host_s)
         self.tokens_scheduled += tokens
-        if batch.prefill_tokens:
-            self.compute_bound_s += duration * batch.prefill_tokens / tokens
+        if batch.chunks:  # attention with prefill chunks is compute-bound (the pools' rule)
+            self.compute_bound_s += attention_s
         self._generation += 1
         generation = self._generation
         event = self.env.timeout(duration)

@@ -108,7 +108,32 @@ def test_operator_level_copy_of_model_level_matches() -> None:
     for name in ("e2e_mean_s", "ttft_mean_s", "ttft_p99_s", "tbt_p99_s", "slo_attainment"):
         assert getattr(b, name) == pytest.approx(getattr(a, name), rel=0.01), name
     assert b.gpus_mean == pytest.approx(a.gpus_mean)
-    assert b.energy_j == pytest.approx(a.energy_j, rel=0.05)
+    assert b.energy_j == pytest.approx(a.energy_j, rel=1e-3)
+
+
+def test_instances_and_their_operator_copy_draw_the_same_energy_at_tp4() -> None:
+    """Qwen2-57B-A14B on H100 at TP 4: one instance, and every unit once on the same four GPUs. Both
+    flag compute-bound time by the roofline's per-call rule (the power calibration's); the instance
+    used to count the prefill share of each iteration instead, 28 % more energy for identical serving,
+    which read as an operator-level saving in the paper table."""
+    model = "qwen2-57b-a14b"
+    cluster = ClusterSpec.homogeneous("h100", 1)
+    units = get_model(model).units
+    trace = _trace(n=120, rate=4.0)
+    deployments = (
+        Deployment.model_level(model, "h100", instances=1, tp=4, num_nodes=1),
+        Deployment.operator_level(
+            model, "h100", replicas=dict.fromkeys(units, 1), tp=4, gpus={u: [(0, 1, 2, 3)] for u in units}, num_nodes=1
+        ),
+    )
+    summaries = []
+    for deployment in deployments:
+        simulator = DiscreteEventSimulator(cluster, model, deployment, trace)
+        simulator.run_to_completion(10.0)
+        summaries.append(simulator.summary())
+    instance, chain = summaries
+    assert chain.tbt_p99_s == pytest.approx(instance.tbt_p99_s, rel=0.01)
+    assert chain.energy_j == pytest.approx(instance.energy_j, rel=1e-3)
 
 
 def _operator_sim(ffn_replicas: int, trace: RequestTrace) -> DiscreteEventSimulator:
