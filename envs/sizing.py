@@ -224,9 +224,12 @@ def size_operator_level(
         for unit in model.units
     }
     bytes_per_replica[UnitKind.ATTENTION] += KV_SHARE * usable_bytes
-    replicas, gpus = _fit_by_shrinking(
-        replicas, tp, busy_per_replica, bytes_per_replica, usable_bytes, cluster, target_utilisation
-    )
+    def place(
+        counts: Mapping[UnitKind, int], shares: Mapping[UnitKind, float]
+    ) -> dict[UnitKind, list[tuple[int, ...]]]:
+        return _place_by_load(counts, tp, shares, bytes_per_replica, usable_bytes, cluster, target_utilisation)
+
+    replicas, gpus = _fit_by_shrinking(replicas, busy_per_replica, place)
     return Deployment.operator_level(
         model.name,
         gpu.name,
@@ -306,14 +309,11 @@ def _latency_tp(
 
 def _fit_by_shrinking(
     replicas: Mapping[UnitKind, int],
-    tp: Mapping[UnitKind, int],
     busy_per_replica: Mapping[UnitKind, float],
-    bytes_per_replica: Mapping[UnitKind, float],
-    usable_bytes: float,
-    cluster: ClusterSpec,
-    target_utilisation: float,
+    place: Callable[[Mapping[UnitKind, int], Mapping[UnitKind, float]], dict[UnitKind, list[tuple[int, ...]]]],
 ) -> tuple[dict[UnitKind, int], dict[UnitKind, list[tuple[int, ...]]]]:
-    """:func:`_place_by_load` of ``replicas``, or, when their memory does not fit the cluster, of every
+    """``place(replicas, busy per replica)`` (:func:`_place_by_load`), or, when their memory does not
+    fit the cluster, the same of every
     count scaled down by the same factor (at least one replica each; each replica then carries its
     unit's whole load), reported with ``gymnasium.logger.warn``: a trace too heavy for the cluster
     still gets a starting deployment (the simulator shows the overload), as the count caps do.
@@ -325,7 +325,7 @@ def _fit_by_shrinking(
     while True:
         shares = {unit: busy_per_replica[unit] * replicas[unit] / counts[unit] for unit in counts}
         try:
-            gpus = _place_by_load(counts, tp, shares, bytes_per_replica, usable_bytes, cluster, target_utilisation)
+            gpus = place(counts, shares)
         except ValueError:
             if all(count == 1 for count in counts.values()):
                 raise
