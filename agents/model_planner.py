@@ -70,17 +70,11 @@ class ModelLevelPlannerPolicy(OperatorGreedyPolicy):
             gpus_per_node=context.cluster.nodes[0].gpus_per_node,
         )
 
-    def _chain_action(
-        self,
-        memory: _GreedyMemory,
-        observation: Mapping[str, Any],
-        current: Mapping[UnitKind, int],
-        workload: Workload,
-        burst_rate: float,
-        allow_add: bool,
+    def chain_action(
+        self, observation: Mapping[str, Any], current: Mapping[UnitKind, int], budget: int, target: int
     ) -> ScalingAction:
+        """Towards ``target`` instances by the largest representable delta, at token budget ``budget``."""
         instances = current[UnitKind.ATTENTION]
-        budget, target = self.chain_target(memory, instances, workload, burst_rate, allow_add)
         observed_budget = round(float(observation[UnitKind.ATTENTION.value]["batch_cap"]))
         caps = (
             {}

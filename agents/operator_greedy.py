@@ -781,7 +781,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         # burst's long prompts), and re-chosen at once when a burst beats the rate it was chosen for
         burst_rate = max(workload.rate_per_s, memory.peak_rate_per_s)
         if memory.chains:
-            return self._chain_action(memory, observation, current, workload, burst_rate, allow_add)
+            chains = current[UnitKind.ATTENTION]
+            budget, target = self.chain_target(memory, chains, workload, burst_rate, allow_add)
+            return self.chain_action(observation, current, budget, target)
         # the first choice starts from the budget the deployment runs with
         around = memory.token_budget or round(float(observation[UnitKind.ATTENTION.value]["batch_cap"]))
         budget = self._token_budget(
@@ -856,18 +858,12 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             memory.revert_to = None
         return budget, target
 
-    def _chain_action(
-        self,
-        memory: _GreedyMemory,
-        observation: Mapping[str, Any],
-        current: Mapping[UnitKind, int],
-        workload: Workload,
-        burst_rate: float,
-        allow_add: bool,
+    def chain_action(
+        self, observation: Mapping[str, Any], current: Mapping[UnitKind, int], budget: int, target: int
     ) -> ScalingAction:
-        """Chain mode's action: every unit towards :meth:`chain_target`, one chain per interval."""
+        """Chain mode's action: every unit towards ``target`` chains (from :meth:`chain_target`), one
+        chain per interval, every batch cap at ``budget``."""
         chains = current[UnitKind.ATTENTION]
-        budget, target = self.chain_target(memory, chains, workload, burst_rate, allow_add)
         # one chain per interval: the first unit's replica opens the least-occupied GPU group
         # (``spread-gpu``) and the others ``pack`` beside it, the only powered group with room (a
         # stream's KV cache fills its own); a second chain in the same action would pack onto the same

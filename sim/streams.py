@@ -614,6 +614,7 @@ class InstanceStream(Stream):
         self.fast_forward = fast_forward
         self._dense_cache: dict[int, float] = {}
         self._compute_dense_cache: dict[int, float] = {}
+        self._lm_head_compute_from = timer.compute_bound_from(UnitKind.LM_HEAD) if self.has_lm_head else 0
         self._generation = 0
         #: the model-level instance this stream belongs to (set by the simulator)
         self.instance: Any = None
@@ -656,12 +657,13 @@ class InstanceStream(Stream):
         """Time of the units whose calls are compute-bound at this size (whole calls, as the operator-
         level pools flag them): an instance's energy then equals that of the same units deployed as
         co-located operator replicas."""
-        value = self._compute_dense_cache.get(tokens)
         timer = self.timer
+        value = self._compute_dense_cache.get(tokens)
         if value is None:
             value = sum(timer.unit_s(u, tokens) for u in self.dense_units if tokens >= timer.compute_bound_from(u))
             self._compute_dense_cache[tokens] = value
-        if self.has_lm_head and sequences >= timer.compute_bound_from(UnitKind.LM_HEAD):
+        # the LM head is compute-bound only for very large sampled batches: one comparison per iteration
+        if self.has_lm_head and sequences >= self._lm_head_compute_from:
             value += timer.unit_s(UnitKind.LM_HEAD, sequences)
         return value
 
