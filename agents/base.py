@@ -140,7 +140,16 @@ class ControlContext:
         :raises TypeError: if ``env`` is not an opscale autoscaling environment.
         """
         base = getattr(env, "unwrapped", env)
-        needed = ("model", "cluster", "slo", "cost_model", "sim_config", "observation_layout", "codec", "config")
+        needed = (
+            "model",
+            "cluster",
+            "slo",
+            "cost_model",
+            "sim_config",
+            "observation_layout",
+            "codec",
+            "config",
+        )
         missing = [name for name in needed if not hasattr(base, name)]
         if missing:
             raise TypeError(
@@ -213,7 +222,9 @@ class LoadEstimator:
         if not 0.0 < self.smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
         if self.interval_s <= 0 or self.noise_sigmas < 0:
-            raise ValueError(f"need interval_s > 0 and noise_sigmas >= 0, got {self.interval_s}, {self.noise_sigmas}")
+            raise ValueError(
+                f"need interval_s > 0 and noise_sigmas >= 0, got {self.interval_s}, {self.noise_sigmas}"
+            )
 
     def observe_rate(self, rate_per_s: float) -> None:
         """Record one interval's arrival rate (requests/s)."""
@@ -240,11 +251,15 @@ class LoadEstimator:
 
     @property
     def mean_prompt_tokens(self) -> float:
-        return (self.prior_prompt_tokens * _PRIOR_REQUESTS + self.prompt_tokens) / (_PRIOR_REQUESTS + self.arrivals)
+        return (self.prior_prompt_tokens * _PRIOR_REQUESTS + self.prompt_tokens) / (
+            _PRIOR_REQUESTS + self.arrivals
+        )
 
     @property
     def mean_output_tokens(self) -> float:
-        return (self.prior_output_tokens * _PRIOR_REQUESTS + self.output_tokens) / (_PRIOR_REQUESTS + self.arrivals)
+        return (self.prior_output_tokens * _PRIOR_REQUESTS + self.output_tokens) / (
+            _PRIOR_REQUESTS + self.arrivals
+        )
 
 
 class HeuristicPolicy(ABC):
@@ -263,7 +278,11 @@ class HeuristicPolicy(ABC):
 
     def __init__(self, context: ControlContext) -> None:
         if self.granularity is not None and context.granularity != self.granularity:
-            wanted = "opscale/OperatorAutoscale-*" if self.granularity == "operator" else "opscale/ModelAutoscale-*"
+            wanted = (
+                "opscale/OperatorAutoscale-*"
+                if self.granularity == "operator"
+                else "opscale/ModelAutoscale-*"
+            )
             raise ValueError(
                 f"policy {self.name!r} scales at {self.granularity} granularity and needs an {wanted} "
                 f"environment; this environment is {context.granularity}-level"
@@ -342,7 +361,11 @@ class HeuristicPolicy(ABC):
         actions = []
         for index, row in enumerate(batch):
             memory = self._memory(index)
-            if episode_start is not None and bool(np.asarray(episode_start).reshape(-1)[index]) and self._decided[index]:
+            if (
+                episode_start is not None
+                and bool(np.asarray(episode_start).reshape(-1)[index])
+                and self._decided[index]
+            ):
                 self.reset(index)
                 memory = self._memory(index)
             decoded = decode_observation(row, self.context.layout, physical=True)

@@ -106,7 +106,11 @@ class _IntervalAccumulator:
         return values
 
     def reward_means(self) -> dict[str, float]:
-        return {name: total / self.reward_steps for name, total in self.reward_sums.items()} if self.reward_steps else {}
+        return (
+            {name: total / self.reward_steps for name, total in self.reward_sums.items()}
+            if self.reward_steps
+            else {}
+        )
 
 
 class ServingMetricsCallback(BaseCallback):
@@ -142,7 +146,9 @@ class ServingMetricsCallback(BaseCallback):
         for name, value in self._rollout.scalars().items():
             self.logger.record(f"serving/{name}", value)
         if self._finished_episode_energy_j:
-            self.logger.record("serving/energy_kwh", float(np.mean(self._finished_episode_energy_j)) / _JOULES_PER_KWH)
+            self.logger.record(
+                "serving/energy_kwh", float(np.mean(self._finished_episode_energy_j)) / _JOULES_PER_KWH
+            )
         for name, value in self._rollout.reward_means().items():
             self.logger.record(f"reward/{name}", value)
 
@@ -220,7 +226,9 @@ class ServingEvalCallback(BaseCallback):
     ):
         super().__init__(verbose)
         if eval_freq < 1 or n_eval_episodes < 1:
-            raise ValueError(f"eval_freq and n_eval_episodes must be >= 1, got {eval_freq} and {n_eval_episodes}")
+            raise ValueError(
+                f"eval_freq and n_eval_episodes must be >= 1, got {eval_freq} and {n_eval_episodes}"
+            )
         self.eval_env = eval_env
         self.eval_freq = eval_freq
         self.n_eval_episodes = n_eval_episodes
@@ -251,11 +259,15 @@ class ServingEvalCallback(BaseCallback):
             "mean_ep_length": float(np.mean([episode.steps for episode in episodes])),
         }
         for name in _EVAL_EPISODE_FIELDS:
-            scalars[name.removesuffix("_s")] = float(np.mean([getattr(episode, name) for episode in episodes]))
+            scalars[name.removesuffix("_s")] = float(
+                np.mean([getattr(episode, name) for episode in episodes])
+            )
         for name, value in scalars.items():
             self.logger.record(f"eval/{name}", value)
         title = f"evaluation at {self.num_timesteps} steps (seed {seeds[0]})"
-        self.logger.record("eval/episode", Figure(plot_episode(episodes[0].series, title), close=True), exclude=_TEXT_FORMATS)
+        self.logger.record(
+            "eval/episode", Figure(plot_episode(episodes[0].series, title), close=True), exclude=_TEXT_FORMATS
+        )
         self.evaluations += 1
         if scalars["mean_reward"] > self.best_mean_reward:
             self.best_mean_reward = scalars["mean_reward"]

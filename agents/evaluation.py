@@ -57,9 +57,36 @@ HELD_OUT_FRACTION = 0.2
 
 #: Two-sided 95 % Student-t quantiles by degrees of freedom (1..30); above 30 the normal 1.96.
 _T95 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
 )
 
 
@@ -211,7 +238,9 @@ class EvaluationResult:
         """Write ``episodes.csv``, ``episodes.json``, ``series.csv`` and ``summary.json`` into ``out_dir``."""
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        paths = {name: folder / name for name in ("episodes.csv", "episodes.json", "series.csv", "summary.json")}
+        paths = {
+            name: folder / name for name in ("episodes.csv", "episodes.json", "series.csv", "summary.json")
+        }
         rows = [episode.row() for episode in self.episodes]
         with paths["episodes.csv"].open("w", newline="") as handle:
             dict_writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -219,11 +248,24 @@ class EvaluationResult:
             dict_writer.writerows(rows)
         paths["episodes.json"].write_text(json.dumps(rows, indent=2))
         data = self.to_dict()
-        paths["summary.json"].write_text(json.dumps({k: data[k] for k in ("policy", "env_id", "fidelity", "summary")}, indent=2))
+        paths["summary.json"].write_text(
+            json.dumps({k: data[k] for k in ("policy", "env_id", "fidelity", "summary")}, indent=2)
+        )
         units = sorted({unit for e in self.episodes for unit in e.series.replicas})
         with paths["series.csv"].open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["episode", "seed", "time_s", "arrival_rate_per_s", "gpus", "power_w", "slo_attainment", *(f"replicas_{u}" for u in units)])
+            writer.writerow(
+                [
+                    "episode",
+                    "seed",
+                    "time_s",
+                    "arrival_rate_per_s",
+                    "gpus",
+                    "power_w",
+                    "slo_attainment",
+                    *(f"replicas_{u}" for u in units),
+                ]
+            )
             for episode in self.episodes:
                 series = episode.series
                 for step, time_s in enumerate(series.time_s):
@@ -256,7 +298,9 @@ def paired_difference(a: EvaluationResult, b: EvaluationResult, metric: str) -> 
     return summarise(differences)
 
 
-def window_range(env: Any, split: WindowMode = "held-out", held_out_fraction: float = HELD_OUT_FRACTION) -> tuple[float, float]:
+def window_range(
+    env: Any, split: WindowMode = "held-out", held_out_fraction: float = HELD_OUT_FRACTION
+) -> tuple[float, float]:
     """Range of episode start times: ``"held-out"`` (the trace's last ``held_out_fraction``) or
     ``"random"`` (everything before it, for training).
 
@@ -276,7 +320,13 @@ def window_range(env: Any, split: WindowMode = "held-out", held_out_fraction: fl
     raise ValueError(f"unknown window split {split!r}; valid: random, held-out")
 
 
-def make_env(env_id: str, *, fidelity: str | None = "des", trace: str | RequestTrace | None = None, env_config: Mapping[str, Any] | None = None) -> Any:
+def make_env(
+    env_id: str,
+    *,
+    fidelity: str | None = "des",
+    trace: str | RequestTrace | None = None,
+    env_config: Mapping[str, Any] | None = None,
+) -> Any:
     """``gym.make(env_id)`` with a fidelity, a trace and further config keys.
 
     :raises ValueError: for an unknown env id (listing the valid ones) or an invalid config.
@@ -328,7 +378,9 @@ def evaluate_policy_on_env(
         start = None if starts is None else starts[episode]
         began = time.perf_counter()
         _reset_memory(policy)
-        observation, info = env.reset(seed=int(seed), options=None if start is None else {"start_s": float(start)})
+        observation, info = env.reset(
+            seed=int(seed), options=None if start is None else {"start_s": float(start)}
+        )
         window_start_s = float(info["start_s"])
         if isinstance(policy, InfoObserver):
             policy.observe_info(info)
@@ -339,7 +391,9 @@ def evaluate_policy_on_env(
         episode_start = np.ones((1,), dtype=bool)
         done = False
         while not done:
-            action, state = policy.predict(observation, state=state, episode_start=episode_start, deterministic=deterministic)
+            action, state = policy.predict(
+                observation, state=state, episode_start=episode_start, deterministic=deterministic
+            )
             episode_start = np.zeros((1,), dtype=bool)
             observation, reward, terminated, truncated, info = env.step(action)
             if isinstance(policy, InfoObserver):
@@ -432,7 +486,12 @@ def evaluate(
         deployment = agent.initial_deployment()
         if deployment is not None:
             env.close()
-            env = make_env(env_id, fidelity=fidelity, trace=trace, env_config={**dict(env_config or {}), "initial_deployment": deployment})
+            env = make_env(
+                env_id,
+                fidelity=fidelity,
+                trace=trace,
+                env_config={**dict(env_config or {}), "initial_deployment": deployment},
+            )
             if isinstance(agent, SB3Policy):
                 agent.env = env  # its action masks come from the env it acts on
     starts: list[float | None] | None = None
@@ -460,7 +519,9 @@ def evaluate(
         if bar is not None:
             bar.close()
         env.close()
-    result = EvaluationResult(policy=name, env_id=env_id, fidelity=episodes_run[0].fidelity, episodes=episodes_run)
+    result = EvaluationResult(
+        policy=name, env_id=env_id, fidelity=episodes_run[0].fidelity, episodes=episodes_run
+    )
     if out_dir is not None:
         result.write(out_dir)
     return result

@@ -209,7 +209,9 @@ class _StreamModel:
         self.overhead = engine_overhead(sim_config.engine_overhead, self.gpu)
         self.usable_bytes = self.gpu.memory_bytes * sim_config.gpu_memory_fraction
         self.contention_factor = (
-            sim_config.contention_factor if sim_config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
+            sim_config.contention_factor
+            if sim_config.contention is ContentionModel.PROCESSOR_SHARING
+            else 0.0
         )
 
     @property
@@ -229,7 +231,9 @@ class _StreamModel:
             & (ttft_s <= targets.ttft_share * slo.ttft_s * keep)
         )
 
-    def _attention_s(self, tp: int, decodes: FloatArray, context: float, prefill: FloatArray, prompt: float) -> FloatArray:
+    def _attention_s(
+        self, tp: int, decodes: FloatArray, context: float, prefill: FloatArray, prompt: float
+    ) -> FloatArray:
         """Attention time of an iteration with ``decodes`` decodes at ``context`` KV tokens each and
         ``prefill`` new prompt tokens from prompts of ``prompt`` tokens (causal pairs ``(P + 1) / 2``
         per token)."""
@@ -246,7 +250,10 @@ class _StreamModel:
             return np.asarray(vectorised(self.model, self.gpu, tp, **arrays), dtype=np.float64)
         from opscale.sim.costmodel_api import AttentionBatch
 
-        flat = {key: np.broadcast_to(value, np.broadcast(*arrays.values()).shape).ravel() for key, value in arrays.items()}
+        flat = {
+            key: np.broadcast_to(value, np.broadcast(*arrays.values()).shape).ravel()
+            for key, value in arrays.items()
+        }
         times = [
             self.cost_model.attention_time_s(
                 self.model,
@@ -254,10 +261,16 @@ class _StreamModel:
                 tp,
                 AttentionBatch(
                     num_decodes=round(flat["num_decodes"][i]),
-                    decode_context_tokens=max(round(flat["decode_context_tokens"][i]), round(flat["num_decodes"][i])),
+                    decode_context_tokens=max(
+                        round(flat["decode_context_tokens"][i]), round(flat["num_decodes"][i])
+                    ),
                     prefill_tokens=round(flat["prefill_tokens"][i]),
-                    prefill_attention_pairs=float(max(flat["prefill_attention_pairs"][i], round(flat["prefill_tokens"][i]))),
-                    num_prefills=max(1, round(flat["num_prefills"][i])) if round(flat["prefill_tokens"][i]) else 0,
+                    prefill_attention_pairs=float(
+                        max(flat["prefill_attention_pairs"][i], round(flat["prefill_tokens"][i]))
+                    ),
+                    num_prefills=max(1, round(flat["num_prefills"][i]))
+                    if round(flat["prefill_tokens"][i])
+                    else 0,
                 ),
             )
             for i in range(flat["num_decodes"].size)
@@ -289,13 +302,21 @@ class _StreamModel:
             prefill_tokens=prefill,
             tokens=tokens,
             attention_s=attention,
-            overhead_s=self.overhead.iteration_s(tp, 0) + self.overhead.per_request_s * (decodes + prefills_per_iteration),
+            overhead_s=self.overhead.iteration_s(tp, 0)
+            + self.overhead.per_request_s * (decodes + prefills_per_iteration),
             chunk_tokens=chunk,
             chunk_attention_s=with_chunk - attention,
             budget_use=tokens / budget,
         )
 
-    def ttft_s(self, load: StreamLoad, iteration_s: FloatArray, bump_s: FloatArray, workload: Workload, token_budget: FloatArray) -> FloatArray:
+    def ttft_s(
+        self,
+        load: StreamLoad,
+        iteration_s: FloatArray,
+        bump_s: FloatArray,
+        workload: Workload,
+        token_budget: FloatArray,
+    ) -> FloatArray:
         """TTFT estimate: ``(1 + P / (budget - nd))`` prefill iterations, stretched by ``1 / (1 - rho_B)``."""
         free = np.maximum(np.asarray(token_budget, dtype=np.float64) - load.decodes, 1.0)
         iterations = 1.0 + workload.prompt_tokens / free
@@ -303,7 +324,9 @@ class _StreamModel:
             stretch = np.where(load.budget_use < 1.0, 1.0 / np.maximum(1.0 - load.budget_use, 1e-12), np.inf)
         return (iteration_s + bump_s) * iterations * stretch
 
-    def kv_bytes(self, workload: Workload, ttft_s: FloatArray, iteration_s: FloatArray, tp: int) -> FloatArray:
+    def kv_bytes(
+        self, workload: Workload, ttft_s: FloatArray, iteration_s: FloatArray, tp: int
+    ) -> FloatArray:
         """KV bytes (all GPUs) of the requests in flight, at ``kv_share`` headroom."""
         in_flight = workload.rate_per_s * (ttft_s + workload.output_tokens * iteration_s)
         tokens = in_flight * (workload.prompt_tokens + workload.output_tokens / 2.0)
@@ -415,7 +438,8 @@ class OperatorLatencyModel(_StreamModel):
         self.link = cluster.nodes[0].link
         self._unit_times = {
             unit: np.asarray(
-                cost_model.unit_time_s_array(model, unit, self.gpu, self.tp[unit], self._TOKEN_GRID), dtype=np.float64
+                cost_model.unit_time_s_array(model, unit, self.gpu, self.tp[unit], self._TOKEN_GRID),
+                dtype=np.float64,
             )
             for unit in self.stateless
         }
@@ -446,12 +470,18 @@ class OperatorLatencyModel(_StreamModel):
 
         def nominal(tokens: FloatArray) -> FloatArray:
             tokens = np.broadcast_to(tokens, grid_counts.shape)
-            return np.stack([np.interp(tokens[row], self._TOKEN_GRID, times[row]) for row in range(len(units))])
+            return np.stack(
+                [np.interp(tokens[row], self._TOKEN_GRID, times[row]) for row in range(len(units))]
+            )
 
         # a replica's own utilisation sets how many other busy replicas it meets under the placement bound
         plain = batch_service(calls_per_s, job_tokens, grid_counts, caps, nominal)
-        slowdown = 1.0 + self.contention_factor * np.maximum(self.targets.max_gpu_busy - plain.utilisation, 0.0)
-        shared = batch_service(calls_per_s, job_tokens, grid_counts, caps, lambda tokens: nominal(tokens) * slowdown)
+        slowdown = 1.0 + self.contention_factor * np.maximum(
+            self.targets.max_gpu_busy - plain.utilisation, 0.0
+        )
+        shared = batch_service(
+            calls_per_s, job_tokens, grid_counts, caps, lambda tokens: nominal(tokens) * slowdown
+        )
         # closed loop: each stream has at most one job out, so a job never waits behind more than the
         # other S - 1 streams' jobs, served in full calls (the open M/M/c wait overstates small S)
         jobs_per_full_call = np.maximum(1.0, np.floor(caps / job_tokens))
@@ -464,7 +494,10 @@ class OperatorLatencyModel(_StreamModel):
             tp = self.tp[unit]
             hops = self.model.layers_of(unit)
             transfer = hops * self.link.latency_s + (
-                self.model.activation_bytes_per_token(unit) * job_tokens * hops / self.link.bandwidth_bytes_per_s
+                self.model.activation_bytes_per_token(unit)
+                * job_tokens
+                * hops
+                / self.link.bandwidth_bytes_per_s
             )
             tables[unit] = UnitTable(
                 replicas=counts,
@@ -473,7 +506,8 @@ class OperatorLatencyModel(_StreamModel):
                 ),
                 bump_s=bump[row],
                 busy=shared.utilisation[row] * counts / slowdown[row] * tp,
-                memory_bytes=counts.astype(np.float64) * self.replica_bytes(unit, tp, float(batch_caps[unit])),
+                memory_bytes=counts.astype(np.float64)
+                * self.replica_bytes(unit, tp, float(batch_caps[unit])),
                 stable=shared.stable[row],
             )
         return tables
@@ -490,7 +524,9 @@ class OperatorLatencyModel(_StreamModel):
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
         tp = self.tp[UnitKind.ATTENTION]
-        load = self.stream_load(workload, np.array(float(streams)), np.array(self.tau_budget_s), np.array(token_budget), tp)
+        load = self.stream_load(
+            workload, np.array(float(streams)), np.array(self.tau_budget_s), np.array(token_budget), tp
+        )
         # the stream's attention call shares its GPU like any other replica's (placement bound)
         own_busy = float(load.attention_s) / self.tau_budget_s
         slowdown = 1.0 + self.contention_factor * max(self.targets.max_gpu_busy - own_busy, 0.0)
@@ -511,16 +547,22 @@ class OperatorLatencyModel(_StreamModel):
         return int(table.replicas[stable[0]]) if stable.size else int(table.replicas[-1]) + 1
 
     # ------------------------------------------------------------------ candidates
-    def evaluate(self, workload: Workload, tables: StreamTables, counts: NDArray[np.int64], token_budget: float) -> OperatorEstimate:
+    def evaluate(
+        self, workload: Workload, tables: StreamTables, counts: NDArray[np.int64], token_budget: float
+    ) -> OperatorEstimate:
         """Candidates ``counts`` (shape ``(k, units)`` or ``(units,)``) sharing ``tables.streams`` streams.
 
         :raises ValueError: if a candidate's stream count differs from the tables' or a count is outside them.
         """
         counts = np.atleast_2d(np.asarray(counts, dtype=np.int64))
         if counts.shape[1] != len(self.units):
-            raise ValueError(f"replica vectors need {len(self.units)} entries ({[u.value for u in self.units]}), got {counts.shape[1]}")
+            raise ValueError(
+                f"replica vectors need {len(self.units)} entries ({[u.value for u in self.units]}), got {counts.shape[1]}"
+            )
         if np.any(counts[:, self.attention_index] != tables.streams):
-            raise ValueError(f"candidates must all have {tables.streams} attention replicas (the tables' streams)")
+            raise ValueError(
+                f"candidates must all have {tables.streams} attention replicas (the tables' streams)"
+            )
         k = counts.shape[0]
         iteration = np.full(k, tables.iteration_s)
         bump = np.full(k, tables.bump_s)
@@ -533,14 +575,18 @@ class OperatorLatencyModel(_StreamModel):
             table = tables.units[unit]
             column = counts[:, index]
             if column.min() < 1 or column.max() > table.replicas[-1]:
-                raise ValueError(f"{unit.value} counts {column.min()}..{column.max()} outside the table's 1..{table.replicas[-1]}")
+                raise ValueError(
+                    f"{unit.value} counts {column.min()}..{column.max()} outside the table's 1..{table.replicas[-1]}"
+                )
             rows = column - 1
             iteration += table.sojourn_s[rows]
             bump += table.bump_s[rows]
             busy += table.busy[rows]
             memory += table.memory_bytes[rows]
             stable &= table.stable[rows]
-        return self.combine(workload, tables.load, iteration, bump, busy, memory, stable, token_budget, tables.streams)
+        return self.combine(
+            workload, tables.load, iteration, bump, busy, memory, stable, token_budget, tables.streams
+        )
 
     def combine(
         self,
@@ -588,7 +634,9 @@ class OperatorLatencyModel(_StreamModel):
         fields: dict[str, np.ndarray] = {}
         for streams in np.unique(counts[:, self.attention_index]):
             rows = np.flatnonzero(counts[:, self.attention_index] == streams)
-            tables = self.stream_tables(workload, int(streams), batch_caps, token_budget, int(counts[rows].max()))
+            tables = self.stream_tables(
+                workload, int(streams), batch_caps, token_budget, int(counts[rows].max())
+            )
             part = self.evaluate(workload, tables, counts[rows], token_budget)
             for name, values in vars(part).items():
                 fields.setdefault(name, np.empty(k, dtype=values.dtype))[rows] = values
@@ -616,16 +664,25 @@ class ModelLevelLatencyModel(_StreamModel):
         self.tp = tp
         self.stateless = tuple(u for u in model.units if u is not UnitKind.ATTENTION)
 
-    def iteration_s(self, workload: Workload, instances: FloatArray, token_budget: float) -> tuple[FloatArray, FloatArray, FloatArray]:
+    def iteration_s(
+        self, workload: Workload, instances: FloatArray, token_budget: float
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
         """``(iteration, tbt, ttft)`` at ``tau_b`` for each instance count (array)."""
         count = np.maximum(np.asarray(instances, dtype=np.float64), 1.0)
-        load = self.stream_load(workload, count, np.full(count.shape, self.tau_budget_s), np.array(token_budget), self.tp)
+        load = self.stream_load(
+            workload, count, np.full(count.shape, self.tau_budget_s), np.array(token_budget), self.tp
+        )
         units = np.zeros(count.shape)
         bump = load.chunk_attention_s.copy()
         for unit in self.stateless:
-            base = np.asarray(self.cost_model.unit_time_s_array(self.model, unit, self.gpu, self.tp, load.tokens), dtype=np.float64)
+            base = np.asarray(
+                self.cost_model.unit_time_s_array(self.model, unit, self.gpu, self.tp, load.tokens),
+                dtype=np.float64,
+            )
             with_chunk = np.asarray(
-                self.cost_model.unit_time_s_array(self.model, unit, self.gpu, self.tp, load.tokens + load.chunk_tokens),
+                self.cost_model.unit_time_s_array(
+                    self.model, unit, self.gpu, self.tp, load.tokens + load.chunk_tokens
+                ),
                 dtype=np.float64,
             )
             units += base
@@ -634,12 +691,19 @@ class ModelLevelLatencyModel(_StreamModel):
         ttft = self.ttft_s(load, iteration, bump, workload, np.array(token_budget))
         return iteration, iteration + bump, ttft
 
-    def fewest_instances(self, workload: Workload, token_budget: float, limit: int, slack: float = 0.0) -> int | None:
+    def fewest_instances(
+        self, workload: Workload, token_budget: float, limit: int, slack: float = 0.0
+    ) -> int | None:
         """Fewest instances (up to ``limit``) meeting the budgets (shrunk by ``slack``) and fitting the
         KV cache; ``None`` if none does."""
         counts = np.arange(1, limit + 1, dtype=np.float64)
         iteration, tbt, ttft = self.iteration_s(workload, counts, token_budget)
-        kv = self.kv_bytes(workload, np.where(np.isfinite(ttft), ttft, 0.0), np.minimum(iteration, self.tau_budget_s), self.tp)
+        kv = self.kv_bytes(
+            workload,
+            np.where(np.isfinite(ttft), ttft, 0.0),
+            np.minimum(iteration, self.tau_budget_s),
+            self.tp,
+        )
         weights = self.model.total_weight_bytes(self.tp) * self.tp
         memory_ok = kv <= counts * (self.usable_bytes * self.tp - weights)
         ok = self.within_budgets(iteration, tbt, ttft, slack) & memory_ok
@@ -654,7 +718,9 @@ class ModelLevelLatencyModel(_StreamModel):
     def best_token_budget(self, workload: Workload, buckets: Sequence[int], limit: int) -> tuple[int, int]:
         """``(token budget, instances)``: the bucket needing the fewest instances for ``workload``
         (the smaller budget on ties: it bounds the prefill spikes that set the TBT tail)."""
-        instances, budget = min((self.instances_needed(workload, budget, limit), budget) for budget in buckets)
+        instances, budget = min(
+            (self.instances_needed(workload, budget, limit), budget) for budget in buckets
+        )
         return budget, instances
 
     def capacity(self, workload: Workload, token_budget: float) -> tuple[float, float]:

@@ -108,24 +108,36 @@ class TargetTrackingPolicy(HeuristicPolicy):
     granularity = "model"
     name = "model-level"
 
-    def __init__(self, context: ControlContext, config: TargetTrackingConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, context: ControlContext, config: TargetTrackingConfig | None = None, **overrides: Any
+    ) -> None:
         super().__init__(context)
         base = config or self.default_config()
         self.config = TargetTrackingConfig(**{**base.__dict__, **overrides}) if overrides else base
         self.steps_per_decision = self.decision_steps(self.config.decision_period_s)
         # recommendations kept for the scale-down window (at least the current one)
-        self.window_decisions = max(1, math.ceil(self.config.scale_down_window_s / self.config.decision_period_s))
+        self.window_decisions = max(
+            1, math.ceil(self.config.scale_down_window_s / self.config.decision_period_s)
+        )
         self.latency_model = ModelLevelLatencyModel(
-            context.model, context.cluster, context.slo, context.cost_model, context.sim_config,
-            context.initial_deployment.tp, PlannerTargets(),
+            context.model,
+            context.cluster,
+            context.slo,
+            context.cost_model,
+            context.sim_config,
+            context.initial_deployment.tp,
+            PlannerTargets(),
         )
         prompt, output = self._prior_lengths
         self.reference_workload = Workload(1.0, max(prompt, 1.0), max(output, 1.0))
         buckets = context.batch_cap_buckets_tokens
         if self.config.token_budget is not None and self.config.token_budget not in buckets:
-            raise ValueError(f"token_budget {self.config.token_budget} is not a batch-cap bucket; valid: {buckets}")
+            raise ValueError(
+                f"token_budget {self.config.token_budget} is not a batch-cap bucket; valid: {buckets}"
+            )
         self.token_budget = self.config.token_budget or max(
-            buckets, key=lambda budget: (self.latency_model.capacity(self.reference_workload, budget)[1], -budget)
+            buckets,
+            key=lambda budget: (self.latency_model.capacity(self.reference_workload, budget)[1], -budget),
         )
         self.target = self.config.target if self.config.target is not None else self.default_target()
 
@@ -137,7 +149,9 @@ class TargetTrackingPolicy(HeuristicPolicy):
         metric = self.config.metric
         if metric is ScalingMetric.UTILISATION:
             return self.config.target_share
-        in_system, decode_tokens_per_s = self.latency_model.capacity(self.reference_workload, self.token_budget)
+        in_system, decode_tokens_per_s = self.latency_model.capacity(
+            self.reference_workload, self.token_budget
+        )
         capacity = in_system if metric is ScalingMetric.QUEUE else decode_tokens_per_s
         return max(self.config.target_share * capacity, 1e-6)
 
@@ -146,7 +160,9 @@ class TargetTrackingPolicy(HeuristicPolicy):
 
     def observe_interval(self, memory: Any, interval: Mapping[str, Any]) -> None:
         memory.load.observe_interval(interval)
-        memory.requests_in_system = float(interval.get("running_requests", 0)) + float(interval.get("waiting_requests", 0))
+        memory.requests_in_system = float(interval.get("running_requests", 0)) + float(
+            interval.get("waiting_requests", 0)
+        )
         duration = float(interval.get("end_s", 0.0)) - float(interval.get("start_s", 0.0))
         if duration > 0:
             memory.decode_tokens_per_s = float(interval.get("output_tokens_served", 0)) / duration
@@ -173,7 +189,11 @@ class TargetTrackingPolicy(HeuristicPolicy):
         if memory.steps % self.steps_per_decision == 0:
             total = self.metric_total(memory, observation, ready)
             ratio = total / (self.target * ready)
-            recommendation = current if abs(ratio - 1.0) <= self.config.tolerance else math.ceil(total / self.target - 1e-9)
+            recommendation = (
+                current
+                if abs(ratio - 1.0) <= self.config.tolerance
+                else math.ceil(total / self.target - 1e-9)
+            )
             recommendation = min(max(recommendation, 1), self.context.max_replicas)
             memory.recommendations.append(recommendation)
             while len(memory.recommendations) > self.window_decisions:

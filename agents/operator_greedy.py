@@ -734,7 +734,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             tp=dict.fromkeys(context.units, self.chain_tp),
             batch_caps=dict.fromkeys(context.units, budget),
             num_nodes=context.initial_deployment.num_nodes,
-            gpus=chain_placement(context.units, self.chain_tp, chains, context.cluster.num_gpus, gpus_per_node),
+            gpus=chain_placement(
+                context.units, self.chain_tp, chains, context.cluster.num_gpus, gpus_per_node
+            ),
             gpus_per_node=gpus_per_node,
         )
 
@@ -747,7 +749,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         rate = self.context.trace.mean_rate_per_s if len(self.context.trace) else 0.0
         self.starts_with_chains = False
         try:
-            deployment = self.planned_deployment(Workload(max(rate, 0.05), max(prompt, 1.0), max(output, 1.0)))
+            deployment = self.planned_deployment(
+                Workload(max(rate, 0.05), max(prompt, 1.0), max(output, 1.0))
+            )
             self.starts_with_chains = self.chain_tp is not None and _is_chain_layout(deployment)
             self.reset()
             return deployment
@@ -873,7 +877,9 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         units = {
             unit: UnitAction(
                 replica_delta=self.context.clip_delta(chains + step - current[unit]),
-                batch_cap_tokens=None if round(float(observation[unit.value]["batch_cap"])) == budget else budget,
+                batch_cap_tokens=None
+                if round(float(observation[unit.value]["batch_cap"])) == budget
+                else budget,
                 placement=Placement.SPREAD_GPU if unit is first else Placement.PACK,
             )
             for unit in self.context.units

@@ -60,7 +60,9 @@ class SB3Policy:
     :param start_from: a policy whose starting deployment this one adopts (``None``: the env's own).
     """
 
-    def __init__(self, model: Any, env: Any, path: Path, start_from: ProposesInitialDeployment | None = None) -> None:
+    def __init__(
+        self, model: Any, env: Any, path: Path, start_from: ProposesInitialDeployment | None = None
+    ) -> None:
         self.model = model
         self.env = env
         self.path = path
@@ -82,7 +84,11 @@ class SB3Policy:
         if self.maskable:
             masks = getattr(self.env, "action_masks", None) or self.env.unwrapped.action_masks
             action, new_state = self.model.predict(
-                observation, state=state, episode_start=episode_start, deterministic=deterministic, action_masks=masks()
+                observation,
+                state=state,
+                episode_start=episode_start,
+                deterministic=deterministic,
+                action_masks=masks(),
             )
         else:
             action, new_state = self.model.predict(
@@ -103,7 +109,9 @@ def _is_maskable(path: Path) -> bool:
     return "Maskable" in described
 
 
-def load_sb3_policy(path: str | Path, env: Any, start_from: ProposesInitialDeployment | None = None) -> SB3Policy:
+def load_sb3_policy(
+    path: str | Path, env: Any, start_from: ProposesInitialDeployment | None = None
+) -> SB3Policy:
     """Load a saved ``PPO`` / ``MaskablePPO`` model for ``env`` (``start_from``: see :class:`SB3Policy`).
 
     :raises FileNotFoundError: if ``path`` does not exist.
@@ -125,7 +133,9 @@ def load_sb3_policy(path: str | Path, env: Any, start_from: ProposesInitialDeplo
     base = getattr(env, "unwrapped", env)
     model_nvec = np.asarray(getattr(model.action_space, "nvec", []))
     env_nvec = np.asarray(getattr(base.action_space, "nvec", []))
-    if model.observation_space.shape != base.observation_space.shape or not np.array_equal(model_nvec, env_nvec):
+    if model.observation_space.shape != base.observation_space.shape or not np.array_equal(
+        model_nvec, env_nvec
+    ):
         raise ValueError(
             f"model {file} was trained for observation {model.observation_space.shape} / action "
             f"{getattr(model.action_space, 'nvec', model.action_space)}, but this environment has "
@@ -158,13 +168,17 @@ def make_policy(name_or_path: str | Path | PolicyName, env: Any, **kwargs: Any) 
         if _looks_like_path(text):
             start_from = kwargs.pop("start_from", None)
             if kwargs:
-                raise ValueError(f"saved models take only the option start_from, got {sorted(kwargs)}") from None
+                raise ValueError(
+                    f"saved models take only the option start_from, got {sorted(kwargs)}"
+                ) from None
             return load_sb3_policy(text, env, _starting_policy(start_from, env))
         raise ValueError(
             f"unknown policy {text!r}; valid names: {', '.join(POLICY_NAMES)}, or a path to a saved SB3 model (.zip)"
         ) from None
     if "start_from" in kwargs:
-        raise ValueError(f"start_from is an option of saved models; {name.value!r} starts from its own deployment")
+        raise ValueError(
+            f"start_from is an option of saved models; {name.value!r} starts from its own deployment"
+        )
     module_name, class_name = _POLICY_CLASSES[name].split(":")
     policy_class = getattr(importlib.import_module(module_name), class_name)
     policy: Policy = policy_class(ControlContext.from_env(env), **kwargs)
@@ -177,5 +191,7 @@ def _starting_policy(name: str | None, env: Any) -> ProposesInitialDeployment | 
         return None
     policy = make_policy(name, env)
     if not isinstance(policy, ProposesInitialDeployment):
-        raise ValueError(f"policy {name!r} proposes no starting deployment; use one that does, e.g. 'operator-greedy'")
+        raise ValueError(
+            f"policy {name!r} proposes no starting deployment; use one that does, e.g. 'operator-greedy'"
+        )
     return policy

@@ -60,7 +60,9 @@ class StaticPolicy(HeuristicPolicy):
         self.percentile = percentile
         prompt, output = self._prior_lengths
         self.workload = Workload(
-            max(provisioning_rate_per_s(context, percentile, rate_bin_s), 0.05), max(prompt, 1.0), max(output, 1.0)
+            max(provisioning_rate_per_s(context, percentile, rate_bin_s), 0.05),
+            max(prompt, 1.0),
+            max(output, 1.0),
         )
         self.targets = targets or PlannerTargets()
         self.deployment = self._size()
@@ -71,7 +73,13 @@ class StaticPolicy(HeuristicPolicy):
         gpus_per_node = context.cluster.nodes[0].gpus_per_node
         if context.granularity == "model":
             latency = ModelLevelLatencyModel(
-                context.model, context.cluster, context.slo, context.cost_model, context.sim_config, initial.tp, self.targets
+                context.model,
+                context.cluster,
+                context.slo,
+                context.cost_model,
+                context.sim_config,
+                initial.tp,
+                self.targets,
             )
             budget, instances = latency.best_token_budget(
                 self.workload, context.batch_cap_buckets_tokens, context.max_replicas
@@ -99,10 +107,16 @@ class StaticPolicy(HeuristicPolicy):
         current = self.unit_replicas(observation)
         if self.context.granularity == "model":
             first = self.context.units[0]
-            return ScalingAction(instance_delta=self.context.clip_delta(self.deployment.instances - current[first]))
+            return ScalingAction(
+                instance_delta=self.context.clip_delta(self.deployment.instances - current[first])
+            )
         return ScalingAction(
             units={
-                unit: UnitAction(replica_delta=self.context.clip_delta(self.deployment.units[unit].replicas - current[unit]))
+                unit: UnitAction(
+                    replica_delta=self.context.clip_delta(
+                        self.deployment.units[unit].replicas - current[unit]
+                    )
+                )
                 for unit in self.context.units
             }
         )

@@ -269,9 +269,13 @@ def resolve_config(config: Mapping[str, Any] | None = None, **overrides: Any) ->
         ``fidelity="des"`` arrives as an override, and silently preferring either would surprise someone).
     """
     given = config or {}
-    conflicting = sorted(key for key in _ID_KEYWORDS & set(overrides) if key in given and given[key] != overrides[key])
+    conflicting = sorted(
+        key for key in _ID_KEYWORDS & set(overrides) if key in given and given[key] != overrides[key]
+    )
     if conflicting:
-        details = ", ".join(f"{key}: config {given[key]!r} vs keyword {overrides[key]!r}" for key in conflicting)
+        details = ", ".join(
+            f"{key}: config {given[key]!r} vs keyword {overrides[key]!r}" for key in conflicting
+        )
         raise ValueError(
             f"config keys set twice with different values ({details}); pass each once, e.g. "
             "gym.make(id, fidelity=...) or the '-fast-v0' id for the fluid fidelity"

@@ -224,10 +224,13 @@ def size_operator_level(
         for unit in model.units
     }
     bytes_per_replica[UnitKind.ATTENTION] += KV_SHARE * usable_bytes
+
     def place(
         counts: Mapping[UnitKind, int], shares: Mapping[UnitKind, float]
     ) -> dict[UnitKind, list[tuple[int, ...]]]:
-        return _place_by_load(counts, tp, shares, bytes_per_replica, usable_bytes, cluster, target_utilisation)
+        return _place_by_load(
+            counts, tp, shares, bytes_per_replica, usable_bytes, cluster, target_utilisation
+        )
 
     replicas, gpus = _fit_by_shrinking(replicas, busy_per_replica, place)
     return Deployment.operator_level(
@@ -310,7 +313,9 @@ def _latency_tp(
 def _fit_by_shrinking(
     replicas: Mapping[UnitKind, int],
     busy_per_replica: Mapping[UnitKind, float],
-    place: Callable[[Mapping[UnitKind, int], Mapping[UnitKind, float]], dict[UnitKind, list[tuple[int, ...]]]],
+    place: Callable[
+        [Mapping[UnitKind, int], Mapping[UnitKind, float]], dict[UnitKind, list[tuple[int, ...]]]
+    ],
 ) -> tuple[dict[UnitKind, int], dict[UnitKind, list[tuple[int, ...]]]]:
     """``place(replicas, busy per replica)`` (:func:`_place_by_load`), or, when their memory does not
     fit the cluster, the same of every

@@ -30,7 +30,9 @@ def poisson_trace(rate_per_s: float, duration_s: float, seed: int) -> RequestTra
     arrival_s = np.sort(rng.uniform(0.0, duration_s, count))
     prompt = np.clip(rng.lognormal(np.log(800.0), 0.8, count), 1, 3000).astype(np.int64)
     output = np.clip(rng.lognormal(np.log(150.0), 0.8, count), 1, 1000).astype(np.int64)
-    return RequestTrace(arrival_s, prompt, output, name=f"poisson-{rate_per_s:g}", time_range_s=(0.0, duration_s))
+    return RequestTrace(
+        arrival_s, prompt, output, name=f"poisson-{rate_per_s:g}", time_range_s=(0.0, duration_s)
+    )
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,28 @@ def measure(case: BenchCase, steps: int, repeats: int, interval_s: float = 5.0) 
 
 def cases() -> list[BenchCase]:
     """Llama-2-7B on A100: 2 instances at 4 req/s, and 20 instances at 40 req/s; operator-level alike."""
-    small_operator = {"embed": 1, "norm": 1, "qkv_proj": 1, "attention": 2, "o_proj": 1, "ffn": 2, "lm_head": 1}
+    small_operator = {
+        "embed": 1,
+        "norm": 1,
+        "qkv_proj": 1,
+        "attention": 2,
+        "o_proj": 1,
+        "ffn": 2,
+        "lm_head": 1,
+    }
     large_operator = {unit: 10 * count for unit, count in small_operator.items()}
     return [
         BenchCase("model-level, 2 instances", Deployment.model_level("llama-2-7b", "a100", instances=2), 4.0),
-        BenchCase("model-level, 20 instances (10x rate)", Deployment.model_level("llama-2-7b", "a100", instances=20), 40.0),
-        BenchCase("operator-level, 9 replicas", Deployment.operator_level("llama-2-7b", "a100", replicas=small_operator), 4.0),
+        BenchCase(
+            "model-level, 20 instances (10x rate)",
+            Deployment.model_level("llama-2-7b", "a100", instances=20),
+            40.0,
+        ),
+        BenchCase(
+            "operator-level, 9 replicas",
+            Deployment.operator_level("llama-2-7b", "a100", replicas=small_operator),
+            4.0,
+        ),
         BenchCase(
             "operator-level, 90 replicas (10x rate)",
             Deployment.operator_level("llama-2-7b", "a100", replicas=large_operator),
@@ -90,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<42} {'req/s':>6} {'requests':>9} {'advance/s':>10} {'us/call':>8}")
     for case in cases():
         calls_per_s, requests = measure(case, args.steps, args.repeats)
-        print(f"{case.label:<42} {case.rate_per_s:>6.0f} {requests:>9d} {calls_per_s:>10.0f} {1e6 / calls_per_s:>8.0f}")
+        print(
+            f"{case.label:<42} {case.rate_per_s:>6.0f} {requests:>9d} {calls_per_s:>10.0f} {1e6 / calls_per_s:>8.0f}"
+        )
     return 0
 
 

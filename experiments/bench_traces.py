@@ -14,7 +14,14 @@ import time
 from opscale.traces import load_trace
 
 #: Traces timed by default (ServeGen m-large: the default 1-hour window, about 1.1 M requests).
-DEFAULT_NAMES = ("azure-conv", "azure-code", "mooncake-conv", "mooncake-synthetic", "default", "servegen-m-large")
+DEFAULT_NAMES = (
+    "azure-conv",
+    "azure-code",
+    "mooncake-conv",
+    "mooncake-synthetic",
+    "default",
+    "servegen-m-large",
+)
 
 
 def time_load(name: str, repeats: int) -> tuple[float, float, int]:
@@ -38,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'trace':<22} {'requests':>10} {'first load s':>13} {'median s':>9} {'M req/s':>8}")
     for name in args.names:
         first_s, median_s, requests = time_load(name, args.repeats)
-        print(f"{name:<22} {requests:>10,} {first_s:>13.3f} {median_s:>9.3f} {requests / median_s / 1e6:>8.2f}")
+        print(
+            f"{name:<22} {requests:>10,} {first_s:>13.3f} {median_s:>9.3f} {requests / median_s / 1e6:>8.2f}"
+        )
     return 0
 
 

@@ -72,11 +72,21 @@ def agreement_cases() -> list[AgreementCase]:
     attention streams and two FFN replicas (the default ``pack`` placement co-locates everything);
     the model-level deployment as operator-level chains (every unit's replica ``k`` on GPU ``k``, the
     layout ``operator-greedy`` falls back to)."""
-    operator_replicas = {"embed": 1, "norm": 1, "qkv_proj": 1, "attention": 2, "o_proj": 1, "ffn": 2, "lm_head": 1}
+    operator_replicas = {
+        "embed": 1,
+        "norm": 1,
+        "qkv_proj": 1,
+        "attention": 2,
+        "o_proj": 1,
+        "ffn": 2,
+        "lm_head": 1,
+    }
     chain_units = tuple(operator_replicas)
     return [
         AgreementCase("model-level 2x(TP1)", Deployment.model_level("llama-2-7b", "a100", instances=2)),
-        AgreementCase("operator-level", Deployment.operator_level("llama-2-7b", "a100", replicas=operator_replicas)),
+        AgreementCase(
+            "operator-level", Deployment.operator_level("llama-2-7b", "a100", replicas=operator_replicas)
+        ),
         AgreementCase(
             "operator-level chains 2x(TP1)",
             Deployment.operator_level(
@@ -107,7 +117,12 @@ def poisson_trace(
         start, end, factor = surge
         rate = StepRate((0.0, start, end), (rate_per_s, rate_per_s * factor, rate_per_s))
     trace = synthetic_trace(
-        rate, duration_s, default_prompt_lengths(), default_output_lengths(), np.random.default_rng(seed), name="poisson"
+        rate,
+        duration_s,
+        default_prompt_lengths(),
+        default_output_lengths(),
+        np.random.default_rng(seed),
+        name="poisson",
     )
     return trace.truncate_lengths(max_context, policy="clip")
 
@@ -142,7 +157,9 @@ def _weighted(intervals: list[IntervalMetrics], value: str, weight: str) -> floa
     return float(weights @ values / weights.sum()) if weights.sum() > 0 else 0.0
 
 
-def run_fidelity(simulator_class: SimulatorClass, case: AgreementCase, trace: RequestTrace, duration_s: float) -> FidelityResult:
+def run_fidelity(
+    simulator_class: SimulatorClass, case: AgreementCase, trace: RequestTrace, duration_s: float
+) -> FidelityResult:
     """Replay ``trace`` (``duration_s`` long, then :data:`DRAIN_S`) through one fidelity."""
     simulator = simulator_class(case.cluster, case.deployment.model, case.deployment, trace)
     start = time.perf_counter()
@@ -161,7 +178,9 @@ def run_fidelity(simulator_class: SimulatorClass, case: AgreementCase, trace: Re
     )
 
 
-def measure_capacity(simulator_class: SimulatorClass, case: AgreementCase, *, probe_rate_per_s: float, seed: int = 0) -> float:
+def measure_capacity(
+    simulator_class: SimulatorClass, case: AgreementCase, *, probe_rate_per_s: float, seed: int = 0
+) -> float:
     """Completions per second in the second half of a 100-s overload at ``probe_rate_per_s``."""
     trace = poisson_trace(probe_rate_per_s, 100.0, seed)
     simulator = simulator_class(case.cluster, case.deployment.model, case.deployment, trace)
@@ -191,12 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.duration < 60:
         raise ValueError(f"--duration must be >= 60 s, got {args.duration}")
-    print("| deployment | load | SLO fluid / DES | GPUs | energy kJ fluid / DES | TTFT mean s | TTFT p99 s | TBT mean ms | TBT p99 ms | targets |")
+    print(
+        "| deployment | load | SLO fluid / DES | GPUs | energy kJ fluid / DES | TTFT mean s | TTFT p99 s | TBT mean ms | TBT p99 ms | targets |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for case in agreement_cases():
         capacity = measure_capacity(DiscreteEventSimulator, case, probe_rate_per_s=40.0, seed=args.seed)
         fluid_capacity = measure_capacity(FluidSimulator, case, probe_rate_per_s=40.0, seed=args.seed)
-        print(f"| {case.label} | capacity (req/s) | fluid {fluid_capacity:.2f} / DES {capacity:.2f} | | | | | | | |")
+        print(
+            f"| {case.label} | capacity (req/s) | fluid {fluid_capacity:.2f} / DES {capacity:.2f} | | | | | | | |"
+        )
         scenarios: list[tuple[str, float, tuple[float, float, float] | None]] = [
             ("30 %", 0.3, None),
             ("60 %", 0.6, None),
@@ -209,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             fluid = run_fidelity(FluidSimulator, case, trace, args.duration)
             des = run_fidelity(DiscreteEventSimulator, case, trace, args.duration)
             checks = within_targets(fluid, des)
-            verdict = "steady: all met" if all(checks.values()) else "missed: " + ", ".join(k for k, ok in checks.items() if not ok)
+            verdict = (
+                "steady: all met"
+                if all(checks.values())
+                else "missed: " + ", ".join(k for k, ok in checks.items() if not ok)
+            )
             print(
                 f"| {case.label} | {label} | {fluid.slo_attainment:.3f} / {des.slo_attainment:.3f} "
                 f"| {fluid.gpus_peak} / {des.gpus_peak} | {fluid.energy_j / 1e3:.1f} / {des.energy_j / 1e3:.1f} "
@@ -217,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {fluid.tbt_mean_s * 1e3:.1f} / {des.tbt_mean_s * 1e3:.1f} | {fluid.tbt_p99_s * 1e3:.0f} / {des.tbt_p99_s * 1e3:.0f} "
                 f"| {verdict} |"
             )
-        print(f"| {case.label} | wall time per run (600 s) | fluid {fluid.wall_s:.2f} s / DES {des.wall_s:.2f} s | | | | | | | |")
+        print(
+            f"| {case.label} | wall time per run (600 s) | fluid {fluid.wall_s:.2f} s / DES {des.wall_s:.2f} s | | | | | | | |"
+        )
     return 0
 
 

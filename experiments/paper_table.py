@@ -167,7 +167,9 @@ class PaperTableConfig:
         if self.ppo_model is not None:
             object.__setattr__(self, "ppo_model", Path(self.ppo_model))
         if BASELINE not in self.policies:
-            raise ValueError(f"policies must include the baseline {BASELINE.value!r}, got {[p.value for p in self.policies]}")
+            raise ValueError(
+                f"policies must include the baseline {BASELINE.value!r}, got {[p.value for p in self.policies]}"
+            )
         for name in ("models", "gpus", "traces", "eval_seeds"):
             if not getattr(self, name):
                 raise ValueError(f"PaperTableConfig.{name} must not be empty")
@@ -202,7 +204,9 @@ class PaperTableConfig:
 
     def cases(self) -> list[Case]:
         """Every model x GPU x trace combination, in that nesting order."""
-        return [Case(model, gpu, trace) for model in self.models for gpu in self.gpus for trace in self.traces]
+        return [
+            Case(model, gpu, trace) for model in self.models for gpu in self.gpus for trace in self.traces
+        ]
 
     def env_config(self, case: Case, *, horizon: int | None = None) -> dict[str, Any]:
         """The environment configuration of ``case`` (shared by every policy and by PPO training)."""
@@ -359,7 +363,10 @@ def _train_ppo(config: PaperTableConfig, case: Case) -> tuple[Path, float, int]:
 
     # Another realisation (``trace_seed``) of a generated trace (embedded default, ServeGen arrivals) than the
     # evaluation's; training windows also end before the held-out tail (``PPOConfig.hold_out_windows``).
-    env_kwargs: dict[str, Any] = {**config.env_config(case, horizon=config.ppo_train_horizon), "trace_seed": config.seed + 1}
+    env_kwargs: dict[str, Any] = {
+        **config.env_config(case, horizon=config.ppo_train_horizon),
+        "trace_seed": config.seed + 1,
+    }
     # PPO starts where operator-greedy starts (the planner's deployment for the trace's mean rate), in
     # training and in evaluation (``start_from``), so the comparison measures control, not the start
     probe = make_env(PPO_TRAIN_ENV_ID, fidelity=None, env_config=env_kwargs)
@@ -422,7 +429,13 @@ def _budget_nodes(config: PaperTableConfig, model_level_peak_gpus: int) -> int:
 
 
 def _throughput(
-    config: PaperTableConfig, case: Case, policy: PaperPolicy, spec: str, budget_nodes: int, rate_scale_per_s: float, progress: _Progress
+    config: PaperTableConfig,
+    case: Case,
+    policy: PaperPolicy,
+    spec: str,
+    budget_nodes: int,
+    rate_scale_per_s: float,
+    progress: _Progress,
 ) -> tuple[Bisection, float]:
     """Bisect the trace's rate scale at ``budget_nodes`` nodes; returns the search and the sustained rate."""
     from opscale.agents.evaluation import evaluate
@@ -460,7 +473,9 @@ def _throughput(
         offered[scale] = episode.requests / window_s
         return episode.slo_attainment
 
-    bisection = max_sustainable_scale(attainment_at, config.slo_threshold, config.bisection_probes, config.max_rate_scale)
+    bisection = max_sustainable_scale(
+        attainment_at, config.slo_threshold, config.bisection_probes, config.max_rate_scale
+    )
     progress.skip(config.bisection_probes - len(bisection.probes))
     return bisection, offered.get(bisection.scale, 0.0)
 
@@ -478,7 +493,9 @@ def _run_case(config: PaperTableConfig, case: Case, progress: _Progress) -> Case
     env_config = config.env_config(case)
     for policy in config.policies:
         spec = _policy_spec(policy, result.ppo_model)
-        with progress.task(f"{case.slug}: evaluating {policy.value} (DES, {len(config.eval_seeds)} episodes)"):
+        with progress.task(
+            f"{case.slug}: evaluating {policy.value} (DES, {len(config.eval_seeds)} episodes)"
+        ):
             evaluation = evaluate(
                 spec,
                 POLICY_ENV_IDS[policy],
@@ -495,7 +512,11 @@ def _run_case(config: PaperTableConfig, case: Case, progress: _Progress) -> Case
     for policy, policy_result in result.policies.items():
         spec = _policy_spec(policy, result.ppo_model)
         bisection, rate = _throughput(config, case, policy, spec, budget_nodes, rate_scale_per_s, progress)
-        policy_result.throughput, policy_result.max_rate_per_s, policy_result.budget_gpus = bisection, rate, budget_nodes * 8
+        policy_result.throughput, policy_result.max_rate_per_s, policy_result.budget_gpus = (
+            bisection,
+            rate,
+            budget_nodes * 8,
+        )
     return result
 
 
@@ -545,4 +566,3 @@ def savings(case_result: CaseResult, policy: PaperPolicy) -> dict[str, float]:
         "throughput_ratio": ratio,
         "slo_delta": mine.mean("slo_attainment") - baseline.mean("slo_attainment"),
     }
-

@@ -78,7 +78,9 @@ def result_rows(config: PaperTableConfig, results: Sequence[CaseResult]) -> list
                 "requests": summary["requests"].mean,
                 "budget_gpus": policy_result.budget_gpus,
                 "max_rate_per_s": policy_result.max_rate_per_s,
-                "max_rate_scale": policy_result.throughput.scale if policy_result.throughput else float("nan"),
+                "max_rate_scale": policy_result.throughput.scale
+                if policy_result.throughput
+                else float("nan"),
                 "max_rate_capped": bool(policy_result.throughput and policy_result.throughput.capped),
             }
             compared = savings(case_result, policy)
@@ -149,17 +151,25 @@ def claims_paragraph(config: PaperTableConfig, rows: Sequence[dict[str, Any]]) -
                 verdict = f"best at matched SLO {_percent(best)}, {_verdict(metric, best)}"
             else:
                 verdict = "none at matched SLO, so no like-for-like comparison"
-            parts.append(f"{_CLAIM_LABELS[metric]}: {verdict} (mean over all cases {_percent(float(values.mean()))}; {claim})")
-        informative = [row for row in mine if math.isfinite(row["throughput_ratio"]) and row["throughput_bound"] != "?"]
+            parts.append(
+                f"{_CLAIM_LABELS[metric]}: {verdict} (mean over all cases {_percent(float(values.mean()))}; {claim})"
+            )
+        informative = [
+            row for row in mine if math.isfinite(row["throughput_ratio"]) and row["throughput_bound"] != "?"
+        ]
         if informative:
             best_row = max(informative, key=lambda row: row["throughput_ratio"])
-            bound_note = "" if best_row["throughput_bound"] == "=" else " (a bound: a bisection hit the rate cap)"
+            bound_note = (
+                "" if best_row["throughput_bound"] == "=" else " (a bound: a bisection hit the rate cap)"
+            )
             parts.append(
                 f"{_CLAIM_LABELS['throughput_ratio']}: best {_ratio_text(best_row['throughput_ratio'], best_row['throughput_bound'])}"
                 f"{bound_note}, {_verdict('throughput_ratio', best_row['throughput_ratio'])} (paper 1.6x)"
             )
         else:
-            parts.append(f"{_CLAIM_LABELS['throughput_ratio']}: not measurable (no bisection ended inside the searched range)")
+            parts.append(
+                f"{_CLAIM_LABELS['throughput_ratio']}: not measurable (no bisection ended inside the searched range)"
+            )
         slo_deltas = _finite([row["slo_delta"] for row in mine])
         lines.append(
             f"- **{policy.value} vs model-level** (SLO attainment {_points(float(slo_deltas.mean()))} on "
@@ -167,7 +177,7 @@ def claims_paragraph(config: PaperTableConfig, rows: Sequence[dict[str, Any]]) -
         )
     lines += [
         "",
-        "Positive savings mean fewer GPUs / less energy than model-level. \"Matched SLO\" means SLO attainment no "
+        'Positive savings mean fewer GPUs / less energy than model-level. "Matched SLO" means SLO attainment no '
         f"more than {100 * config.slo_match_tolerance:.0f} point(s) below model-level's; a saving bought with a "
         "worse SLO is not the paper's claim and is not counted as agreement.",
     ]
@@ -180,24 +190,45 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def _markdown(config: PaperTableConfig, results: Sequence[CaseResult], rows: Sequence[dict[str, Any]], command: str, wall_s: float) -> str:
-    budget = "the nodes model-level peaked at" if config.budget_num_nodes is None else f"{config.budget_num_nodes * 8} GPUs"
+def _markdown(
+    config: PaperTableConfig,
+    results: Sequence[CaseResult],
+    rows: Sequence[dict[str, Any]],
+    command: str,
+    wall_s: float,
+) -> str:
+    budget = (
+        "the nodes model-level peaked at"
+        if config.budget_num_nodes is None
+        else f"{config.budget_num_nodes * 8} GPUs"
+    )
     main_rows = [
         [
-            row["model"], row["gpu"], row["trace"], row["policy"],
+            row["model"],
+            row["gpu"],
+            row["trace"],
+            row["policy"],
             f"{row['slo_attainment']:.3f} ± {row['slo_attainment_ci95']:.3f}",
-            f"{row['gpus_mean']:.2f}", f"{row['gpus_peak']}", f"{row['energy_kwh']:.4f}",
-            f"{row['ttft_p99_s']:.3f}", f"{row['tbt_p99_s']:.4f}",
+            f"{row['gpus_mean']:.2f}",
+            f"{row['gpus_peak']}",
+            f"{row['energy_kwh']:.4f}",
+            f"{row['ttft_p99_s']:.3f}",
+            f"{row['tbt_p99_s']:.4f}",
             f"{row['max_rate_per_s']:.2f}{'+' if row['max_rate_capped'] else ''} ({row['budget_gpus']})",
         ]
         for row in rows
     ]
     saving_rows = [
         [
-            row["model"], row["gpu"], row["trace"], row["policy"],
-            _percent(row["gpu_saving"]), _percent(row["energy_saving"]),
+            row["model"],
+            row["gpu"],
+            row["trace"],
+            row["policy"],
+            _percent(row["gpu_saving"]),
+            _percent(row["energy_saving"]),
             _ratio_text(row["throughput_ratio"], row["throughput_bound"]),
-            _points(row["slo_delta"]), "yes" if row["matched_slo"] else "no",
+            _points(row["slo_delta"]),
+            "yes" if row["matched_slo"] else "no",
         ]
         for row in rows
         if row["policy"] != BASELINE.value
@@ -226,15 +257,36 @@ def _markdown(config: PaperTableConfig, results: Sequence[CaseResult], rows: Seq
         "## Results",
         "",
         _markdown_table(
-            ["model", "GPU", "trace", "policy", "SLO attainment", "GPUs avg", "GPUs peak", "energy kWh",
-             "TTFT p99 s", "TBT p99 s", "max rate req/s (GPUs)"],
+            [
+                "model",
+                "GPU",
+                "trace",
+                "policy",
+                "SLO attainment",
+                "GPUs avg",
+                "GPUs peak",
+                "energy kWh",
+                "TTFT p99 s",
+                "TBT p99 s",
+                "max rate req/s (GPUs)",
+            ],
             main_rows,
         ),
         "",
         "## Savings against model-level",
         "",
         _markdown_table(
-            ["model", "GPU", "trace", "policy", "GPU saving", "energy saving", "throughput ratio", "SLO Δ", "matched SLO"],
+            [
+                "model",
+                "GPU",
+                "trace",
+                "policy",
+                "GPU saving",
+                "energy saving",
+                "throughput ratio",
+                "SLO Δ",
+                "matched SLO",
+            ],
             saving_rows,
         ),
         "",
@@ -270,16 +322,22 @@ def _plot_case(case_result: CaseResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     policies = list(case_result.policies.values())
-    figure, axes = plt.subplots(len(policies), 1, figsize=(9, 2.4 * len(policies)), sharex=True, squeeze=False)
+    figure, axes = plt.subplots(
+        len(policies), 1, figsize=(9, 2.4 * len(policies)), sharex=True, squeeze=False
+    )
     legend_handles: list[Any] = []
     for axis, policy_result in zip(axes[:, 0], policies, strict=True):
         episode = policy_result.evaluation.episodes[0]
         series = episode.series
-        (gpus_line,) = axis.step(series.time_s, series.gpus, where="post", color="tab:blue", label="GPUs powered")
+        (gpus_line,) = axis.step(
+            series.time_s, series.gpus, where="post", color="tab:blue", label="GPUs powered"
+        )
         axis.set_ylabel("GPUs")
         axis.set_ylim(bottom=0)
         load_axis = axis.twinx()
-        (load_line,) = load_axis.plot(series.time_s, series.arrival_rate_per_s, color="grey", linestyle="--", label="load (req/s)")
+        (load_line,) = load_axis.plot(
+            series.time_s, series.arrival_rate_per_s, color="grey", linestyle="--", label="load (req/s)"
+        )
         load_axis.set_ylabel("req/s")
         load_axis.set_ylim(bottom=0)
         legend_handles = legend_handles or [gpus_line, load_line]
@@ -302,15 +360,21 @@ def _plot_savings(rows: Sequence[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    compared = [row for row in rows if row["policy"] != BASELINE.value and row["policy"] != PaperPolicy.STATIC.value]
+    compared = [
+        row for row in rows if row["policy"] != BASELINE.value and row["policy"] != PaperPolicy.STATIC.value
+    ]
     labels = [f"{row['model']}\n{row['gpu']} {row['trace']}\n{row['policy']}" for row in compared]
     positions = np.arange(len(compared))
     figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(compared)), 4))
     width = 0.38
     axis.bar(positions - width / 2, [100 * row["gpu_saving"] for row in compared], width, label="GPU saving")
-    axis.bar(positions + width / 2, [100 * row["energy_saving"] for row in compared], width, label="energy saving")
+    axis.bar(
+        positions + width / 2, [100 * row["energy_saving"] for row in compared], width, label="energy saving"
+    )
     axis.axhline(100 * PAPER_CLAIMS["gpu_saving"], color="tab:blue", linestyle=":", label="paper: 40 % GPUs")
-    axis.axhline(100 * PAPER_CLAIMS["energy_saving"], color="tab:orange", linestyle=":", label="paper: 35 % energy")
+    axis.axhline(
+        100 * PAPER_CLAIMS["energy_saving"], color="tab:orange", linestyle=":", label="paper: 35 % energy"
+    )
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xticks(positions, labels, fontsize="x-small")
     axis.set_ylabel("% vs model-level")
@@ -331,7 +395,9 @@ def _write_tensorboard(case_result: CaseResult, root: Path) -> None:
                 writer.add_scalar("serving/gpus", series.gpus[step], step, walltime=wall)
                 writer.add_scalar("serving/slo_attainment", series.slo_attainment[step], step, walltime=wall)
                 writer.add_scalar("serving/power_w", series.power_w[step], step, walltime=wall)
-                writer.add_scalar("load/arrival_rate_per_s", series.arrival_rate_per_s[step], step, walltime=wall)
+                writer.add_scalar(
+                    "load/arrival_rate_per_s", series.arrival_rate_per_s[step], step, walltime=wall
+                )
                 for unit, counts in series.replicas.items():
                     writer.add_scalar(f"replicas/{unit}", counts[step], step, walltime=wall)
             for metric in ("slo_attainment", "gpus_mean", "energy_kwh", "ttft_p99_s", "tbt_p99_s"):
@@ -368,7 +434,9 @@ def write_outputs(
     files["plot:savings"] = out / "plots" / "savings.png"
     _plot_savings(rows, files["plot:savings"])
     files["tensorboard"] = out / "tensorboard"
-    config_data = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(config).items()}
+    config_data = {
+        key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(config).items()
+    }
     config_data["policies"] = [policy.value for policy in config.policies]
     payload = {
         "command": command,
@@ -381,7 +449,9 @@ def write_outputs(
                 "ppo_model": None if case_result.ppo_model is None else str(case_result.ppo_model),
                 "ppo_timesteps": case_result.ppo_timesteps,
                 "ppo_train_wall_s": case_result.ppo_train_wall_s,
-                "policies": {policy.value: _json_ready(result) for policy, result in case_result.policies.items()},
+                "policies": {
+                    policy.value: _json_ready(result) for policy, result in case_result.policies.items()
+                },
             }
             for case_result in results
         ],

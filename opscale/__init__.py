@@ -13,13 +13,19 @@ __all__ = ["ENV_IDS", "__version__", "register_envs"]
 
 #: Registered ids -> (entry point, default kwargs). The ``-fast`` variants differ only in config.
 ENV_IDS: dict[str, tuple[str, dict[str, object]]] = {
-    "opscale/OperatorAutoscale-v0": ("opscale.envs.operator_autoscale:OperatorAutoscaleEnv", {"fidelity": "des"}),
+    "opscale/OperatorAutoscale-v0": (
+        "opscale.envs.operator_autoscale:OperatorAutoscaleEnv",
+        {"fidelity": "des"},
+    ),
     "opscale/OperatorAutoscale-fast-v0": (
         "opscale.envs.operator_autoscale:OperatorAutoscaleEnv",
         {"fidelity": "fluid"},
     ),
     "opscale/ModelAutoscale-v0": ("opscale.envs.model_autoscale:ModelAutoscaleEnv", {"fidelity": "des"}),
-    "opscale/ModelAutoscale-fast-v0": ("opscale.envs.model_autoscale:ModelAutoscaleEnv", {"fidelity": "fluid"}),
+    "opscale/ModelAutoscale-fast-v0": (
+        "opscale.envs.model_autoscale:ModelAutoscaleEnv",
+        {"fidelity": "fluid"},
+    ),
 }
 
 

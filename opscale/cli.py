@@ -16,7 +16,15 @@ from collections.abc import Sequence
 from opscale.version import __version__
 
 #: Sub-command modules, in the order ``opscale --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("trace", "train", "costmodel", "simulate", "evaluate", "experiment", "env")
+COMMAND_MODULES: tuple[str, ...] = (
+    "trace",
+    "train",
+    "costmodel",
+    "simulate",
+    "evaluate",
+    "experiment",
+    "env",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -768,7 +768,11 @@ class DiscreteEventSimulator:
             live = [s for s in self.streams if s.accepting]
             # loading first, then the one whose GPU empties soonest (ClusterState.release_order), then the least loaded
             live.sort(
-                key=lambda s: (s.serving, self.state.release_order(self._attention_replicas[s].gpus), s.pending_work_tokens)
+                key=lambda s: (
+                    s.serving,
+                    self.state.release_order(self._attention_replicas[s].gpus),
+                    s.pending_work_tokens,
+                )
             )
             removable = live[: max(0, min(count, len(live) - 1))]
             for stream in removable:

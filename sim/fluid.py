@@ -255,7 +255,9 @@ class FluidSimulator:
         self._granularity = deployment.granularity
         self._tp = deployment.tp
         self._pp = deployment.pp
-        self._unit_configs: dict[UnitKind, UnitDeployment] = {u: replace(c) for u, c in deployment.units.items()}
+        self._unit_configs: dict[UnitKind, UnitDeployment] = {
+            u: replace(c) for u, c in deployment.units.items()
+        }
         self._gpu = cluster.gpu_of(0)
         profile = self.power_model.profile(self._gpu)
         self._power_levels = (profile.idle_w, profile.memory_bound_w, profile.compute_bound_w)
@@ -266,7 +268,9 @@ class FluidSimulator:
         self._pool_columns_list = [self._units.index(u) for u in self._stateless]
         self._attention_column = self._units.index(UnitKind.ATTENTION)
         self._overhead = engine_overhead(self.config.engine_overhead, self._gpu)
-        self._erlang_rows = ErlangRows(shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS), ERLANG_GRID_POINTS)
+        self._erlang_rows = ErlangRows(
+            shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS), ERLANG_GRID_POINTS
+        )
         self._poisson = shared_poisson_tail_table()
         self._build_tables()
         self._build_transfer_constants()
@@ -294,7 +298,9 @@ class FluidSimulator:
         self._jobs_per_call_list = [1.0] * len(self._stateless)
         self._mean_job_tokens_list = [1.0] * len(self._stateless)
         #: per pool, mean call time of a prefill job (from the last interval's chunk mix)
-        self._prefill_call_list = [self._table.scalar_time_s(row, 1024.0) for row in range(len(self._stateless))]
+        self._prefill_call_list = [
+            self._table.scalar_time_s(row, 1024.0) for row in range(len(self._stateless))
+        ]
         #: contention slowdown of each pool's calls and of attention (operator level; last interval)
         self._slowdown_list = [1.0] * len(self._stateless)
         self._attention_slowdown = 1.0
@@ -310,7 +316,9 @@ class FluidSimulator:
     def _load_trace(self, trace: object) -> None:
         requests = prepare_requests(trace, self.model, clip_long_requests=self.config.clip_long_requests)
         self.clipped_requests = requests.clipped
-        self._arrivals = ArrivalIndex(requests.arrival_s, requests.prompt, requests.output, quantiles=LENGTH_QUANTILES)
+        self._arrivals = ArrivalIndex(
+            requests.arrival_s, requests.prompt, requests.output, quantiles=LENGTH_QUANTILES
+        )
         self._max_request_tokens = requests.max_request_tokens
 
     def _build_tables(self) -> None:
@@ -342,14 +350,18 @@ class FluidSimulator:
                 placed = layout.place_instance(self._tp, self._pp, budget, 0.0, 0.0)
                 if placed is None:
                     need = self.model.total_weight_bytes(self._tp) / self._pp
-                    raise layout.placement_error(f"an instance of {self.model.name!r}", self._tp * self._pp, need)
+                    raise layout.placement_error(
+                        f"an instance of {self.model.name!r}", self._tp * self._pp, need
+                    )
                 self._pending.append(_Pending(None, placed))
             return
         for unit in (*self._stateless, UnitKind.ATTENTION):
             config = self._unit_configs[unit]
             for index in range(config.replicas):
                 explicit = None if config.gpus is None else tuple(config.gpus[index])
-                placed = self._place_unit(unit, config, explicit, 0.0, share_later=True, policy=config.placement)
+                placed = self._place_unit(
+                    unit, config, explicit, 0.0, share_later=True, policy=config.placement
+                )
                 if placed is None:
                     need = layout.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
                     raise layout.placement_error(f"a replica of unit {unit.value!r}", config.tp, need)
@@ -367,16 +379,28 @@ class FluidSimulator:
     ) -> PlacedReplica | None:
         if unit is UnitKind.ATTENTION:
             placed = self.layout.place_attention(
-                config.tp, config.batch_cap_tokens, policy, ready_s, self._now_s, share_later=share_later, explicit=explicit
+                config.tp,
+                config.batch_cap_tokens,
+                policy,
+                ready_s,
+                self._now_s,
+                share_later=share_later,
+                explicit=explicit,
             )
         else:
-            placed = self.layout.place_stateless(unit, config.tp, config.batch_cap_tokens, policy, ready_s, self._now_s, explicit)
+            placed = self.layout.place_stateless(
+                unit, config.tp, config.batch_cap_tokens, policy, ready_s, self._now_s, explicit
+            )
         if placed is not None:
             self._pending.append(_Pending(unit, placed))
         return placed
 
     def _check_requests_fit(self) -> None:
-        kv = [r.placed.kv_tokens / (self._pp if r.unit is None else 1) for r in self._pending if r.unit in (None, UnitKind.ATTENTION)]
+        kv = [
+            r.placed.kv_tokens / (self._pp if r.unit is None else 1)
+            for r in self._pending
+            if r.unit in (None, UnitKind.ATTENTION)
+        ]
         if kv and self._arrivals.num_requests and self._max_request_tokens > max(kv):
             raise ValueError(
                 f"a request needs {self._max_request_tokens} tokens of KV cache; the largest attention "
@@ -421,7 +445,9 @@ class FluidSimulator:
         others_share = 1.0 - 1.0 / max(self._streams, 1)
         for gpus, mix in summary.gpu_groups:
             local_streams = dict(mix).get(self._attention_column, 0)
-            own_scale = (1.0 - 1.0 / local_streams) / others_share if local_streams and others_share > 0 else 1.0
+            own_scale = (
+                (1.0 - 1.0 / local_streams) / others_share if local_streams and others_share > 0 else 1.0
+            )
             for column, shards in mix:
                 row = colocation[column]
                 for other, other_shards in mix:
@@ -435,7 +461,9 @@ class FluidSimulator:
         self._pool_erlang_rows = [self._erlang_rows.row(int(replicas)) for replicas in self._pool_replicas]
         # share of the other streams a pool still serves while one of its replicas is held
         other_streams = max(self._streams - 1, 1)
-        self._contention_free_list = [min(max(replicas - 1.0, 0.0) / other_streams, 1.0) for replicas in self._pool_replicas]
+        self._contention_free_list = [
+            min(max(replicas - 1.0, 0.0) / other_streams, 1.0) for replicas in self._pool_replicas
+        ]
         self._pool_caps = [float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]
 
     def _local_columns(self, homes: Sequence[dict[int, int]]) -> set[int]:
@@ -446,7 +474,11 @@ class FluidSimulator:
         attention = self._attention_column
         local = {attention}
         for column in range(len(homes)):  # sources come first in model order (the first: attention)
-            if column != attention and homes[column] == homes[attention] and self._transfer_source_rows[column] in local:
+            if (
+                column != attention
+                and homes[column] == homes[attention]
+                and self._transfer_source_rows[column] in local
+            ):
                 local.add(column)
         return local
 
@@ -467,7 +499,9 @@ class FluidSimulator:
             else:
                 previous = units[column - 1] if column > 0 else None
                 hops.append(float(model.layers_of(unit)))
-                per_token_bytes.append((4.0 if previous is None else model.activation_bytes_per_token(previous)) * hops[-1])
+                per_token_bytes.append(
+                    (4.0 if previous is None else model.activation_bytes_per_token(previous)) * hops[-1]
+                )
         self._transfer_hops = hops
         self._transfer_bytes_per_token = per_token_bytes
         # a job comes from the previous unit's replica (the first unit's from the attention replica)
@@ -475,8 +509,13 @@ class FluidSimulator:
         self._transfer_source_rows = [attention_row, *range(len(units) - 1)]
         cluster = self.cluster
         self._node_of_gpu = [cluster.node_of(gpu) for gpu in range(cluster.num_gpus)]
-        self._intra_node_link = [(node.link.latency_s, 1.0 / node.link.bandwidth_bytes_per_s) for node in cluster.nodes]
-        self._inter_node_link = (cluster.interconnect.latency_s, 1.0 / cluster.interconnect.bandwidth_bytes_per_s)
+        self._intra_node_link = [
+            (node.link.latency_s, 1.0 / node.link.bandwidth_bytes_per_s) for node in cluster.nodes
+        ]
+        self._inter_node_link = (
+            cluster.interconnect.latency_s,
+            1.0 / cluster.interconnect.bandwidth_bytes_per_s,
+        )
 
     def _transfer_terms(self, homes: Sequence[dict[int, int]]) -> tuple[list[float], list[float]]:
         """Per unit (model order): expected inbound transfer ``fixed + per_token * tokens`` of one job.
@@ -487,7 +526,11 @@ class FluidSimulator:
         From a source GPU without a local replica, ``n`` of the pool's ``N`` replicas sit on its node
         (its link) and ``N - n`` on other nodes (the interconnect).
         """
-        node_of, intra, inter_latency_s, inter_inverse = self._node_of_gpu, self._intra_node_link, *self._inter_node_link
+        node_of, intra, inter_latency_s, inter_inverse = (
+            self._node_of_gpu,
+            self._intra_node_link,
+            *self._inter_node_link,
+        )
         fixed: list[float] = []
         per_token: list[float] = []
         for column, destinations in enumerate(homes):
@@ -508,7 +551,9 @@ class FluidSimulator:
                 near = on_node.get(node, 0)
                 latency_s, inverse_bandwidth = intra[node]
                 latency_sum += source_count * (near * latency_s + (total - near) * inter_latency_s)
-                inverse_bandwidth_sum += source_count * (near * inverse_bandwidth + (total - near) * inter_inverse)
+                inverse_bandwidth_sum += source_count * (
+                    near * inverse_bandwidth + (total - near) * inter_inverse
+                )
             # source and destination shares: replicas per GPU over the unit's replicas
             scale = 1.0 / (max(sources_total, 1) * max(total, 1))
             fixed.append(self._transfer_hops[column] * latency_sum * scale)
@@ -537,7 +582,10 @@ class FluidSimulator:
             instances = len(self.layout.instances)
             units = {u: replace(c, replicas=instances, gpus=None) for u, c in self._unit_configs.items()}
         else:
-            units = {u: replace(c, replicas=len(self.layout.replicas[u]), gpus=None) for u, c in self._unit_configs.items()}
+            units = {
+                u: replace(c, replicas=len(self.layout.replicas[u]), gpus=None)
+                for u, c in self._unit_configs.items()
+            }
             instances = 0
         return Deployment(
             model=self.model.name,
@@ -583,22 +631,33 @@ class FluidSimulator:
         clipped = min(max(int(cap), 1), MAX_BATCH_CAP_TOKENS)
         if clipped != cap:
             report.repairs += 1
-            report.messages.append(f"batch cap {cap} for {unit.value!r} clipped to {clipped} (1..{MAX_BATCH_CAP_TOKENS})")
+            report.messages.append(
+                f"batch cap {cap} for {unit.value!r} clipped to {clipped} (1..{MAX_BATCH_CAP_TOKENS})"
+            )
         if clipped != self._unit_configs[unit].batch_cap_tokens:
             self._unit_configs[unit] = replace(self._unit_configs[unit], batch_cap_tokens=clipped)
             self._layout_stale = True
 
-    def _scale_unit(self, unit: UnitKind, delta: int, placement: Placement | None, report: ApplyReport) -> None:
+    def _scale_unit(
+        self, unit: UnitKind, delta: int, placement: Placement | None, report: ApplyReport
+    ) -> None:
         config = self._unit_configs[unit]
         if delta > 0:
             load_s = self._replica_load_s.get((unit, config.tp))
             if load_s is None:
                 weight_bytes = 0.0 if unit is UnitKind.ATTENTION else self.model.weight_bytes(unit, config.tp)
-                load_s = self._replica_load_s[unit, config.tp] = self.config.replica_load_time_s(weight_bytes, whole_instance=False)
+                load_s = self._replica_load_s[unit, config.tp] = self.config.replica_load_time_s(
+                    weight_bytes, whole_instance=False
+                )
             added = 0
             for _ in range(delta):
                 placed = self._place_unit(
-                    unit, config, None, self._now_s + load_s, share_later=False, policy=placement or config.placement
+                    unit,
+                    config,
+                    None,
+                    self._now_s + load_s,
+                    share_later=False,
+                    policy=placement or config.placement,
                 )
                 if placed is None:
                     break
@@ -628,7 +687,9 @@ class FluidSimulator:
             self.layout.remove(unit, record.placed, self._now_s)
         if len(removable) < -delta:
             report.repairs += 1
-            report.messages.append(f"{unit.value}: asked {delta} replicas, removed {len(removable)} (keeps at least one)")
+            report.messages.append(
+                f"{unit.value}: asked {delta} replicas, removed {len(removable)} (keeps at least one)"
+            )
         if removable:
             report.replicas_removed[unit] = len(removable)
 
@@ -646,7 +707,9 @@ class FluidSimulator:
                 added += 1
             if added < delta:
                 report.repairs += 1
-                report.messages.append(f"instances: asked +{delta}, added {added} (no free GPUs of tp*pp={self._tp * self._pp})")
+                report.messages.append(
+                    f"instances: asked +{delta}, added {added} (no free GPUs of tp*pp={self._tp * self._pp})"
+                )
             if added:
                 for unit in self._unit_configs:
                     report.replicas_added[unit] = added
@@ -683,7 +746,9 @@ class FluidSimulator:
         self._last_interval = metrics
         return metrics
 
-    def _pool_step(self, streams: int, beta: float, iteration_s: float, decodes: float, phi: float, chunk_tokens: float) -> _PoolState:
+    def _pool_step(
+        self, streams: int, beta: float, iteration_s: float, decodes: float, phi: float, chunk_tokens: float
+    ) -> _PoolState:
         """One damped step of the pools' batching / Erlang-C model (module docstring, point 4), in
         plain Python over the units (a handful of floats each: faster than numpy at this size; the
         table lookups are inlined, every call size here is >= 1 token and every utilisation in
@@ -743,7 +808,9 @@ class FluidSimulator:
             position = capped * erlang_steps
             index = int(position)
             low = erlang_row[index]
-            waiting_calls = (low + (position - index) * (erlang_row[index + 1] - low)) * capped / (1.0 - capped)
+            waiting_calls = (
+                (low + (position - index) * (erlang_row[index + 1] - low)) * capped / (1.0 - capped)
+            )
             # closed population: at most one job per busy stream is anywhere in the pools
             queue = waiting_calls * calls
             waiting_limit = busy_streams - servers
@@ -770,7 +837,13 @@ class FluidSimulator:
         )
 
     def _iteration_triple(
-        self, decodes: float, chunk_s: float, full_chunk: float, prior: float, context: float, jobs_wait_s: float
+        self,
+        decodes: float,
+        chunk_s: float,
+        full_chunk: float,
+        prior: float,
+        context: float,
+        jobs_wait_s: float,
     ) -> tuple[float, float, float]:
         """Times of a decode-only iteration, one with a prefill chunk of ``chunk_s`` tokens and one with
         a full chunk of ``full_chunk`` tokens (the fixed point's inner evaluation; scalar fast path for
@@ -830,11 +903,19 @@ class FluidSimulator:
         attention = self._attention
         attention_slowdown = self._attention_slowdown
         attention_decode = attention.decode_s(decodes, decodes * context)
-        base = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + jobs_wait_s + self._attention_transfer_fixed_s
+        base = (
+            overhead.fixed_s
+            + overhead.per_tp_rank_s * self._ranks
+            + jobs_wait_s
+            + self._attention_transfer_fixed_s
+        )
         per_request, per_token_in = overhead.per_request_s, self._attention_transfer_per_token_s
         compositions = [decodes + chunk for chunk in chunks]
         totals = [
-            base + per_request * sequence + (attention_decode + prefill_s) * attention_slowdown + per_token_in * tokens
+            base
+            + per_request * sequence
+            + (attention_decode + prefill_s) * attention_slowdown
+            + per_token_in * tokens
             for prefill_s, sequence, tokens in zip(attention_prefills_s, sequences, compositions, strict=True)
         ]
         mix_call_s: list[float] = []
@@ -944,7 +1025,9 @@ class FluidSimulator:
         prompt_mean = sum(prompts) * inverse_quantiles
         output_mean = sum(outputs) * inverse_quantiles
         gaps_per_request = max(output_mean - 1.0, 0.0)
-        context = prompt_mean + sum(output * output for output in outputs) * inverse_quantiles / (2.0 * output_mean)
+        context = prompt_mean + sum(output * output for output in outputs) * inverse_quantiles / (
+            2.0 * output_mean
+        )
         kv_per_request = prompt_mean + output_mean / 2.0 + self.config.kv_block_tokens / 2.0
         running_limit = min(float(self.config.max_running_requests), self._kv_per_stream / kv_per_request)
         demand = window.count + self._backlog
@@ -953,7 +1036,9 @@ class FluidSimulator:
         n_units = len(self._stateless)
         if operator:
             contention = (
-                self.config.contention_factor if self.config.contention is ContentionModel.PROCESSOR_SHARING else 0.0
+                self.config.contention_factor
+                if self.config.contention is ContentionModel.PROCESSOR_SHARING
+                else 0.0
             )
         pool_wait = 0.0
         pools = _PoolState.idle(n_units)
@@ -995,7 +1080,9 @@ class FluidSimulator:
             prefill_rate = x * prompt_mean / (beta * chunk_eff) if x > 0 else 0.0
             prefill_share = prefill_rate * prefill_iteration_s
             new_iteration_s = (
-                prefill_iteration_s if prefill_share >= 1.0 else 1.0 / (prefill_rate + (1.0 - prefill_share) / decode_s)
+                prefill_iteration_s
+                if prefill_share >= 1.0
+                else 1.0 / (prefill_rate + (1.0 - prefill_share) / decode_s)
             )
             if operator:
                 phi = min(prefill_rate * new_iteration_s, 1.0)
@@ -1019,7 +1106,9 @@ class FluidSimulator:
                     # job in flight): the co-location matrix (shards^T shards / shards per unit) times rho
                     others_share = 1.0 - 1.0 / streams
                     slowdown = [
-                        1.0 + contention * max(sum(share * rho_all[other] for other, share in row) * others_share, 0.0)
+                        1.0
+                        + contention
+                        * max(sum(share * rho_all[other] for other, share in row) * others_share, 0.0)
                         for row in self._colocation_rows
                     ]
                     self._slowdown_list = [slowdown[column] for column in self._pool_columns_list]
@@ -1048,7 +1137,8 @@ class FluidSimulator:
         # iteration time is the fixed point's full_s)
         prefill_attention = self._attention.prefill_scalar_s
         attention_prefills_s = [
-            prefill_attention(chunk, prior) for chunk, prior in zip(prefill_chunks, [0.5 * prompt_mean, *priors], strict=True)
+            prefill_attention(chunk, prior)
+            for chunk, prior in zip(prefill_chunks, [0.5 * prompt_mean, *priors], strict=True)
         ]
         mix_call_s: list[float] = []
         mix_compute_s: list[float] = []
@@ -1056,14 +1146,26 @@ class FluidSimulator:
             last_times = [0.0] * LENGTH_QUANTILES
         elif operator:
             times, mix_call_s, mix_compute_s = self._pooled_times(
-                decodes, prefill_chunks, attention_prefills_s, [decodes + 1.0] * len(prefill_chunks), context, pool_wait, prefill_weights
+                decodes,
+                prefill_chunks,
+                attention_prefills_s,
+                [decodes + 1.0] * len(prefill_chunks),
+                context,
+                pool_wait,
+                prefill_weights,
             )
             last_times = times[1:]
         else:
-            last_times = self._instance_iteration_times(decodes, last_chunk, attention_prefills_s[1:], context)
-        prefill_s = [(chunk - 1.0) * full_s + time_s for chunk, time_s in zip(chunks, last_times, strict=True)]
+            last_times = self._instance_iteration_times(
+                decodes, last_chunk, attention_prefills_s[1:], context
+            )
+        prefill_s = [
+            (chunk - 1.0) * full_s + time_s for chunk, time_s in zip(chunks, last_times, strict=True)
+        ]
         prefill_times = [full_s, *last_times]
-        mean_prefill_s = sum(weight * time_s for weight, time_s in zip(prefill_weights, prefill_times, strict=True))
+        mean_prefill_s = sum(
+            weight * time_s for weight, time_s in zip(prefill_weights, prefill_times, strict=True)
+        )
         if ready and x > 0:
             # used from the next interval on (one interval's lag keeps the loop cheap)
             self._prefill_correction = mean_prefill_s / prefill_at_mean_chunk_s
@@ -1084,7 +1186,9 @@ class FluidSimulator:
         prompt_cv2 = sum(prompt * prompt for prompt in prompts) * inverse_quantiles / prompt_mean**2 - 1.0
         prob_wait = self._erlang_rows.at(self._stream_erlang_row, admission_rho) if ready else 0.0
         admission_wait_s = (
-            prob_wait * service_s / (max(streams, 1) * (1.0 - admission_rho)) * (1.0 + prompt_cv2) / 2.0 if ready else 0.0
+            prob_wait * service_s / (max(streams, 1) * (1.0 - admission_rho)) * (1.0 + prompt_cv2) / 2.0
+            if ready
+            else 0.0
         )
         residual_s = 0.5 * beta * iteration_s
         self._iteration_s = iteration_s
@@ -1141,7 +1245,9 @@ class FluidSimulator:
         self._backlog = backlog_end
         if ready:
             residence_s = self._ttft_s + gaps_per_request * iteration_s
-            in_service_end = x * residence_s + (in_service_start - x * residence_s) * math.exp(-dt / residence_s)
+            in_service_end = x * residence_s + (in_service_start - x * residence_s) * math.exp(
+                -dt / residence_s
+            )
             self._in_service = in_service_end * streams
         self._served_total += served
 
@@ -1158,19 +1264,29 @@ class FluidSimulator:
         attention_column = self._attention_column
         attention_decode_s = self._attention.decode_s(decodes, decodes * context)
         attention_prefill_s = attention_decode_s + sum(
-            weight * prefill_s for weight, prefill_s in zip(prefill_weights, attention_prefills_s, strict=True)
+            weight * prefill_s
+            for weight, prefill_s in zip(prefill_weights, attention_prefills_s, strict=True)
         )
         waiting_tokens = (backlog_mean + streams * x * admission_wait_s) * prompt_mean
         queue_tokens[attention_column] = waiting_tokens
         batch_fill[attention_column] = min(mean_tokens / budget, 1.0)
         # attention's wait: the admission delay of the requests admitted (queue + backlog)
         wait_s[attention_column] = admission_wait_s + backlog_wait_s
-        host = self._overhead.fixed_s + self._overhead.per_tp_rank_s * self._ranks + self._overhead.per_request_s * (decodes + phi)
+        host = (
+            self._overhead.fixed_s
+            + self._overhead.per_tp_rank_s * self._ranks
+            + self._overhead.per_request_s * (decodes + phi)
+        )
         table = self._table
         if operator:
-            attention_kernel_s = (attention_decode_s + phi * (attention_prefill_s - attention_decode_s)) * self._attention_slowdown
+            attention_kernel_s = (
+                attention_decode_s + phi * (attention_prefill_s - attention_decode_s)
+            ) * self._attention_slowdown
             attention_call_s = (
-                host + attention_kernel_s + self._attention_transfer_fixed_s + self._attention_transfer_per_token_s * mean_tokens
+                host
+                + attention_kernel_s
+                + self._attention_transfer_fixed_s
+                + self._attention_transfer_per_token_s * mean_tokens
             )
             attention_rho = min(beta * attention_call_s / iteration_s, 1.0) if ready else 0.0
             utilisation[attention_column] = attention_rho
@@ -1180,12 +1296,18 @@ class FluidSimulator:
             kernel_load = [0.0] * columns
             uncontended_load = [0.0] * columns
             compute_load = [0.0] * columns
-            attention_load = attention_rho * max(1.0 - (attention_call_s - attention_kernel_s) / attention_call_s, 0.0)
+            attention_load = attention_rho * max(
+                1.0 - (attention_call_s - attention_kernel_s) / attention_call_s, 0.0
+            )
             kernel_load[attention_column] = attention_load
             uncontended_load[attention_column] = attention_load / self._attention_slowdown
             compute_load[attention_column] = beta * prefill_rate * (attention_prefill_s - attention_decode_s)
             for row, column in enumerate(self._pool_columns_list):
-                job_tokens, calls, service = self._mean_job_tokens_list[row], self._jobs_per_call_list[row], pools.service_s[row]
+                job_tokens, calls, service = (
+                    self._mean_job_tokens_list[row],
+                    self._jobs_per_call_list[row],
+                    pools.service_s[row],
+                )
                 pool_slowdown = self._slowdown_list[row]
                 rho = min(pools.rho[row], 1.0)
                 utilisation[column] = rho
@@ -1207,7 +1329,9 @@ class FluidSimulator:
             if x > 0:
                 # prefill jobs' calls over this interval's chunk mix (used by the next interval's pool steps)
                 self._prefill_call_list = mix_call_s
-            energy_j = self._operator_power_w(kernel_load, uncontended_load, compute_load, streams, contention) * dt
+            energy_j = (
+                self._operator_power_w(kernel_load, uncontended_load, compute_load, streams, contention) * dt
+            )
         else:
             lm_head = self._lm_head_row
             decode_size = max(decodes, 1.0)
@@ -1223,12 +1347,22 @@ class FluidSimulator:
                     prefill_call_s = table.scalar_time_s(lm_head, decodes + 1.0)
                     prefill_compute_s = table.compute_lines[lm_head].at(decodes + 1.0)
                 else:
-                    prefill_call_s, prefill_compute_s = table.weighted_times(row, prefill_tokens, prefill_weights)
-                utilisation[column] = min(beta * (decode_only_rate * decode_call_s + prefill_rate * prefill_call_s), 1.0)
+                    prefill_call_s, prefill_compute_s = table.weighted_times(
+                        row, prefill_tokens, prefill_weights
+                    )
+                utilisation[column] = min(
+                    beta * (decode_only_rate * decode_call_s + prefill_rate * prefill_call_s), 1.0
+                )
                 compute_per_busy_s += decode_only_rate * decode_compute_s + prefill_rate * prefill_compute_s
             # the attention replica is busy for its kernels and the iteration's engine overhead
             utilisation[attention_column] = min(
-                beta * (decode_only_rate * attention_decode_s + prefill_rate * attention_prefill_s + iterations_per_busy_s * host), 1.0
+                beta
+                * (
+                    decode_only_rate * attention_decode_s
+                    + prefill_rate * attention_prefill_s
+                    + iterations_per_busy_s * host
+                ),
+                1.0,
             )
             fill = min(mean_tokens / budget, 1.0)
             batch_fill = [fill] * columns
@@ -1359,7 +1493,10 @@ class FluidSimulator:
         now = self._now_s
         summary = self._serving_summary
         if now < summary.next_ready_s:  # nothing started serving since the summary: its counts hold
-            return {unit: (summary.replicas[column], summary.pending[column]) for column, unit in enumerate(self._units)}
+            return {
+                unit: (summary.replicas[column], summary.pending[column])
+                for column, unit in enumerate(self._units)
+            }
         if self._granularity == "model":
             serving = sum(1 for r in self._pending if r.placed.ready_s <= now)
             return {u: (serving, len(self._pending) - serving) for u in self._units}
@@ -1401,7 +1538,9 @@ class FluidSimulator:
             gpu_seconds=totals.gpu_seconds,
             energy_j=totals.energy_j,
             unit_utilisation={
-                unit: float(totals.unit_busy_s[column] / totals.unit_capacity_s[column]) if totals.unit_capacity_s[column] > 0 else 0.0
+                unit: float(totals.unit_busy_s[column] / totals.unit_capacity_s[column])
+                if totals.unit_capacity_s[column] > 0
+                else 0.0
                 for column, unit in enumerate(self._units)
             },
         )
@@ -1458,7 +1597,9 @@ class _RunTotals:
         self.gpu_seconds += solution.gpu_seconds
         self.energy_j += solution.energy_j
         duration_s = solution.duration_s
-        for column, (utilisation, replicas) in enumerate(zip(solution.unit_utilisation, solution.unit_replicas, strict=True)):
+        for column, (utilisation, replicas) in enumerate(
+            zip(solution.unit_utilisation, solution.unit_replicas, strict=True)
+        ):
             self.unit_busy_s[column] += utilisation * replicas * duration_s
             self.unit_capacity_s[column] += replicas * duration_s
 

@@ -120,7 +120,9 @@ class ArrivalIndex:
                 self._shapes.append((_shape(prompt[first:last], levels), _shape(output[first:last], levels)))
             else:
                 self._shapes.append(trace_shapes)
-        self._shape_lists = [(prompt_shape.tolist(), output_shape.tolist()) for prompt_shape, output_shape in self._shapes]
+        self._shape_lists = [
+            (prompt_shape.tolist(), output_shape.tolist()) for prompt_shape, output_shape in self._shapes
+        ]
 
     def count_before(self, time_s: float) -> int:
         """Requests arriving strictly before ``time_s``."""

@@ -168,7 +168,12 @@ class TtftMixture:
         sum is ``S_k exp(-(t - f_{k-1}) / w)`` with ``S_k = sum_{j<k} exp(-(f_{k-1} - f_j) / w)``,
         accumulated once (every exponent <= 0: no overflow)."""
         count = len(fixed_s)
-        prob_wait, wait_mean_s, late_share, late_s = self.prob_wait, self.wait_mean_s, self.late_share, self.late_s
+        prob_wait, wait_mean_s, late_share, late_s = (
+            self.prob_wait,
+            self.wait_mean_s,
+            self.late_share,
+            self.late_s,
+        )
         waits = prob_wait > 0 and wait_mean_s > 0
         sums = [1.0]
         if waits:
@@ -180,7 +185,9 @@ class TtftMixture:
             if below == 0:
                 served = 0.0
             elif waits:
-                served = (below - prob_wait * sums[below - 1] * math.exp((fixed_s[below - 1] - t) / wait_mean_s)) / count
+                served = (
+                    below - prob_wait * sums[below - 1] * math.exp((fixed_s[below - 1] - t) / wait_mean_s)
+                ) / count
             else:
                 served = below / count
             if late_share <= 0:
@@ -262,7 +269,9 @@ class PoissonTailTable:
         """:meth:`lookup` for one mean and count, in pure Python."""
         if mean < self._mean_low:
             return 0.0
-        position = min(max((math.log(mean + 1e-300) - self._log_low) * self._per_log, 0.0), self._row - 1.000001)
+        position = min(
+            max((math.log(mean + 1e-300) - self._log_low) * self._per_log, 0.0), self._row - 1.000001
+        )
         index = int(position)
         flat = min(needed, self.max_count) * self._row + (index - self._row)
         low = self._flat_list[flat]
@@ -296,7 +305,9 @@ class PoissonTailTable:
         flat = np.minimum(needed, self.max_count).astype(np.int64) * self._row + (index - self._row)
         low = self._flat[flat]
         # below the grid (mean < 1e-4, or 0) the tail is ~mean^m/m!: 0 to table precision
-        result: FloatArray = (low + (position - index) * (self._flat[flat + 1] - low)) * (mean >= self._mean_low)
+        result: FloatArray = (low + (position - index) * (self._flat[flat + 1] - low)) * (
+            mean >= self._mean_low
+        )
         return result
 
 

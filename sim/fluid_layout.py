@@ -95,7 +95,9 @@ class FluidLayout:
     instances: list[PlacedReplica] = field(init=False)
     # KV tokens a run-time-added attention replica reserves (the engine's rule): the smallest start-up share
     added_attention_kv_tokens: int = field(init=False, default=0)
-    _replica_bytes: dict[tuple[UnitKind, int, int], float] = field(init=False, default_factory=dict, repr=False)
+    _replica_bytes: dict[tuple[UnitKind, int, int], float] = field(
+        init=False, default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.state = ClusterState(self.cluster, self.model, self.config)
@@ -104,12 +106,16 @@ class FluidLayout:
         self.min_kv_tokens = max(self.min_kv_tokens, self.config.kv_block_tokens * MIN_KV_BLOCKS)
 
     # ------------------------------------------------------------------ model level
-    def place_instance(self, tp: int, pp: int, token_budget: int, ready_s: float, now_s: float) -> PlacedReplica | None:
+    def place_instance(
+        self, tp: int, pp: int, token_budget: int, ready_s: float, now_s: float
+    ) -> PlacedReplica | None:
         """Place one instance; ``None`` when no node has ``tp x pp`` GPUs with room."""
         model = self.model
         need = model.total_weight_bytes(tp) / pp + model.hidden_size * model.dtype_bytes * token_budget / tp
         kv_per_token = model.kv_bytes_per_token(tp) / pp
-        group = self.state.find_group(tp * pp, need + kv_per_token * self.config.kv_block_tokens * MIN_KV_BLOCKS, Placement.PACK)
+        group = self.state.find_group(
+            tp * pp, need + kv_per_token * self.config.kv_block_tokens * MIN_KV_BLOCKS, Placement.PACK
+        )
         if group is None:
             return None
         free = min(self.state.gpus[i].free_bytes for i in group)

@@ -57,7 +57,9 @@ class TokenLine:
         (e.g. a unit's time where it is compute-bound, 0 where it is memory-bound).
     """
 
-    def __init__(self, tokens: FloatArray, values: FloatArray, segment_mask: FloatArray | None = None) -> None:
+    def __init__(
+        self, tokens: FloatArray, values: FloatArray, segment_mask: FloatArray | None = None
+    ) -> None:
         # per segment, value at its left end less slope x left end: value = intercept + slope x tokens
         slopes = np.diff(values) / np.diff(tokens)
         intercepts = values[:-1] - slopes * tokens[:-1]
@@ -80,10 +82,18 @@ class TokenLine:
             index = self.last_segment
         return self.intercepts[index] + self.slopes[index] * tokens
 
-    def weighted_sums(self, tokens: Sequence[float], weights: Sequence[float], masked: TokenLine) -> tuple[float, float]:
+    def weighted_sums(
+        self, tokens: Sequence[float], weights: Sequence[float], masked: TokenLine
+    ) -> tuple[float, float]:
         """``(sum_j weights[j] * at(tokens[j]), sum_j weights[j] * masked.at(tokens[j]))`` in one pass;
         ``masked`` must be on the same grid (a masked copy of this line)."""
-        intercepts, slopes, last, log2, per_octave = self.intercepts, self.slopes, self.last_segment, _log2, GRID_POINTS_PER_OCTAVE
+        intercepts, slopes, last, log2, per_octave = (
+            self.intercepts,
+            self.slopes,
+            self.last_segment,
+            _log2,
+            GRID_POINTS_PER_OCTAVE,
+        )
         masked_intercepts, masked_slopes = masked.intercepts, masked.slopes
         total = masked_total = 0.0
         for value, weight in zip(tokens, weights, strict=True):
@@ -110,19 +120,30 @@ class UnitTimeTable:
     """
 
     def __init__(
-        self, model: ModelSpec, gpu: GPUSpec, cost_model: CostModel, units: Sequence[UnitKind], tp: Sequence[int]
+        self,
+        model: ModelSpec,
+        gpu: GPUSpec,
+        cost_model: CostModel,
+        units: Sequence[UnitKind],
+        tp: Sequence[int],
     ) -> None:
         if len(units) != len(tp):
             raise ValueError(f"{len(units)} units but {len(tp)} TP degrees")
         octaves = int(np.log2(GRID_MAX_TOKENS))
         self.tokens = 2.0 ** (np.arange(octaves * GRID_POINTS_PER_OCTAVE + 1) / GRID_POINTS_PER_OCTAVE)
         self.units = tuple(units)
-        rows = [cost_model.unit_time_s_array(model, u, gpu, t, self.tokens) for u, t in zip(units, tp, strict=True)]
+        rows = [
+            cost_model.unit_time_s_array(model, u, gpu, t, self.tokens)
+            for u, t in zip(units, tp, strict=True)
+        ]
         self.time_s = np.asarray(rows, dtype=np.float64).reshape(len(units), self.tokens.size)
         # compute-bound share, probed on a coarse sub-grid (the flag only switches once, near the ridge)
         coarse = self.tokens[::GRID_POINTS_PER_OCTAVE]
         flags = np.array(
-            [[cost_model.bound(model, u, gpu, t, int(k)) == "compute" for k in coarse] for u, t in zip(units, tp, strict=True)],
+            [
+                [cost_model.bound(model, u, gpu, t, int(k)) == "compute" for k in coarse]
+                for u, t in zip(units, tp, strict=True)
+            ],
             dtype=np.float64,
         ).reshape(len(units), coarse.size)
         self.compute_bound = np.repeat(flags, GRID_POINTS_PER_OCTAVE, axis=1)[:, : self.tokens.size]
@@ -134,14 +155,17 @@ class UnitTimeTable:
         self.lines = [TokenLine(self.tokens, row) for row in self.time_s]
         #: per row, the call time where the call is compute-bound, 0 where it is memory-bound
         self.compute_lines = [
-            TokenLine(self.tokens, row, flags) for row, flags in zip(self.time_s, self.compute_bound, strict=True)
+            TokenLine(self.tokens, row, flags)
+            for row, flags in zip(self.time_s, self.compute_bound, strict=True)
         ]
 
     def scalar_time_s(self, row: int, tokens: float) -> float:
         """Call time of one row at ``tokens`` (pure-Python scalar lookup)."""
         return self.lines[row].at(tokens)
 
-    def weighted_times(self, row: int, tokens: Sequence[float], weights: Sequence[float]) -> tuple[float, float]:
+    def weighted_times(
+        self, row: int, tokens: Sequence[float], weights: Sequence[float]
+    ) -> tuple[float, float]:
         """A mix of calls of one row: ``(sum_j weights[j] * time(tokens[j]), the same over the compute-bound
         calls only)`` (pure Python, one pass)."""
         return self.lines[row].weighted_sums(tokens, weights, self.compute_lines[row])
@@ -239,7 +263,11 @@ class AttentionSurrogate:
         """Attention time of ``decodes`` decode requests reading ``context_tokens`` KV entries in total."""
         if decodes <= 0:
             return 0.0
-        return self.decode_floor_s + self.decode_per_request_s * decodes + self.decode_per_context_s * context_tokens
+        return (
+            self.decode_floor_s
+            + self.decode_per_request_s * decodes
+            + self.decode_per_context_s * context_tokens
+        )
 
     def prefill_s(self, chunk_tokens: FloatArray, prior_tokens: FloatArray) -> FloatArray:
         """Attention time of one prefill chunk of ``chunk_tokens`` after ``prior_tokens`` of context

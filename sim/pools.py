@@ -376,9 +376,7 @@ class PooledStream(Stream):
         super().__init__(stream_id, host, **kwargs)
         self.replica = replica
         # per step: the pool (None: attention on this replica) and which token count its job carries
-        self._steps: list[tuple[UnitPool | None, _TokensOf]] = [
-            (pool, _tokens_of(pool)) for pool in path
-        ]
+        self._steps: list[tuple[UnitPool | None, _TokensOf]] = [(pool, _tokens_of(pool)) for pool in path]
         self.timer = timer
         self.sharing = sharing
         self.link = link

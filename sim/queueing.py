@@ -131,7 +131,9 @@ def _rates(
     return lam, c, prob_wait, drain_rate
 
 
-def mmc_mean_wait_s(arrival_rate_per_s: ArrayLike, service_time_s: ArrayLike, servers: ArrayLike) -> FloatArray:
+def mmc_mean_wait_s(
+    arrival_rate_per_s: ArrayLike, service_time_s: ArrayLike, servers: ArrayLike
+) -> FloatArray:
     """Mean time a job waits before service in an M/M/c queue, ``Wq = C / (c mu - lambda)``.
 
     :returns: seconds; ``inf`` where the queue is unstable, ``0`` where nothing arrives.
@@ -142,7 +144,9 @@ def mmc_mean_wait_s(arrival_rate_per_s: ArrayLike, service_time_s: ArrayLike, se
     return np.where(lam == 0, 0.0, wait)
 
 
-def mmc_mean_queue_length(arrival_rate_per_s: ArrayLike, service_time_s: ArrayLike, servers: ArrayLike) -> FloatArray:
+def mmc_mean_queue_length(
+    arrival_rate_per_s: ArrayLike, service_time_s: ArrayLike, servers: ArrayLike
+) -> FloatArray:
     """Mean number of jobs waiting (not in service) in an M/M/c queue, ``Lq = lambda Wq`` (Little)."""
     lam = np.asarray(arrival_rate_per_s, dtype=np.float64)
     wait = mmc_mean_wait_s(arrival_rate_per_s, service_time_s, servers)
@@ -176,7 +180,9 @@ def mmc_wait_quantile_s(
     _, _, prob_wait, drain_rate = _rates(arrival_rate_per_s, service_time_s, servers)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_ratio = np.log(np.maximum(prob_wait, 1e-300) / (1.0 - q))
-        wait = np.where(drain_rate > 0, np.maximum(log_ratio, 0.0) / np.where(drain_rate > 0, drain_rate, 1.0), np.inf)
+        wait = np.where(
+            drain_rate > 0, np.maximum(log_ratio, 0.0) / np.where(drain_rate > 0, drain_rate, 1.0), np.inf
+        )
     return wait
 
 
@@ -192,7 +198,9 @@ def allen_cunneen_wait_s(
     :param arrival_cv2: squared coefficient of variation of inter-arrival times (1 for Poisson).
     :param service_cv2: squared coefficient of variation of service times (1 exponential, 0 deterministic).
     """
-    factor = (_check_nonnegative("arrival_cv2", arrival_cv2) + _check_nonnegative("service_cv2", service_cv2)) / 2.0
+    factor = (
+        _check_nonnegative("arrival_cv2", arrival_cv2) + _check_nonnegative("service_cv2", service_cv2)
+    ) / 2.0
     return mmc_mean_wait_s(arrival_rate_per_s, service_time_s, servers) * factor
 
 
@@ -313,7 +321,9 @@ def batch_service(
         prob = erlang_c(c, np.minimum(rho, 1.0) * c)
         drain = safe_c / service - lam / jobs
         with np.errstate(divide="ignore", invalid="ignore"):
-            queue_calls = np.where((rho < 1) & (c > 0), prob * (lam / jobs) / np.where(drain > 0, drain, 1.0), np.inf)
+            queue_calls = np.where(
+                (rho < 1) & (c > 0), prob * (lam / jobs) / np.where(drain > 0, drain, 1.0), np.inf
+            )
         return service, rho, prob, queue_calls * jobs  # queue in jobs
 
     low = np.ones_like(max_jobs)

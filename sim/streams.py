@@ -660,7 +660,9 @@ class InstanceStream(Stream):
         timer = self.timer
         value = self._compute_dense_cache.get(tokens)
         if value is None:
-            value = sum(timer.unit_s(u, tokens) for u in self.dense_units if tokens >= timer.compute_bound_from(u))
+            value = sum(
+                timer.unit_s(u, tokens) for u in self.dense_units if tokens >= timer.compute_bound_from(u)
+            )
             self._compute_dense_cache[tokens] = value
         # the LM head is compute-bound only for very large sampled batches: one comparison per iteration
         if self.has_lm_head and sequences >= self._lm_head_compute_from:

@@ -544,7 +544,8 @@ def test_planner_takes_chains_only_when_they_are_cheaper_or_safer(rate: float) -
     streams = plan.replicas[policy.latency_model.attention_index]
     chain_gpus = chains * (policy.chain_tp or 0)
     assert policy.prefers_chains(plan, chains) == (
-        chain_gpus < plan.gpus_needed or (chain_gpus == plan.gpus_needed and bool((plan.replicas < streams).any()))
+        chain_gpus < plan.gpus_needed
+        or (chain_gpus == plan.gpus_needed and bool((plan.replicas < streams).any()))
     )
     if policy.prefers_chains(plan, chains):
         assert replicas == {chains}
@@ -578,7 +579,9 @@ def test_chains_of_a_model_with_tp_units_run_every_unit_at_the_model_level_tp() 
 
 
 def test_fewest_instances_needs_more_with_slack() -> None:
-    latency = ModelLevelLatencyModel(MODEL, ClusterSpec.homogeneous("a100", 4), SLO, default_cost_model(), SimConfig())
+    latency = ModelLevelLatencyModel(
+        MODEL, ClusterSpec.homogeneous("a100", 4), SLO, default_cost_model(), SimConfig()
+    )
     workload = Workload(12.0, 1000.0, 200.0)
     counts = [latency.fewest_instances(workload, 512, 32, slack) for slack in (0.0, 0.2, 0.4)]
     assert all(count is not None for count in counts)
@@ -625,7 +628,8 @@ def test_chain_actions_add_and_remove_whole_chains(fidelity: str) -> None:
         action = ScalingAction(
             units={
                 unit: UnitAction(
-                    replica_delta=delta, placement=Placement.SPREAD_GPU if unit is MODEL.units[0] else Placement.PACK
+                    replica_delta=delta,
+                    placement=Placement.SPREAD_GPU if unit is MODEL.units[0] else Placement.PACK,
                 )
                 for unit in MODEL.units
             }
@@ -635,7 +639,9 @@ def test_chain_actions_add_and_remove_whole_chains(fidelity: str) -> None:
         simulator.advance(5.0)
         placed = _units_on_gpus(simulator)
         assert len(placed) == expected
-        assert all(sorted(units, key=MODEL.units.index) == list(MODEL.units) for units in placed.values()), placed
+        assert all(sorted(units, key=MODEL.units.index) == list(MODEL.units) for units in placed.values()), (
+            placed
+        )
         assert {unit for units in placed.values() for unit in units} == one_chain
     env.close()
 
@@ -674,7 +680,9 @@ def test_chains_beyond_any_certified_count_take_the_whole_cluster() -> None:
     budget, chains = policy.chain_budget(workload)
     assert chains is None
     assert policy.chain_model is not None
-    capacities = {b: policy.chain_model.capacity(workload, b)[1] for b in policy.context.batch_cap_buckets_tokens}
+    capacities = {
+        b: policy.chain_model.capacity(workload, b)[1] for b in policy.context.batch_cap_buckets_tokens
+    }
     assert capacities[budget] == max(capacities.values())
     deployment = policy.chain_deployment(workload)
     assert deployment is not None
@@ -696,7 +704,10 @@ def test_model_level_planner_is_chain_mode_on_instances() -> None:
     instances = planner.initial_deployment()
     assert chains is not None and instances is not None and greedy.starts_with_chains
     assert instances.instances == chains.units[UnitKind.ATTENTION].replicas
-    assert instances.units[UnitKind.ATTENTION].batch_cap_tokens == chains.units[UnitKind.ATTENTION].batch_cap_tokens
+    assert (
+        instances.units[UnitKind.ATTENTION].batch_cap_tokens
+        == chains.units[UnitKind.ATTENTION].batch_cap_tokens
+    )
     context = planner.context
     action, _ = planner.predict(_observation(context, 1, arrival_rate=40.0, slo_attainment=0.5))
     decoded = context.codec.decode(action)
@@ -707,7 +718,10 @@ def test_model_level_planner_is_chain_mode_on_instances() -> None:
     staged = make_env(
         "opscale/ModelAutoscale-v0",
         fidelity="fluid",
-        env_config={"horizon": 2, "initial_deployment": Deployment.model_level("qwen2-7b", "a100", instances=1, pp=2, num_nodes=2)},
+        env_config={
+            "horizon": 2,
+            "initial_deployment": Deployment.model_level("qwen2-7b", "a100", instances=1, pp=2, num_nodes=2),
+        },
     )
     with pytest.raises(ValueError, match="single-stage"):
         make_policy("model-level-planner", staged)

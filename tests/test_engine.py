@@ -123,7 +123,12 @@ def test_instances_and_their_operator_copy_draw_the_same_energy_at_tp4() -> None
     deployments = (
         Deployment.model_level(model, "h100", instances=1, tp=4, num_nodes=1),
         Deployment.operator_level(
-            model, "h100", replicas=dict.fromkeys(units, 1), tp=4, gpus={u: [(0, 1, 2, 3)] for u in units}, num_nodes=1
+            model,
+            "h100",
+            replicas=dict.fromkeys(units, 1),
+            tp=4,
+            gpus={u: [(0, 1, 2, 3)] for u in units},
+            num_nodes=1,
         ),
     )
     summaries = []

@@ -146,7 +146,11 @@ def test_default_deployment_too_big_for_the_cluster_shrinks_with_a_warning() -> 
     table's max-rate search counted the load as not sustained without running a policy."""
     with pytest.warns(UserWarning, match="do not fit the cluster's memory"):
         env = gym.make(
-            "opscale:opscale/OperatorAutoscale-fast-v0", horizon=2, model="qwen2-57b-a14b", num_nodes=1, trace_rate_scale=2.0
+            "opscale:opscale/OperatorAutoscale-fast-v0",
+            horizon=2,
+            model="qwen2-57b-a14b",
+            num_nodes=1,
+            trace_rate_scale=2.0,
         )
     deployment = env.unwrapped.initial_deployment  # type: ignore[attr-defined]
     placed = {gpu for config in deployment.units.values() for group in config.gpus or () for gpu in group}

@@ -51,14 +51,20 @@ def test_every_heuristic_runs_through_the_harness(policy: str, env_id: str, fide
 
 def test_same_seeds_give_the_same_windows_for_every_policy() -> None:
     config = {"horizon": HORIZON}
-    tracking = evaluate("model-level", "opscale/ModelAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config)
-    static = evaluate("static", "opscale/ModelAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config)
+    tracking = evaluate(
+        "model-level", "opscale/ModelAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config
+    )
+    static = evaluate(
+        "static", "opscale/ModelAutoscale-v0", seeds=[1, 2], fidelity="fluid", env_config=config
+    )
     assert [e.start_s for e in tracking.episodes] == [e.start_s for e in static.episodes]
     assert [e.requests for e in tracking.episodes] == [e.requests for e in static.episodes]
     assert tracking.episodes[0].start_s != tracking.episodes[1].start_s
     difference = paired_difference(tracking, static, "gpus_mean")
     assert difference.n == 2
-    assert difference.mean == pytest.approx(np.mean([a.gpus_mean - b.gpus_mean for a, b in zip(tracking.episodes, static.episodes, strict=True)]))
+    assert difference.mean == pytest.approx(
+        np.mean([a.gpus_mean - b.gpus_mean for a, b in zip(tracking.episodes, static.episodes, strict=True)])
+    )
 
 
 def test_held_out_windows_start_in_the_last_fifth() -> None:
@@ -68,7 +74,14 @@ def test_held_out_windows_start_in_the_last_fifth() -> None:
     trace = env.unwrapped.trace
     assert low == pytest.approx(trace.end_s - 0.2 * trace.duration_s)
     assert train_high <= low and train_low == trace.start_s
-    result = evaluate("model-level", "opscale/ModelAutoscale-v0", seeds=[0, 1], fidelity="fluid", env_config={"horizon": HORIZON}, windows="held-out")
+    result = evaluate(
+        "model-level",
+        "opscale/ModelAutoscale-v0",
+        seeds=[0, 1],
+        fidelity="fluid",
+        env_config={"horizon": HORIZON},
+        windows="held-out",
+    )
     assert all(low <= e.start_s <= high for e in result.episodes)
 
 
@@ -83,7 +96,14 @@ def test_summary_uses_student_t_intervals() -> None:
 
 
 def test_result_files(tmp_path) -> None:
-    result = evaluate("static", "opscale/ModelAutoscale-v0", seeds=[0, 1], fidelity="fluid", env_config={"horizon": HORIZON}, out_dir=tmp_path)
+    result = evaluate(
+        "static",
+        "opscale/ModelAutoscale-v0",
+        seeds=[0, 1],
+        fidelity="fluid",
+        env_config={"horizon": HORIZON},
+        out_dir=tmp_path,
+    )
     rows = (tmp_path / "episodes.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("policy,env_id,fidelity,episode,seed")
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -100,7 +120,14 @@ def test_evaluate_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="one seed per episode"):
         evaluate("static", "opscale/ModelAutoscale-v0", episodes=3, seeds=[0])
     with pytest.raises(ValueError, match="unknown windows"):
-        evaluate("static", "opscale/ModelAutoscale-v0", seeds=[0], fidelity="fluid", env_config={"horizon": 2}, windows="later")  # type: ignore[arg-type]
+        evaluate(
+            "static",
+            "opscale/ModelAutoscale-v0",
+            seeds=[0],
+            fidelity="fluid",
+            env_config={"horizon": 2},
+            windows="later",
+        )  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -125,13 +152,26 @@ def test_operator_greedy_meets_the_slo_with_fewer_gpus_than_model_level(fidelity
     model = "qwen2-57b-a14b"
     trace = _steady_trace(1.0)
     spec = get_model(model)
-    start = Deployment.operator_level(model, "a100", replicas=dict.fromkeys(spec.units, 1), tp={"moe": 2}, num_nodes=2)
+    start = Deployment.operator_level(
+        model, "a100", replicas=dict.fromkeys(spec.units, 1), tp={"moe": 2}, num_nodes=2
+    )
     common = {"horizon": 12, "model": model}
     operator = evaluate(
-        "operator-greedy", "opscale/OperatorAutoscale-v0", trace=trace, seeds=[0], fidelity=fidelity,
+        "operator-greedy",
+        "opscale/OperatorAutoscale-v0",
+        trace=trace,
+        seeds=[0],
+        fidelity=fidelity,
         env_config={**common, "initial_deployment": start},
     )
-    monolith = evaluate("model-level", "opscale/ModelAutoscale-v0", trace=trace, seeds=[0], fidelity=fidelity, env_config=common)
+    monolith = evaluate(
+        "model-level",
+        "opscale/ModelAutoscale-v0",
+        trace=trace,
+        seeds=[0],
+        fidelity=fidelity,
+        env_config=common,
+    )
     op, ml = operator.episodes[0], monolith.episodes[0]
     assert ml.slo_attainment >= 0.95 and op.slo_attainment >= 0.95
     assert op.gpus_mean < ml.gpus_mean
@@ -152,7 +192,21 @@ def test_cli_bad_inputs_fail_clearly(capsys, tmp_path) -> None:
 
 def test_cli_prints_json(capsys) -> None:
     code = main(
-        ["evaluate", "--policy", "model-level", "--env", "opscale/ModelAutoscale-v0", "--fidelity", "fluid", "--horizon", "2", "--seeds", "0", "1", "--json"]
+        [
+            "evaluate",
+            "--policy",
+            "model-level",
+            "--env",
+            "opscale/ModelAutoscale-v0",
+            "--fidelity",
+            "fluid",
+            "--horizon",
+            "2",
+            "--seeds",
+            "0",
+            "1",
+            "--json",
+        ]
     )
     assert code == 0
     data = json.loads(capsys.readouterr().out)

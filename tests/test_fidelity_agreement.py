@@ -27,7 +27,10 @@ LOADS = (0.3, 0.6, 0.9)
 
 @pytest.fixture(scope="module")
 def capacities() -> dict[str, float]:
-    return {case.label: measure_capacity(DiscreteEventSimulator, case, probe_rate_per_s=40.0) for case in agreement_cases()}
+    return {
+        case.label: measure_capacity(DiscreteEventSimulator, case, probe_rate_per_s=40.0)
+        for case in agreement_cases()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,9 @@ def test_model_level_agreement(load: float, compare: Callable[[int, float], dict
 
 @pytest.mark.slow
 @pytest.mark.parametrize("load", LOADS)
-def test_operator_level_gpus_energy_and_tbt_agree(load: float, compare: Callable[[int, float], dict[str, bool]]) -> None:
+def test_operator_level_gpus_energy_and_tbt_agree(
+    load: float, compare: Callable[[int, float], dict[str, bool]]
+) -> None:
     checks = compare(1, load)
     assert checks["gpus"] and checks["energy"] and checks["tbt"], checks
 
@@ -73,14 +78,18 @@ def test_operator_level_all_targets_at_light_load(compare: Callable[[int, float]
     strict=False,
 )
 @pytest.mark.parametrize("load", (0.6, 0.9))
-def test_operator_level_slo_and_ttft_agree(load: float, compare: Callable[[int, float], dict[str, bool]]) -> None:
+def test_operator_level_slo_and_ttft_agree(
+    load: float, compare: Callable[[int, float], dict[str, bool]]
+) -> None:
     checks = compare(1, load)
     assert checks["slo"] and checks["ttft"], checks
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("load", LOADS)
-def test_operator_level_chains_meet_every_target(load: float, compare: Callable[[int, float], dict[str, bool]]) -> None:
+def test_operator_level_chains_meet_every_target(
+    load: float, compare: Callable[[int, float], dict[str, bool]]
+) -> None:
     """The model-level layout in operator form (every unit's replica beside its stream, the layout
     ``operator-greedy`` falls back to): the fluid must price its local routing as the engine serves
     it, with no pool wait, no transfer and no contention from the stream's own units (before it did,

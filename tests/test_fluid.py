@@ -23,7 +23,15 @@ from opscale.traces.trace import RequestTrace
 
 MODEL = "llama-2-7b"
 SLO_TTFT_S = 1.0  # default TTFT SLO of a <= 8 B model
-OPERATOR_REPLICAS = {"embed": 1, "norm": 1, "qkv_proj": 1, "attention": 2, "o_proj": 1, "ffn": 2, "lm_head": 1}
+OPERATOR_REPLICAS = {
+    "embed": 1,
+    "norm": 1,
+    "qkv_proj": 1,
+    "attention": 2,
+    "o_proj": 1,
+    "ffn": 2,
+    "lm_head": 1,
+}
 
 
 def poisson_trace(rate_per_s: float, duration_s: float, seed: int = 0) -> RequestTrace:
@@ -44,7 +52,9 @@ def operator_level() -> Deployment:
 
 
 def fluid(deployment: Deployment, trace: RequestTrace, **kwargs: object) -> FluidSimulator:
-    return FluidSimulator(ClusterSpec.homogeneous("a100", deployment.num_nodes), MODEL, deployment, trace, **kwargs)
+    return FluidSimulator(
+        ClusterSpec.homogeneous("a100", deployment.num_nodes), MODEL, deployment, trace, **kwargs
+    )
 
 
 def test_implements_the_protocol_and_registry() -> None:
@@ -77,16 +87,32 @@ def test_single_request_latency_is_the_cost_model() -> None:
     decided = [m for m in (simulator.advance(5.0) for _ in range(4)) if m.decided]
     cost_model, model, gpu = default_cost_model(), get_model(MODEL), get_gpu("a100")
     overhead = engine_overhead(SimConfig().engine_overhead, gpu)
-    dense = sum(cost_model.unit_time_s(model, u, gpu, 1, prompt) for u in model.units if u not in (UnitKind.ATTENTION, UnitKind.LM_HEAD))
-    attention = cost_model.attention_time_s(
-        model, gpu, 1, AttentionBatch(prefill_tokens=prompt, prefill_attention_pairs=prompt * (prompt + 1) / 2, num_prefills=1)
+    dense = sum(
+        cost_model.unit_time_s(model, u, gpu, 1, prompt)
+        for u in model.units
+        if u not in (UnitKind.ATTENTION, UnitKind.LM_HEAD)
     )
-    prefill_s = overhead.iteration_s(1, 1) + dense + cost_model.unit_time_s(model, UnitKind.LM_HEAD, gpu, 1, 1) + attention
+    attention = cost_model.attention_time_s(
+        model,
+        gpu,
+        1,
+        AttentionBatch(
+            prefill_tokens=prompt, prefill_attention_pairs=prompt * (prompt + 1) / 2, num_prefills=1
+        ),
+    )
+    prefill_s = (
+        overhead.iteration_s(1, 1)
+        + dense
+        + cost_model.unit_time_s(model, UnitKind.LM_HEAD, gpu, 1, 1)
+        + attention
+    )
     assert decided and decided[0].ttft_mean_s == pytest.approx(prefill_s, rel=0.1)
     decode_s = (
         overhead.iteration_s(1, 1)
         + sum(cost_model.unit_time_s(model, u, gpu, 1, 1) for u in model.units if u is not UnitKind.ATTENTION)
-        + cost_model.attention_time_s(model, gpu, 1, AttentionBatch(num_decodes=1, decode_context_tokens=prompt + output // 2))
+        + cost_model.attention_time_s(
+            model, gpu, 1, AttentionBatch(num_decodes=1, decode_context_tokens=prompt + output // 2)
+        )
     )
     assert decided[0].tbt_mean_s == pytest.approx(decode_s, rel=0.1)
 
@@ -120,7 +146,9 @@ def test_cost_per_advance_does_not_depend_on_rate() -> None:
         windows: list[tuple[float, float]] = []
         original = index.window
 
-        def counted(start_s: float, end_s: float, original: object = original, windows: list = windows) -> object:
+        def counted(
+            start_s: float, end_s: float, original: object = original, windows: list = windows
+        ) -> object:
             windows.append((start_s, end_s))
             return original(start_s, end_s)  # type: ignore[operator]
 
@@ -132,7 +160,9 @@ def test_cost_per_advance_does_not_depend_on_rate() -> None:
 
 
 def test_added_instance_serves_after_its_load_time() -> None:
-    simulator = fluid(Deployment.model_level(MODEL, "a100", instances=1, num_nodes=1), poisson_trace(2.0, 120.0))
+    simulator = fluid(
+        Deployment.model_level(MODEL, "a100", instances=1, num_nodes=1), poisson_trace(2.0, 120.0)
+    )
     simulator.advance(5.0)
     report = simulator.apply(ScalingAction(instance_delta=1))
     assert report.replicas_added[UnitKind.ATTENTION] == 1 and report.repairs == 0
@@ -171,8 +201,12 @@ def test_operator_level_actions_are_repaired_and_counted() -> None:
     [
         lambda: Deployment.model_level(MODEL, "a100", instances=3),
         operator_level,
-        lambda: Deployment.operator_level(MODEL, "a100", replicas=OPERATOR_REPLICAS, placement="spread-gpu", num_nodes=1),
-        lambda: Deployment.operator_level("llama-2-70b", "a100", replicas=OPERATOR_REPLICAS, tp=4, num_nodes=2),
+        lambda: Deployment.operator_level(
+            MODEL, "a100", replicas=OPERATOR_REPLICAS, placement="spread-gpu", num_nodes=1
+        ),
+        lambda: Deployment.operator_level(
+            "llama-2-70b", "a100", replicas=OPERATOR_REPLICAS, tp=4, num_nodes=2
+        ),
         lambda: Deployment.model_level("llama-2-70b", "a100", instances=1, tp=4, pp=2, num_nodes=2),
     ],
     ids=["model", "operator-pack", "operator-spread", "operator-70b-tp4", "model-70b-tp4-pp2"],
@@ -189,7 +223,12 @@ def test_gpus_and_memory_identical_to_the_engine(make: object) -> None:
         actions = [ScalingAction(instance_delta=2), ScalingAction(instance_delta=-1)]
     else:
         actions = [
-            ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=3), UnitKind.ATTENTION: UnitAction(replica_delta=1)}),
+            ScalingAction(
+                units={
+                    UnitKind.FFN: UnitAction(replica_delta=3),
+                    UnitKind.ATTENTION: UnitAction(replica_delta=1),
+                }
+            ),
             ScalingAction(units={UnitKind.QKV_PROJ: UnitAction(replica_delta=2, placement="spread-node")}),
         ]
     for action in actions:
@@ -204,7 +243,9 @@ def test_idle_cluster_draws_idle_power() -> None:
     metrics = simulator.advance(10.0)
     idle_w = PowerModel().profile(get_gpu("a100")).idle_w
     assert metrics.energy_j == pytest.approx(2 * idle_w * 10.0)
-    assert metrics.gpu_seconds == pytest.approx(20.0) and metrics.slo_attainment == 1.0 and metrics.decided == 0
+    assert (
+        metrics.gpu_seconds == pytest.approx(20.0) and metrics.slo_attainment == 1.0 and metrics.decided == 0
+    )
 
 
 def test_energy_rises_with_load_and_slo_falls() -> None:
@@ -213,7 +254,9 @@ def test_energy_rises_with_load_and_slo_falls() -> None:
     heavy_intervals = [heavy.advance(5.0) for _ in range(60)]
     assert sum(m.energy_j for m in heavy_intervals) > 1.1 * sum(m.energy_j for m in light_intervals)
     assert heavy.summary().slo_attainment < light.summary().slo_attainment
-    assert max(m.units[UnitKind.FFN].utilisation for m in heavy_intervals) > max(m.units[UnitKind.FFN].utilisation for m in light_intervals)
+    assert max(m.units[UnitKind.FFN].utilisation for m in heavy_intervals) > max(
+        m.units[UnitKind.FFN].utilisation for m in light_intervals
+    )
 
 
 def test_strict_slo_lowers_attainment() -> None:

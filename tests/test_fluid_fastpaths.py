@@ -48,7 +48,9 @@ def test_compute_lines_and_weighted_sums_match_the_vectorised_table() -> None:
     for row in range(len(units)):
         line, compute_line = table.lines[row], table.compute_lines[row]
         assert [line.at(t) for t in tokens] == pytest.approx(times[row].tolist(), rel=1e-12, abs=1e-15)
-        assert [compute_line.at(t) for t in tokens] == pytest.approx(compute[row].tolist(), rel=1e-12, abs=1e-15)
+        assert [compute_line.at(t) for t in tokens] == pytest.approx(
+            compute[row].tolist(), rel=1e-12, abs=1e-15
+        )
         total, compute_total = table.weighted_times(row, tokens, weights)
         assert total == pytest.approx(float(times[row] @ weights), rel=1e-12)
         assert compute_total == pytest.approx(float(compute[row] @ weights), rel=1e-12, abs=1e-15)
@@ -63,7 +65,9 @@ def test_erlang_rows_equal_the_table_lookup() -> None:
     rng = np.random.default_rng(2)
     for servers, utilisation in zip(rng.integers(0, 200, 300), rng.uniform(-0.1, 1.1, 300), strict=True):
         expected = table.lookup_scalar(int(servers), float(utilisation))
-        assert rows.at(rows.row(int(servers)), float(utilisation)) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert rows.at(rows.row(int(servers)), float(utilisation)) == pytest.approx(
+            expected, rel=1e-12, abs=1e-15
+        )
     assert rows.row(500) is rows.row(MAX_TABLE_SERVERS)  # clipped to the table, built once
 
 
@@ -73,12 +77,18 @@ def test_summed_poisson_tails_equal_the_scalar_lookups() -> None:
     counts = rng.integers(0, 400, 16).astype(float).tolist()
     needed = rng.integers(1, 80, 16).tolist()
     for rate in (0.0, 1e-7, 0.003, 0.2, 5.0):
-        expected = sum(table.lookup_scalar(count * rate, int(n)) for count, n in zip(counts, needed, strict=True))
+        expected = sum(
+            table.lookup_scalar(count * rate, int(n)) for count, n in zip(counts, needed, strict=True)
+        )
         assert table.total_at_least(rate, counts, needed) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
-@pytest.mark.parametrize(("prob_wait", "wait_mean_s", "late_share"), [(0.4, 0.3, 0.0), (0.9, 1e-4, 0.2), (0.0, 0.0, 0.5)])
-def test_sorted_ttft_cdf_equals_the_direct_sum(prob_wait: float, wait_mean_s: float, late_share: float) -> None:
+@pytest.mark.parametrize(
+    ("prob_wait", "wait_mean_s", "late_share"), [(0.4, 0.3, 0.0), (0.9, 1e-4, 0.2), (0.0, 0.0, 0.5)]
+)
+def test_sorted_ttft_cdf_equals_the_direct_sum(
+    prob_wait: float, wait_mean_s: float, late_share: float
+) -> None:
     fixed = np.random.default_rng(5).uniform(0.05, 40.0, 16)
     mixture = TtftMixture(fixed, prob_wait, wait_mean_s, late_share, late_s=2.5)
     fast = mixture._sorted_cdf(sorted(fixed.tolist()))
@@ -139,8 +149,12 @@ def _brute_force_layout(simulator: FluidSimulator) -> tuple[np.ndarray, np.ndarr
 
 def test_layout_summary_matches_the_pairwise_definitions() -> None:
     replicas = {"embed": 2, "norm": 1, "qkv_proj": 3, "attention": 4, "o_proj": 2, "ffn": 5, "lm_head": 1}
-    deployment = Deployment.operator_level(MODEL, "a100", replicas=replicas, placement="spread-gpu", num_nodes=2)
-    simulator = FluidSimulator(ClusterSpec.homogeneous("a100", 2), MODEL, deployment, poisson_trace(2.0, 60.0))
+    deployment = Deployment.operator_level(
+        MODEL, "a100", replicas=replicas, placement="spread-gpu", num_nodes=2
+    )
+    simulator = FluidSimulator(
+        ClusterSpec.homogeneous("a100", 2), MODEL, deployment, poisson_trace(2.0, 60.0)
+    )
     simulator.advance(5.0)
     simulator.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=2, placement="spread-node")}))
     simulator.advance(5.0)  # the added replicas load in well under half an interval: they serve it
@@ -157,7 +171,9 @@ def test_layout_summary_of_chains_and_shared_gpus() -> None:
     gpus["ffn"] = [(0,), (1,), (2,), (3,)]
     replicas = dict.fromkeys(gpus, 4)
     deployment = Deployment.operator_level(MODEL, "a100", replicas=replicas, gpus=gpus, num_nodes=1)
-    simulator = FluidSimulator(ClusterSpec.homogeneous("a100", 1), MODEL, deployment, poisson_trace(2.0, 60.0))
+    simulator = FluidSimulator(
+        ClusterSpec.homogeneous("a100", 1), MODEL, deployment, poisson_trace(2.0, 60.0)
+    )
     simulator.advance(5.0)
     local = simulator._local_columns(simulator._serving_summary.homes)
     units = MODEL_SPEC.units
@@ -195,7 +211,10 @@ def test_a_loading_instance_serves_from_the_boundary_nearest_its_ready_time() ->
     gets one instance's throughput, one it serves for more than half gets two."""
     trace = poisson_trace(40.0, 60.0, seed=3)
     simulator = FluidSimulator(
-        ClusterSpec.homogeneous("a100", 1), MODEL, Deployment.model_level(MODEL, "a100", instances=1, num_nodes=1), trace
+        ClusterSpec.homogeneous("a100", 1),
+        MODEL,
+        Deployment.model_level(MODEL, "a100", instances=1, num_nodes=1),
+        trace,
     )
     simulator.advance(2.0)
     simulator.apply(ScalingAction(instance_delta=1))
@@ -218,7 +237,9 @@ def test_a_loading_instance_serves_from_the_boundary_nearest_its_ready_time() ->
 def test_light_load_leaves_no_backlog_wait() -> None:
     """All the demand is admitted when the streams keep up: no rounding residue counts as a backlog."""
     deployment = Deployment.model_level(MODEL, "a100", instances=20)
-    simulator = FluidSimulator(ClusterSpec.homogeneous("a100", deployment.num_nodes), MODEL, deployment, poisson_trace(40.0, 200.0))
+    simulator = FluidSimulator(
+        ClusterSpec.homogeneous("a100", deployment.num_nodes), MODEL, deployment, poisson_trace(40.0, 200.0)
+    )
     intervals = [simulator.advance(5.0) for _ in range(40)]
     assert all(m.waiting_requests == 0 for m in intervals)
     assert max(m.units[UnitKind.ATTENTION].mean_wait_s for m in intervals) < 1e-3

@@ -46,7 +46,9 @@ def test_window_counts_and_sums_match_direct_computation(arrivals: tuple) -> Non
 
 
 def test_shape_follows_the_block_of_the_window() -> None:
-    arrival = np.concatenate((np.linspace(0, SHAPE_BLOCK_S - 1, 500), np.linspace(SHAPE_BLOCK_S, 2 * SHAPE_BLOCK_S - 1, 500)))
+    arrival = np.concatenate(
+        (np.linspace(0, SHAPE_BLOCK_S - 1, 500), np.linspace(SHAPE_BLOCK_S, 2 * SHAPE_BLOCK_S - 1, 500))
+    )
     prompt = np.concatenate((np.full(500, 100), np.tile([10, 1000], 250)))
     index = ArrivalIndex(arrival, prompt, np.full(1000, 5))
     assert np.allclose(index.window(0.0, 5.0).prompt_shape, 1.0)
@@ -80,7 +82,10 @@ def test_arrival_index_rejects_bad_input() -> None:
         ArrivalIndex(np.array([1.0]), np.array([5, 6]), np.array([5]))
 
 
-@pytest.mark.parametrize(("model_name", "gpu_name", "tp"), [("llama-2-7b", "a100", 1), ("llama-2-70b", "h100", 4), ("qwen2-57b-a14b", "h100", 2)])
+@pytest.mark.parametrize(
+    ("model_name", "gpu_name", "tp"),
+    [("llama-2-7b", "a100", 1), ("llama-2-70b", "h100", 4), ("qwen2-57b-a14b", "h100", 2)],
+)
 def test_unit_table_interpolates_the_cost_model(model_name: str, gpu_name: str, tp: int) -> None:
     cost_model = default_cost_model()
     model, gpu = get_model(model_name), get_gpu(gpu_name)
@@ -99,13 +104,23 @@ def test_attention_surrogate_decode_exact_and_prefill_close() -> None:
     cost_model = default_cost_model()
     model, gpu = get_model("llama-2-7b"), get_gpu("a100")
     surrogate = AttentionSurrogate(model, gpu, 1, cost_model)
-    exact = cost_model.attention_time_s(model, gpu, 1, AttentionBatch(num_decodes=20, decode_context_tokens=20 * 900))
+    exact = cost_model.attention_time_s(
+        model, gpu, 1, AttentionBatch(num_decodes=20, decode_context_tokens=20 * 900)
+    )
     assert surrogate.decode_s(20, 20 * 900) == pytest.approx(exact, rel=1e-9)
     for chunk, prior in [(100, 0), (1000, 0), (2048, 4000)]:
-        batch = AttentionBatch(prefill_tokens=chunk, prefill_attention_pairs=chunk * prior + chunk * (chunk + 1) / 2, num_prefills=1)
+        batch = AttentionBatch(
+            prefill_tokens=chunk,
+            prefill_attention_pairs=chunk * prior + chunk * (chunk + 1) / 2,
+            num_prefills=1,
+        )
         exact = cost_model.attention_time_s(model, gpu, 1, batch)
-        assert float(surrogate.prefill_s(np.array(float(chunk)), np.array(float(prior)))) == pytest.approx(exact, rel=0.1)
-        assert surrogate.prefill_scalar_s(chunk, prior) == pytest.approx(float(surrogate.prefill_s(np.array(float(chunk)), np.array(float(prior)))))
+        assert float(surrogate.prefill_s(np.array(float(chunk)), np.array(float(prior)))) == pytest.approx(
+            exact, rel=0.1
+        )
+        assert surrogate.prefill_scalar_s(chunk, prior) == pytest.approx(
+            float(surrogate.prefill_s(np.array(float(chunk)), np.array(float(prior))))
+        )
     assert surrogate.prefill_fit_error < 0.3
 
 
@@ -113,7 +128,9 @@ def test_ttft_mixture_matches_monte_carlo() -> None:
     rng = np.random.default_rng(0)
     fixed = np.array([0.1, 0.2, 0.4, 0.8])
     mixture = TtftMixture(fixed, prob_wait=0.3, wait_mean_s=0.5)
-    samples = rng.choice(fixed, 200_000) + np.where(rng.random(200_000) < 0.3, rng.exponential(0.5, 200_000), 0.0)
+    samples = rng.choice(fixed, 200_000) + np.where(
+        rng.random(200_000) < 0.3, rng.exponential(0.5, 200_000), 0.0
+    )
     assert mixture.mean_s() == pytest.approx(samples.mean(), rel=0.01)
     for t in (0.15, 0.5, 1.0, 2.0):
         assert float(mixture.cdf(np.array(t))) == pytest.approx((samples <= t).mean(), abs=0.01)

@@ -53,7 +53,9 @@ def test_bisection_with_nothing_sustained_returns_zero() -> None:
 
 
 def test_bisection_counts_a_run_that_could_not_start_as_not_sustained() -> None:
-    result = max_sustainable_scale(lambda scale: 0.95 if scale <= 2 else math.nan, threshold=0.9, probes=3, max_scale=8.0)
+    result = max_sustainable_scale(
+        lambda scale: 0.95 if scale <= 2 else math.nan, threshold=0.9, probes=3, max_scale=8.0
+    )
     assert result.scale == 2.0 and [scale for scale, _ in result.probes] == [1.0, 2.0, 4.0]
 
 
@@ -65,7 +67,18 @@ def test_config_rejects_bad_policies_and_missing_baseline() -> None:
 
 
 def test_unknown_trace_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["experiment", "paper-table", "--quick", "--traces", "no-such-trace", "--out", str(tmp_path / "o"), "--no-progress"])
+    code = main(
+        [
+            "experiment",
+            "paper-table",
+            "--quick",
+            "--traces",
+            "no-such-trace",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "no-such-trace" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -89,7 +102,13 @@ def tiny_table(tmp_path_factory: pytest.TempPathFactory) -> PaperTableResult:
 
 def test_tiny_paper_table_writes_every_output(tiny_table: PaperTableResult) -> None:
     out = tiny_table.config.out_dir
-    for name in ("results.csv", "table.md", "paper_table.json", "plots/savings.png", "plots/qwen2-7b__a100__default.png"):
+    for name in (
+        "results.csv",
+        "table.md",
+        "paper_table.json",
+        "plots/savings.png",
+        "plots/qwen2-7b__a100__default.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -117,7 +136,9 @@ def test_savings_match_the_evaluated_figures(tiny_table: PaperTableResult) -> No
     greedy, baseline = case.policies[PaperPolicy.OPERATOR_GREEDY], case.policies[PaperPolicy.MODEL_LEVEL]
     computed = savings(case, PaperPolicy.OPERATOR_GREEDY)
     assert computed["gpu_saving"] == pytest.approx(1 - greedy.mean("gpus_mean") / baseline.mean("gpus_mean"))
-    assert computed["energy_saving"] == pytest.approx(1 - greedy.mean("energy_kwh") / baseline.mean("energy_kwh"))
+    assert computed["energy_saving"] == pytest.approx(
+        1 - greedy.mean("energy_kwh") / baseline.mean("energy_kwh")
+    )
 
 
 def test_evaluation_tensorboard_runs_hold_the_time_series(tiny_table: PaperTableResult) -> None:
@@ -125,15 +146,28 @@ def test_evaluation_tensorboard_runs_hold_the_time_series(tiny_table: PaperTable
     accumulator = EventAccumulator(str(run))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
-    assert {"serving/gpus", "serving/slo_attainment", "load/arrival_rate_per_s", "summary/max_rate_per_s"} <= tags
+    assert {
+        "serving/gpus",
+        "serving/slo_attainment",
+        "load/arrival_rate_per_s",
+        "summary/max_rate_per_s",
+    } <= tags
     assert len(accumulator.Scalars("serving/gpus")) == 4
     assert any(tag.startswith("replicas/") for tag in tags)
 
 
 def _row(policy: str, gpu_saving: float, slo_delta: float, ratio: float, bound: str) -> dict[str, object]:
     return {
-        "model": "m", "gpu": "g", "trace": "t", "policy": policy, "gpu_saving": gpu_saving, "energy_saving": gpu_saving / 2,
-        "slo_delta": slo_delta, "matched_slo": slo_delta >= -0.01, "throughput_ratio": ratio, "throughput_bound": bound,
+        "model": "m",
+        "gpu": "g",
+        "trace": "t",
+        "policy": policy,
+        "gpu_saving": gpu_saving,
+        "energy_saving": gpu_saving / 2,
+        "slo_delta": slo_delta,
+        "matched_slo": slo_delta >= -0.01,
+        "throughput_ratio": ratio,
+        "throughput_bound": bound,
     }
 
 

@@ -85,7 +85,9 @@ def test_mmc_formulas_agree_with_simulation() -> None:
     waits = simulate_mmc_waits(lam, service_s, c, 200_000, seed=7)[10_000:]
     assert waits.mean() == pytest.approx(float(mmc_mean_wait_s(lam, service_s, c)), rel=0.06)
     assert (waits > 0).mean() == pytest.approx(float(erlang_c(c, lam * service_s)), abs=0.02)
-    assert np.quantile(waits, 0.99) == pytest.approx(float(mmc_wait_quantile_s(0.99, lam, service_s, c)), rel=0.08)
+    assert np.quantile(waits, 0.99) == pytest.approx(
+        float(mmc_wait_quantile_s(0.99, lam, service_s, c)), rel=0.08
+    )
 
 
 def test_allen_cunneen_scales_mmc() -> None:
@@ -139,7 +141,9 @@ def test_batch_service_batches_past_unbatched_saturation() -> None:
     assert not bool(capped.stable) and math.isinf(float(capped.mean_wait_s))
 
 
-def simulate_batch_pool(lam: float, job_tokens: float, c: int, cap_jobs: int, n: int, seed: int) -> tuple[float, float]:
+def simulate_batch_pool(
+    lam: float, job_tokens: float, c: int, cap_jobs: int, n: int, seed: int
+) -> tuple[float, float]:
     """A replica that frees up takes every queued job (up to ``cap_jobs``); returns (jobs/call, mean wait)."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / lam, n))

@@ -46,7 +46,9 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
         (["trace", "stats", "default", "--day", "3"], "does not take option(s) ['day']"),
     ],
 )
-def test_bad_input_is_one_error_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_error_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1

@@ -41,7 +41,12 @@ def test_default_is_close_to_the_real_trace_it_was_fitted_to(traces_dir: Path) -
     for column in ("prompt_tokens", "output_tokens"):
         ours, theirs = np.sort(getattr(synthetic, column)), np.sort(getattr(real, column))
         grid = np.union1d(ours, theirs)
-        ks = np.max(np.abs(np.searchsorted(ours, grid, "right") / ours.size - np.searchsorted(theirs, grid, "right") / theirs.size))
+        ks = np.max(
+            np.abs(
+                np.searchsorted(ours, grid, "right") / ours.size
+                - np.searchsorted(theirs, grid, "right") / theirs.size
+            )
+        )
         assert ks < 0.03, column
 
 

@@ -19,7 +19,10 @@ def _aggregate_rates(traces_dir: Path, stem: str, start_s: float, windows: int) 
     return table[first : first + windows, 1]
 
 
-@pytest.mark.parametrize(("name", "stem"), [("servegen-deepseek-r1", "reason_deepseek-r1"), ("servegen-mm-image", "multimodal_mm-image")])
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [("servegen-deepseek-r1", "reason_deepseek-r1"), ("servegen-mm-image", "multimodal_mm-image")],
+)
 def test_default_window_reproduces_the_aggregate_rates(traces_dir: Path, name: str, stem: str) -> None:
     trace = load_trace(name, data_dir=traces_dir, seed=1)
     assert trace.duration_s == 3600.0
@@ -43,10 +46,18 @@ def test_lengths_follow_the_readme_fits(traces_dir: Path) -> None:
 
 def test_day_hour_window_and_rate_scale(traces_dir: Path) -> None:
     stem = "language_m-large"
-    trace = load_trace("servegen-m-large", data_dir=traces_dir, day=5, hour=3, duration_s=600.0, rate_scale=0.05)
+    trace = load_trace(
+        "servegen-m-large", data_dir=traces_dir, day=5, hour=3, duration_s=600.0, rate_scale=0.05
+    )
     expected = _aggregate_rates(traces_dir, stem, 5 * 86_400 + 3 * 3_600, 1)[0] * 0.05
     assert trace.mean_rate_per_s == pytest.approx(expected, rel=0.15)
-    same = load_trace("servegen-m-large", data_dir=traces_dir, start_s=5 * 86_400 + 3 * 3_600, duration_s=600.0, rate_scale=0.05)
+    same = load_trace(
+        "servegen-m-large",
+        data_dir=traces_dir,
+        start_s=5 * 86_400 + 3 * 3_600,
+        duration_s=600.0,
+        rate_scale=0.05,
+    )
     assert np.array_equal(trace.arrival_s, same.arrival_s)
 
 
@@ -54,7 +65,9 @@ def test_telemetry_gaps_are_flagged(traces_dir: Path) -> None:
     # README: m-mid has runs of windows below 1 req/s around hour 87.
     table = np.loadtxt(traces_dir / "servegen/aggregate/language_m-mid_10min.csv", delimiter=",", skiprows=1)
     gap_start_s = float(table[np.argmax(table[:, 1] < 1.0), 0])
-    trace = load_trace("servegen-m-mid", data_dir=traces_dir, start_s=gap_start_s, duration_s=600.0, rate_scale=0.01)
+    trace = load_trace(
+        "servegen-m-mid", data_dir=traces_dir, start_s=gap_start_s, duration_s=600.0, rate_scale=0.01
+    )
     assert len(trace.notes) == 1 and "telemetry gaps" in trace.notes[0]
 
 

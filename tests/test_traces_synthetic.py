@@ -50,7 +50,9 @@ def test_gamma_arrivals_have_the_requested_cv_and_rate(cv: float) -> None:
 
 def test_weibull_arrivals_have_the_cv_of_their_shape() -> None:
     shape = 0.5  # CV of Weibull(0.5) = sqrt(Gamma(1 + 2/k) / Gamma(1 + 1/k)^2 - 1) = sqrt(5)
-    arrival_s = generate_arrivals(ConstantRate(10.0), 20_000.0, np.random.default_rng(2), process="weibull", weibull_shape=shape)
+    arrival_s = generate_arrivals(
+        ConstantRate(10.0), 20_000.0, np.random.default_rng(2), process="weibull", weibull_shape=shape
+    )
     expected_cv = math.sqrt(math.gamma(1 + 2 / shape) / math.gamma(1 + 1 / shape) ** 2 - 1)
     assert _iat_cv(arrival_s) == pytest.approx(expected_cv, rel=0.08)
     assert arrival_s.size / 20_000.0 == pytest.approx(10.0, rel=0.1)
@@ -73,7 +75,9 @@ def test_step_rate_is_followed() -> None:
 
 
 def test_diurnal_sine_rate_is_followed() -> None:
-    curve = DiurnalSineRate(mean_rate_per_s=2.0, relative_amplitude=0.8, period_s=86_400.0, peak_time_s=14 * 3600)
+    curve = DiurnalSineRate(
+        mean_rate_per_s=2.0, relative_amplitude=0.8, period_s=86_400.0, peak_time_s=14 * 3600
+    )
     assert curve.rate_per_s(np.array([14 * 3600.0]))[0] == pytest.approx(3.6)
     assert curve.rate_per_s(np.array([2 * 3600.0]))[0] == pytest.approx(0.4)
     arrival_s = gamma_arrivals(curve, 86_400.0, 1.5, np.random.default_rng(4))
@@ -81,14 +85,18 @@ def test_diurnal_sine_rate_is_followed() -> None:
     expected = curve.rate_per_s(np.arange(24) * 3600.0 + 1800.0)
     # Hour by hour within 10 % (an hour holds 1,400-13,000 arrivals), and the CV is kept at every rate.
     assert np.allclose(hourly, expected, rtol=0.1)
-    assert _iat_cv(arrival_s[(arrival_s > 12 * 3600) & (arrival_s < 16 * 3600)]) == pytest.approx(1.5, rel=0.1)
+    assert _iat_cv(arrival_s[(arrival_s > 12 * 3600) & (arrival_s < 16 * 3600)]) == pytest.approx(
+        1.5, rel=0.1
+    )
 
 
 def test_piecewise_linear_rate_is_followed_and_reflected() -> None:
     ramp = PiecewiseLinearRate((0.0, 600.0), (1.0, 11.0))
     assert ramp.rate_per_s(np.array([300.0, 900.0])).tolist() == [6.0, 11.0]
     reflected = ReflectedRate(ramp, 600.0)
-    assert reflected.rate_per_s(np.array([700.0, 1200.0, 1500.0])).tolist() == pytest.approx([9.33333333, 1.0, 6.0])
+    assert reflected.rate_per_s(np.array([700.0, 1200.0, 1500.0])).tolist() == pytest.approx(
+        [9.33333333, 1.0, 6.0]
+    )
     arrival_s = poisson_arrivals(reflected, 1_200.0, np.random.default_rng(5))
     # Integral of the ramp up and down: 2 * 600 * 6 = 7,200.
     assert abs(arrival_s.size - 7_200) < 4 * math.sqrt(7_200)
@@ -140,6 +148,8 @@ def test_synthetic_trace_is_seeded_and_covers_its_duration() -> None:
                                image_lengths=LognormalLengths(6.0, 0.2, min_tokens=0))  # fmt: skip
 
     first, again, other = make(9), make(9), make(10)
-    assert np.array_equal(first.arrival_s, again.arrival_s) and np.array_equal(first.prompt_tokens, again.prompt_tokens)
+    assert np.array_equal(first.arrival_s, again.arrival_s) and np.array_equal(
+        first.prompt_tokens, again.prompt_tokens
+    )
     assert not np.array_equal(first.arrival_s[:10], other.arrival_s[:10])
     assert first.time_range_s == (0.0, 600.0) and first.image_tokens is not None

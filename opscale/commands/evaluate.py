@@ -47,12 +47,22 @@ def add_parser(subparsers: Any) -> None:
             "to a saved SB3 .zip"
         ),
     )
-    parser.add_argument("--env", default="opscale/OperatorAutoscale-v0", help="environment id (default %(default)s)")
-    parser.add_argument("--trace", default=None, help="trace name or file (default: the env's, the embedded default workload)")
+    parser.add_argument(
+        "--env", default="opscale/OperatorAutoscale-v0", help="environment id (default %(default)s)"
+    )
+    parser.add_argument(
+        "--trace", default=None, help="trace name or file (default: the env's, the embedded default workload)"
+    )
     parser.add_argument("--episodes", type=int, default=None, help="episodes (default: one per seed, or 3)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="reset seed per episode (default 0..episodes-1)")
-    parser.add_argument("--fidelity", choices=("des", "fluid"), default="des", help="simulator fidelity (default des)")
-    parser.add_argument("--windows", choices=("random", "held-out"), default="random", help="episode windows (default random)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="reset seed per episode (default 0..episodes-1)"
+    )
+    parser.add_argument(
+        "--fidelity", choices=("des", "fluid"), default="des", help="simulator fidelity (default des)"
+    )
+    parser.add_argument(
+        "--windows", choices=("random", "held-out"), default="random", help="episode windows (default random)"
+    )
     parser.add_argument("--horizon", type=int, default=None, help="decisions per episode (env default 120)")
     parser.add_argument("--model", default=None, help="model name (env default qwen2-7b)")
     parser.add_argument("--gpu", default=None, help="GPU name (env default a100)")
@@ -124,7 +134,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     summary = result.summary
     n = len(result.episodes)
-    print(f"policy {result.policy} on {result.env_id} ({result.fidelity}), {n} episode(s), seeds {[e.seed for e in result.episodes]}")
+    print(
+        f"policy {result.policy} on {result.env_id} ({result.fidelity}), {n} episode(s), seeds {[e.seed for e in result.episodes]}"
+    )
     print(f"{'metric':<16} {'mean':>10} {'95% CI':>24}")
     for metric, label, fmt in _TABLE_ROWS:
         stats = summary[metric]
