@@ -34,8 +34,9 @@ Each interval the controller
    the model-level TP degree of :func:`opscale.envs.sizing.model_level_tp`, the chain on one aligned
    group of that many GPUs); when the chains need fewer GPUs, or as many while the plan shares a pool
    among streams (:meth:`OperatorGreedyPolicy.prefers_chains`), the episode
-   runs in *chain mode*: whole chains are added (one per interval, on a group of its own) and
-   removed, with the same feedback guard, correction and removal margin as the per-unit plan, and
+   runs in *chain mode*: whole chains are added (each on a group of its own, several per interval
+   when the plan needs them: streams ``spread-gpu``, the other units ``colocate``) and removed (one
+   per interval), with the same feedback guard, correction and removal margin as the per-unit plan, and
    every unit's batch cap at the token budget (a stream's job is one call). Qwen2-7B on 8 A100s at
    ~45 req/s: the greedy plan ``[1, 2, 2, 8, 1, 6, 2]`` fails the TBT SLO on the DES (p99 0.18 s),
    8 chains meet it (0.085 s).
@@ -865,22 +866,21 @@ class OperatorGreedyPolicy(HeuristicPolicy):
     def chain_action(
         self, observation: Mapping[str, Any], current: Mapping[UnitKind, int], budget: int, target: int
     ) -> ScalingAction:
-        """Chain mode's action: every unit towards ``target`` chains (from :meth:`chain_target`), one
-        chain per interval, every batch cap at ``budget``."""
+        """Chain mode's action: every unit towards ``target`` chains (from :meth:`chain_target`), every
+        batch cap at ``budget``. Chains are added as many at once as one action's delta allows: each
+        new stream opens the least-occupied GPU group (``spread-gpu``) and the other units'
+        replicas join the streams that lack them (``colocate``, placed after the streams). They are
+        removed one per interval: the engine removes from the GPU that empties soonest, so the units
+        leave the same group one after another."""
         chains = current[UnitKind.ATTENTION]
-        # one chain per interval: the first unit's replica opens the least-occupied GPU group
-        # (``spread-gpu``) and the others ``pack`` beside it, the only powered group with room (a
-        # stream's KV cache fills its own); a second chain in the same action would pack onto the same
-        # group. Removals take the whole chain: the engine removes from the GPU that empties soonest.
-        step = max(-1, min(1, target - chains))
-        first = self.context.units[0]
+        step = max(-1, target - chains)
         units = {
             unit: UnitAction(
                 replica_delta=self.context.clip_delta(chains + step - current[unit]),
                 batch_cap_tokens=None
                 if round(float(observation[unit.value]["batch_cap"])) == budget
                 else budget,
-                placement=Placement.SPREAD_GPU if unit is first else Placement.PACK,
+                placement=Placement.SPREAD_GPU if unit is UnitKind.ATTENTION else Placement.COLOCATE,
             )
             for unit in self.context.units
         }

@@ -41,7 +41,10 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
     ``3i``      replica delta: value ``k`` -> ``replica_deltas[k]`` (default -2..+2; 2 = keep)
     ``3i + 1``  batch cap: 0 keeps it; ``k >= 1`` -> ``batch_cap_buckets_tokens[k - 1]``
                 (default 256, 512, 1024, 2048, 4096, 8192 tokens; attention: token budget)
-    ``3i + 2``  placement of replicas added now: 0 pack, 1 spread-gpu, 2 spread-node
+    ``3i + 2``  placement of replicas added now: 0 pack, 1 spread-gpu, 2 spread-node,
+                3 colocate (beside the streams that lack the unit; placed after the rest
+                of the action, so ``+k`` attention ``spread-gpu`` and ``+k`` of every other
+                unit ``colocate`` add ``k`` co-located chains; see ``Placement``)
     ==========  ==========================================================================
 
     Parts that cannot be carried out (fewer than one replica, no GPU with room) are repaired by the
@@ -115,7 +118,8 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
 
     ## Version History
 
-    * v0: initial version.
+    * v0: initial version. Before the first release the placement dimension gained its fourth
+      choice, ``colocate`` (PPO models trained before it expect three choices per unit).
     """
 
     granularity = "operator"

@@ -42,7 +42,12 @@ __all__ = [
 ]
 
 #: Placement choices in the order of the placement dimension of an operator action.
-PLACEMENT_CHOICES: tuple[Placement, ...] = (Placement.PACK, Placement.SPREAD_GPU, Placement.SPREAD_NODE)
+PLACEMENT_CHOICES: tuple[Placement, ...] = (
+    Placement.PACK,
+    Placement.SPREAD_GPU,
+    Placement.SPREAD_NODE,
+    Placement.COLOCATE,
+)
 #: Batch-cap dimension value meaning "keep the current cap"; value ``i >= 1`` selects bucket ``i - 1``.
 KEEP_BATCH_CAP = 0
 
@@ -354,7 +359,7 @@ class OperatorActionCodec:
 
     * ``3i``: replica delta, value ``k`` -> ``replica_deltas[k]`` (default -2..+2, so 2 means no change);
     * ``3i+1``: batch cap, ``0`` keeps the cap, ``k >= 1`` sets ``batch_cap_buckets_tokens[k-1]``;
-    * ``3i+2``: placement of replicas added by this action: 0 pack, 1 spread-gpu, 2 spread-node.
+    * ``3i+2``: placement of replicas added by this action: 0 pack, 1 spread-gpu, 2 spread-node, 3 colocate.
 
     :param units: scaling units, in the model's forward order.
     :param replica_deltas: sorted deltas, including 0.

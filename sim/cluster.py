@@ -12,7 +12,9 @@ one node whose free memory fits the replica:
 
 * ``pack``: best fit among powered GPUs (least free memory left), then unpowered ones (fewest GPUs);
 * ``spread-gpu``: the GPUs with the fewest resident replicas (least contention), most free memory;
-* ``spread-node``: the node with the fewest replicas of this unit, then as ``spread-gpu``.
+* ``spread-node``: the node with the fewest replicas of this unit, then as ``spread-gpu``;
+* ``colocate``: the group with the highest :func:`colocation_affinity` (where the replica's jobs
+  stay on their GPU), then as ``pack``.
 
 A GPU is *powered* while any replica (loading, serving or draining) resides on it, *busy* while any
 of its replicas runs a call. Busy and compute-bound seconds are integrated per GPU for utilisation and
@@ -21,7 +23,7 @@ energy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -31,7 +33,15 @@ from opscale.sim.deployment import Placement
 from opscale.sim.hardware import ClusterSpec, GPUSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
-__all__ = ["ClusterState", "GpuState", "PlacementError", "Replica", "ReplicaState", "aligned_tp_groups"]
+__all__ = [
+    "ClusterState",
+    "GpuState",
+    "PlacementError",
+    "Replica",
+    "ReplicaState",
+    "aligned_tp_groups",
+    "colocation_affinity",
+]
 
 _GB = 1e9
 
@@ -41,6 +51,37 @@ def aligned_tp_groups(node_gpus: range, tp: int) -> list[tuple[int, ...]]:
     ``tp`` from the node's first GPU, as NVLink/NCCL topologies and serving engines lay TP groups out
     (groups of different degrees then nest instead of straddling each other)."""
     return [tuple(range(first, first + tp)) for first in range(node_gpus.start, node_gpus.stop - tp + 1, tp)]
+
+
+def colocation_affinity(unit: UnitKind, homes: Mapping[UnitKind, Iterable[int]]) -> dict[int, int]:
+    """Per GPU, how many of a new ``unit`` replica's jobs would stay there (the ``colocate`` placement).
+
+    The engine serves a job on a replica of its source's GPU first (no transfer). A stateless
+    replica's jobs stay local on a GPU whose streams (attention replicas) outnumber the unit's
+    replicas there: the affinity is that excess. An attention replica's jobs stay local beside
+    stateless replicas that serve no stream of their GPU: the affinity is the most replicas of one
+    stateless unit there less the streams there.
+
+    :param homes: per unit, the home (first) GPU of each of its replicas in place (loading or serving).
+    :returns: GPU index -> affinity, only where positive.
+    """
+    counts: dict[UnitKind, dict[int, int]] = {}
+    for other, gpus in homes.items():
+        per_gpu = counts.setdefault(other, {})
+        for gpu in gpus:
+            per_gpu[gpu] = per_gpu.get(gpu, 0) + 1
+    streams = counts.get(UnitKind.ATTENTION, {})
+    if unit is UnitKind.ATTENTION:
+        local: dict[int, int] = {}
+        for other, per_gpu in counts.items():
+            if other is not UnitKind.ATTENTION:
+                for gpu, count in per_gpu.items():
+                    local[gpu] = max(local.get(gpu, 0), count)
+        excess = {gpu: count - streams.get(gpu, 0) for gpu, count in local.items()}
+    else:
+        own = counts.get(unit, {})
+        excess = {gpu: count - own.get(gpu, 0) for gpu, count in streams.items()}
+    return {gpu: value for gpu, value in excess.items() if value > 0}
 
 
 class PlacementError(ValueError):
@@ -213,6 +254,7 @@ class ClusterState:
         policy: Placement,
         *,
         unit_count_by_node: dict[int, int] | None = None,
+        affinity: Mapping[int, int] | None = None,
         exclude: frozenset[int] = frozenset(),
     ) -> tuple[int, ...] | None:
         """A TP group of ``tp`` GPUs in one node, each with ``bytes_per_gpu`` free, chosen by ``policy``;
@@ -222,8 +264,11 @@ class ClusterState:
         call runs at the pace of its most shared GPU, and aligned groups meet as few others as possible.
 
         :param unit_count_by_node: replicas of the unit per node (``spread-node``).
+        :param affinity: per GPU, :func:`colocation_affinity` (``colocate``; absent GPUs count 0).
         :param exclude: GPUs not to use.
         """
+        colocate = policy is Placement.COLOCATE
+        affinity = (affinity or {}) if colocate else {}
         best: tuple[tuple[float, ...], tuple[int, ...]] | None = None
         for node_index in range(len(self.spec.nodes)):
             node_gpus = self.spec.gpus_of_node(node_index)
@@ -244,12 +289,23 @@ class ClusterState:
             else:
                 if policy is Placement.PACK:
                     candidates.sort(key=lambda g: (not g.powered, g.free_bytes, g.index))
+                elif colocate:
+                    candidates.sort(
+                        key=lambda g: (-affinity.get(g.index, 0), not g.powered, g.free_bytes, g.index)
+                    )
                 else:
                     candidates.sort(key=lambda g: (g.residents, -g.free_bytes, g.index))
                 windows = [candidates[:tp]]
             for group in windows:
                 if policy is Placement.PACK:
                     key: tuple[float, ...] = (
+                        sum(not g.powered for g in group),
+                        sum(g.free_bytes for g in group),
+                        node_index,
+                    )
+                elif colocate:
+                    key = (
+                        -sum(affinity.get(g.index, 0) for g in group),
                         sum(not g.powered for g in group),
                         sum(g.free_bytes for g in group),
                         node_index,
@@ -299,19 +355,24 @@ class ClusterState:
     def gpus_powered(self) -> int:
         return sum(1 for g in self.gpus if g.powered)
 
-    def release_order(self, gpus: tuple[int, ...]) -> tuple[int, float]:
+    def release_order(
+        self, gpus: tuple[int, ...], leaving: Mapping[int, int] | None = None
+    ) -> tuple[int, float]:
         """Sort key for scale-down: replicas whose GPUs empty out soonest come first.
 
         Removing the replica on the GPU with the fewest resident replicas, then the least memory used,
         is what lets a GPU be released (zero power); removing from a crowded GPU releases nothing.
 
         :param gpus: the replica's GPU group.
-        :returns: (most residents on any GPU of the group, most bytes used on any GPU of the group).
+        :param leaving: per GPU, residents already on their way out (draining): they do not count, so
+            that the units of one action leave the same GPU although the first one drains for a while.
+        :returns: (most residents staying on any GPU of the group, most bytes used on any GPU of it).
         """
-        return (
-            max(self.gpus[i].residents for i in gpus),
-            max(self.gpus[i].used_bytes for i in gpus),
-        )
+        if leaving:
+            staying = max(self.gpus[i].residents - leaving.get(i, 0) for i in gpus)
+        else:
+            staying = max(self.gpus[i].residents for i in gpus)
+        return staying, max(self.gpus[i].used_bytes for i in gpus)
 
     def memory_used_bytes(self) -> list[float]:
         return [g.used_bytes for g in self.gpus]

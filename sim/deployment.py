@@ -54,12 +54,32 @@ class Placement(str, Enum):
 
     * ``pack``: best fit, on the powered GPU with the least free memory that still fits (fewest GPUs);
     * ``spread-gpu``: on the powered-or-not GPU with the fewest busy replicas (least contention);
-    * ``spread-node``: like ``spread-gpu`` but prefers the node with the fewest replicas of this unit.
+    * ``spread-node``: like ``spread-gpu`` but prefers the node with the fewest replicas of this unit;
+    * ``colocate``: where the replica's jobs stay on their GPU (the engine serves a job on a replica of
+      its own GPU first, with no transfer): a stateless replica on the group of the stream (attention
+      replica) with no local replica of its unit, an attention replica beside stateless replicas that
+      serve no stream of their GPU (:func:`opscale.sim.cluster.colocation_affinity`); as ``pack`` where
+      no group is such. Colocated replicas are placed after the action's other replicas, so that a
+      chain (a stream and one replica of every unit) is added in one action: the attention replica
+      with ``spread-gpu``, the others with ``colocate``.
     """
 
     PACK = "pack"
     SPREAD_GPU = "spread-gpu"
     SPREAD_NODE = "spread-node"
+    COLOCATE = "colocate"
+
+
+def as_placement(value: Placement | str) -> Placement:
+    """``value`` as a :class:`Placement` (a policy or its name).
+
+    :raises ValueError: for an unknown name (lists the valid ones).
+    """
+    try:
+        return Placement(value)
+    except ValueError:
+        valid = ", ".join(repr(p.value) for p in Placement)
+        raise ValueError(f"unknown placement {value!r}; valid: {valid}") from None
 
 
 @dataclass
@@ -79,6 +99,9 @@ class UnitDeployment:
     batch_cap_tokens: int = DEFAULT_BATCH_CAP_TOKENS
     placement: Placement = Placement.PACK
     gpus: list[tuple[int, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        self.placement = as_placement(self.placement)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -376,6 +399,10 @@ class UnitAction:
     placement: Placement | None = None
     move_replicas: int = 0
 
+    def __post_init__(self) -> None:
+        if self.placement is not None:
+            self.placement = as_placement(self.placement)
+
 
 @dataclass
 class ScalingAction:
@@ -387,6 +414,11 @@ class ScalingAction:
 
     units: dict[UnitKind, UnitAction] = field(default_factory=dict)
     instance_delta: int = 0
+
+    def units_in_apply_order(self) -> list[tuple[UnitKind, UnitAction]]:
+        """The unit actions in the order simulators apply them: as given, ``colocate`` placements last
+        (they join the replicas the rest of the action adds, see :class:`Placement`)."""
+        return sorted(self.units.items(), key=lambda item: item[1].placement is Placement.COLOCATE)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import simpy
 
-from opscale.sim.cluster import ClusterState, PlacementError, Replica, ReplicaState
+from opscale.sim.cluster import ClusterState, PlacementError, Replica, ReplicaState, colocation_affinity
 from opscale.sim.config import AttentionDrain, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
 from opscale.sim.deployment import (
@@ -361,9 +361,27 @@ class DiscreteEventSimulator:
             if any(self.state.gpus[i].free_bytes + 1e-3 < need for i in explicit):
                 return None
             return explicit
+        affinity = self._colocation_affinity(unit) if policy is Placement.COLOCATE else None
         return self.state.find_group(
-            config.tp, need, policy, unit_count_by_node=self._unit_counts_by_node(unit), exclude=exclude
+            config.tp,
+            need,
+            policy,
+            unit_count_by_node=self._unit_counts_by_node(unit),
+            affinity=affinity,
+            exclude=exclude,
         )
+
+    def _colocation_affinity(self, unit: UnitKind) -> dict[int, int]:
+        """:func:`colocation_affinity` of the replicas in place (loading or serving; not draining)."""
+        in_place = (ReplicaState.LOADING, ReplicaState.SERVING)
+        homes = {
+            other: [r.home_gpu for r in self.pools[other].replicas if r.state in in_place]
+            for other in self.pools
+        }
+        homes[UnitKind.ATTENTION] = [
+            r.home_gpu for r in self._attention_replicas.values() if r.state in in_place
+        ]
+        return colocation_affinity(unit, homes)
 
     def _add_pool_replica(
         self,
@@ -670,7 +688,7 @@ class DiscreteEventSimulator:
     def apply(self, action: ScalingAction) -> ApplyReport:
         """Apply a scaling action now (a control boundary). Infeasible parts are repaired and counted."""
         report = ApplyReport()
-        for unit, unit_action in action.units.items():
+        for unit, unit_action in action.units_in_apply_order():
             unit = UnitKind(unit)
             if unit not in self._unit_configs:
                 report.repairs += 1
@@ -763,14 +781,30 @@ class DiscreteEventSimulator:
     def _drain_pool_replica(self, pool: UnitPool, replica: Replica) -> None:
         pool.drain(replica, lambda r: self.state.release(r.gpus, r.memory_bytes_per_gpu, self.env.now))
 
+    def _leaving_per_gpu(self) -> dict[int, int]:
+        """Per GPU, replicas draining there (streams no longer accepting, pool replicas draining)."""
+        leaving: dict[int, int] = {}
+        groups = [
+            self._attention_replicas[s].gpus
+            for s in self.streams
+            if not s.accepting and s in self._attention_replicas
+        ]
+        for pool in self.pools.values():
+            groups.extend(r.gpus for r in pool.replicas if r.state is ReplicaState.DRAINING)
+        for group in groups:
+            for gpu in group:
+                leaving[gpu] = leaving.get(gpu, 0) + 1
+        return leaving
+
     def _remove_unit_replicas(self, unit: UnitKind, count: int) -> int:
+        leaving = self._leaving_per_gpu()
         if unit is UnitKind.ATTENTION:
             live = [s for s in self.streams if s.accepting]
             # loading first, then the one whose GPU empties soonest (ClusterState.release_order), then the least loaded
             live.sort(
                 key=lambda s: (
                     s.serving,
-                    self.state.release_order(self._attention_replicas[s].gpus),
+                    self.state.release_order(self._attention_replicas[s].gpus, leaving),
                     s.pending_work_tokens,
                 )
             )
@@ -781,7 +815,7 @@ class DiscreteEventSimulator:
         pool = self.pools[unit]
         live_replicas = [r for r in pool.replicas if r.state in (ReplicaState.LOADING, ReplicaState.SERVING)]
         live_replicas.sort(
-            key=lambda r: (r.state is ReplicaState.SERVING, self.state.release_order(r.gpus), r.busy)
+            key=lambda r: (r.state is ReplicaState.SERVING, self.state.release_order(r.gpus, leaving), r.busy)
         )
         removable_replicas = live_replicas[: max(0, min(count, len(live_replicas) - 1))]
         for replica in removable_replicas:

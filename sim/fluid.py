@@ -601,7 +601,7 @@ class FluidSimulator:
     def apply(self, action: ScalingAction) -> ApplyReport:
         """Apply a scaling action now; infeasible parts are repaired and counted (as the engine does)."""
         report = ApplyReport()
-        for unit, unit_action in action.units.items():
+        for unit, unit_action in action.units_in_apply_order():
             unit = UnitKind(unit)
             if unit not in self._unit_configs:
                 report.repairs += 1

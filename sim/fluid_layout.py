@@ -1,7 +1,7 @@
 """Replica placement and memory bookkeeping of the fluid simulator.
 
 The fluid simulator places replicas with the discrete-event engine's own :class:`ClusterState`
-(memory per GPU, the ``pack`` / ``spread-gpu`` / ``spread-node`` policies) and follows the engine's
+(memory per GPU, the ``pack`` / ``spread-gpu`` / ``spread-node`` / ``colocate`` policies) and follows the engine's
 placement order and memory rules (:mod:`opscale.sim.engine`), so both fidelities power the same GPUs
 for the same deployment and actions:
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from opscale.sim.cluster import ClusterState, PlacementError
+from opscale.sim.cluster import ClusterState, PlacementError, colocation_affinity
 from opscale.sim.config import SimConfig
 from opscale.sim.deployment import Placement
 from opscale.sim.hardware import ClusterSpec
@@ -218,7 +218,13 @@ class FluidLayout:
             for replica in self.replicas[unit]:
                 node = self.state.gpus[replica.gpus[0]].node
                 by_node[node] = by_node.get(node, 0) + 1
-        return self.state.find_group(tp, need, policy, unit_count_by_node=by_node)
+        affinity = None
+        if policy is Placement.COLOCATE:
+            homes = {
+                other: [replica.gpus[0] for replica in placed] for other, placed in self.replicas.items()
+            }
+            affinity = colocation_affinity(unit, homes)
+        return self.state.find_group(tp, need, policy, unit_count_by_node=by_node, affinity=affinity)
 
     # ------------------------------------------------------------------ removal
     def remove(self, unit: UnitKind | None, replica: PlacedReplica, now_s: float) -> None:

@@ -608,9 +608,11 @@ def _units_on_gpus(simulator: Any) -> dict[int, list[UnitKind]]:
 
 @pytest.mark.parametrize("fidelity", ["fluid", "des"])
 def test_chain_actions_add_and_remove_whole_chains(fidelity: str) -> None:
-    """Chain mode's actions (every unit +1, then every unit -1) keep the layout
-    co-located on both simulators: the new chain opens one GPU holding one replica of every unit, and
-    the removal empties one GPU (the engine's removal order takes the whole chain)."""
+    """Chain mode's actions (every unit +2, then every unit -1) keep the layout co-located on both
+    simulators: the two new streams open a GPU each (``spread-gpu``) and every other unit's two
+    replicas join them (``colocate``, placed after the streams although the units come first in the
+    action), so each new GPU holds one replica of every unit; the removal empties one GPU (the
+    engine's removal order takes the whole chain)."""
     _, policy = _default_greedy()
     deployment = policy.chain_deployment(Workload(2.0, *policy._prior_lengths))
     assert deployment is not None
@@ -623,13 +625,13 @@ def test_chain_actions_add_and_remove_whole_chains(fidelity: str) -> None:
     env.reset(seed=0)
     simulator = env.unwrapped.simulator
     one_chain = set(MODEL.units)
-    for delta, expected in ((+1, chains + 1), (-1, chains)):
-        # chain mode's action: the first unit opens a GPU (spread-gpu), the others pack beside it
+    assert MODEL.units.index(UnitKind.ATTENTION) > 0  # colocated units come first in the action
+    for delta, expected in ((+2, chains + 2), (-1, chains + 1)):
         action = ScalingAction(
             units={
                 unit: UnitAction(
                     replica_delta=delta,
-                    placement=Placement.SPREAD_GPU if unit is MODEL.units[0] else Placement.PACK,
+                    placement=Placement.SPREAD_GPU if unit is UnitKind.ATTENTION else Placement.COLOCATE,
                 )
                 for unit in MODEL.units
             }
@@ -647,10 +649,10 @@ def test_chain_actions_add_and_remove_whole_chains(fidelity: str) -> None:
 
 
 def test_chain_mode_moves_every_unit_together() -> None:
-    """In chain mode every action gives all units the same replica delta (one chain at most), the
-    first unit ``spread-gpu`` and the rest ``pack`` (in the codec's unit order, which is the order the
-    simulators apply them in); under sustained pressure at a load beyond the chains it adds whole
-    chains, and when the load is gone it removes them."""
+    """In chain mode every action gives all units the same replica delta, attention ``spread-gpu`` and
+    the rest ``colocate``; under sustained pressure at a load far beyond the chains it adds as many
+    whole chains as one action's delta allows (+2), and when the load is gone it removes them one
+    per interval."""
     env, policy = _default_greedy()
     policy.initial_deployment()
     assert policy.starts_with_chains
@@ -660,12 +662,15 @@ def test_chain_mode_moves_every_unit_together() -> None:
         action, _ = policy.predict(_observation(context, replicas, **globals_))
         decoded = context.codec.decode(action)
         placements = [unit_action.placement for unit_action in decoded.units.values()]
-        assert placements == [Placement.SPREAD_GPU] + [Placement.PACK] * (len(placements) - 1)
+        assert placements == [
+            Placement.SPREAD_GPU if unit is UnitKind.ATTENTION else Placement.COLOCATE
+            for unit in decoded.units
+        ]
         assert list(decoded.units) == list(context.units)
         return {unit_action.replica_delta for unit_action in decoded.units.values()}
 
     seen = [deltas(2, arrival_rate=40.0, slo_attainment=0.5) for _ in range(3)]
-    assert all(len(step) == 1 for step in seen) and max(next(iter(step)) for step in seen) == 1
+    assert all(len(step) == 1 for step in seen) and max(next(iter(step)) for step in seen) == 2
     policy.reset()
     calm = [deltas(6, arrival_rate=0.1, slo_attainment=1.0) for _ in range(3)]
     assert all(len(step) == 1 for step in calm) and min(next(iter(step)) for step in calm) == -1

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from opscale.sim.cluster import ClusterState, PlacementError
+from opscale.sim.cluster import ClusterState, PlacementError, colocation_affinity
 from opscale.sim.config import SimConfig
-from opscale.sim.deployment import Deployment, Placement
+from opscale.sim.deployment import Deployment, Placement, ScalingAction, UnitAction, UnitDeployment
 from opscale.sim.engine import DiscreteEventSimulator
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.models import UnitKind, get_model
@@ -70,6 +70,59 @@ def test_spread_node_balances_a_unit_across_nodes() -> None:
     state = _state(2)
     group = state.find_group(1, 1e9, Placement.SPREAD_NODE, unit_count_by_node={0: 3, 1: 0})
     assert group is not None and state.gpus[group[0]].node == 1
+
+
+def test_colocation_affinity_counts_streams_without_a_local_replica_and_back() -> None:
+    homes = {
+        UnitKind.ATTENTION: [0, 0, 2, 5],
+        UnitKind.FFN: [0, 2, 3],
+        UnitKind.QKV_PROJ: [3, 3],
+    }
+    # ffn: GPU 0 has two streams and one ffn replica, GPU 5 a stream and none; GPU 2 is served
+    assert colocation_affinity(UnitKind.FFN, homes) == {0: 1, 5: 1}
+    assert colocation_affinity(UnitKind.QKV_PROJ, homes) == {0: 2, 2: 1, 5: 1}
+    # attention: GPU 3 holds two qkv_proj replicas (and an ffn) serving no stream there
+    assert colocation_affinity(UnitKind.ATTENTION, homes) == {3: 2}
+
+
+def test_colocate_follows_the_affinity_and_packs_without_it() -> None:
+    state = _state(1)
+    state.reserve((1,), 20e9, now_s=0.0)
+    state.reserve((6,), 30e9, now_s=0.0)
+    # the affinity wins over best fit; a GPU without room is skipped
+    assert state.find_group(1, 10e9, Placement.COLOCATE, affinity={6: 1, 4: 2}) == (4,)
+    assert state.find_group(1, 45e9, Placement.COLOCATE, affinity={6: 1, 4: 2}) == (4,)
+    assert state.find_group(1, 45e9, Placement.COLOCATE, affinity={6: 1}) == (1,)
+    # no affinity anywhere: exactly pack
+    for need in (10e9, 45e9):
+        assert state.find_group(1, need, Placement.COLOCATE, affinity={}) == state.find_group(
+            1, need, Placement.PACK
+        )
+    # TP groups: the aligned group holding the GPUs with affinity
+    assert state.find_group(2, 10e9, Placement.COLOCATE, affinity={5: 1}) == (4, 5)
+
+
+def test_unknown_placement_names_are_rejected_and_names_converted() -> None:
+    assert UnitAction(placement="colocate").placement is Placement.COLOCATE  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown placement 'near'; valid: 'pack', 'spread-gpu'"):
+        UnitAction(placement="near")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown placement"):
+        UnitDeployment(1, placement="fill")  # type: ignore[arg-type]
+
+
+def test_colocated_replicas_are_applied_after_the_rest_of_the_action() -> None:
+    action = ScalingAction(
+        units={
+            UnitKind.FFN: UnitAction(1, placement=Placement.COLOCATE),
+            UnitKind.ATTENTION: UnitAction(1, placement=Placement.SPREAD_GPU),
+            UnitKind.NORM: UnitAction(1),
+        }
+    )
+    assert [unit for unit, _ in action.units_in_apply_order()] == [
+        UnitKind.ATTENTION,
+        UnitKind.NORM,
+        UnitKind.FFN,
+    ]
 
 
 def test_model_level_constructor_sizes_the_cluster() -> None:

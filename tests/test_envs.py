@@ -20,6 +20,7 @@ from opscale.envs.operator_autoscale import OperatorAutoscaleEnv
 from opscale.envs.reward import RewardFunction
 from opscale.envs.spaces import (
     GLOBAL_FEATURES,
+    PLACEMENT_CHOICES,
     UNIT_FEATURES,
     ModelActionCodec,
     ObservationLayout,
@@ -190,7 +191,7 @@ def test_normalise_clips_and_physical_inverts() -> None:
 
 def test_operator_codec_round_trips_and_rejects_unrepresentable() -> None:
     codec = OperatorActionCodec(DENSE_UNITS, (-2, -1, 0, 1, 2), (256, 512, 1024, 2048, 4096, 8192))
-    assert list(codec.nvec) == [5, 7, 3] * 7
+    assert list(codec.nvec) == [5, 7, 4] * 7
     action = ScalingAction(
         units={
             UnitKind.ATTENTION: UnitAction(
@@ -237,10 +238,11 @@ def test_masks_keep_one_replica_respect_cap_and_free_memory() -> None:
     codec = OperatorActionCodec(DENSE_UNITS[:2], (-2, -1, 0, 1, 2), (512,))
     mask = codec.masks(np.array([1, 15]), np.array([5, 1]), max_replicas=16)
     assert mask.size == int(codec.nvec.sum())
-    first_deltas, second_deltas = mask[0:5], mask[5 + 2 + 3 : 5 + 2 + 3 + 5]
+    per_unit = 5 + 2 + len(PLACEMENT_CHOICES)
+    first_deltas, second_deltas = mask[0:5], mask[per_unit : per_unit + 5]
     assert list(first_deltas) == [False, False, True, True, True]  # 1 replica: no removal
     assert list(second_deltas) == [True, True, True, True, False]  # cap 16 and one addable
-    assert mask[5 : 5 + 2 + 3].all()
+    assert mask[5:per_unit].all()
     assert list(codec.masks(np.array([3, 3]), np.array([0, 0]), 16)[0:5]) == [True, True, True, False, False]
 
 

@@ -61,7 +61,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--placement",
         default="pack",
-        choices=["pack", "spread-gpu", "spread-node"],
+        choices=["pack", "spread-gpu", "spread-node", "colocate"],  # Placement's values (lazy imports)
         help="operator-level placement",
     )
     parser.add_argument(
