@@ -71,7 +71,9 @@ def agreement_cases() -> list[AgreementCase]:
     """Llama-2-7B on one A100 node: two model-level instances; an operator-level deployment with two
     attention streams and two FFN replicas (the default ``pack`` placement co-locates everything);
     the model-level deployment as operator-level chains (every unit's replica ``k`` on GPU ``k``, the
-    layout ``operator-greedy`` falls back to)."""
+    layout ``operator-greedy`` falls back to); two streams on two GPUs sharing one replica of every
+    other unit, the FFN's at TP 2 over both GPUs (a shared pool of a small closed population, and
+    a TP call slowed by sharing on one GPU of its group, as in a per-unit MoE plan)."""
     operator_replicas = {
         "embed": 1,
         "norm": 1,
@@ -94,6 +96,24 @@ def agreement_cases() -> list[AgreementCase]:
                 "a100",
                 replicas=dict.fromkeys(chain_units, 2),
                 gpus={unit: [(0,), (1,)] for unit in chain_units},
+            ),
+        ),
+        AgreementCase(
+            "operator-level shared TP-2 FFN",
+            Deployment.operator_level(
+                "llama-2-7b",
+                "a100",
+                replicas={**dict.fromkeys(chain_units, 1), "attention": 2},
+                tp={"ffn": 2},
+                gpus={
+                    "embed": [(0,)],
+                    "norm": [(1,)],
+                    "qkv_proj": [(0,)],
+                    "attention": [(0,), (1,)],
+                    "o_proj": [(1,)],
+                    "ffn": [(0, 1)],
+                    "lm_head": [(1,)],
+                },
             ),
         ),
     ]

@@ -34,7 +34,12 @@ those ready by the middle of the interval, see the approximations below):
    for long calls that lead a convoy), and
    the wait is the Erlang-C (M/M/c) queue of calls scaled by 1/2 (Allen-Cunneen for deterministic
    service), capped by the closed population (a stream has one job in flight, so at most
-   ``S beta - c`` jobs wait: none when a pool has as many replicas as there are busy streams). A pool that cannot
+   ``S beta - c`` jobs wait: none when a pool has as many replicas as there are busy streams). The
+   population is closed in two more ways: an arriving job finds only the other busy streams' load
+   (Erlang-C at ``rho (S beta - 1) / S beta``, the arrival theorem: a lone stream never waits), and a
+   call batches only the jobs waiting when its replica frees, while the ``c n`` jobs of the calls
+   just ended or running are away, so ``n <= S beta / (c + 1)`` (two streams sharing one replica take
+   turns, one job per call, as the engine shows). A pool that cannot
    keep up even at the cap bounds ``T`` from below (``T >= S beta s / (c n)``). Transfers between
    GPUs (latency per layer + bytes / link bandwidth) use the probability that consecutive units of
    an iteration sit on different GPUs or nodes, from the placement. Co-located work of the calling
@@ -58,7 +63,8 @@ those ready by the middle of the interval, see the approximations below):
 7. **GPUs and energy**: GPUs powered come from the same placement as the engine
    (:mod:`opscale.sim.fluid_layout`); GPUs are busy for kernels only (not host overhead or
    transfers): ``beta`` less the host share (instances) or, for pools under processor sharing, the
-   uncontended kernel work per second on the GPU (work-conserving), without interference
+   uncontended kernel work per second on the GPU (work-conserving), but no less than its busiest
+   replica's contended load (a TP call slowed by another GPU of its group keeps this one busy), without interference
    ``1 - (1 - L / S) ** S`` (``L``: summed kernel loads; a stream runs one call at a time); the
    compute-bound time is the engine's: whole unit calls from their compute-bound size on (the
    roofline's bound, as the power calibration flags them) and attention calls carrying prefill
@@ -760,6 +766,7 @@ class FluidSimulator:
         job_rate = streams * beta / iteration_s
         busy_streams = streams * beta
         wait_per_queued_job = POOL_WAIT_FACTOR / (job_rate if job_rate > 1e-12 else 1e-12)
+        others_share = (busy_streams - 1.0) / busy_streams if busy_streams > 1.0 else 0.0
         decode_tokens = decodes if decodes > 1.0 else 1.0
         prefill_tokens = decodes + phi * chunk_tokens
         if prefill_tokens < 1.0:
@@ -794,6 +801,13 @@ class FluidSimulator:
             max_jobs = float(floor(caps[u] / tokens))
             if max_jobs < 1.0:
                 max_jobs = 1.0
+            # closed population: a call takes the jobs waiting when its replica frees; the jobs of the
+            # calls just ended or running (c n of them) are not back yet, so n <= S beta - c n
+            batch_limit = busy_streams / (servers + 1.0)
+            if batch_limit > max_jobs:
+                batch_limit = max_jobs
+            elif batch_limit < 1.0:
+                batch_limit = 1.0
             full_tokens = max_jobs * tokens
             index = int(log2(full_tokens) * per_octave)
             if index > last:
@@ -802,7 +816,10 @@ class FluidSimulator:
             bound = busy_streams * full / (max_jobs * servers)
             if bound > bound_s:
                 bound_s = bound
-            capped = rho if rho < UTILISATION_CEILING else UTILISATION_CEILING
+            # arrival theorem (closed population): an arriving job finds the load of the other
+            # busy streams only, (S beta - 1) / S beta of the pool's (a lone stream never waits)
+            seen = rho * others_share
+            capped = seen if seen < UTILISATION_CEILING else UTILISATION_CEILING
             # Erlang-C probability of waiting (ErlangRows.at inlined)
             erlang_row = erlang_rows[u]
             position = capped * erlang_steps
@@ -818,8 +835,8 @@ class FluidSimulator:
                 queue = waiting_limit if waiting_limit > 0.0 else 0.0
             wait = queue * wait_per_queued_job
             target = 1.0 + queue / servers
-            if target > max_jobs:
-                target = max_jobs
+            if target > batch_limit:
+                target = batch_limit
             jobs_per_call[u] = sqrt(calls * target)
             rho_out[u], service_out[u], queue_out[u], wait_out[u] = rho, service, queue, wait
             decode_out[u], decode_tokens_out[u], mean_tokens_out[u] = decode_call, decode_call_tokens, tokens
@@ -1428,19 +1445,28 @@ class FluidSimulator:
         egalitarian processor sharing (factor 1) a GPU is work-conserving: busy = uncontended kernel work
         per second; without interference, calls overlap independently across the streams (a stream runs
         one call at a time): ``1 - (1 - load / S) ** S``. GPUs without serving shards idle.
+
+        A GPU is busy at least while any one of its replicas runs a call, so no less than its busiest
+        replica's (contended) kernel load. That bound matters for a TP replica slowed by sharing on
+        another GPU of its group: it runs, at the pace of its most shared GPU, on GPUs that have less
+        work of their own (e.g. a TP-4 MoE pool beside TP-1 units on one of its GPUs: busy 1.0
+        against 0.7 of work on the others; the engine counts a GPU busy while a call runs on it).
         """
         summary = self._serving_summary
         sharing = min(contention, 1.0)
         independent = max(streams, 1)
         power_w = (self._powered_count - summary.active_gpus) * self._power_levels[0]
         for gpus, mix in summary.gpu_groups:
-            load = work = compute = 0.0
+            load = work = compute = busiest = 0.0
             for column, shards in mix:
-                load += shards * kernel_load[column]
+                replica_load = kernel_load[column]
+                load += shards * replica_load
                 work += shards * uncontended_load[column]
                 compute += shards * compute_load[column]
+                if replica_load > busiest:
+                    busiest = replica_load
             overlap = 1.0 - (1.0 - min(load / independent, 1.0)) ** independent
-            busy = min(sharing * min(work, 1.0) + (1.0 - sharing) * overlap, 1.0)
+            busy = min(sharing * max(min(work, 1.0), busiest) + (1.0 - sharing) * overlap, 1.0)
             power_w += gpus * self._gpu_power_w(busy, min(compute / max(busy, 1e-12), 1.0))
         return power_w
 
