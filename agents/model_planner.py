@@ -55,9 +55,10 @@ class ModelLevelPlannerPolicy(OperatorGreedyPolicy):
     def new_memory(self) -> _GreedyMemory:
         return _GreedyMemory(load=self.new_load_estimator(), chains=True)
 
-    def planned_deployment(self, workload: Workload) -> Deployment:
+    def planned_deployment(self, workload: Workload, peak: Workload | None = None) -> Deployment:
         """The fewest instances the model certifies for a steady ``workload`` (every instance the
-        cluster holds when none is), at the budget :meth:`chain_budget` chose."""
+        cluster holds when none is), at the budget :meth:`chain_budget` chose (``peak`` plays no
+        part: instances are the only mode)."""
         budget, certified = self.chain_budget(workload)
         context = self.context
         return Deployment.model_level(

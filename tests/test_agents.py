@@ -578,6 +578,34 @@ def test_chains_of_a_model_with_tp_units_run_every_unit_at_the_model_level_tp() 
     env.close()
 
 
+@pytest.mark.shared
+def test_a_plan_that_ties_at_the_mean_but_scales_worse_starts_as_chains() -> None:
+    """Qwen2-57B-A14B on A100s with the Azure code trace: the per-unit plan and one chain both need 4
+    GPUs at the mean rate (so the plan, without shared pools, used to be taken), but at the 90th
+    percentile of the per-minute rates the plan needs more GPUs than the chains: the episode starts
+    (and stays) in chain mode."""
+    env = make_env(
+        "opscale/OperatorAutoscale-v0",
+        fidelity="fluid",
+        env_config={"model": "qwen2-57b-a14b", "trace": "azure-code", "num_nodes": 2, "horizon": 2},
+    )
+    policy = make_policy("operator-greedy", env)
+    assert isinstance(policy, OperatorGreedyPolicy)
+    trace = policy.context.trace
+    lengths = (max(policy._prior_lengths[0], 1.0), max(policy._prior_lengths[1], 1.0))
+    mean = Workload(trace.mean_rate_per_s, *lengths)
+    peak = Workload(float(np.quantile(trace.rate_curve(60.0)[1], 0.9)), *lengths)
+    ones = np.ones(len(policy.context.units), dtype=np.int64)
+    plan = policy.plan(policy.search(mean, ones, policy.choose_token_budget(mean, ones)), ones)
+    _, chains = policy.chain_budget(mean)
+    assert chains is not None and not policy.prefers_chains(plan, chains)
+    assert not policy.scales_worse(mean) and policy.scales_worse(peak)
+    deployment = policy.initial_deployment()
+    assert deployment is not None and policy.starts_with_chains
+    assert {config.tp for config in deployment.units.values()} == {4}
+    env.close()
+
+
 def test_fewest_instances_needs_more_with_slack() -> None:
     latency = ModelLevelLatencyModel(
         MODEL, ClusterSpec.homogeneous("a100", 4), SLO, default_cost_model(), SimConfig()
