@@ -12,6 +12,7 @@ def test_describe_prints_the_index_table_and_deployment(capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "attention.utilisation" in out and "episode_progress" in out
     assert "MultiDiscrete" in out and '"granularity": "operator"' in out
+    assert "0 pack, 1 spread-gpu, 2 spread-node, 3 colocate" in out
 
 
 def test_run_prints_one_line_per_step(capsys: pytest.CaptureFixture[str]) -> None:

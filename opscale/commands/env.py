@@ -81,6 +81,11 @@ def _describe(args: argparse.Namespace) -> int:
     print(
         f"  replica deltas {base.config.replica_deltas}; batch caps (0 = keep) {base.config.batch_cap_buckets_tokens}"
     )
+    if base.granularity == "operator":
+        from opscale.envs.spaces import PLACEMENT_CHOICES
+
+        choices = ", ".join(f"{index} {placement.value}" for index, placement in enumerate(PLACEMENT_CHOICES))
+        print(f"  placement of added replicas (third dimension of each unit): {choices}")
     print(f"\nobservation space Box{env.observation_space.shape} (float32):")
     print(base.observation_layout.table())
     print("\nstarting deployment:")
