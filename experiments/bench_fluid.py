@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from opscale.experiments.fidelity_report import SHARED_GPU_REPLICAS
 from opscale.sim.deployment import Deployment
 from opscale.sim.fluid import FluidSimulator
 from opscale.sim.hardware import ClusterSpec
@@ -68,15 +69,7 @@ def measure(case: BenchCase, steps: int, repeats: int, interval_s: float = 5.0) 
 
 def cases() -> list[BenchCase]:
     """Llama-2-7B on A100: 2 instances at 4 req/s, and 20 instances at 40 req/s; operator-level alike."""
-    small_operator = {
-        "embed": 1,
-        "norm": 1,
-        "qkv_proj": 1,
-        "attention": 2,
-        "o_proj": 1,
-        "ffn": 2,
-        "lm_head": 1,
-    }
+    small_operator = SHARED_GPU_REPLICAS
     large_operator = {unit: 10 * count for unit, count in small_operator.items()}
     return [
         BenchCase("model-level, 2 instances", Deployment.model_level("llama-2-7b", "a100", instances=2), 4.0),

@@ -32,6 +32,7 @@ from opscale.traces.trace import RequestTrace
 
 __all__ = [
     "AGREEMENT_TARGETS",
+    "SHARED_GPU_REPLICAS",
     "AgreementCase",
     "FidelityResult",
     "agreement_cases",
@@ -43,6 +44,17 @@ __all__ = [
 
 #: Targets of issue 6 for steady loads: SLO points, energy and latency relative gaps.
 AGREEMENT_TARGETS = {"slo_points": 5.0, "energy_relative": 0.10, "ttft_relative": 0.20, "tbt_relative": 0.20}
+#: Replicas per unit of the operator-level Llama-2-7B example: two attention streams and two FFN
+#: replicas, one replica of every other unit (``pack`` puts them all on one GPU).
+SHARED_GPU_REPLICAS: dict[str, int] = {
+    "embed": 1,
+    "norm": 1,
+    "qkv_proj": 1,
+    "attention": 2,
+    "o_proj": 1,
+    "ffn": 2,
+    "lm_head": 1,
+}
 #: Control interval of every run, s.
 INTERVAL_S = 5.0
 #: Extra simulated time after the last arrival so in-flight requests finish, s.
@@ -74,15 +86,7 @@ def agreement_cases() -> list[AgreementCase]:
     layout ``operator-greedy`` falls back to); two streams on two GPUs sharing one replica of every
     other unit, the FFN's at TP 2 over both GPUs (a shared pool of a small closed population, and
     a TP call slowed by sharing on one GPU of its group, as in a per-unit MoE plan)."""
-    operator_replicas = {
-        "embed": 1,
-        "norm": 1,
-        "qkv_proj": 1,
-        "attention": 2,
-        "o_proj": 1,
-        "ffn": 2,
-        "lm_head": 1,
-    }
+    operator_replicas = dict(SHARED_GPU_REPLICAS)
     chain_units = tuple(operator_replicas)
     return [
         AgreementCase("model-level 2x(TP1)", Deployment.model_level("llama-2-7b", "a100", instances=2)),

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from opscale.experiments.fidelity_report import SHARED_GPU_REPLICAS
 from opscale.sim.config import SimConfig
 from opscale.sim.costmodel import AttentionBatch, default_cost_model
 from opscale.sim.deployment import Deployment, ScalingAction, UnitAction
@@ -23,15 +24,7 @@ from opscale.traces.trace import RequestTrace
 
 MODEL = "llama-2-7b"
 SLO_TTFT_S = 1.0  # default TTFT SLO of a <= 8 B model
-OPERATOR_REPLICAS = {
-    "embed": 1,
-    "norm": 1,
-    "qkv_proj": 1,
-    "attention": 2,
-    "o_proj": 1,
-    "ffn": 2,
-    "lm_head": 1,
-}
+OPERATOR_REPLICAS = SHARED_GPU_REPLICAS
 
 
 def poisson_trace(rate_per_s: float, duration_s: float, seed: int = 0) -> RequestTrace:
