@@ -29,7 +29,7 @@ from enum import Enum
 from typing import Any
 
 from opscale.sim.config import SimConfig
-from opscale.sim.deployment import Placement
+from opscale.sim.deployment import Placement, as_placement
 from opscale.sim.hardware import ClusterSpec, GPUSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
@@ -267,6 +267,7 @@ class ClusterState:
         :param affinity: per GPU, :func:`colocation_affinity` (``colocate``; absent GPUs count 0).
         :param exclude: GPUs not to use.
         """
+        policy = as_placement(policy)  # a name set after construction reads as its policy, not spread-node
         colocate = policy is Placement.COLOCATE
         affinity = (affinity or {}) if colocate else {}
         best: tuple[tuple[float, ...], tuple[int, ...]] | None = None

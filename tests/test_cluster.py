@@ -108,6 +108,10 @@ def test_unknown_placement_names_are_rejected_and_names_converted() -> None:
         UnitAction(placement="near")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown placement"):
         UnitDeployment(1, placement="fill")  # type: ignore[arg-type]
+    # a name reaching find_group reads as its policy (identity tests once read "pack" as spread-node)
+    state = _state(1)
+    state.reserve((5,), 20e9, now_s=0.0)
+    assert state.find_group(1, 1e9, "pack") == state.find_group(1, 1e9, Placement.PACK) == (5,)  # type: ignore[arg-type]
 
 
 def test_colocated_replicas_are_applied_after_the_rest_of_the_action() -> None:
