@@ -664,16 +664,21 @@ class OperatorGreedyPolicy(HeuristicPolicy):
             float(plan.estimate.tbt_s[0]) / (targets.tbt_tail_share * slo.tbt_s),
         )
 
+    def plan_from_scratch(self, workload: Workload) -> tuple[int, PlanSearch, OperatorPlan]:
+        """``(token budget, search, plan)`` for ``workload`` from one replica per unit, at the budget
+        :meth:`choose_token_budget` picks."""
+        ones = np.ones(len(self.context.units), dtype=np.int64)
+        budget = self.choose_token_budget(workload, ones)
+        search = self.search(workload, ones, budget)
+        return budget, search, self.plan(search, ones)
+
     def planned_deployment(self, workload: Workload, peak: Workload | None = None) -> Deployment:
         """A deployment for a steady ``workload``: greedy plan from one replica per unit, the best
         token budget, knee batch caps and :func:`contention_aware_placement`; or co-located chains
         (:meth:`chain_deployment`) where they need no more GPUs (module docstring, point 5), or where
         at the ``peak`` load the plan would need more GPUs than chains (:meth:`scales_worse`)."""
         context = self.context
-        ones = np.ones(len(context.units), dtype=np.int64)
-        budget = self.choose_token_budget(workload, ones)
-        search = self.search(workload, ones, budget)
-        plan = self.plan(search, ones)
+        budget, search, plan = self.plan_from_scratch(workload)
         chains = self.chain_deployment(workload)
         if chains is not None and (
             self.prefers_chains(plan, chains.units[UnitKind.ATTENTION].replicas)
@@ -737,9 +742,7 @@ class OperatorGreedyPolicy(HeuristicPolicy):
         the same SLO attainment."""
         if self.chain_tp is None:
             return False
-        ones = np.ones(len(self.context.units), dtype=np.int64)
-        budget = self.choose_token_budget(peak, ones)
-        plan = self.plan(self.search(peak, ones, budget), ones)
+        plan = self.plan_from_scratch(peak)[2]
         _, chains = self.chain_budget(peak)
         return chains is not None and chains * self.chain_tp < plan.gpus_needed
 

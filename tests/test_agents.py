@@ -534,9 +534,7 @@ def test_planner_takes_chains_only_when_they_are_cheaper_or_safer(rate: float) -
     Erlang-C estimate is the cheaper)."""
     env, policy = _default_greedy()
     workload = Workload(rate, *policy._prior_lengths)
-    ones = np.ones(len(policy.context.units), dtype=np.int64)
-    budget = policy.choose_token_budget(workload, ones)
-    plan = policy.plan(policy.search(workload, ones, budget), ones)
+    plan = policy.plan_from_scratch(workload)[2]
     _, chains = policy.chain_budget(workload)
     assert chains is not None and plan.feasible
     deployment = policy.planned_deployment(workload)
@@ -595,8 +593,7 @@ def test_a_plan_that_ties_at_the_mean_but_scales_worse_starts_as_chains() -> Non
     lengths = (max(policy._prior_lengths[0], 1.0), max(policy._prior_lengths[1], 1.0))
     mean = Workload(trace.mean_rate_per_s, *lengths)
     peak = Workload(float(np.quantile(trace.rate_curve(60.0)[1], 0.9)), *lengths)
-    ones = np.ones(len(policy.context.units), dtype=np.int64)
-    plan = policy.plan(policy.search(mean, ones, policy.choose_token_budget(mean, ones)), ones)
+    plan = policy.plan_from_scratch(mean)[2]
     _, chains = policy.chain_budget(mean)
     assert chains is not None and not policy.prefers_chains(plan, chains)
     assert not policy.scales_worse(mean) and policy.scales_worse(peak)
