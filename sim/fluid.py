@@ -84,12 +84,12 @@ about individual requests or calls (``attention_drain``, ``service_time_distribu
 ``record_requests``, ``fast_forward_decode``) do not apply; image tokens join the prompt as in the
 engine.
 
-Cost: one solve per :meth:`~FluidSimulator.advance` (under a millisecond of CPU; its cost depends on
-neither the request rate nor the replica count); what depends only on the deployment (which replicas serve,
-transfer terms, co-location, batch caps) is recomputed only after an action changed it or a loading
-replica started serving. The model's arithmetic runs in plain Python over the handful of units and
-the :data:`LENGTH_QUANTILES` length points, with table lookups inlined in the hot loops: at these sizes
-numpy's per-call overhead would dominate.
+Cost: one solve per :meth:`~FluidSimulator.advance`; its cost depends on neither the request rate nor
+the replica count. The model's arithmetic is compiled with numba (:mod:`opscale.sim.fluid_kernel`, about
+50 us per interval, call overhead included; an ``advance`` with its metrics takes 0.1 ms, against 0.5-0.8
+ms in plain Python before). What depends only on the deployment (which replicas serve, transfer terms,
+co-location, batch caps) is recomputed in Python only after an action changed it or a loading replica
+started serving.
 """
 
 from __future__ import annotations
@@ -105,16 +105,10 @@ from opscale.sim.config import ContentionModel, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
 from opscale.sim.deployment import ApplyReport, Deployment, Placement, ScalingAction, UnitDeployment
 from opscale.sim.fluid_arrivals import ArrivalIndex
-from opscale.sim.fluid_latency import (
-    ErlangRows,
-    LogHistogram,
-    TtftMixture,
-    interp_scalar,
-    shared_poisson_tail_table,
-    weighted_quantile,
-)
+from opscale.sim.fluid_kernel import KernelCarry, KernelConstants, KernelLayout, PoolCarry, solve_interval
+from opscale.sim.fluid_latency import ErlangRows, LogHistogram, TtftMixture, shared_poisson_tail_table
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
-from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, AttentionSurrogate, TokenLine, UnitTimeTable
+from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, AttentionSurrogate, UnitTimeTable, segment_lines
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.inputs import check_deployment, prepare_requests
 from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
@@ -130,20 +124,12 @@ FloatArray = NDArray[np.float64]
 
 #: Equal-probability quantile points representing prompt and output length distributions.
 LENGTH_QUANTILES = 16
-#: Outer fixed-point iterations per interval (warm-started from the previous interval).
-FIXED_POINT_ITERATIONS = 3
-#: Utilisation at which queueing formulas are evaluated at most (beyond it the backlog takes over).
-UTILISATION_CEILING = 0.98
-#: Allen-Cunneen factor ``(ca^2 + cs^2) / 2`` of unit pools: Poisson-like job arrivals, deterministic service.
-POOL_WAIT_FACTOR = 0.5
 #: Largest replica count the Erlang-C table covers (more replicas use its last row).
 MAX_TABLE_SERVERS = 128
 #: Utilisation grid points of the Erlang-C table.
 ERLANG_GRID_POINTS = 1025
 #: Batch caps an action may set, tokens (the engine's limit).
 MAX_BATCH_CAP_TOKENS = 1 << 17
-
-_QUANTILE_LEVEL_LIST = ((np.arange(LENGTH_QUANTILES) + 0.5) / LENGTH_QUANTILES).tolist()
 
 
 @dataclass(eq=False)
@@ -181,41 +167,10 @@ class _Solution:
     unit_wait_s: list[float]
     unit_service_s: list[float]
     unit_replicas: list[float]
-    ttft: TtftMixture
     served_ttft: TtftMixture
     served_ttft_mean_s: float
-    tbt_values: list[float]
-    tbt_weights: list[float]
-
-
-@dataclass
-class _PoolState:
-    """One step of the unit-pool model (operator level), per stateless unit in model order (Python
-    lists: the fixed point reads them a few at a time; the interval's figures convert them once).
-
-    :param rho: utilisation of a replica.
-    :param service_s: mean call time (kernel x contention + inbound transfer).
-    :param queue_jobs: mean jobs waiting.
-    :param wait_unit_s: mean wait of a job.
-    :param wait_s: summed waits over the units (one iteration's pool waiting).
-    :param bound_s: smallest iteration time the pools can sustain (their throughput limit).
-    :param decode_call_s: call time of a decode-only job (before contention).
-    :param decode_call_tokens: tokens of such a call.
-    """
-
-    rho: list[float]
-    service_s: list[float]
-    queue_jobs: list[float]
-    wait_unit_s: list[float]
-    wait_s: float
-    bound_s: float
-    decode_call_s: list[float]
-    decode_call_tokens: list[float]
-
-    @classmethod
-    def idle(cls, units: int) -> _PoolState:
-        zeros = [0.0] * units
-        return cls(zeros, zeros, zeros, zeros, 0.0, 0.0, zeros, [1.0] * units)
+    tbt_values: FloatArray
+    tbt_weights: FloatArray
 
 
 class FluidSimulator:
@@ -265,19 +220,15 @@ class FluidSimulator:
             u: replace(c) for u, c in deployment.units.items()
         }
         self._gpu = cluster.gpu_of(0)
-        profile = self.power_model.profile(self._gpu)
-        self._power_levels = (profile.idle_w, profile.memory_bound_w, profile.compute_bound_w)
         self._load_trace(trace)
         self._units = self.model.units
         self._stateless = tuple(u for u in self._units if u is not UnitKind.ATTENTION)
         self._lm_head_row = self._stateless.index(UnitKind.LM_HEAD)
         self._pool_columns_list = [self._units.index(u) for u in self._stateless]
         self._attention_column = self._units.index(UnitKind.ATTENTION)
-        self._overhead = engine_overhead(self.config.engine_overhead, self._gpu)
         self._erlang_rows = ErlangRows(
             shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS), ERLANG_GRID_POINTS
         )
-        self._poisson = shared_poisson_tail_table()
         self._build_tables()
         self._build_transfer_constants()
         self.layout = FluidLayout(cluster, self.model, self.config, min_kv_tokens=self._max_request_tokens)
@@ -290,29 +241,27 @@ class FluidSimulator:
         #: the layout figures (:meth:`_refresh_layout`) need recomputing before the next solve
         self._layout_stale = True
         self._layout_valid_until_s = math.inf
-        # fluid state carried across intervals
-        self._backlog = 0.0
-        #: requests admitted and not yet complete, all streams (fluid)
-        self._in_service = 0.0
-        self._backlog_decided = 0.0
-        self._iteration_s = 0.0
-        self._ttft_s = 0.0
-        #: admission capacity of one stream, requests/s (last interval; inf before the first)
-        self._capacity_per_stream = math.inf
-        #: mean prefill-iteration time over the chunk distribution / time at the mean chunk (last interval)
-        self._prefill_correction = 1.0
-        self._jobs_per_call_list = [1.0] * len(self._stateless)
-        self._mean_job_tokens_list = [1.0] * len(self._stateless)
-        #: per pool, mean call time of a prefill job (from the last interval's chunk mix)
-        self._prefill_call_list = [
-            self._table.scalar_time_s(row, 1024.0) for row in range(len(self._stateless))
-        ]
-        #: contention slowdown of each pool's calls and of attention (operator level; last interval)
-        self._slowdown_list = [1.0] * len(self._stateless)
-        self._attention_slowdown = 1.0
-        #: the streams' iteration cycle (s): the convoy effect of long calls (_pooled_times)
-        self._cycle_s = 0.0
-        self._served_total = 0.0
+        self._kernel_constants = self._build_kernel_constants()
+        # fluid state carried across intervals (see opscale.sim.fluid_kernel)
+        self._carry = KernelCarry(
+            backlog=0.0,
+            in_service=0.0,
+            backlog_decided=0.0,
+            iteration_s=0.0,
+            ttft_s=0.0,
+            capacity_per_stream=math.inf,
+            prefill_correction=1.0,
+            attention_slowdown=1.0,
+            served_total=0.0,
+        )
+        pools = len(self._stateless)
+        self._pools = PoolCarry(
+            jobs_per_call=np.ones(pools),
+            mean_job_tokens=np.ones(pools),
+            # a prefill job's call before the first interval's chunk mix: 1,024 tokens
+            prefill_call_s=self._table.time_s_at(np.full(pools, 1024.0)),
+            slowdown=np.ones(pools),
+        )
         self._last_interval: IntervalMetrics | None = None
         self._totals = _RunTotals(len(self._units))
         self._counts = _WholeCounts()
@@ -345,7 +294,50 @@ class FluidSimulator:
             hop = [self.cost_model.send_recv_time_s(gpu, hop_bytes * k, False) for k in (1.0, 1025.0)]
             per_token = (hop[1] - hop[0]) / 1024.0
             dense = dense + (self._pp - 1) * (hop[0] - per_token + per_token * self._table.tokens)
-        self._dense_line = TokenLine(self._table.tokens, dense)
+        self._dense_segments = segment_lines(self._table.tokens, dense)
+
+    def _build_kernel_constants(self) -> KernelConstants:
+        """The interval model's fixed inputs (see :class:`opscale.sim.fluid_kernel.KernelConstants`)."""
+        operator = self._granularity == "operator"
+        overhead = engine_overhead(self.config.engine_overhead, self._gpu)
+        attention = self._attention
+        poisson = shared_poisson_tail_table()
+        profile = self.power_model.profile(self._gpu)
+        processor_sharing = self.config.contention is ContentionModel.PROCESSOR_SHARING
+        return KernelConstants(
+            operator=operator,
+            lines=self._table.segments,
+            dense=self._dense_segments,
+            points_per_octave=float(GRID_POINTS_PER_OCTAVE),
+            lm_head_row=self._lm_head_row,
+            pool_columns=np.array(self._pool_columns_list, dtype=np.int64),
+            attention_column=self._attention_column,
+            prefill_coefficients=attention.prefill_coefficients,
+            decode_coefficients=np.array(
+                [attention.decode_floor_s, attention.decode_per_request_s, attention.decode_per_context_s]
+            ),
+            overhead_fixed_s=overhead.fixed_s,
+            overhead_per_rank_s=overhead.per_tp_rank_s,
+            overhead_per_request_s=overhead.per_request_s,
+            ranks=float(self._attention_tp if operator else self._tp * self._pp),
+            kv_block_tokens=float(self.config.kv_block_tokens),
+            max_running_requests=float(self.config.max_running_requests),
+            contention=self.config.contention_factor if processor_sharing else 0.0,
+            power_levels=np.array([profile.idle_w, profile.memory_bound_w, profile.compute_bound_w]),
+            ttft_slo_s=float(self.slo.ttft_s),
+            tbt_slo_s=float(self.slo.tbt_s),
+            tbt_max=self.slo.tbt_statistic == "max",
+            quantile_levels=(np.arange(LENGTH_QUANTILES) + 0.5) / LENGTH_QUANTILES,
+            poisson_flat=poisson.flat,
+            poisson_row=poisson.row,
+            poisson_max_count=poisson.max_count,
+            poisson_log_low=poisson.log_low,
+            poisson_per_log=poisson.per_log,
+            poisson_mean_low=poisson.mean_low,
+            erlang_steps=self._erlang_rows.steps,
+            arrival_s=self._arrivals.arrival_s,
+            cumulative_arrival_s=self._arrivals.cumulative_arrival_s,
+        )
 
     # ------------------------------------------------------------------ placement
     def _place_initial(self, deployment: Deployment) -> None:
@@ -421,56 +413,72 @@ class FluidSimulator:
         self._layout_stale = False
         self._layout_valid_until_s = summary.next_ready_s
         self._serving_summary = summary
-        self._serving_gpus = float(summary.active_gpus)
         self._powered_count = float(self.layout.state.gpus_powered)
         self._replicas = [float(count) for count in summary.replicas]
         kv_tokens = summary.kv_tokens
+        budget = float(self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens)
         if self._granularity == "model":
             instances = summary.replicas[0]
-            self._streams = instances * self._pp
-            self._stream_erlang_row = self._erlang_rows.row(max(self._streams, 1))
-            self._kv_per_stream = sum(kv_tokens) / (instances * self._pp) if instances else 0.0
-            self._ready = self._streams > 0
+            streams = instances * self._pp
+            self._kernel_layout = KernelLayout.for_instances(
+                ready=streams > 0,
+                streams=streams,
+                kv_per_stream=sum(kv_tokens) / (instances * self._pp) if instances else 0.0,
+                budget=budget,
+                stream_erlang_row=self._erlang_rows.row(max(streams, 1)),
+                powered=self._powered_count,
+                serving_gpus=float(summary.active_gpus),
+            )
             return
-        self._streams = summary.replicas[self._attention_column]
-        self._stream_erlang_row = self._erlang_rows.row(max(self._streams, 1))
-        self._ready = self._streams > 0 and all(summary.replicas)
-        self._kv_per_stream = sum(kv_tokens) / len(kv_tokens) if kv_tokens else 0.0
+        streams = summary.replicas[self._attention_column]
         fixed, per_token = self._transfer_terms(summary.homes)
-        self._transfer_fixed_s, self._transfer_per_token_s = fixed, per_token
-        self._attention_transfer_fixed_s = fixed[self._attention_column]
-        self._attention_transfer_per_token_s = per_token[self._attention_column]
-        self._pool_transfer_fixed = [fixed[column] for column in self._pool_columns_list]
-        self._pool_transfer_per_token = [per_token[column] for column in self._pool_columns_list]
-        #: per unit, (unit, its shards on the unit's GPUs per own shard) where non-zero (contention in the fixed point)
         columns = len(self._units)
-        colocation = [[0.0] * columns for _ in range(columns)]
+        # per unit, the other units' shards on its GPUs per own shard (contention in the fixed point)
+        colocation = np.zeros((columns, columns))
         local = self._local_columns(summary.homes)
         # the fixed point counts (1 - 1/S) of co-located work as other streams'; on a GPU whose k
         # streams are the only users of its local units, (1 - 1/k) is (a chain: none)
-        others_share = 1.0 - 1.0 / max(self._streams, 1)
-        for gpus, mix in summary.gpu_groups:
+        others_share = 1.0 - 1.0 / max(streams, 1)
+        group_shards = np.zeros((len(summary.gpu_groups), columns))
+        for group, (gpus, mix) in enumerate(summary.gpu_groups):
             local_streams = dict(mix).get(self._attention_column, 0)
             own_scale = (
                 (1.0 - 1.0 / local_streams) / others_share if local_streams and others_share > 0 else 1.0
             )
             for column, shards in mix:
-                row = colocation[column]
+                group_shards[group, column] = shards
                 for other, other_shards in mix:
                     weight = gpus * shards * other_shards
-                    row[other] += weight * own_scale if column in local and other in local else weight
-        self._colocation_rows = [
-            [(other, value / max(own, 1.0)) for other, value in enumerate(row) if value]
-            for row, own in zip(colocation, summary.shards_per_unit, strict=True)
-        ]
-        self._pool_replicas = [self._replicas[column] for column in self._pool_columns_list]
-        self._pool_erlang_rows = [self._erlang_rows.row(int(replicas)) for replicas in self._pool_replicas]
+                    colocation[column, other] += (
+                        weight * own_scale if column in local and other in local else weight
+                    )
+        colocation /= np.maximum(np.asarray(summary.shards_per_unit), 1.0)[:, None]
+        pool_columns = self._pool_columns_list
+        pool_replicas = [self._replicas[column] for column in pool_columns]
         # share of the other streams a pool still serves while one of its replicas is held
-        other_streams = max(self._streams - 1, 1)
-        self._contention_free_list = [
-            min(max(replicas - 1.0, 0.0) / other_streams, 1.0) for replicas in self._pool_replicas
-        ]
-        self._pool_caps = [float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]
+        other_streams = max(streams - 1, 1)
+        self._kernel_layout = KernelLayout(
+            ready=streams > 0 and all(summary.replicas),
+            streams=streams,
+            kv_per_stream=sum(kv_tokens) / len(kv_tokens) if kv_tokens else 0.0,
+            budget=budget,
+            stream_erlang_row=self._erlang_rows.row(max(streams, 1)),
+            powered=self._powered_count,
+            serving_gpus=float(summary.active_gpus),
+            pool_replicas=np.array(pool_replicas),
+            pool_caps=np.array([float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]),
+            pool_erlang_rows=np.stack([self._erlang_rows.row(int(replicas)) for replicas in pool_replicas]),
+            contention_free=np.array(
+                [min(max(replicas - 1.0, 0.0) / other_streams, 1.0) for replicas in pool_replicas]
+            ),
+            pool_transfer_fixed_s=np.array([fixed[column] for column in pool_columns]),
+            pool_transfer_per_token_s=np.array([per_token[column] for column in pool_columns]),
+            attention_transfer_fixed_s=fixed[self._attention_column],
+            attention_transfer_per_token_s=per_token[self._attention_column],
+            colocation=colocation,
+            group_gpus=np.array([float(gpus) for gpus, _ in summary.gpu_groups]),
+            group_shards=group_shards,
+        )
 
     def _local_columns(self, homes: Sequence[dict[int, int]]) -> set[int]:
         """Columns whose every job is served beside its stream: attention, and each pool with the same
@@ -576,9 +584,9 @@ class FluidSimulator:
         arrivals = self._arrivals
         return (
             self._now_s > arrivals.last_arrival_s
-            and self._backlog < 0.5
-            and self._served_total >= arrivals.num_requests - 0.5
-            and self._in_service < 0.5
+            and self._carry.backlog < 0.5
+            and self._carry.served_total >= arrivals.num_requests - 0.5
+            and self._carry.in_service < 0.5
         )
 
     @property
@@ -752,723 +760,54 @@ class FluidSimulator:
         self._last_interval = metrics
         return metrics
 
-    def _pool_step(
-        self, streams: int, beta: float, iteration_s: float, decodes: float, phi: float, chunk_tokens: float
-    ) -> _PoolState:
-        """One damped step of the pools' batching / Erlang-C model (module docstring, point 4), in
-        plain Python over the units (a handful of floats each: faster than numpy at this size; the
-        table lookups are inlined, every call size here is >= 1 token and every utilisation in
-        [0, UTILISATION_CEILING]). Updates the jobs per call and the mean job size; returns the pools'
-        state."""
-        lines = self._table.lines
-        lm_head = self._lm_head_row
-        log2, floor, sqrt, per_octave = math.log2, math.floor, math.sqrt, GRID_POINTS_PER_OCTAVE
-        job_rate = streams * beta / iteration_s
-        busy_streams = streams * beta
-        wait_per_queued_job = POOL_WAIT_FACTOR / (job_rate if job_rate > 1e-12 else 1e-12)
-        others_share = (busy_streams - 1.0) / busy_streams if busy_streams > 1.0 else 0.0
-        decode_tokens = decodes if decodes > 1.0 else 1.0
-        prefill_tokens = decodes + phi * chunk_tokens
-        if prefill_tokens < 1.0:
-            prefill_tokens = 1.0
-        lm_head_tokens = decodes + phi if decodes + phi > 1.0 else 1.0
-        jobs_per_call = self._jobs_per_call_list
-        slowdown = self._slowdown_list
-        prefill_call = self._prefill_call_list
-        fixed, per_token = self._pool_transfer_fixed, self._pool_transfer_per_token
-        caps, replicas, erlang_rows = self._pool_caps, self._pool_replicas, self._pool_erlang_rows
-        erlang_steps = self._erlang_rows.steps
-        units = len(lines)
-        rho_out, service_out, queue_out = [0.0] * units, [0.0] * units, [0.0] * units
-        wait_out, decode_out, decode_tokens_out = [0.0] * units, [0.0] * units, [0.0] * units
-        mean_tokens_out = [0.0] * units
-        bound_s = wait_total = 0.0
-        for u in range(units):
-            line = lines[u]
-            intercepts, slopes, last = line.intercepts, line.slopes, line.last_segment
-            tokens = lm_head_tokens if u == lm_head else prefill_tokens
-            calls = jobs_per_call[u]
-            servers = replicas[u]
-            unit_slowdown = slowdown[u]
-            transfer = fixed[u] + per_token[u] * tokens
-            decode_call_tokens = decode_tokens + (calls - 1.0) * tokens
-            index = int(log2(decode_call_tokens) * per_octave)
-            if index > last:
-                index = last
-            decode_call = intercepts[index] + slopes[index] * decode_call_tokens
-            service = ((1.0 - phi) * decode_call + phi * prefill_call[u]) * unit_slowdown + transfer
-            rho = job_rate * service / (calls * servers)
-            max_jobs = float(floor(caps[u] / tokens))
-            if max_jobs < 1.0:
-                max_jobs = 1.0
-            # closed population: a call takes the jobs waiting when its replica frees; the jobs of the
-            # calls just ended or running (c n of them) are not back yet, so n <= S beta - c n
-            batch_limit = busy_streams / (servers + 1.0)
-            if batch_limit > max_jobs:
-                batch_limit = max_jobs
-            elif batch_limit < 1.0:
-                batch_limit = 1.0
-            full_tokens = max_jobs * tokens
-            index = int(log2(full_tokens) * per_octave)
-            if index > last:
-                index = last
-            full = (intercepts[index] + slopes[index] * full_tokens) * unit_slowdown + transfer
-            bound = busy_streams * full / (max_jobs * servers)
-            if bound > bound_s:
-                bound_s = bound
-            # arrival theorem (closed population): an arriving job finds the load of the other
-            # busy streams only, (S beta - 1) / S beta of the pool's (a lone stream never waits)
-            seen = rho * others_share
-            capped = seen if seen < UTILISATION_CEILING else UTILISATION_CEILING
-            # Erlang-C probability of waiting (ErlangRows.at inlined)
-            erlang_row = erlang_rows[u]
-            position = capped * erlang_steps
-            index = int(position)
-            low = erlang_row[index]
-            waiting_calls = (
-                (low + (position - index) * (erlang_row[index + 1] - low)) * capped / (1.0 - capped)
-            )
-            # closed population: at most one job per busy stream is anywhere in the pools
-            queue = waiting_calls * calls
-            waiting_limit = busy_streams - servers
-            if queue > waiting_limit:
-                queue = waiting_limit if waiting_limit > 0.0 else 0.0
-            wait = queue * wait_per_queued_job
-            target = 1.0 + queue / servers
-            if target > batch_limit:
-                target = batch_limit
-            jobs_per_call[u] = sqrt(calls * target)
-            rho_out[u], service_out[u], queue_out[u], wait_out[u] = rho, service, queue, wait
-            decode_out[u], decode_tokens_out[u], mean_tokens_out[u] = decode_call, decode_call_tokens, tokens
-            wait_total += wait
-        self._mean_job_tokens_list = mean_tokens_out
-        return _PoolState(
-            rho=rho_out,
-            service_s=service_out,
-            queue_jobs=queue_out,
-            wait_unit_s=wait_out,
-            wait_s=wait_total,
-            bound_s=bound_s,
-            decode_call_s=decode_out,
-            decode_call_tokens=decode_tokens_out,
-        )
-
-    def _iteration_triple(
-        self,
-        decodes: float,
-        chunk_s: float,
-        full_chunk: float,
-        prior: float,
-        context: float,
-        jobs_wait_s: float,
-    ) -> tuple[float, float, float]:
-        """Times of a decode-only iteration, one with a prefill chunk of ``chunk_s`` tokens and one with
-        a full chunk of ``full_chunk`` tokens (the fixed point's inner evaluation; scalar fast path for
-        model-level instances)."""
-        if self._granularity == "operator":
-            prefill = self._attention.prefill_scalar_s
-            decode, with_chunk, full = self._pooled_times(
-                decodes,
-                (0.0, chunk_s, full_chunk),
-                (0.0, prefill(chunk_s, prior), prefill(full_chunk, prior)),
-                (decodes, decodes + 1.0, decodes + 1.0),
-                context,
-                jobs_wait_s,
-            )[0]
-            return decode, with_chunk, full
-        overhead = self._overhead
-        host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * decodes
-        decode_attention = self._attention.decode_s(decodes, decodes * context)
-        dense = self._dense_line.at
-        lm_head = self._table.lines[self._lm_head_row].at
-        decode = host + dense(decodes) + lm_head(decodes) + decode_attention
-        base = host + overhead.per_request_s + decode_attention + lm_head(decodes + 1.0)
-        with_chunk = base + dense(decodes + chunk_s) + self._attention.prefill_scalar_s(chunk_s, prior)
-        full = base + dense(decodes + full_chunk) + self._attention.prefill_scalar_s(full_chunk, prior)
-        return decode, with_chunk, full
-
-    def _pooled_times(
-        self,
-        decodes: float,
-        chunks: Sequence[float],
-        attention_prefills_s: Sequence[float],
-        sequences: Sequence[float],
-        context: float,
-        jobs_wait_s: float,
-        mix_weights: Sequence[float] | None = None,
-    ) -> tuple[list[float], list[float], list[float]]:
-        """Operator level: iteration time of a busy stream with ``decodes`` decodes and, per entry, one
-        prefill chunk of ``chunks[j]`` tokens (0: none) whose attention takes ``attention_prefills_s[j]``
-        (uncontended), sampling ``sequences[j]`` tokens at the LM head; ``context``: mean KV read per
-        decode; ``jobs_wait_s``: summed pool waits. Plain Python over the units (a handful: faster than
-        numpy).
-
-        With ``mix_weights`` (one per entry: a mix of calls) it also returns, per unit, the weighted
-        mean over the entries of the kernel time of the unit's call and of its compute-bound part (no
-        contention, no transfer): the prefill-call figures of :meth:`_solve`, from the same lookups.
-        Without, those two lists are empty.
-
-        A job shares its call with ``n - 1`` jobs of the mean size. Contention: under processor sharing
-        a call is slowed by ``f`` per call running beside it; on average that is the pool's ``1 + f k``
-        (``k``: the other streams' busy replicas on its GPUs). A call much longer than the other streams'
-        iteration cycle (a prefill) holds one replica of its pool while the other streams cycle: those
-        that the pool's other ``c - 1`` replicas cannot serve queue behind it (a convoy) and stop
-        running, so only ``cycle / (2 x call)`` of their load overlaps it; those the other replicas serve
-        keep running beside it. Short (decode) calls keep the mean.
-        """
-        overhead = self._overhead
-        attention = self._attention
-        attention_slowdown = self._attention_slowdown
-        attention_decode = attention.decode_s(decodes, decodes * context)
-        base = (
-            overhead.fixed_s
-            + overhead.per_tp_rank_s * self._ranks
-            + jobs_wait_s
-            + self._attention_transfer_fixed_s
-        )
-        per_request, per_token_in = overhead.per_request_s, self._attention_transfer_per_token_s
-        compositions = [decodes + chunk for chunk in chunks]
-        totals = [
-            base
-            + per_request * sequence
-            + (attention_decode + prefill_s) * attention_slowdown
-            + per_token_in * tokens
-            for prefill_s, sequence, tokens in zip(attention_prefills_s, sequences, compositions, strict=True)
-        ]
-        mix_call_s: list[float] = []
-        mix_compute_s: list[float] = []
-        # each unit's call time over the entries: TokenLine.at inlined (hundreds of lookups per interval)
-        log2, per_octave = math.log2, GRID_POINTS_PER_OCTAVE
-        half_cycle = 0.5 * self._cycle_s
-        lm_head = self._lm_head_row
-        compute_lines = self._table.compute_lines
-        for u, line in enumerate(self._table.lines):
-            intercepts, slopes, last = line.intercepts, line.slopes, line.last_segment
-            compute_intercepts, compute_slopes = compute_lines[u].intercepts, compute_lines[u].slopes
-            others = (self._jobs_per_call_list[u] - 1.0) * self._mean_job_tokens_list[u]
-            excess = self._slowdown_list[u] - 1.0
-            free = self._contention_free_list[u]
-            # contended time = kernel (1 + shared + convoy overlap), overlap = min(1, cycle / (2 kernel (1 + excess)))
-            shared, convoy, contended = excess * free, excess * (1.0 - free), 1.0 + excess
-            fixed, per_token = self._pool_transfer_fixed[u], self._pool_transfer_per_token[u]
-            previous_job = -1.0
-            kernel = compute_kernel = time_s = call_sum = compute_sum = 0.0
-            for j, job in enumerate(sequences if u == lm_head else compositions):
-                if job != previous_job:  # equal jobs (the LM head's) take the same time
-                    previous_job = job
-                    tokens = job + others
-                    if tokens > 0.0:
-                        if tokens < 1.0:
-                            tokens = 1.0
-                        index = int(log2(tokens) * per_octave)
-                        if index > last:
-                            index = last
-                        kernel = intercepts[index] + slopes[index] * tokens
-                        compute_kernel = compute_intercepts[index] + compute_slopes[index] * tokens
-                    else:
-                        kernel = compute_kernel = 0.0
-                    time_s = kernel
-                    if excess > 0.0:
-                        overlap = half_cycle / (kernel * contended + 5e-13)
-                        time_s *= 1.0 + shared + convoy * (overlap if overlap < 1.0 else 1.0)
-                    time_s += fixed + per_token * job
-                totals[j] += time_s
-                if mix_weights is not None:
-                    weight = mix_weights[j]
-                    call_sum += weight * kernel
-                    compute_sum += weight * compute_kernel
-            mix_call_s.append(call_sum)
-            mix_compute_s.append(compute_sum)
-        if mix_weights is None:
-            mix_call_s, mix_compute_s = [], []
-        return totals, mix_call_s, mix_compute_s
-
-    @staticmethod
-    def _prefill_share_over(
-        limit_s: float, full_s: float, last_chunks: list[float], last_times: list[float], full_weight: float
-    ) -> float:
-        """Share of prefill iterations longer than ``limit_s``: full chunks by their time; last chunks by
-        the chunk size ``c*`` whose iteration takes ``limit_s`` and a piecewise-linear CDF through the
-        quantile points (a step CDF would make the share jump by 1/Q as ``c*`` crosses a point)."""
-        pairs = sorted(zip(last_chunks, last_times, strict=True), key=lambda pair: pair[0])
-        if pairs[-1][1] <= limit_s:
-            last_over = 0.0
-        elif pairs[0][1] > limit_s:
-            last_over = 1.0
-        else:
-            chunks = [chunk for chunk, _ in pairs]
-            running_max: list[float] = []
-            longest = -math.inf
-            for _, time_s in pairs:
-                longest = max(longest, time_s)
-                running_max.append(longest)
-            threshold = interp_scalar(limit_s, running_max, chunks)
-            last_over = 1.0 - interp_scalar(threshold, chunks, _QUANTILE_LEVEL_LIST, left=0.0, right=1.0)
-        return full_weight * float(full_s > limit_s) + (1.0 - full_weight) * last_over
-
-    def _instance_iteration_times(
-        self, decodes: float, chunks: list[float], attention_prefills_s: list[float], context: float
-    ) -> list[float]:
-        """Model level: iteration time of a busy stream with ``decodes`` decodes and one prefill chunk
-        (> 0 tokens) per entry of ``chunks`` whose attention takes ``attention_prefills_s``; ``context``:
-        mean KV read per decode."""
-        sequences = decodes + 1.0  # every entry carries a prefill chunk that samples one token
-        overhead = self._overhead
-        host = overhead.fixed_s + overhead.per_tp_rank_s * self._ranks + overhead.per_request_s * sequences
-        attention = self._attention
-        attention_decode = attention.decode_s(decodes, decodes * context)
-        fixed = host + self._table.scalar_time_s(self._lm_head_row, sequences)
-        dense = self._dense_line.at
-        return [
-            fixed + dense(decodes + chunk) + (attention_decode + prefill_s)
-            for chunk, prefill_s in zip(chunks, attention_prefills_s, strict=True)
-        ]
-
-    # ------------------------------------------------------------------ the interval model
     def _solve(self, start_s: float, end_s: float) -> _Solution:
-        """The fluid model over ``[start_s, end_s)`` with the replicas serving at ``start_s``."""
-        dt = end_s - start_s
+        """The fluid model over ``[start_s, end_s)`` with the replicas serving at ``start_s``: one call
+        of the compiled :func:`opscale.sim.fluid_kernel.solve_interval`."""
         window = self._arrivals.window(start_s, end_s)
-        streams = self._streams
-        operator = self._granularity == "operator"
-        attention_config = self._unit_configs[UnitKind.ATTENTION]
-        budget = float(attention_config.batch_cap_tokens)
-        self._ranks = self._attention_tp if operator else self._tp * self._pp
-        # length quantile points (plain Python lists: 16 floats, faster than numpy at this size)
-        prompt_level, output_level = window.prompt_mean, window.output_mean
-        prompts = [max(shape * prompt_level, 1.0) for shape in window.prompt_shape_list]
-        outputs = [max(shape * output_level, 1.0) for shape in window.output_shape_list]
-        inverse_quantiles = 1.0 / LENGTH_QUANTILES
-        prompt_mean = sum(prompts) * inverse_quantiles
-        output_mean = sum(outputs) * inverse_quantiles
-        gaps_per_request = max(output_mean - 1.0, 0.0)
-        context = prompt_mean + sum(output * output for output in outputs) * inverse_quantiles / (
-            2.0 * output_mean
+        result, self._carry = solve_interval(
+            self._kernel_constants,
+            self._kernel_layout,
+            self._carry,
+            self._pools,
+            start_s,
+            end_s,
+            window.count,
+            window.prompt_mean,
+            window.output_mean,
+            window.prompt_shape,
+            window.output_shape,
         )
-        kv_per_request = prompt_mean + output_mean / 2.0 + self.config.kv_block_tokens / 2.0
-        running_limit = min(float(self.config.max_running_requests), self._kv_per_stream / kv_per_request)
-        demand = window.count + self._backlog
-        ready = self._ready
-        x_demand = demand / (streams * dt) if ready else 0.0
-        n_units = len(self._stateless)
-        if operator:
-            contention = (
-                self.config.contention_factor
-                if self.config.contention is ContentionModel.PROCESSOR_SHARING
-                else 0.0
-            )
-        pool_wait = 0.0
-        pools = _PoolState.idle(n_units)
-
-        self._cycle_s = self._iteration_s or 0.0
-        iteration_s = self._iteration_s or self._iteration_triple(1.0, 0.0, 0.0, 0.0, context, 0.0)[0]
-        self._cycle_s = iteration_s
-        ttft_s = self._ttft_s or iteration_s
-        # the streams' admission capacity per stream, warm-started from the last interval (starting at
-        # infinity under overload would make the fixed point swing between empty and jammed streams)
-        x_cap = self._capacity_per_stream
-        x = 0.0
-        in_service_start = self._in_service / streams if streams else 0.0
-        beta = decodes = rho_prefill = chunk_eff = prefill_rate = 0.0
-        decode_s = prefill_iteration_s = prefill_at_mean_chunk_s = full_s = iteration_s
-        available = budget
-        chunks = [1.0] * LENGTH_QUANTILES
-        for _ in range(FIXED_POINT_ITERATIONS if ready else 0):
-            x = min(x_demand, x_cap)
-            # requests in service per stream relax towards x * R with time constant R (the residence
-            # time): the decode population carries over between intervals, as in the engine
-            residence_s = ttft_s + gaps_per_request * iteration_s
-            settle = residence_s / dt * -math.expm1(-dt / residence_s)
-            in_service = x * residence_s + (in_service_start - x * residence_s) * settle
-            beta = max(-math.expm1(-in_service), 1e-9)
-            decodes = in_service * (gaps_per_request * iteration_s / residence_s) / beta
-            available = max(budget - decodes, 1.0)
-            rho_prefill = min(x * prompt_mean * iteration_s / (beta * available), 1.0) if x > 0 else 0.0
-            chunks = [float(math.ceil(prompt / available)) for prompt in prompts]
-            mean_chunks = sum(chunks) * inverse_quantiles
-            chunk_light = prompt_mean / mean_chunks
-            chunk_eff = chunk_light + rho_prefill * max(available - chunk_light, 0.0)
-            decode_s, prefill_iteration_s, full_s = self._iteration_triple(
-                decodes, chunk_eff, available, 0.5 * prompt_mean, context, pool_wait
-            )
-            prefill_at_mean_chunk_s = prefill_iteration_s
-            prefill_iteration_s *= self._prefill_correction
-            prefill_s_mean = (mean_chunks - 1.0) * full_s + prefill_iteration_s
-            prefill_rate = x * prompt_mean / (beta * chunk_eff) if x > 0 else 0.0
-            prefill_share = prefill_rate * prefill_iteration_s
-            new_iteration_s = (
-                prefill_iteration_s
-                if prefill_share >= 1.0
-                else 1.0 / (prefill_rate + (1.0 - prefill_share) / decode_s)
-            )
-            if operator:
-                phi = min(prefill_rate * new_iteration_s, 1.0)
-                pools = self._pool_step(streams, beta, new_iteration_s, decodes, phi, chunk_eff)
-                new_iteration_s = max(new_iteration_s, pools.bound_s)
-                pool_wait = pools.wait_s
-                overhead = self._overhead
-                attention_call_s = (
-                    overhead.fixed_s
-                    + overhead.per_tp_rank_s * self._ranks
-                    + overhead.per_request_s * (decodes + phi)
-                    + self._attention.decode_s(decodes, decodes * context)
-                    + phi * self._attention.prefill_scalar_s(chunk_eff, 0.5 * prompt_mean)
-                ) * self._attention_slowdown
-                if contention:
-                    rho_all = [0.0] * len(self._units)
-                    for column, rho in zip(self._pool_columns_list, pools.rho, strict=True):
-                        rho_all[column] = min(rho, 1.0)
-                    rho_all[self._attention_column] = min(beta * attention_call_s / new_iteration_s, 1.0)
-                    # busy replicas on each unit's GPUs (per shard), less the calling stream's own share (one
-                    # job in flight): the co-location matrix (shards^T shards / shards per unit) times rho
-                    others_share = 1.0 - 1.0 / streams
-                    slowdown = [
-                        1.0
-                        + contention
-                        * max(sum(share * rho_all[other] for other, share in row) * others_share, 0.0)
-                        for row in self._colocation_rows
-                    ]
-                    self._slowdown_list = [slowdown[column] for column in self._pool_columns_list]
-                    self._attention_slowdown = slowdown[self._attention_column]
-            iteration_s = new_iteration_s
-            self._cycle_s = iteration_s
-            x_cap_budget = budget / ((prompt_mean + gaps_per_request) * iteration_s)
-            x_cap_kv = running_limit / (prefill_s_mean + gaps_per_request * iteration_s)
-            x_cap_new = min(x_cap_budget, x_cap_kv)
-            x_cap = x_cap_new if math.isinf(x_cap) else math.sqrt(x_cap * x_cap_new)
-            ttft_s = 0.5 * beta * iteration_s + prefill_s_mean
-        x = min(x_demand, x_cap) if ready else 0.0
-        if ready:
-            self._capacity_per_stream = x_cap
-        # per prompt quantile: its last chunk shares the iteration with other prefills (rho_p of the rest)
-        priors = [(chunk - 1.0) * available for chunk in chunks]
-        remaining = [prompt - prior for prompt, prior in zip(prompts, priors, strict=True)]
-        last_chunk = [last + rho_prefill * max(available - last, 0.0) for last in remaining]
-        # prefill iterations over the chunk distribution (full chunks and each quantile's last chunk):
-        # iteration time is convex in tokens, so its mean exceeds the time at the mean chunk (Jensen)
-        prefill_chunks = [available, *last_chunk]
-        full_chunks = sum(chunks) - LENGTH_QUANTILES
-        each_last = 1.0 / (full_chunks + LENGTH_QUANTILES)
-        prefill_weights = [full_chunks * each_last, *[each_last] * LENGTH_QUANTILES]
-        # operator level: the pools' prefill-call mix comes from the same lookups (the full chunk's
-        # iteration time is the fixed point's full_s)
-        prefill_attention = self._attention.prefill_scalar_s
-        attention_prefills_s = [
-            prefill_attention(chunk, prior)
-            for chunk, prior in zip(prefill_chunks, [0.5 * prompt_mean, *priors], strict=True)
-        ]
-        mix_call_s: list[float] = []
-        mix_compute_s: list[float] = []
-        if not ready:
-            last_times = [0.0] * LENGTH_QUANTILES
-        elif operator:
-            times, mix_call_s, mix_compute_s = self._pooled_times(
-                decodes,
-                prefill_chunks,
-                attention_prefills_s,
-                [decodes + 1.0] * len(prefill_chunks),
-                context,
-                pool_wait,
-                prefill_weights,
-            )
-            last_times = times[1:]
-        else:
-            last_times = self._instance_iteration_times(
-                decodes, last_chunk, attention_prefills_s[1:], context
-            )
-        prefill_s = [
-            (chunk - 1.0) * full_s + time_s for chunk, time_s in zip(chunks, last_times, strict=True)
-        ]
-        prefill_times = [full_s, *last_times]
-        mean_prefill_s = sum(
-            weight * time_s for weight, time_s in zip(prefill_weights, prefill_times, strict=True)
-        )
-        if ready and x > 0:
-            # used from the next interval on (one interval's lag keeps the loop cheap)
-            self._prefill_correction = mean_prefill_s / prefill_at_mean_chunk_s
-        served = x * streams * dt
-        # all the demand is admitted unless the streams' capacity binds (no rounding residue left queued:
-        # a residue would count the interval's admissions as drained from a backlog)
-        backlog_end = max(demand - served, 0.0) if x < x_demand else 0.0
-        backlog_mean = 0.5 * (self._backlog + backlog_end)
-        # FCFS fluid: the requests admitted now are the trace's requests number served_total .. + served;
-        # their wait is the time since their arrival (0 when nothing is queued)
-        backlog_wait_s = 0.0
-        if served > 0 and (self._backlog > 0 or backlog_end > 0):
-            arrived_s = self._arrivals.mean_arrival_s(self._served_total, self._served_total + served)
-            backlog_wait_s = 0.0 if math.isnan(arrived_s) else max(0.5 * (start_s + end_s) - arrived_s, 0.0)
-        # admission wait: Erlang-C over the streams, service = a prompt's share of the prefill budget
-        service_s = prompt_mean * iteration_s / available if ready else 0.0
-        admission_rho = min(x * service_s, UTILISATION_CEILING)
-        prompt_cv2 = sum(prompt * prompt for prompt in prompts) * inverse_quantiles / prompt_mean**2 - 1.0
-        prob_wait = self._erlang_rows.at(self._stream_erlang_row, admission_rho) if ready else 0.0
-        admission_wait_s = (
-            prob_wait * service_s / (max(streams, 1) * (1.0 - admission_rho)) * (1.0 + prompt_cv2) / 2.0
-            if ready
-            else 0.0
-        )
-        residual_s = 0.5 * beta * iteration_s
-        self._iteration_s = iteration_s
-        prefill_s_mean = sum(prefill_s) * inverse_quantiles
-        self._ttft_s = residual_s + admission_wait_s + prefill_s_mean
-
-        # ---- TTFT of served requests: per prompt quantile a fixed part, plus the admission wait
-        fixed_s = [residual_s + backlog_wait_s + prefill for prefill in prefill_s]
-        fixed_array = np.array(fixed_s)
-        wait_mean_s = admission_wait_s / prob_wait if prob_wait > 0 else 0.0
-        served_ttft = TtftMixture(fixed_array, prob_wait, wait_mean_s)
-        ttft_ok = served_ttft.cdf_scalar(self.slo.ttft_s, fixed_s) if ready else 0.0
-        # ---- TBT: per output quantile, the chance its p99 (max) gap is over the SLO, and that it is long
-        phi = min(prefill_rate * iteration_s, 1.0)
-        # a decoding request sees the other requests' prefills at their arrival rate x (Poisson), not at
-        # the busy-period rate x / beta: the share of its gaps that carry a prefill chunk is phi * beta
-        phi_gap = phi * beta
-        gap_mean_s = (1.0 - phi_gap) * decode_s + phi_gap * mean_prefill_s
-        tbt_slo = self.slo.tbt_s
-        over = (1.0 - phi_gap) * float(decode_s > tbt_slo) + phi_gap * self._prefill_share_over(
-            tbt_slo, full_s, last_chunk, last_times, prefill_weights[0]
-        )
-        # the engine's per-request p99 is the gap at rank floor(0.99 (g - 1)) (0-based, no interpolation):
-        # it is a long gap when at least g - floor(0.99 (g - 1)) gaps are long
-        gaps = [float(round(output - 1.0)) for output in outputs]  # outputs >= 1
-        if self.slo.tbt_statistic == "max":
-            needed = [1] * len(gaps)
-        else:
-            needed = [int(max(1.0, count - math.floor(0.99 * max(count - 1.0, 0.0)))) for count in gaps]
-        over_tails = self._poisson.total_at_least(over, gaps, needed)
-        long_tails = self._poisson.total_at_least(phi_gap, gaps, needed)
-        tbt_ok = 1.0 - over_tails * inverse_quantiles
-        long_share = long_tails * inverse_quantiles
-        # per-request TBT statistic: a prefill iteration's time when long gaps count, else the decode gap
-        tbt_values = [decode_s, *prefill_times]
-        tbt_weights = [1.0 - long_share, *[long_share * weight for weight in prefill_weights]]
-
-        # ---- decided requests (metrics.py's rule)
-        served_from_decided = min(served, self._backlog_decided)
-        recent = window.count / dt * self.slo.ttft_s if dt > 0 else 0.0
-        decided_waiting = max(backlog_end - recent, 0.0)
-        newly_decided = max(decided_waiting - (self._backlog_decided - served_from_decided), 0.0)
-        self._backlog_decided = decided_waiting
-        served_fresh = served - served_from_decided
-        decided = served_fresh + newly_decided
-        slo_met = served_fresh * ttft_ok * tbt_ok
-        # the engine decides a queued request at the first boundary after its deadline, at the time it
-        # has waited so far (a lower bound of its TTFT): the deadline plus, on average, half an interval
-        late_s = self.slo.ttft_s + 0.5 * dt
-        late_share = newly_decided / decided if decided > 0 else 0.0
-        ttft = TtftMixture(fixed_array, prob_wait, wait_mean_s, late_share, late_s)
-        ttft_p50, ttft_p99 = ttft.quantiles((0.5, 0.99)) if decided > 0 else (0.0, 0.0)
-        ttft_served_mean = sum(fixed_s) * inverse_quantiles + prob_wait * wait_mean_s
-        self._backlog = backlog_end
-        if ready:
-            residence_s = self._ttft_s + gaps_per_request * iteration_s
-            in_service_end = x * residence_s + (in_service_start - x * residence_s) * math.exp(
-                -dt / residence_s
-            )
-            self._in_service = in_service_end * streams
-        self._served_total += served
-
-        # ---- per-unit figures (plain Python over the handful of units)
-        iterations_per_busy_s = 1.0 / iteration_s if ready else 0.0
-        decode_only_rate = max(iterations_per_busy_s - prefill_rate, 0.0)
-        mean_tokens = decodes + phi * chunk_eff
-        columns = len(self._units)
-        utilisation = [0.0] * columns
-        queue_tokens = [0.0] * columns
-        batch_fill = [0.0] * columns
-        wait_s = [0.0] * columns
-        unit_service_s = [0.0] * columns
-        attention_column = self._attention_column
-        attention_decode_s = self._attention.decode_s(decodes, decodes * context)
-        attention_prefill_s = attention_decode_s + sum(
-            weight * prefill_s
-            for weight, prefill_s in zip(prefill_weights, attention_prefills_s, strict=True)
-        )
-        waiting_tokens = (backlog_mean + streams * x * admission_wait_s) * prompt_mean
-        queue_tokens[attention_column] = waiting_tokens
-        batch_fill[attention_column] = min(mean_tokens / budget, 1.0)
-        # attention's wait: the admission delay of the requests admitted (queue + backlog)
-        wait_s[attention_column] = admission_wait_s + backlog_wait_s
-        host = (
-            self._overhead.fixed_s
-            + self._overhead.per_tp_rank_s * self._ranks
-            + self._overhead.per_request_s * (decodes + phi)
-        )
-        table = self._table
-        if operator:
-            attention_kernel_s = (
-                attention_decode_s + phi * (attention_prefill_s - attention_decode_s)
-            ) * self._attention_slowdown
-            attention_call_s = (
-                host
-                + attention_kernel_s
-                + self._attention_transfer_fixed_s
-                + self._attention_transfer_per_token_s * mean_tokens
-            )
-            attention_rho = min(beta * attention_call_s / iteration_s, 1.0) if ready else 0.0
-            utilisation[attention_column] = attention_rho
-            unit_service_s[attention_column] = attention_call_s
-            # per unit: its kernel load (busy share without inbound transfers nor the attention's host
-            # overhead), that load without its contention slowdown, and its compute-bound part
-            kernel_load = [0.0] * columns
-            uncontended_load = [0.0] * columns
-            compute_load = [0.0] * columns
-            attention_load = attention_rho * max(
-                1.0 - (attention_call_s - attention_kernel_s) / attention_call_s, 0.0
-            )
-            kernel_load[attention_column] = attention_load
-            uncontended_load[attention_column] = attention_load / self._attention_slowdown
-            compute_load[attention_column] = beta * prefill_rate * (attention_prefill_s - attention_decode_s)
-            for row, column in enumerate(self._pool_columns_list):
-                job_tokens, calls, service = (
-                    self._mean_job_tokens_list[row],
-                    self._jobs_per_call_list[row],
-                    pools.service_s[row],
-                )
-                pool_slowdown = self._slowdown_list[row]
-                rho = min(pools.rho[row], 1.0)
-                utilisation[column] = rho
-                queue_tokens[column] = pools.queue_jobs[row] * job_tokens
-                batch_fill[column] = min(calls * job_tokens / self._pool_caps[row], 1.0)
-                wait_s[column] = pools.wait_unit_s[row]
-                unit_service_s[column] = service
-                # compute-bound share of the pool's busy time: its calls' kernels that are compute-bound
-                # (the engine flags whole calls by their size), decode and prefill calls weighted by time
-                compute_kernel_s = (1.0 - phi) * table.compute_lines[row].at(pools.decode_call_tokens[row])
-                if mix_compute_s:
-                    compute_kernel_s += phi * mix_compute_s[row]
-                compute_flag = compute_kernel_s * pool_slowdown / max(service, 1e-12)
-                transfer_s = self._pool_transfer_fixed[row] + self._pool_transfer_per_token[row] * job_tokens
-                load = rho * max(1.0 - transfer_s / max(service, 1e-12), 0.0)
-                kernel_load[column] = load
-                uncontended_load[column] = load / pool_slowdown
-                compute_load[column] = load * compute_flag
-            if x > 0:
-                # prefill jobs' calls over this interval's chunk mix (used by the next interval's pool steps)
-                self._prefill_call_list = mix_call_s
-            energy_j = (
-                self._operator_power_w(kernel_load, uncontended_load, compute_load, streams, contention) * dt
-            )
-        else:
-            lm_head = self._lm_head_row
-            decode_size = max(decodes, 1.0)
-            prefill_tokens = [decodes + chunk for chunk in prefill_chunks]
-            # compute-bound kernel seconds per busy second, by the engine's rule: whole unit calls from
-            # their compute-bound size on, and the attention of iterations that carry prefill chunks
-            compute_per_busy_s = prefill_rate * attention_prefill_s
-            for row, column in enumerate(self._pool_columns_list):
-                decode_call_s = table.scalar_time_s(row, decode_size)
-                decode_compute_s = table.compute_lines[row].at(decode_size)
-                if row == lm_head:
-                    # the LM head samples one token per sequence: decodes (+ the finishing prefill)
-                    prefill_call_s = table.scalar_time_s(lm_head, decodes + 1.0)
-                    prefill_compute_s = table.compute_lines[lm_head].at(decodes + 1.0)
-                else:
-                    prefill_call_s, prefill_compute_s = table.weighted_times(
-                        row, prefill_tokens, prefill_weights
-                    )
-                utilisation[column] = min(
-                    beta * (decode_only_rate * decode_call_s + prefill_rate * prefill_call_s), 1.0
-                )
-                compute_per_busy_s += decode_only_rate * decode_compute_s + prefill_rate * prefill_compute_s
-            # the attention replica is busy for its kernels and the iteration's engine overhead
-            utilisation[attention_column] = min(
-                beta
-                * (
-                    decode_only_rate * attention_decode_s
-                    + prefill_rate * attention_prefill_s
-                    + iterations_per_busy_s * host
-                ),
-                1.0,
-            )
-            fill = min(mean_tokens / budget, 1.0)
-            batch_fill = [fill] * columns
-            rate = beta * iterations_per_busy_s
-            if rate > 0:
-                unit_service_s = [value / rate for value in utilisation]
-            # a serving instance's GPUs run kernels while its stream iterates, except during the host
-            # overhead of each iteration; loading instances' GPUs idle
-            busy = min(beta * max(1.0 - iterations_per_busy_s * host, 0.0), 1.0)
-            compute_fraction_value = min(beta * compute_per_busy_s / busy, 1.0) if busy > 0 else 0.0
-            serving_gpus = self._serving_gpus
-            busy_w, idle_w = self._gpu_power_w(busy, compute_fraction_value), self._gpu_power_w(0.0, 0.0)
-            energy_j = (serving_gpus * busy_w + (self._powered_count - serving_gpus) * idle_w) * dt
+        dt = end_s - start_s
+        utilisation, queue_tokens, batch_fill, wait_s, service_s = result.unit_figures.tolist()
         return _Solution(
             duration_s=dt,
             arrivals=window.count,
-            served=served,
-            decided=decided,
-            slo_met=slo_met,
-            ttft_mean_s=(1.0 - late_share) * ttft_served_mean + late_share * late_s if decided > 0 else 0.0,
-            ttft_p50_s=ttft_p50,
-            ttft_p99_s=ttft_p99,
-            tbt_mean_s=gap_mean_s if ready and gaps_per_request > 0 else 0.0,
-            tbt_p99_s=weighted_quantile(tbt_values, tbt_weights, 0.99),
-            e2e_mean_s=ttft_served_mean + gaps_per_request * gap_mean_s,
-            prompt_tokens=served * prompt_mean,
-            output_tokens=served * output_mean,
-            running=x * streams * (prefill_s_mean + gaps_per_request * iteration_s),
-            waiting=backlog_end + streams * x * admission_wait_s,
+            served=result.served,
+            decided=result.decided,
+            slo_met=result.slo_met,
+            ttft_mean_s=result.ttft_mean_s,
+            ttft_p50_s=result.ttft_p50_s,
+            ttft_p99_s=result.ttft_p99_s,
+            tbt_mean_s=result.tbt_mean_s,
+            tbt_p99_s=result.tbt_p99_s,
+            e2e_mean_s=result.e2e_mean_s,
+            prompt_tokens=result.prompt_tokens,
+            output_tokens=result.output_tokens,
+            running=result.running,
+            waiting=result.waiting,
             gpu_seconds=self._powered_count * dt,
-            energy_j=energy_j,
+            energy_j=result.energy_j,
             unit_utilisation=utilisation,
             unit_queue_tokens=queue_tokens,
             unit_batch_fill=batch_fill,
             unit_wait_s=wait_s,
-            unit_service_s=unit_service_s,
+            unit_service_s=service_s,
             unit_replicas=self._replicas,
-            ttft=ttft,
-            served_ttft=served_ttft,
-            served_ttft_mean_s=ttft_served_mean,
-            tbt_values=tbt_values,
-            tbt_weights=tbt_weights,
+            served_ttft=TtftMixture(result.ttft_fixed_s, result.prob_wait, result.wait_mean_s),
+            served_ttft_mean_s=result.served_ttft_mean_s,
+            tbt_values=result.tbt_values,
+            tbt_weights=result.tbt_weights,
         )
-
-    def _gpu_power_w(self, busy: float, compute: float) -> float:
-        """Power of one GPU: :meth:`PowerModel.power_w`'s formula on the levels looked up once (without
-        its per-call range checks; the fractions are in [0, 1] by construction)."""
-        idle, memory_w, compute_w = self._power_levels
-        return idle + busy * ((memory_w - idle) + compute * (compute_w - memory_w))
-
-    def _operator_power_w(
-        self,
-        kernel_load: list[float],
-        uncontended_load: list[float],
-        compute_load: list[float],
-        streams: int,
-        contention: float,
-    ) -> float:
-        """Power of the powered GPUs (operator level) from each unit's busy shares (per replica): kernel
-        load, the same without contention slowdown, and its compute-bound part.
-
-        A stream's job is in service at one replica at a time, so its busy shares on a GPU add up. With
-        egalitarian processor sharing (factor 1) a GPU is work-conserving: busy = uncontended kernel work
-        per second; without interference, calls overlap independently across the streams (a stream runs
-        one call at a time): ``1 - (1 - load / S) ** S``. GPUs without serving shards idle.
-
-        A GPU is busy at least while any one of its replicas runs a call, so no less than its busiest
-        replica's (contended) kernel load. That bound matters for a TP replica slowed by sharing on
-        another GPU of its group: it runs, at the pace of its most shared GPU, on GPUs that have less
-        work of their own (e.g. a TP-4 MoE pool beside TP-1 units on one of its GPUs: busy 1.0
-        against 0.7 of work on the others; the engine counts a GPU busy while a call runs on it).
-        """
-        summary = self._serving_summary
-        sharing = min(contention, 1.0)
-        independent = max(streams, 1)
-        power_w = (self._powered_count - summary.active_gpus) * self._power_levels[0]
-        for gpus, mix in summary.gpu_groups:
-            load = work = compute = busiest = 0.0
-            for column, shards in mix:
-                replica_load = kernel_load[column]
-                load += shards * replica_load
-                work += shards * uncontended_load[column]
-                compute += shards * compute_load[column]
-                if replica_load > busiest:
-                    busiest = replica_load
-            overlap = 1.0 - (1.0 - min(load / independent, 1.0)) ** independent
-            busy = min(sharing * max(min(work, 1.0), busiest) + (1.0 - sharing) * overlap, 1.0)
-            power_w += gpus * self._gpu_power_w(busy, min(compute / max(busy, 1e-12), 1.0))
-        return power_w
 
     # ------------------------------------------------------------------ metrics
     def _interval_metrics(self, start_s: float, end_s: float, solution: _Solution) -> IntervalMetrics:
@@ -1549,13 +888,13 @@ class FluidSimulator:
         return RunSummary(
             duration_s=duration,
             requests=self._arrivals.count_before(duration),
-            completed=round(self._served_total),
+            completed=round(self._carry.served_total),
             slo_attainment=totals.slo_met / totals.decided if totals.decided > 0 else 1.0,
             ttft_mean_s=totals.ttft_sum_s / totals.served if totals.served > 0 else 0.0,
             ttft_p99_s=totals.ttft_quantile(0.99),
             tbt_p99_s=totals.tbt_quantile(0.99),
             e2e_mean_s=totals.e2e_sum_s / totals.served if totals.served > 0 else 0.0,
-            throughput_requests_per_s=self._served_total / duration if duration > 0 else 0.0,
+            throughput_requests_per_s=self._carry.served_total / duration if duration > 0 else 0.0,
             throughput_tokens_per_s=totals.tokens / duration if duration > 0 else 0.0,
             goodput_requests_per_s=totals.slo_met / duration if duration > 0 else 0.0,
             preemptions=0,
@@ -1606,7 +945,7 @@ class _RunTotals:
         self.energy_j = 0.0
         self.gpus_peak = 0
         self.ttft_parts: list[tuple[float, TtftMixture]] = []
-        self.tbt_parts: list[tuple[float, list[float], list[float]]] = []
+        self.tbt_parts: list[tuple[float, FloatArray, FloatArray]] = []
         self.unit_busy_s = [0.0] * num_units
         self.unit_capacity_s = [0.0] * num_units
 

@@ -18,7 +18,6 @@ the whole trace: they are blended with the trace-wide means with a prior weight 
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left
 from dataclasses import dataclass
 
@@ -96,7 +95,8 @@ class ArrivalIndex:
             raise ValueError(f"quantiles must be >= 1, got {quantiles}")
         columns = np.stack([np.ones_like(prompt), prompt, output], axis=1)
         self._cumulative = np.vstack([np.zeros((1, 3)), np.cumsum(columns, axis=0)])
-        self._cumulative_arrival_s = np.concatenate(([0.0], np.cumsum(self.arrival_s)))
+        #: cumulative arrival times, with a leading 0 (the FCFS fluid's mean arrival time of a range)
+        self.cumulative_arrival_s = np.concatenate(([0.0], np.cumsum(self.arrival_s)))
         self._cumulative.setflags(write=False)
         self._cumulative_prompt = self._cumulative[:, 1].tolist()
         self._cumulative_output = self._cumulative[:, 2].tolist()
@@ -127,20 +127,6 @@ class ArrivalIndex:
     def count_before(self, time_s: float) -> int:
         """Requests arriving strictly before ``time_s``."""
         return bisect_left(self._arrival_list, time_s)
-
-    def mean_arrival_s(self, first: float, last: float) -> float:
-        """Mean arrival time of requests ``first .. last`` in arrival order (fractional positions: the
-        FCFS fluid's admitted requests); ``nan`` when the range is empty."""
-        count = self.num_requests
-        first, last = min(max(first, 0.0), count), min(max(last, 0.0), count)
-        if last - first <= 1e-9:
-            return math.nan
-        total = self._cumulative_at(last) - self._cumulative_at(first)
-        return total / (last - first)
-
-    def _cumulative_at(self, position: float) -> float:
-        index = min(int(position), self.num_requests - 1)
-        return float(self._cumulative_arrival_s[index]) + (position - index) * float(self.arrival_s[index])
 
     def window(self, start_s: float, end_s: float) -> ArrivalWindow:
         """Arrivals with ``start_s <= arrival < end_s`` and their length statistics."""

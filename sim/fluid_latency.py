@@ -12,16 +12,14 @@
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import pairwise
 
 import numpy as np
 from numpy.typing import NDArray
 
+from opscale.sim.fluid_kernel import ttft_quantiles
 from opscale.sim.queueing import ErlangCTable
 
 __all__ = [
@@ -29,35 +27,11 @@ __all__ = [
     "LogHistogram",
     "PoissonTailTable",
     "TtftMixture",
-    "interp_scalar",
     "poisson_at_least",
     "shared_poisson_tail_table",
-    "weighted_quantile",
 ]
 
 FloatArray = NDArray[np.float64]
-
-#: Multiples of the mean admission wait at which the TTFT CDF is probed (exponential tail up to ~1e-4).
-_TAIL_STEPS = np.array([0.05, 0.15, 0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 2.7, 3.5, 4.6, 6.0, 7.5, 9.2])
-_TAIL_STEP_LIST = _TAIL_STEPS.tolist()
-
-
-def interp_scalar(
-    x: float, xp: Sequence[float], fp: Sequence[float], left: float | None = None, right: float | None = None
-) -> float:
-    """:func:`numpy.interp` for one ``x`` over Python sequences (``xp`` non-decreasing), with numpy's
-    rules: ``left`` / ``right`` (default the end values) strictly outside, ``fp[-1]`` at ``xp[-1]``, and
-    between tied points the last ``xp[j] <= x``. Pure Python: faster than numpy for one value."""
-    if x > xp[-1]:
-        return fp[-1] if right is None else right
-    if x < xp[0]:
-        return fp[0] if left is None else left
-    above = bisect_right(xp, x)
-    if above == len(xp):
-        return fp[-1]
-    below = above - 1
-    slope = (fp[above] - fp[below]) / (xp[above] - xp[below])
-    return slope * (x - xp[below]) + fp[below]
 
 
 @dataclass(frozen=True)
@@ -96,110 +70,23 @@ class TtftMixture:
         served = float(self.fixed_s.sum()) / self.fixed_s.size + self.prob_wait * self.wait_mean_s
         return (1.0 - self.late_share) * served + self.late_share * self.late_s
 
-    def cdf_scalar(self, t: float, fixed_s: Sequence[float]) -> float:
-        """:meth:`cdf` at one ``t`` in pure Python; ``fixed_s``: :attr:`fixed_s` as a list (the caller
-        converts it once)."""
-        prob_wait, wait_mean_s = self.prob_wait, self.wait_mean_s
-        total = 0.0
-        if prob_wait > 0 and wait_mean_s > 0:
-            for fixed in fixed_s:
-                if t >= fixed:
-                    total += 1.0 - prob_wait * math.exp(-(t - fixed) / wait_mean_s)
-        else:
-            for fixed in fixed_s:
-                if t >= fixed:
-                    total += 1.0
-        served = total / len(fixed_s)
-        if self.late_share <= 0:
-            return served
-        return (1.0 - self.late_share) * served + self.late_share * float(t >= self.late_s)
-
-    def quantiles(self, levels: tuple[float, ...]) -> tuple[float, ...]:
-        """Quantiles by interpolating the CDF on the fixed parts and a tail grid past each of them.
-
-        The CDF is non-decreasing, so each level's bracket on the sorted grid is found by bisection,
-        evaluating the CDF at a few grid points only, cached across levels; the interpolation is
-        :func:`numpy.interp`'s on the whole grid. Pure Python: a vectorised CDF over the whole grid
-        costs several times more at this size."""
-        fixed_s = sorted(self.fixed_s.tolist())
-        cdf_at = self._sorted_cdf(fixed_s)
-        top, wait_mean_s, late_s = fixed_s[-1], self.wait_mean_s, self.late_s
-        # just below each point mass too, so that a jump of the CDF is crossed at (almost) its location
-        grid = [
-            *fixed_s,
-            *[fixed * (1.0 - 1e-9) for fixed in fixed_s],
-            *[top + wait_mean_s * step for step in _TAIL_STEP_LIST],
-            late_s,
-            late_s * (1.0 - 1e-9),
-        ]
-        grid.sort()
-        cdf: dict[int, float] = {}
-
-        def value(index: int) -> float:
-            if index not in cdf:
-                cdf[index] = cdf_at(grid[index])
-            return cdf[index]
-
-        last = len(grid) - 1
-        result = []
-        for level in levels:
-            if value(last) < level:
-                result.append(grid[last])
-                continue
-            low, high = 0, last + 1  # bisect for the first grid point whose CDF exceeds the level
-            while low < high:
-                middle = (low + high) // 2
-                if value(middle) > level:
-                    high = middle
-                else:
-                    low = middle + 1
-            if low == 0:
-                result.append(grid[0])
-            elif low > last:
-                result.append(grid[last])
-            else:
-                slope = (grid[low] - grid[low - 1]) / (value(low) - value(low - 1))
-                result.append(slope * (level - value(low - 1)) + grid[low - 1])
-        return tuple(result)
-
-    def _sorted_cdf(self, fixed_s: list[float]) -> Callable[[float], float]:
-        """:meth:`cdf_scalar` for ``fixed_s`` sorted ascending, in O(log Q) per point: with ``k`` fixed
-        parts at or below ``t``, the served CDF is ``(k - p sum_{j<k} exp(-(t - f_j) / w)) / Q``, and the
-        sum is ``S_k exp(-(t - f_{k-1}) / w)`` with ``S_k = sum_{j<k} exp(-(f_{k-1} - f_j) / w)``,
-        accumulated once (every exponent <= 0: no overflow)."""
-        count = len(fixed_s)
-        prob_wait, wait_mean_s, late_share, late_s = (
+    def quantiles(self, levels: Sequence[float]) -> tuple[float, ...]:
+        """Quantiles by interpolating the CDF on the fixed parts and a tail grid past each of them
+        (:func:`opscale.sim.fluid_kernel.ttft_quantiles`, which the interval model calls)."""
+        values = ttft_quantiles(
+            np.asarray(self.fixed_s, dtype=np.float64),
             self.prob_wait,
             self.wait_mean_s,
             self.late_share,
             self.late_s,
+            np.asarray(levels, dtype=np.float64),
         )
-        waits = prob_wait > 0 and wait_mean_s > 0
-        sums = [1.0]
-        if waits:
-            for previous, fixed in pairwise(fixed_s):
-                sums.append(sums[-1] * math.exp((previous - fixed) / wait_mean_s) + 1.0)
-
-        def cdf(t: float) -> float:
-            below = bisect_right(fixed_s, t)
-            if below == 0:
-                served = 0.0
-            elif waits:
-                served = (
-                    below - prob_wait * sums[below - 1] * math.exp((fixed_s[below - 1] - t) / wait_mean_s)
-                ) / count
-            else:
-                served = below / count
-            if late_share <= 0:
-                return served
-            return (1.0 - late_share) * served + late_share * float(t >= late_s)
-
-        return cdf
+        return tuple(float(value) for value in values)
 
 
 class ErlangRows:
-    """Rows of an :class:`opscale.sim.queueing.ErlangCTable` as Python lists (built when first asked,
-    per server count), for scalar lookups in hot loops without numpy indexing.
+    """Rows of an :class:`opscale.sim.queueing.ErlangCTable` at its utilisation grid points, built when
+    first asked, per server count (the compiled interval model interpolates them linearly in ``rho``).
 
     :param table: the table.
     :param grid_points: its utilisation grid points (as it was built with).
@@ -210,25 +97,17 @@ class ErlangRows:
         self._grid = np.linspace(0.0, 1.0, grid_points)
         #: grid intervals: ``rho`` lies between points ``int(rho * steps)`` and the next
         self.steps = grid_points - 1
-        self._rows: dict[int, list[float]] = {}
+        self.rows: dict[int, FloatArray] = {}
 
-    def row(self, servers: int) -> list[float]:
+    def row(self, servers: int) -> FloatArray:
         """``C(c, c * rho)`` at the grid points for ``c = servers`` (clipped to the table's largest)."""
         servers = min(int(servers), self._table.max_servers)
-        row = self._rows.get(servers)
+        row = self.rows.get(servers)
         if row is None:
-            row = self._table.lookup(np.full(self._grid.size, servers), self._grid).tolist()
-            self._rows[servers] = row
+            row = self._table.lookup(np.full(self._grid.size, servers), self._grid)
+            row.setflags(write=False)
+            self.rows[servers] = row
         return row
-
-    def at(self, row: list[float], utilisation: float) -> float:
-        """:meth:`ErlangCTable.lookup_scalar` on a row from :meth:`row` (linear in ``rho``)."""
-        position = (0.0 if utilisation < 0.0 else 1.0 if utilisation > 1.0 else utilisation) * self.steps
-        index = int(position)
-        if index >= self.steps:
-            index = self.steps - 1
-        low = row[index]
-        return low + (position - index) * (row[index + 1] - low)
 
 
 def poisson_at_least(mean: FloatArray, needed: FloatArray) -> FloatArray:
@@ -258,55 +137,26 @@ class PoissonTailTable:
         self.max_count = max_count
         counts = np.arange(1, max_count + 1, dtype=np.float64)
         table = np.vstack([poisson_at_least(self.MEANS, np.full(self.MEANS.size, m)) for m in counts])
-        self._flat = table.ravel()
-        self._flat_list = self._flat.tolist()
-        self._row = self.MEANS.size
-        self._log_low = float(np.log(self.MEANS[0]))
-        self._mean_low = float(self.MEANS[0])
-        self._per_log = (self.MEANS.size - 1) / float(np.log(self.MEANS[-1] / self.MEANS[0]))
-
-    def lookup_scalar(self, mean: float, needed: int) -> float:
-        """:meth:`lookup` for one mean and count, in pure Python."""
-        if mean < self._mean_low:
-            return 0.0
-        position = min(
-            max((math.log(mean + 1e-300) - self._log_low) * self._per_log, 0.0), self._row - 1.000001
-        )
-        index = int(position)
-        flat = min(needed, self.max_count) * self._row + (index - self._row)
-        low = self._flat_list[flat]
-        return low + (position - index) * (self._flat_list[flat + 1] - low)
-
-    def total_at_least(self, rate: float, counts: Sequence[float], needed: Sequence[int]) -> float:
-        """``sum_j P(N_j >= needed[j])`` with ``N_j ~ Poisson(counts[j] * rate)``: :meth:`lookup_scalar`
-        over a list in one call (the TBT tails of the length quantiles)."""
-        if rate <= 0.0:
-            return 0.0
-        log, flat_list, row, max_count = math.log, self._flat_list, self._row, self.max_count
-        log_low, per_log, mean_low, top = self._log_low, self._per_log, self._mean_low, self._row - 1.000001
-        total = 0.0
-        for count, count_needed in zip(counts, needed, strict=True):
-            mean = count * rate
-            if mean < mean_low:
-                continue
-            position = (log(mean + 1e-300) - log_low) * per_log
-            position = 0.0 if position < 0.0 else top if position > top else position
-            index = int(position)
-            flat = (count_needed if count_needed < max_count else max_count) * row + (index - row)
-            low = flat_list[flat]
-            total += low + (position - index) * (flat_list[flat + 1] - low)
-        return total
+        #: the table, row ``m - 1`` for count ``m``, flattened (the compiled interval model reads it)
+        self.flat = table.ravel()
+        self.flat.setflags(write=False)
+        #: grid points per row
+        self.row = self.MEANS.size
+        #: log of the smallest mean, grid points per unit of log mean, the smallest mean
+        self.log_low = float(np.log(self.MEANS[0]))
+        self.per_log = (self.MEANS.size - 1) / float(np.log(self.MEANS[-1] / self.MEANS[0]))
+        self.mean_low = float(self.MEANS[0])
 
     def lookup(self, mean: FloatArray, needed: FloatArray) -> FloatArray:
         """``P(N >= needed)`` elementwise (``needed`` integers >= 1; means clipped to the grid)."""
         mean = np.asarray(mean, dtype=np.float64)
-        position = np.clip((np.log(mean + 1e-300) - self._log_low) * self._per_log, 0.0, self._row - 1.000001)
+        position = np.clip((np.log(mean + 1e-300) - self.log_low) * self.per_log, 0.0, self.row - 1.000001)
         index = position.astype(np.int64)
-        flat = np.minimum(needed, self.max_count).astype(np.int64) * self._row + (index - self._row)
-        low = self._flat[flat]
+        flat = np.minimum(needed, self.max_count).astype(np.int64) * self.row + (index - self.row)
+        low = self.flat[flat]
         # below the grid (mean < 1e-4, or 0) the tail is ~mean^m/m!: 0 to table precision
-        result: FloatArray = (low + (position - index) * (self._flat[flat + 1] - low)) * (
-            mean >= self._mean_low
+        result: FloatArray = (low + (position - index) * (self.flat[flat + 1] - low)) * (
+            mean >= self.mean_low
         )
         return result
 
@@ -315,21 +165,6 @@ class PoissonTailTable:
 def shared_poisson_tail_table(max_count: int = 128) -> PoissonTailTable:
     """One read-only :class:`PoissonTailTable` per size, built on first use (~0.1 s) and shared."""
     return PoissonTailTable(max_count)
-
-
-def weighted_quantile(values: Sequence[float], weights: Sequence[float], quantile: float) -> float:
-    """Quantile of a discrete distribution (``values`` with probability ``weights``); 0 if empty. Pure
-    Python: faster than numpy for the few dozen points it is called with."""
-    pairs = sorted(zip(values, weights, strict=True), key=lambda pair: pair[0])
-    cumulative = []
-    total = 0.0
-    for _, weight in pairs:
-        total += weight
-        cumulative.append(total)
-    if not pairs or total <= 0:
-        return 0.0
-    index = bisect_left(cumulative, quantile * total)
-    return float(pairs[min(index, len(pairs) - 1)][0])
 
 
 class LogHistogram:

@@ -7,9 +7,10 @@ so the fluid simulator asks it once, at construction, and interpolates afterward
   included) and whether it is compute-bound, on a log-spaced token grid (:data:`GRID_POINTS_PER_OCTAVE`
   points per doubling from 1 to :data:`GRID_MAX_TOKENS` tokens), interpolated linearly in tokens
   between grid points. Beyond the grid the last segment is extrapolated linearly (GEMM time is
-  affine in tokens there, far into the compute-bound regime). Each row is also a :class:`TokenLine`
-  (pure-Python scalar lookups) and a compute-bound :class:`TokenLine` (the time where the call is
-  compute-bound, 0 elsewhere), so the fluid model's loops need no numpy call per lookup.
+  affine in tokens there, far into the compute-bound regime). :attr:`UnitTimeTable.segments` holds each
+  row as per-segment lines (:func:`segment_lines`), for the time and for the compute-bound time (0
+  where the call is memory-bound): the form the compiled interval model
+  (:mod:`opscale.sim.fluid_kernel`) looks up.
 * :class:`AttentionSurrogate`: attention time of one iteration as a linear model in the batch
   statistics. Decode: ``a + b * decodes + c * context_tokens``, which is exact for the roofline
   backend (a floor, a per-sequence term and a byte term proportional to the context read; the engine's
@@ -21,7 +22,6 @@ so the fluid simulator asks it once, at construction, and interpolates afterward
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +31,13 @@ from opscale.sim.costmodel import AttentionBatch, CostModel
 from opscale.sim.hardware import GPUSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
-__all__ = ["GRID_MAX_TOKENS", "GRID_POINTS_PER_OCTAVE", "AttentionSurrogate", "TokenLine", "UnitTimeTable"]
+__all__ = [
+    "GRID_MAX_TOKENS",
+    "GRID_POINTS_PER_OCTAVE",
+    "AttentionSurrogate",
+    "UnitTimeTable",
+    "segment_lines",
+]
 
 FloatArray = NDArray[np.float64]
 
@@ -40,73 +46,25 @@ GRID_POINTS_PER_OCTAVE = 8
 #: Largest tabulated call size, tokens (2**18 = 262,144: beyond any token budget x batch).
 GRID_MAX_TOKENS = 2**18
 
-_log2 = math.log2
 
-
-class TokenLine:
-    """A function of tokens tabulated on the log grid, for scalar lookups in pure Python (faster than
-    numpy for one value).
-
-    Hot loops may inline :meth:`at` with the public segment lists: for ``tokens >= 1`` the segment is
-    ``index = min(int(log2(tokens) * GRID_POINTS_PER_OCTAVE), last_segment)`` and the value
-    ``intercepts[index] + slopes[index] * tokens``.
+def segment_lines(
+    tokens: FloatArray, values: FloatArray, segment_mask: FloatArray | None = None
+) -> FloatArray:
+    """A function tabulated on the log grid as lines per segment: ``[intercepts, slopes]`` (shape
+    ``(2, segments)``), so that between grid points ``value = intercept + slope x tokens``. For
+    ``tokens >= 1`` the segment is ``min(int(log2(tokens) * GRID_POINTS_PER_OCTAVE), segments - 1)``;
+    beyond the grid the last segment extends.
 
     :param tokens: the grid (``2 ** (i / GRID_POINTS_PER_OCTAVE)``).
     :param values: the function on the grid.
     :param segment_mask: optional 0/1 per grid point: the line is 0 on the segments starting at a 0
         (e.g. a unit's time where it is compute-bound, 0 where it is memory-bound).
     """
-
-    def __init__(
-        self, tokens: FloatArray, values: FloatArray, segment_mask: FloatArray | None = None
-    ) -> None:
-        # per segment, value at its left end less slope x left end: value = intercept + slope x tokens
-        slopes = np.diff(values) / np.diff(tokens)
-        intercepts = values[:-1] - slopes * tokens[:-1]
-        if segment_mask is not None:
-            slopes, intercepts = slopes * segment_mask[:-1], intercepts * segment_mask[:-1]
-        #: per grid segment, slope and intercept of the line (Python floats)
-        self.slopes: list[float] = slopes.tolist()
-        self.intercepts: list[float] = intercepts.tolist()
-        #: index of the last segment (extended beyond the grid)
-        self.last_segment = len(self.slopes) - 1
-
-    def at(self, tokens: float) -> float:
-        """Linear interpolation in tokens (0 tokens -> 0; beyond the grid, the last segment extended)."""
-        if tokens <= 0:
-            return 0.0
-        if tokens < 1.0:
-            tokens = 1.0
-        index = int(_log2(tokens) * GRID_POINTS_PER_OCTAVE)
-        if index > self.last_segment:
-            index = self.last_segment
-        return self.intercepts[index] + self.slopes[index] * tokens
-
-    def weighted_sums(
-        self, tokens: Sequence[float], weights: Sequence[float], masked: TokenLine
-    ) -> tuple[float, float]:
-        """``(sum_j weights[j] * at(tokens[j]), sum_j weights[j] * masked.at(tokens[j]))`` in one pass;
-        ``masked`` must be on the same grid (a masked copy of this line)."""
-        intercepts, slopes, last, log2, per_octave = (
-            self.intercepts,
-            self.slopes,
-            self.last_segment,
-            _log2,
-            GRID_POINTS_PER_OCTAVE,
-        )
-        masked_intercepts, masked_slopes = masked.intercepts, masked.slopes
-        total = masked_total = 0.0
-        for value, weight in zip(tokens, weights, strict=True):
-            if value <= 0:
-                continue
-            if value < 1.0:
-                value = 1.0
-            index = int(log2(value) * per_octave)
-            if index > last:
-                index = last
-            total += weight * (intercepts[index] + slopes[index] * value)
-            masked_total += weight * (masked_intercepts[index] + masked_slopes[index] * value)
-        return total, masked_total
+    slopes = np.diff(values) / np.diff(tokens)
+    intercepts = values[:-1] - slopes * tokens[:-1]
+    if segment_mask is not None:
+        slopes, intercepts = slopes * segment_mask[:-1], intercepts * segment_mask[:-1]
+    return np.stack([intercepts, slopes])
 
 
 class UnitTimeTable:
@@ -151,24 +109,20 @@ class UnitTimeTable:
         self._row_offsets = np.arange(len(units)) * self.tokens.size
         self._flat_time = self.time_s.ravel()
         self._flat_bound = self.compute_bound.ravel()
-        #: one :class:`TokenLine` per row, for scalar lookups
-        self.lines = [TokenLine(self.tokens, row) for row in self.time_s]
-        #: per row, the call time where the call is compute-bound, 0 where it is memory-bound
-        self.compute_lines = [
-            TokenLine(self.tokens, row, flags)
-            for row, flags in zip(self.time_s, self.compute_bound, strict=True)
-        ]
-
-    def scalar_time_s(self, row: int, tokens: float) -> float:
-        """Call time of one row at ``tokens`` (pure-Python scalar lookup)."""
-        return self.lines[row].at(tokens)
-
-    def weighted_times(
-        self, row: int, tokens: Sequence[float], weights: Sequence[float]
-    ) -> tuple[float, float]:
-        """A mix of calls of one row: ``(sum_j weights[j] * time(tokens[j]), the same over the compute-bound
-        calls only)`` (pure Python, one pass)."""
-        return self.lines[row].weighted_sums(tokens, weights, self.compute_lines[row])
+        #: ``[4, units, segments]``: per row, :func:`segment_lines` of the call time (intercepts, slopes)
+        #: and of the compute-bound time (intercepts, slopes)
+        self.segments = np.stack(
+            [
+                *np.stack([segment_lines(self.tokens, row) for row in self.time_s], axis=1),
+                *np.stack(
+                    [
+                        segment_lines(self.tokens, row, flags)
+                        for row, flags in zip(self.time_s, self.compute_bound, strict=True)
+                    ],
+                    axis=1,
+                ),
+            ]
+        )
 
     def _position(self, tokens: FloatArray) -> tuple[NDArray[np.int64], FloatArray]:
         tokens = np.maximum(tokens, 1.0)
@@ -194,10 +148,6 @@ class UnitTimeTable:
         offsets = self._row_offsets if tokens.ndim == 1 else self._row_offsets[:, None]
         result: FloatArray = self._flat_bound[offsets + index]
         return result
-
-    def total(self) -> tuple[FloatArray, FloatArray]:
-        """``(tokens grid, summed time over rows)``: one table for dedicated, co-located units."""
-        return self.tokens, self.time_s.sum(axis=0)
 
 
 class AttentionSurrogate:
@@ -240,7 +190,9 @@ class AttentionSurrogate:
         # relative least squares: every point matters, short chunks as much as long ones
         weights = 1.0 / times
         coefficients, *_ = np.linalg.lstsq(features * weights[:, None], np.ones_like(times), rcond=None)
-        self._prefill_coefficients = coefficients
+        #: the prefill model's coefficients (floor, per chunk token, per new pair, per chunk x prior token,
+        #: per prior token)
+        self.prefill_coefficients: FloatArray = coefficients
         self._prefill_list = [float(c) for c in coefficients]
         fitted = features @ coefficients
         #: worst relative error of the prefill fit on its grid
@@ -250,14 +202,6 @@ class AttentionSurrogate:
     def _prefill_features(chunk: FloatArray, prior: FloatArray) -> FloatArray:
         new_pairs = chunk * (chunk + 1.0) / 2.0
         return np.stack([np.ones_like(chunk), chunk, new_pairs, chunk * prior, prior], axis=-1)
-
-    def prefill_scalar_s(self, chunk_tokens: float, prior_tokens: float) -> float:
-        """Scalar :meth:`prefill_s` in pure Python."""
-        if chunk_tokens <= 0:
-            return 0.0
-        c0, c1, c2, c3, c4 = self._prefill_list
-        value = c0 + c1 * chunk_tokens + c2 * chunk_tokens * (chunk_tokens + 1.0) / 2.0
-        return max(value + c3 * chunk_tokens * prior_tokens + c4 * prior_tokens, 0.0)
 
     def decode_s(self, decodes: float, context_tokens: float) -> float:
         """Attention time of ``decodes`` decode requests reading ``context_tokens`` KV entries in total."""

@@ -1,8 +1,8 @@
 """The fluid fidelity's fast paths agree with their plain definitions, and the documented one-solve rule.
 
-The interval model inlines table lookups and aggregates the layout for speed; these tests recompute the
-same quantities the direct way (vectorised tables, pairwise links, per-GPU shard matrices, the direct
-TTFT and Poisson sums) and check that the cut-free advance serves a loading replica from the interval
+The compiled interval model looks tables up one value at a time and aggregates the layout for speed;
+these tests recompute the same quantities the direct way (vectorised tables, pairwise links, per-GPU
+shard matrices, the direct TTFT and Poisson sums) and check that the cut-free advance serves a loading replica from the interval
 boundary nearest its ready time.
 """
 
@@ -16,8 +16,17 @@ import pytest
 from opscale.sim.costmodel import default_cost_model
 from opscale.sim.deployment import Deployment, ScalingAction, UnitAction
 from opscale.sim.fluid import ERLANG_GRID_POINTS, MAX_TABLE_SERVERS, FluidSimulator
-from opscale.sim.fluid_latency import ErlangRows, PoissonTailTable, TtftMixture
-from opscale.sim.fluid_tables import UnitTimeTable
+from opscale.sim.fluid_kernel import (
+    KernelConstants,
+    _erlang_at,
+    _line_at,
+    _poisson_total_at_least,
+    _ttft_cdf,
+    _ttft_partial_sums,
+    _ttft_share_within,
+)
+from opscale.sim.fluid_latency import ErlangRows, TtftMixture, shared_poisson_tail_table
+from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec, get_gpu
 from opscale.sim.models import UnitKind, get_model
 from opscale.sim.queueing import shared_erlang_c_table
@@ -36,27 +45,36 @@ def poisson_trace(rate_per_s: float, duration_s: float, seed: int = 0) -> Reques
     return RequestTrace(arrival, prompt, output, time_range_s=(0.0, duration_s))
 
 
-def test_compute_lines_and_weighted_sums_match_the_vectorised_table() -> None:
+@pytest.fixture(scope="module")
+def constants() -> KernelConstants:
+    """The compiled interval model's constants for a small operator-level deployment."""
+    replicas = {unit.value: 2 for unit in MODEL_SPEC.units}
+    deployment = Deployment.operator_level(MODEL, "a100", replicas=replicas, num_nodes=1)
+    simulator = FluidSimulator(
+        ClusterSpec.homogeneous("a100", 1), MODEL, deployment, poisson_trace(2.0, 60.0)
+    )
+    return simulator._kernel_constants
+
+
+def test_segment_lines_match_the_vectorised_table() -> None:
     model, gpu = get_model(MODEL), get_gpu("a100")
     units = [u for u in model.units if u is not UnitKind.ATTENTION]
     table = UnitTimeTable(model, gpu, default_cost_model(), units, [1] * len(units))
     tokens = [0.0, 0.5, 1.0, 3.3, 100.0, 777.0, 4096.0, 300_000.0]
-    weights = [0.1, 0.05, 0.2, 0.1, 0.15, 0.2, 0.1, 0.1]
     grid = np.broadcast_to(np.array(tokens), (len(units), len(tokens)))
     times = table.time_s_at(grid)
     compute = times * table.compute_bound_at(grid)
+    per_octave = float(GRID_POINTS_PER_OCTAVE)
+    segments = table.segments
     for row in range(len(units)):
-        line, compute_line = table.lines[row], table.compute_lines[row]
-        assert [line.at(t) for t in tokens] == pytest.approx(times[row].tolist(), rel=1e-12, abs=1e-15)
-        assert [compute_line.at(t) for t in tokens] == pytest.approx(
-            compute[row].tolist(), rel=1e-12, abs=1e-15
-        )
-        total, compute_total = table.weighted_times(row, tokens, weights)
-        assert total == pytest.approx(float(times[row] @ weights), rel=1e-12)
-        assert compute_total == pytest.approx(float(compute[row] @ weights), rel=1e-12, abs=1e-15)
+        line = [_line_at(segments[0, row], segments[1, row], per_octave, t) for t in tokens]
+        compute_line = [_line_at(segments[2, row], segments[3, row], per_octave, t) for t in tokens]
+        assert line == pytest.approx(times[row].tolist(), rel=1e-12, abs=1e-15)
+        assert compute_line == pytest.approx(compute[row].tolist(), rel=1e-12, abs=1e-15)
     # a memory-bound decode and a compute-bound long prefill (the flag switches once, near the ridge)
-    ffn = table.compute_lines[units.index(UnitKind.FFN)]
-    assert ffn.at(1.0) == 0.0 and ffn.at(200_000.0) > 0.0
+    ffn = units.index(UnitKind.FFN)
+    assert _line_at(segments[2, ffn], segments[3, ffn], per_octave, 1.0) == 0.0
+    assert _line_at(segments[2, ffn], segments[3, ffn], per_octave, 200_000.0) > 0.0
 
 
 def test_erlang_rows_equal_the_table_lookup() -> None:
@@ -65,22 +83,21 @@ def test_erlang_rows_equal_the_table_lookup() -> None:
     rng = np.random.default_rng(2)
     for servers, utilisation in zip(rng.integers(0, 200, 300), rng.uniform(-0.1, 1.1, 300), strict=True):
         expected = table.lookup_scalar(int(servers), float(utilisation))
-        assert rows.at(rows.row(int(servers)), float(utilisation)) == pytest.approx(
+        assert _erlang_at(rows.row(int(servers)), rows.steps, float(utilisation)) == pytest.approx(
             expected, rel=1e-12, abs=1e-15
         )
     assert rows.row(500) is rows.row(MAX_TABLE_SERVERS)  # clipped to the table, built once
 
 
-def test_summed_poisson_tails_equal_the_scalar_lookups() -> None:
-    table = PoissonTailTable(64)
+def test_summed_poisson_tails_equal_the_vectorised_lookup(constants: KernelConstants) -> None:
+    table = shared_poisson_tail_table()
     rng = np.random.default_rng(4)
-    counts = rng.integers(0, 400, 16).astype(float).tolist()
-    needed = rng.integers(1, 80, 16).tolist()
+    counts = rng.integers(0, 400, 16).astype(float)
+    needed = rng.integers(1, 200, 16)
     for rate in (0.0, 1e-7, 0.003, 0.2, 5.0):
-        expected = sum(
-            table.lookup_scalar(count * rate, int(n)) for count, n in zip(counts, needed, strict=True)
-        )
-        assert table.total_at_least(rate, counts, needed) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        expected = float(table.lookup(counts * rate, needed.astype(float)).sum())
+        total = _poisson_total_at_least(constants, rate, counts, needed)
+        assert total == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -91,10 +108,19 @@ def test_sorted_ttft_cdf_equals_the_direct_sum(
 ) -> None:
     fixed = np.random.default_rng(5).uniform(0.05, 40.0, 16)
     mixture = TtftMixture(fixed, prob_wait, wait_mean_s, late_share, late_s=2.5)
-    fast = mixture._sorted_cdf(sorted(fixed.tolist()))
+    ordered = np.sort(fixed)
+    sums = _ttft_partial_sums(ordered, prob_wait, wait_mean_s)
     for t in [0.0, 0.05, *fixed.tolist(), 1.0, 2.5, 10.0, 100.0]:
-        assert fast(t) == pytest.approx(mixture.cdf_scalar(t, fixed.tolist()), abs=1e-12)
-        assert fast(t) == pytest.approx(float(mixture.cdf(np.array(t))), abs=1e-12)
+        direct = float(mixture.cdf(np.array(t)))
+        assert _ttft_cdf(ordered, sums, prob_wait, wait_mean_s, late_share, 2.5, t) == pytest.approx(
+            direct, abs=1e-12
+        )
+        if late_share == 0.0:
+            assert _ttft_share_within(fixed, prob_wait, wait_mean_s, t) == pytest.approx(direct, abs=1e-12)
+    # quantiles invert the CDF (between grid points it is interpolated: within the grid's spacing)
+    for level, value in zip((0.5, 0.99), mixture.quantiles((0.5, 0.99)), strict=True):
+        assert float(mixture.cdf(np.array(value * 1.02))) >= level - 1e-9
+        assert float(mixture.cdf(np.array(value * 0.98))) <= level + 1e-9
 
 
 def _brute_force_layout(simulator: FluidSimulator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -181,9 +207,10 @@ def test_layout_summary_of_chains_and_shared_gpus() -> None:
     _check_layout_summary(simulator)
     # on GPUs 0 and 1 a chain's attention meets no other stream's work
     attention = units.index(UnitKind.ATTENTION)
-    row = dict(simulator._colocation_rows[attention])
     # GPU 2 only: 2 x 2 shard pairs over attention's 4 shards, other streams' share 1/2 there over 3/4
-    assert row.get(attention, 0.0) == pytest.approx((2 * 2 / 4) * (1 - 1 / 2) / (1 - 1 / 4))
+    assert simulator._kernel_layout.colocation[attention, attention] == pytest.approx(
+        (2 * 2 / 4) * (1 - 1 / 2) / (1 - 1 / 4)
+    )
 
 
 def _check_layout_summary(simulator: FluidSimulator) -> None:
@@ -197,13 +224,13 @@ def _check_layout_summary(simulator: FluidSimulator) -> None:
             mix = tuple((column, int(count)) for column, count in enumerate(row) if count)
             by_mix[mix] = by_mix.get(mix, 0) + 1
     assert dict((mix, count) for count, mix in summary.gpu_groups) == by_mix
-    assert simulator._transfer_fixed_s == pytest.approx(fixed.tolist(), rel=1e-12, abs=1e-18)
-    assert simulator._transfer_per_token_s == pytest.approx(per_token.tolist(), rel=1e-12, abs=1e-24)
-    dense = np.zeros_like(colocation)
-    for column, row in enumerate(simulator._colocation_rows):
-        for other, value in row:
-            dense[column, other] = value
-    assert np.allclose(dense, colocation, rtol=1e-12, atol=0.0)
+    layout, constants = simulator._kernel_layout, simulator._kernel_constants
+    pools, attention = constants.pool_columns, constants.attention_column
+    assert layout.pool_transfer_fixed_s == pytest.approx(fixed[pools], rel=1e-12, abs=1e-18)
+    assert layout.pool_transfer_per_token_s == pytest.approx(per_token[pools], rel=1e-12, abs=1e-24)
+    assert layout.attention_transfer_fixed_s == pytest.approx(fixed[attention], rel=1e-12, abs=1e-18)
+    assert layout.attention_transfer_per_token_s == pytest.approx(per_token[attention], rel=1e-12, abs=1e-24)
+    assert np.allclose(layout.colocation, colocation, rtol=1e-12, atol=0.0)
 
 
 def test_a_loading_instance_serves_from_the_boundary_nearest_its_ready_time() -> None:

@@ -7,13 +7,8 @@ import pytest
 
 from opscale.sim.costmodel import AttentionBatch, default_cost_model
 from opscale.sim.fluid_arrivals import PRIOR_REQUESTS, SHAPE_BLOCK_S, ArrivalIndex
-from opscale.sim.fluid_latency import (
-    LogHistogram,
-    PoissonTailTable,
-    TtftMixture,
-    poisson_at_least,
-    weighted_quantile,
-)
+from opscale.sim.fluid_kernel import mean_arrival_s, weighted_quantile
+from opscale.sim.fluid_latency import LogHistogram, PoissonTailTable, TtftMixture, poisson_at_least
 from opscale.sim.fluid_tables import AttentionSurrogate, UnitTimeTable
 from opscale.sim.hardware import get_gpu
 from opscale.sim.models import UnitKind, get_model
@@ -67,10 +62,15 @@ def test_empty_window_falls_back_to_trace_statistics(arrivals: tuple) -> None:
 
 def test_mean_arrival_of_fcfs_positions() -> None:
     index = ArrivalIndex(np.array([1.0, 2.0, 4.0, 8.0]), np.ones(4, dtype=int), np.ones(4, dtype=int))
-    assert index.mean_arrival_s(0.0, 2.0) == pytest.approx(1.5)
-    assert index.mean_arrival_s(1.0, 4.0) == pytest.approx(14.0 / 3.0)
-    assert index.mean_arrival_s(0.5, 1.5) == pytest.approx(1.5)  # half of request 0, half of request 1
-    assert np.isnan(index.mean_arrival_s(2.0, 2.0))
+
+    def mean(first: float, last: float) -> float:
+        return mean_arrival_s(index.arrival_s, index.cumulative_arrival_s, first, last)
+
+    assert mean(0.0, 2.0) == pytest.approx(1.5)
+    assert mean(1.0, 4.0) == pytest.approx(14.0 / 3.0)
+    assert mean(0.5, 1.5) == pytest.approx(1.5)  # half of request 0, half of request 1
+    assert mean(-1.0, 9.0) == pytest.approx(15.0 / 4.0)  # clipped to the trace
+    assert np.isnan(mean(2.0, 2.0))
 
 
 def test_arrival_index_rejects_bad_input() -> None:
@@ -95,8 +95,6 @@ def test_unit_table_interpolates_the_cost_model(model_name: str, gpu_name: str, 
     exact = np.array([cost_model.unit_time_s_array(model, u, gpu, tp, tokens) for u in units])
     approx = table.time_s_at(np.broadcast_to(tokens, exact.shape))
     assert np.max(np.abs(approx / exact - 1.0)) < 0.01
-    for row in range(len(units)):
-        assert table.scalar_time_s(row, 777.0) == pytest.approx(approx[row, 3])
     assert np.all(table.time_s_at(np.zeros(len(units))) == 0.0)
 
 
@@ -117,9 +115,6 @@ def test_attention_surrogate_decode_exact_and_prefill_close() -> None:
         exact = cost_model.attention_time_s(model, gpu, 1, batch)
         assert float(surrogate.prefill_s(np.array(float(chunk)), np.array(float(prior)))) == pytest.approx(
             exact, rel=0.1
-        )
-        assert surrogate.prefill_scalar_s(chunk, prior) == pytest.approx(
-            float(surrogate.prefill_s(np.array(float(chunk)), np.array(float(prior))))
         )
     assert surrogate.prefill_fit_error < 0.3
 
