@@ -433,26 +433,21 @@ class FluidSimulator:
         streams = summary.replicas[self._attention_column]
         fixed, per_token = self._transfer_terms(summary.homes)
         columns = len(self._units)
-        # per unit, the other units' shards on its GPUs per own shard (contention in the fixed point)
-        colocation = np.zeros((columns, columns))
-        local = self._local_columns(summary.homes)
-        # the fixed point counts (1 - 1/S) of co-located work as other streams'; on a GPU whose k
-        # streams are the only users of its local units, (1 - 1/k) is (a chain: none)
+        # per unit, the other units' shards on its GPUs per own shard (contention in the fixed point):
+        # per GPU shards x shards; the fixed point counts (1 - 1/S) of co-located work as other streams',
+        # but on a GPU whose k streams are the only users of its local units, (1 - 1/k) is (a chain: none)
+        shards = summary.gpu_shards
+        local = np.zeros(columns)
+        local[list(self._local_columns(summary.homes))] = 1.0
         others_share = 1.0 - 1.0 / max(streams, 1)
-        group_shards = np.zeros((len(summary.gpu_groups), columns))
-        for group, (gpus, mix) in enumerate(summary.gpu_groups):
-            local_streams = dict(mix).get(self._attention_column, 0)
-            own_scale = (
-                (1.0 - 1.0 / local_streams) / others_share if local_streams and others_share > 0 else 1.0
-            )
-            for column, shards in mix:
-                group_shards[group, column] = shards
-                for other, other_shards in mix:
-                    weight = gpus * shards * other_shards
-                    colocation[column, other] += (
-                        weight * own_scale if column in local and other in local else weight
-                    )
-        colocation /= np.maximum(np.asarray(summary.shards_per_unit), 1.0)[:, None]
+        local_streams = shards[:, self._attention_column]
+        own_scale = np.ones(len(shards))
+        if others_share > 0:
+            with_streams = local_streams > 0
+            own_scale[with_streams] = (1.0 - 1.0 / local_streams[with_streams]) / others_share
+        local_shards = shards * local
+        colocation = shards.T @ shards + (local_shards * (own_scale - 1.0)[:, None]).T @ local_shards
+        colocation /= np.maximum(shards.sum(axis=0), 1.0)[:, None]
         pool_columns = self._pool_columns_list
         pool_replicas = [self._replicas[column] for column in pool_columns]
         # share of the other streams a pool still serves while one of its replicas is held
@@ -476,8 +471,7 @@ class FluidSimulator:
             attention_transfer_fixed_s=fixed[self._attention_column],
             attention_transfer_per_token_s=per_token[self._attention_column],
             colocation=colocation,
-            group_gpus=np.array([float(gpus) for gpus, _ in summary.gpu_groups]),
-            group_shards=group_shards,
+            gpu_shards=shards,
         )
 
     def _local_columns(self, homes: Sequence[dict[int, int]]) -> set[int]:

@@ -155,8 +155,7 @@ class KernelLayout(NamedTuple):
     :param attention_transfer_per_token_s: its per-token part.
     :param colocation: ``[units, units]``: per unit, the other units' shards on its GPUs per own shard
         (other streams' share applied where streams keep their units to themselves).
-    :param group_gpus: per group of GPUs with the same mix of serving shards, its GPU count.
-    :param group_shards: ``[groups, units]``: the group's shards per unit.
+    :param gpu_shards: ``[GPUs, units]``: per GPU holding a serving shard, its shards per unit.
     """
 
     ready: bool
@@ -175,8 +174,7 @@ class KernelLayout(NamedTuple):
     attention_transfer_fixed_s: float
     attention_transfer_per_token_s: float
     colocation: FloatArray
-    group_gpus: FloatArray
-    group_shards: FloatArray
+    gpu_shards: FloatArray
 
     @classmethod
     def for_instances(
@@ -209,7 +207,6 @@ class KernelLayout(NamedTuple):
             0.0,
             0.0,
             empty_2d,
-            empty,
             empty_2d,
         )
 
@@ -849,10 +846,10 @@ def _operator_power_w(
     sharing = min(constants.contention, 1.0)
     independent = float(max(layout.streams, 1))
     power_w = (layout.powered - layout.serving_gpus) * constants.power_levels[0]
-    for group in range(layout.group_gpus.size):
+    for gpu in range(layout.gpu_shards.shape[0]):
         load = work = compute = busiest = 0.0
         for column in range(kernel_load.size):
-            shards = layout.group_shards[group, column]
+            shards = layout.gpu_shards[gpu, column]
             if shards == 0.0:
                 continue
             replica_load = kernel_load[column]
@@ -863,9 +860,7 @@ def _operator_power_w(
                 busiest = replica_load
         overlap = 1.0 - (1.0 - min(load / independent, 1.0)) ** independent
         busy = min(sharing * max(min(work, 1.0), busiest) + (1.0 - sharing) * overlap, 1.0)
-        power_w += layout.group_gpus[group] * _gpu_power_w(
-            constants, busy, min(compute / max(busy, 1e-12), 1.0)
-        )
+        power_w += _gpu_power_w(constants, busy, min(compute / max(busy, 1e-12), 1.0))
     return power_w
 
 

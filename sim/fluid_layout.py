@@ -20,6 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+from numpy.typing import NDArray
+
 from opscale.sim.cluster import ClusterState, PlacementError, colocation_affinity
 from opscale.sim.config import SimConfig
 from opscale.sim.deployment import Placement
@@ -27,6 +30,8 @@ from opscale.sim.hardware import ClusterSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
 __all__ = ["FluidLayout", "PlacedReplica", "ServingSummary"]
+
+FloatArray = NDArray[np.float64]
 
 #: Smallest KV cache of a replica, in blocks (the engine's rule).
 MIN_KV_BLOCKS = 16
@@ -50,17 +55,14 @@ class PlacedReplica:
 
 @dataclass(frozen=True)
 class ServingSummary:
-    """The replicas serving at one moment, as the fluid model reads them (plain Python: a handful of
-    units on a few GPUs, where numpy's call overhead would dominate).
+    """The replicas serving at one moment, as the fluid model reads them.
 
     :param replicas: per unit (model order), replicas serving (model level: instances).
     :param pending: per unit, replicas still loading.
     :param homes: per unit, the first GPU of each serving replica (where its activations leave from)
         and how many replicas of the unit start there.
-    :param gpu_groups: GPUs holding serving shards, grouped by identical mix: ``(GPU count, ((unit
-        column, shards), ...))`` (GPUs with the same mix have the same load).
-    :param active_gpus: GPUs holding at least one serving shard.
-    :param shards_per_unit: per unit, serving shards over all GPUs.
+    :param gpu_shards: ``[GPUs holding a serving shard, units]``: each such GPU's serving shards per unit
+        (GPU order; GPUs without one are left out).
     :param kv_tokens: KV capacity of each serving attention replica (model level: each instance).
     :param next_ready_s: earliest ready time of a loading replica (``inf`` when none loads): the
         summary holds until then.
@@ -69,11 +71,14 @@ class ServingSummary:
     replicas: tuple[int, ...]
     pending: tuple[int, ...]
     homes: tuple[dict[int, int], ...]
-    gpu_groups: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
-    active_gpus: int
-    shards_per_unit: tuple[float, ...]
+    gpu_shards: FloatArray
     kv_tokens: tuple[float, ...]
     next_ready_s: float
+
+    @property
+    def active_gpus(self) -> int:
+        """GPUs holding at least one serving shard."""
+        return int(self.gpu_shards.shape[0])
 
 
 @dataclass
@@ -263,25 +268,12 @@ class FluidLayout:
                 if unit is UnitKind.ATTENTION:
                     kv_tokens.append(replica.kv_tokens)
             replicas[column] = serving
-        groups: dict[tuple[tuple[int, int], ...], int] = {}
-        shards_per_unit = [0.0] * columns
-        active_gpus = 0
-        for offset in range(0, len(shard_counts), columns):
-            row = shard_counts[offset : offset + columns]
-            if not any(row):
-                continue
-            active_gpus += 1
-            mix = tuple((column, shards) for column, shards in enumerate(row) if shards)
-            groups[mix] = groups.get(mix, 0) + 1
-            for column, shards in mix:
-                shards_per_unit[column] += shards
+        gpu_shards = np.array(shard_counts, dtype=np.float64).reshape(self.cluster.num_gpus, columns)
         return ServingSummary(
             replicas=tuple(replicas),
             pending=tuple(pending),
             homes=tuple(homes),
-            gpu_groups=tuple((count, mix) for mix, count in groups.items()),
-            active_gpus=active_gpus,
-            shards_per_unit=tuple(shards_per_unit),
+            gpu_shards=gpu_shards[gpu_shards.any(axis=1)],
             kv_tokens=tuple(kv_tokens),
             next_ready_s=next_ready_s,
         )
