@@ -78,7 +78,7 @@ interval: operator-level replicas load in well under a second, so they serve the
 added in; a model-level instance's ~10 s start is rounded to the nearest interval boundary); removed
 replicas leave at once (the engine drains them); preemption is not
 modelled (the KV limit only caps admission); the stream load is split evenly over streams; the
-contention of long calls follows the convoy argument of :meth:`FluidSimulator._pooled_times` (a
+contention of long calls follows the convoy argument of :func:`opscale.sim.fluid_kernel._pooled_times` (a
 heuristic, not a derivation); admission waits near saturation are approximate. ``SimConfig`` fields
 about individual requests or calls (``attention_drain``, ``service_time_distribution``,
 ``record_requests``, ``fast_forward_decode``) do not apply; image tokens join the prompt as in the

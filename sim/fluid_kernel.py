@@ -70,7 +70,7 @@ class KernelConstants(NamedTuple):
     :param operator: operator-level deployment (else model-level instances).
     :param lines: ``[4, units, segments]``: per non-attention unit and log-grid segment, the call time's
         intercept and slope, and the same for its compute-bound part
-        (:class:`opscale.sim.fluid_tables.TokenLine`).
+        (:func:`opscale.sim.fluid_tables.segment_lines`).
     :param dense: ``[2, segments]``: intercepts and slopes of a model-level iteration's units other than
         the LM head (pipeline hops included).
     :param points_per_octave: the grid's points per doubling of tokens.
@@ -289,8 +289,8 @@ class IntervalResult(NamedTuple):
 # ---------------------------------------------------------------------------------------- lookups
 @njit(cache=True)
 def _line_at(intercepts: FloatArray, slopes: FloatArray, points_per_octave: float, tokens: float) -> float:
-    """:meth:`opscale.sim.fluid_tables.TokenLine.at`: linear in tokens on the log grid (0 tokens -> 0,
-    below 1 token -> 1 token, beyond the grid the last segment extended)."""
+    """A :func:`opscale.sim.fluid_tables.segment_lines` line at ``tokens``: linear in tokens on the log
+    grid (0 tokens -> 0, below 1 token -> 1 token, beyond the grid the last segment extended)."""
     if tokens <= 0.0:
         return 0.0
     if tokens < 1.0:
@@ -323,7 +323,7 @@ def _dense_s(constants: KernelConstants, tokens: float) -> float:
 
 @njit(cache=True)
 def _attention_prefill_s(constants: KernelConstants, chunk_tokens: float, prior_tokens: float) -> float:
-    """:meth:`opscale.sim.fluid_tables.AttentionSurrogate.prefill_scalar_s`."""
+    """:meth:`opscale.sim.fluid_tables.AttentionSurrogate.prefill_s` for one chunk."""
     if chunk_tokens <= 0.0:
         return 0.0
     c = constants.prefill_coefficients
@@ -357,7 +357,7 @@ def _poisson_total_at_least(
     constants: KernelConstants, rate: float, counts: FloatArray, needed: NDArray[np.int64]
 ) -> float:
     """``sum_j P(N_j >= needed[j])`` with ``N_j ~ Poisson(counts[j] * rate)``
-    (:meth:`opscale.sim.fluid_latency.PoissonTailTable.total_at_least`)."""
+    (:meth:`opscale.sim.fluid_latency.PoissonTailTable.lookup`, summed)."""
     if rate <= 0.0:
         return 0.0
     flat, row, max_count = constants.poisson_flat, constants.poisson_row, constants.poisson_max_count
