@@ -105,7 +105,14 @@ from opscale.sim.config import ContentionModel, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
 from opscale.sim.deployment import ApplyReport, Deployment, Placement, ScalingAction, UnitDeployment
 from opscale.sim.fluid_arrivals import ArrivalIndex
-from opscale.sim.fluid_kernel import KernelCarry, KernelConstants, KernelLayout, PoolCarry, solve_interval
+from opscale.sim.fluid_kernel import (
+    IntervalResult,
+    KernelCarry,
+    KernelConstants,
+    KernelLayout,
+    PoolCarry,
+    solve_interval,
+)
 from opscale.sim.fluid_latency import ErlangRows, LogHistogram, TtftMixture, shared_poisson_tail_table
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, AttentionSurrogate, UnitTimeTable, segment_lines
@@ -142,35 +149,20 @@ class _Pending:
 
 @dataclass
 class _Solution:
-    """Results of the interval model over one control interval."""
+    """One control interval: the interval model's figures and what the simulator adds to them.
 
+    :param result: the compiled model's figures.
+    :param duration_s: interval length.
+    :param arrivals: requests arrived in it.
+    :param gpu_seconds: powered GPUs x duration.
+    :param unit_replicas: serving replicas per unit (model order).
+    """
+
+    result: IntervalResult
     duration_s: float
     arrivals: int
-    served: float
-    decided: float
-    slo_met: float
-    ttft_mean_s: float
-    ttft_p50_s: float
-    ttft_p99_s: float
-    tbt_mean_s: float
-    tbt_p99_s: float
-    e2e_mean_s: float
-    prompt_tokens: float
-    output_tokens: float
-    running: float
-    waiting: float
     gpu_seconds: float
-    energy_j: float
-    unit_utilisation: list[float]
-    unit_queue_tokens: list[float]
-    unit_batch_fill: list[float]
-    unit_wait_s: list[float]
-    unit_service_s: list[float]
     unit_replicas: list[float]
-    served_ttft: TtftMixture
-    served_ttft_mean_s: float
-    tbt_values: FloatArray
-    tbt_weights: FloatArray
 
 
 class FluidSimulator:
@@ -772,40 +764,13 @@ class FluidSimulator:
             window.output_shape,
         )
         dt = end_s - start_s
-        utilisation, queue_tokens, batch_fill, wait_s, service_s = result.unit_figures.tolist()
-        return _Solution(
-            duration_s=dt,
-            arrivals=window.count,
-            served=result.served,
-            decided=result.decided,
-            slo_met=result.slo_met,
-            ttft_mean_s=result.ttft_mean_s,
-            ttft_p50_s=result.ttft_p50_s,
-            ttft_p99_s=result.ttft_p99_s,
-            tbt_mean_s=result.tbt_mean_s,
-            tbt_p99_s=result.tbt_p99_s,
-            e2e_mean_s=result.e2e_mean_s,
-            prompt_tokens=result.prompt_tokens,
-            output_tokens=result.output_tokens,
-            running=result.running,
-            waiting=result.waiting,
-            gpu_seconds=self._powered_count * dt,
-            energy_j=result.energy_j,
-            unit_utilisation=utilisation,
-            unit_queue_tokens=queue_tokens,
-            unit_batch_fill=batch_fill,
-            unit_wait_s=wait_s,
-            unit_service_s=service_s,
-            unit_replicas=self._replicas,
-            served_ttft=TtftMixture(result.ttft_fixed_s, result.prob_wait, result.wait_mean_s),
-            served_ttft_mean_s=result.served_ttft_mean_s,
-            tbt_values=result.tbt_values,
-            tbt_weights=result.tbt_weights,
-        )
+        return _Solution(result, dt, window.count, self._powered_count * dt, self._replicas)
 
     # ------------------------------------------------------------------ metrics
     def _interval_metrics(self, start_s: float, end_s: float, solution: _Solution) -> IntervalMetrics:
-        decided, served = solution.decided, solution.served
+        result = solution.result
+        decided, served = result.decided, result.served
+        utilisation, queue_tokens, batch_fill, wait_s, service_s = result.unit_figures.tolist()
         counts = self._replica_counts()
         units: dict[UnitKind, UnitIntervalMetrics] = {}
         for column, unit in enumerate(self._units):
@@ -814,11 +779,11 @@ class FluidSimulator:
                 replicas=serving,
                 pending_replicas=pending,
                 draining_replicas=0,
-                utilisation=solution.unit_utilisation[column],
-                queue_tokens=solution.unit_queue_tokens[column],
-                batch_fill=solution.unit_batch_fill[column],
-                mean_wait_s=solution.unit_wait_s[column],
-                mean_service_s=solution.unit_service_s[column],
+                utilisation=utilisation[column],
+                queue_tokens=queue_tokens[column],
+                batch_fill=batch_fill[column],
+                mean_wait_s=wait_s[column],
+                mean_service_s=service_s[column],
                 batch_cap_tokens=self._unit_configs[unit].batch_cap_tokens,
             )
         return IntervalMetrics(
@@ -827,23 +792,23 @@ class FluidSimulator:
             arrivals=solution.arrivals,
             completions=self._counts.take("completions", served),
             decided=self._counts.take("decided", decided),
-            slo_met=self._counts.take("slo_met", solution.slo_met),
-            slo_attainment=solution.slo_met / decided if decided > 1e-9 else 1.0,
-            ttft_mean_s=solution.ttft_mean_s if decided > 0 else 0.0,
-            ttft_p50_s=solution.ttft_p50_s if decided > 0 else 0.0,
-            ttft_p99_s=solution.ttft_p99_s if decided > 0 else 0.0,
-            tbt_mean_s=solution.tbt_mean_s if served > 0 else 0.0,
-            tbt_p99_s=solution.tbt_p99_s if served > 0 else 0.0,
-            e2e_mean_s=solution.e2e_mean_s if served > 0 else 0.0,
-            prompt_tokens_served=self._counts.take("prompt_tokens", solution.prompt_tokens),
-            output_tokens_served=self._counts.take("output_tokens", solution.output_tokens),
+            slo_met=self._counts.take("slo_met", result.slo_met),
+            slo_attainment=result.slo_met / decided if decided > 1e-9 else 1.0,
+            ttft_mean_s=result.ttft_mean_s if decided > 0 else 0.0,
+            ttft_p50_s=result.ttft_p50_s if decided > 0 else 0.0,
+            ttft_p99_s=result.ttft_p99_s if decided > 0 else 0.0,
+            tbt_mean_s=result.tbt_mean_s if served > 0 else 0.0,
+            tbt_p99_s=result.tbt_p99_s if served > 0 else 0.0,
+            e2e_mean_s=result.e2e_mean_s if served > 0 else 0.0,
+            prompt_tokens_served=self._counts.take("prompt_tokens", result.prompt_tokens),
+            output_tokens_served=self._counts.take("output_tokens", result.output_tokens),
             preemptions=0,
-            running_requests=round(solution.running),
-            waiting_requests=round(solution.waiting),
+            running_requests=round(result.running),
+            waiting_requests=round(result.waiting),
             gpus_powered=self.layout.state.gpus_powered,
             gpus_powered_mean=solution.gpu_seconds / (end_s - start_s),
             gpu_seconds=solution.gpu_seconds,
-            energy_j=solution.energy_j,
+            energy_j=result.energy_j,
             units=units,
         )
 
@@ -944,20 +909,23 @@ class _RunTotals:
         self.unit_capacity_s = [0.0] * num_units
 
     def add(self, solution: _Solution) -> None:
-        if solution.served > 0:
-            self.ttft_parts.append((solution.served, solution.served_ttft))
-            self.tbt_parts.append((solution.served, solution.tbt_values, solution.tbt_weights))
-        self.decided += solution.decided
-        self.slo_met += solution.slo_met
-        self.served += solution.served
-        self.ttft_sum_s += solution.served * solution.served_ttft_mean_s
-        self.e2e_sum_s += solution.served * solution.e2e_mean_s
-        self.tokens += solution.prompt_tokens + solution.output_tokens
+        result = solution.result
+        served = result.served
+        if served > 0:
+            mixture = TtftMixture(result.ttft_fixed_s, result.prob_wait, result.wait_mean_s)
+            self.ttft_parts.append((served, mixture))
+            self.tbt_parts.append((served, result.tbt_values, result.tbt_weights))
+        self.decided += result.decided
+        self.slo_met += result.slo_met
+        self.served += served
+        self.ttft_sum_s += served * result.served_ttft_mean_s
+        self.e2e_sum_s += served * result.e2e_mean_s
+        self.tokens += result.prompt_tokens + result.output_tokens
         self.gpu_seconds += solution.gpu_seconds
-        self.energy_j += solution.energy_j
+        self.energy_j += result.energy_j
         duration_s = solution.duration_s
         for column, (utilisation, replicas) in enumerate(
-            zip(solution.unit_utilisation, solution.unit_replicas, strict=True)
+            zip(result.unit_figures[0].tolist(), solution.unit_replicas, strict=True)
         ):
             self.unit_busy_s[column] += utilisation * replicas * duration_s
             self.unit_capacity_s[column] += replicas * duration_s
