@@ -97,6 +97,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
@@ -116,7 +117,7 @@ from opscale.sim.fluid_kernel import (
 from opscale.sim.fluid_latency import ErlangRows, LogHistogram, TtftMixture, shared_poisson_tail_table
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, AttentionSurrogate, UnitTimeTable, segment_lines
-from opscale.sim.hardware import ClusterSpec
+from opscale.sim.hardware import ClusterSpec, GPUSpec
 from opscale.sim.inputs import check_deployment, prepare_requests
 from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
 from opscale.sim.models import ModelSpec, UnitKind, get_model
@@ -163,6 +164,22 @@ class _Solution:
     arrivals: int
     gpu_seconds: float
     unit_replicas: list[float]
+
+
+@lru_cache(maxsize=16)
+def _cost_tables(
+    model: ModelSpec,
+    gpu: GPUSpec,
+    cost_model: CostModel,
+    units: tuple[UnitKind, ...],
+    tps: tuple[int, ...],
+    attention_tp: int,
+) -> tuple[UnitTimeTable, AttentionSurrogate]:
+    """The unit-time table and attention surrogate of one (model, GPU, cost model, TPs), shared by the
+    simulators built with them (an environment builds one per reset; ~2 ms each). Both are only read."""
+    return UnitTimeTable(model, gpu, cost_model, units, tps), AttentionSurrogate(
+        model, gpu, attention_tp, cost_model
+    )
 
 
 class FluidSimulator:
@@ -276,8 +293,9 @@ class FluidSimulator:
         else:
             tps = [self._unit_configs[u].tp for u in self._stateless]
             attention_tp = self._unit_configs[UnitKind.ATTENTION].tp
-        self._table = UnitTimeTable(model, gpu, self.cost_model, self._stateless, tps)
-        self._attention = AttentionSurrogate(model, gpu, attention_tp, self.cost_model)
+        self._table, self._attention = _cost_tables(
+            model, gpu, self.cost_model, self._stateless, tuple(tps), attention_tp
+        )
         self._attention_tp = attention_tp
         # model level: every unit but the LM head at the iteration's tokens, plus the pipeline hops
         dense = np.delete(self._table.time_s, self._lm_head_row, axis=0).sum(axis=0)

@@ -123,6 +123,8 @@ class UnitTimeTable:
                 ),
             ]
         )
+        for array in (self.tokens, self.time_s, self.compute_bound, self.segments):
+            array.setflags(write=False)  # simulators share a table (read-only)
 
     def _position(self, tokens: FloatArray) -> tuple[NDArray[np.int64], FloatArray]:
         tokens = np.maximum(tokens, 1.0)
@@ -193,6 +195,7 @@ class AttentionSurrogate:
         #: the prefill model's coefficients (floor, per chunk token, per new pair, per chunk x prior token,
         #: per prior token)
         self.prefill_coefficients: FloatArray = coefficients
+        self.prefill_coefficients.setflags(write=False)
         self._prefill_list = [float(c) for c in coefficients]
         fitted = features @ coefficients
         #: worst relative error of the prefill fit on its grid
