@@ -95,7 +95,6 @@ started serving.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -112,9 +111,12 @@ from opscale.sim.fluid_kernel import (
     KernelConstants,
     KernelLayout,
     PoolCarry,
+    TransferConstants,
+    colocation_matrix,
     solve_interval,
+    transfer_terms,
 )
-from opscale.sim.fluid_latency import ErlangRows, LogHistogram, TtftMixture, shared_poisson_tail_table
+from opscale.sim.fluid_latency import LogHistogram, TtftMixture, shared_poisson_tail_table
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, AttentionSurrogate, UnitTimeTable, segment_lines
 from opscale.sim.hardware import ClusterSpec, GPUSpec
@@ -235,9 +237,7 @@ class FluidSimulator:
         self._lm_head_row = self._stateless.index(UnitKind.LM_HEAD)
         self._pool_columns_list = [self._units.index(u) for u in self._stateless]
         self._attention_column = self._units.index(UnitKind.ATTENTION)
-        self._erlang_rows = ErlangRows(
-            shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS), ERLANG_GRID_POINTS
-        )
+        self._erlang = shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS)
         self._build_tables()
         self._build_transfer_constants()
         self.layout = FluidLayout(cluster, self.model, self.config, min_kv_tokens=self._max_request_tokens)
@@ -344,7 +344,8 @@ class FluidSimulator:
             poisson_log_low=poisson.log_low,
             poisson_per_log=poisson.per_log,
             poisson_mean_low=poisson.mean_low,
-            erlang_steps=self._erlang_rows.steps,
+            erlang_rows=self._erlang.rows,
+            erlang_steps=self._erlang.steps,
             arrival_s=self._arrivals.arrival_s,
             cumulative_arrival_s=self._arrivals.cumulative_arrival_s,
         )
@@ -419,7 +420,7 @@ class FluidSimulator:
         """Recompute what depends only on the deployment and on which replicas serve (those ready at
         ``serving_at_s``): batch caps, stream and replica counts, transfer terms, co-location. Called
         only when the deployment changed or a loading replica starts serving (:meth:`advance`)."""
-        summary = self.layout.serving_summary(self._units, serving_at_s)
+        summary = self.layout.serving_summary(serving_at_s)
         self._layout_stale = False
         self._layout_valid_until_s = summary.next_ready_s
         self._serving_summary = summary
@@ -433,31 +434,23 @@ class FluidSimulator:
             self._kernel_layout = KernelLayout.for_instances(
                 ready=streams > 0,
                 streams=streams,
-                kv_per_stream=sum(kv_tokens) / (instances * self._pp) if instances else 0.0,
+                kv_per_stream=float(kv_tokens.sum()) / (instances * self._pp) if instances else 0.0,
                 budget=budget,
-                stream_erlang_row=self._erlang_rows.row(max(streams, 1)),
+                stream_servers=max(streams, 1),
                 powered=self._powered_count,
                 serving_gpus=float(summary.active_gpus),
             )
             return
         streams = summary.replicas[self._attention_column]
-        fixed, per_token = self._transfer_terms(summary.homes)
-        columns = len(self._units)
-        # per unit, the other units' shards on its GPUs per own shard (contention in the fixed point):
-        # per GPU shards x shards; the fixed point counts (1 - 1/S) of co-located work as other streams',
-        # but on a GPU whose k streams are the only users of its local units, (1 - 1/k) is (a chain: none)
-        shards = summary.gpu_shards
-        local = np.zeros(columns)
-        local[list(self._local_columns(summary.homes))] = 1.0
-        others_share = 1.0 - 1.0 / max(streams, 1)
-        local_streams = shards[:, self._attention_column]
-        own_scale = np.ones(len(shards))
-        if others_share > 0:
-            with_streams = local_streams > 0
-            own_scale[with_streams] = (1.0 - 1.0 / local_streams[with_streams]) / others_share
-        local_shards = shards * local
-        colocation = shards.T @ shards + (local_shards * (own_scale - 1.0)[:, None]).T @ local_shards
-        colocation /= np.maximum(shards.sum(axis=0), 1.0)[:, None]
+        fixed, per_token = transfer_terms(self._transfer_constants, summary.homes)
+        # contention in the fixed point: the other units' shards on each unit's GPUs
+        _, colocation = colocation_matrix(
+            summary.homes,
+            summary.gpu_shards,
+            self._transfer_constants.source_rows,
+            self._attention_column,
+            streams,
+        )
         pool_columns = self._pool_columns_list
         pool_replicas = [self._replicas[column] for column in pool_columns]
         # share of the other streams a pool still serves while one of its replicas is held
@@ -465,14 +458,14 @@ class FluidSimulator:
         self._kernel_layout = KernelLayout(
             ready=streams > 0 and all(summary.replicas),
             streams=streams,
-            kv_per_stream=sum(kv_tokens) / len(kv_tokens) if kv_tokens else 0.0,
+            kv_per_stream=float(kv_tokens.sum()) / kv_tokens.size if kv_tokens.size else 0.0,
             budget=budget,
-            stream_erlang_row=self._erlang_rows.row(max(streams, 1)),
+            stream_servers=max(streams, 1),
             powered=self._powered_count,
             serving_gpus=float(summary.active_gpus),
             pool_replicas=np.array(pool_replicas),
             pool_caps=np.array([float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]),
-            pool_erlang_rows=np.stack([self._erlang_rows.row(int(replicas)) for replicas in pool_replicas]),
+            pool_servers=np.array(pool_replicas, dtype=np.int64),
             contention_free=np.array(
                 [min(max(replicas - 1.0, 0.0) / other_streams, 1.0) for replicas in pool_replicas]
             ),
@@ -481,31 +474,15 @@ class FluidSimulator:
             attention_transfer_fixed_s=fixed[self._attention_column],
             attention_transfer_per_token_s=per_token[self._attention_column],
             colocation=colocation,
-            gpu_shards=shards,
+            gpu_shards=summary.gpu_shards,
         )
 
-    def _local_columns(self, homes: Sequence[dict[int, int]]) -> set[int]:
-        """Columns whose every job is served beside its stream: attention, and each pool with the same
-        replicas per GPU as the attention replicas whose source unit is local too (the engine takes an
-        idle replica on the job's GPU first, and each such GPU has one per stream there). Its work on
-        a GPU belongs to that GPU's streams only."""
-        attention = self._attention_column
-        local = {attention}
-        for column in range(len(homes)):  # sources come first in model order (the first: attention)
-            if (
-                column != attention
-                and homes[column] == homes[attention]
-                and self._transfer_source_rows[column] in local
-            ):
-                local.add(column)
-        return local
-
     def _build_transfer_constants(self) -> None:
-        """What :meth:`_transfer_terms` needs that depends only on the cluster and the model: per unit
-        the hops and bytes per token of its inbound transfer and the unit its jobs come from; per GPU its
-        node; per node the ``(latency_s, 1 / bandwidth_bytes_per_s)`` of its intra-node link, and the same
-        for the interconnect (:meth:`ClusterSpec.link_between`'s rule: none on the same GPU, the node's
-        link inside a node, the interconnect across nodes)."""
+        """What :func:`opscale.sim.fluid_kernel.transfer_terms` needs that depends only on the cluster and
+        the model: per unit the hops and bytes per token of its inbound transfer and the unit its jobs
+        come from; per GPU its node; per node the latency and inverse bandwidth of its intra-node link,
+        and the same for the interconnect (:meth:`ClusterSpec.link_between`'s rule: none on the same
+        GPU, the node's link inside a node, the interconnect across nodes)."""
         units = self._units
         model = self.model
         hops: list[float] = []
@@ -520,63 +497,22 @@ class FluidSimulator:
                 per_token_bytes.append(
                     (4.0 if previous is None else model.activation_bytes_per_token(previous)) * hops[-1]
                 )
-        self._transfer_hops = hops
-        self._transfer_bytes_per_token = per_token_bytes
         # a job comes from the previous unit's replica (the first unit's from the attention replica)
         attention_row = units.index(UnitKind.ATTENTION)
         self._transfer_source_rows = [attention_row, *range(len(units) - 1)]
         cluster = self.cluster
-        self._node_of_gpu = [cluster.node_of(gpu) for gpu in range(cluster.num_gpus)]
-        self._intra_node_link = [
-            (node.link.latency_s, 1.0 / node.link.bandwidth_bytes_per_s) for node in cluster.nodes
-        ]
-        self._inter_node_link = (
-            cluster.interconnect.latency_s,
-            1.0 / cluster.interconnect.bandwidth_bytes_per_s,
+        self._transfer_constants = TransferConstants(
+            source_rows=np.array(self._transfer_source_rows, dtype=np.int64),
+            hops=np.array(hops),
+            bytes_per_token=np.array(per_token_bytes),
+            node_of_gpu=np.array([cluster.node_of(gpu) for gpu in range(cluster.num_gpus)], dtype=np.int64),
+            intra_latency_s=np.array([node.link.latency_s for node in cluster.nodes]),
+            intra_inverse_bandwidth=np.array(
+                [1.0 / node.link.bandwidth_bytes_per_s for node in cluster.nodes]
+            ),
+            inter_latency_s=cluster.interconnect.latency_s,
+            inter_inverse_bandwidth=1.0 / cluster.interconnect.bandwidth_bytes_per_s,
         )
-
-    def _transfer_terms(self, homes: Sequence[dict[int, int]]) -> tuple[list[float], list[float]]:
-        """Per unit (model order): expected inbound transfer ``fixed + per_token * tokens`` of one job.
-
-        A job comes from the previous unit's replica (the first unit's from the stream's attention
-        replica); a pool serves it on a replica of the same GPU when it has one (the engine prefers an
-        idle one there), else on any replica (uniformly). ``homes``: per unit, first GPU -> replicas.
-        From a source GPU without a local replica, ``n`` of the pool's ``N`` replicas sit on its node
-        (its link) and ``N - n`` on other nodes (the interconnect).
-        """
-        node_of, intra, inter_latency_s, inter_inverse = (
-            self._node_of_gpu,
-            self._intra_node_link,
-            *self._inter_node_link,
-        )
-        fixed: list[float] = []
-        per_token: list[float] = []
-        for column, destinations in enumerate(homes):
-            sources = homes[self._transfer_source_rows[column]]
-            total = 0
-            on_node: dict[int, int] = {}
-            for gpu, count in destinations.items():
-                node = node_of[gpu]
-                on_node[node] = on_node.get(node, 0) + count
-                total += count
-            latency_sum = inverse_bandwidth_sum = 0.0
-            sources_total = 0
-            for source_gpu, source_count in sources.items():
-                sources_total += source_count
-                if source_gpu in destinations:
-                    continue  # served on the same GPU: no transfer
-                node = node_of[source_gpu]
-                near = on_node.get(node, 0)
-                latency_s, inverse_bandwidth = intra[node]
-                latency_sum += source_count * (near * latency_s + (total - near) * inter_latency_s)
-                inverse_bandwidth_sum += source_count * (
-                    near * inverse_bandwidth + (total - near) * inter_inverse
-                )
-            # source and destination shares: replicas per GPU over the unit's replicas
-            scale = 1.0 / (max(sources_total, 1) * max(total, 1))
-            fixed.append(self._transfer_hops[column] * latency_sum * scale)
-            per_token.append(self._transfer_bytes_per_token[column] * inverse_bandwidth_sum * scale)
-        return fixed, per_token
 
     # ------------------------------------------------------------------ protocol
     @property

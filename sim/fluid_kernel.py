@@ -40,8 +40,11 @@ __all__ = [
     "KernelConstants",
     "KernelLayout",
     "PoolCarry",
+    "TransferConstants",
+    "colocation_matrix",
     "mean_arrival_s",
     "solve_interval",
+    "transfer_terms",
     "ttft_quantiles",
     "weighted_quantile",
 ]
@@ -97,7 +100,9 @@ class KernelConstants(NamedTuple):
     :param poisson_log_low: log of its smallest mean.
     :param poisson_per_log: its grid points per unit of log mean.
     :param poisson_mean_low: its smallest mean.
-    :param erlang_steps: utilisation grid intervals of the Erlang-C rows.
+    :param erlang_rows: ``[c, grid point]``: Erlang-C probability of waiting with ``c`` servers on a
+        utilisation grid (:attr:`opscale.sim.queueing.ErlangCTable.rows`; more servers use the last row).
+    :param erlang_steps: its utilisation grid intervals.
     :param arrival_s: the trace's arrival times (sorted).
     :param cumulative_arrival_s: their cumulative sums, with a leading 0.
     """
@@ -129,6 +134,7 @@ class KernelConstants(NamedTuple):
     poisson_log_low: float
     poisson_per_log: float
     poisson_mean_low: float
+    erlang_rows: FloatArray
     erlang_steps: int
     arrival_s: FloatArray
     cumulative_arrival_s: FloatArray
@@ -142,12 +148,12 @@ class KernelLayout(NamedTuple):
     :param streams: attention replicas (model level: instances x ``pp``).
     :param kv_per_stream: KV tokens per stream.
     :param budget: the attention batch cap (token budget per iteration).
-    :param stream_erlang_row: Erlang-C row of the streams' admission queue.
+    :param stream_servers: Erlang-C servers of the streams' admission queue (``max(streams, 1)``).
     :param powered: GPUs powered.
     :param serving_gpus: GPUs holding a serving shard.
     :param pool_replicas: serving replicas per pool.
     :param pool_caps: batch cap per pool, tokens.
-    :param pool_erlang_rows: ``[pools, grid]`` Erlang-C row per pool.
+    :param pool_servers: serving replicas per pool, as Erlang-C servers.
     :param contention_free: per pool, the share of the other streams it serves while a replica is held.
     :param pool_transfer_fixed_s: per pool, the fixed part of a job's inbound transfer.
     :param pool_transfer_per_token_s: per pool, its per-token part.
@@ -162,12 +168,12 @@ class KernelLayout(NamedTuple):
     streams: int
     kv_per_stream: float
     budget: float
-    stream_erlang_row: FloatArray
+    stream_servers: int
     powered: float
     serving_gpus: float
     pool_replicas: FloatArray
     pool_caps: FloatArray
-    pool_erlang_rows: FloatArray
+    pool_servers: NDArray[np.int64]
     contention_free: FloatArray
     pool_transfer_fixed_s: FloatArray
     pool_transfer_per_token_s: FloatArray
@@ -184,7 +190,7 @@ class KernelLayout(NamedTuple):
         streams: int,
         kv_per_stream: float,
         budget: float,
-        stream_erlang_row: FloatArray,
+        stream_servers: int,
         powered: float,
         serving_gpus: float,
     ) -> KernelLayout:
@@ -195,12 +201,12 @@ class KernelLayout(NamedTuple):
             streams,
             kv_per_stream,
             budget,
-            stream_erlang_row,
+            stream_servers,
             powered,
             serving_gpus,
             empty,
             empty,
-            empty_2d,
+            np.zeros(0, dtype=np.int64),
             empty,
             empty,
             empty,
@@ -286,6 +292,114 @@ class IntervalResult(NamedTuple):
     tbt_weights: FloatArray
 
 
+class TransferConstants(NamedTuple):
+    """What :func:`transfer_terms` needs of the cluster and the model.
+
+    :param source_rows: per unit, the unit its jobs come from (the first unit's: attention).
+    :param hops: per unit, inbound transfers per iteration (its layers).
+    :param bytes_per_token: per unit, inbound bytes per token over all hops.
+    :param node_of_gpu: per GPU, its node.
+    :param intra_latency_s: per node, its link's latency.
+    :param intra_inverse_bandwidth: per node, 1 / its link's bandwidth (s per byte).
+    :param inter_latency_s: the interconnect's latency.
+    :param inter_inverse_bandwidth: 1 / the interconnect's bandwidth.
+    """
+
+    source_rows: NDArray[np.int64]
+    hops: FloatArray
+    bytes_per_token: FloatArray
+    node_of_gpu: NDArray[np.int64]
+    intra_latency_s: FloatArray
+    intra_inverse_bandwidth: FloatArray
+    inter_latency_s: float
+    inter_inverse_bandwidth: float
+
+
+@njit(cache=True)
+def transfer_terms(links: TransferConstants, homes: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Per unit (model order): the expected inbound transfer ``fixed + per_token x tokens`` of one job.
+
+    A job comes from its source unit's replica; a pool serves it on a replica of the same GPU when it
+    has one (the engine prefers an idle one there), else on any replica (uniformly). ``homes``:
+    ``[units, GPUs]``, replicas per first GPU. From a source GPU without a local replica, ``n`` of the
+    pool's ``N`` replicas sit on its node (its link) and ``N - n`` on other nodes (the interconnect).
+    """
+    units, gpus = homes.shape
+    nodes = links.intra_latency_s.size
+    fixed = np.zeros(units)
+    per_token = np.zeros(units)
+    for column in range(units):
+        destinations = homes[column]
+        sources = homes[links.source_rows[column]]
+        on_node = np.zeros(nodes)
+        for gpu in range(gpus):
+            on_node[links.node_of_gpu[gpu]] += destinations[gpu]
+        total = destinations.sum()
+        latency_sum = inverse_bandwidth_sum = sources_total = 0.0
+        for gpu in range(gpus):
+            count = sources[gpu]
+            if count == 0.0:
+                continue
+            sources_total += count
+            if destinations[gpu] > 0.0:
+                continue  # served on the same GPU: no transfer
+            node = links.node_of_gpu[gpu]
+            near = on_node[node]
+            latency_sum += count * (
+                near * links.intra_latency_s[node] + (total - near) * links.inter_latency_s
+            )
+            inverse_bandwidth_sum += count * (
+                near * links.intra_inverse_bandwidth[node] + (total - near) * links.inter_inverse_bandwidth
+            )
+        # source and destination shares: replicas per GPU over the unit's replicas
+        scale = 1.0 / (max(sources_total, 1.0) * max(total, 1.0))
+        fixed[column] = links.hops[column] * latency_sum * scale
+        per_token[column] = links.bytes_per_token[column] * inverse_bandwidth_sum * scale
+    return fixed, per_token
+
+
+@njit(cache=True)
+def colocation_matrix(
+    homes: FloatArray, shards: FloatArray, source_rows: NDArray[np.int64], attention_column: int, streams: int
+) -> tuple[NDArray[np.bool_], FloatArray]:
+    """Which units are local, and the co-location matrix of the contention model.
+
+    A unit is *local* when every job of it is served beside its stream: attention, and each pool with
+    the same replicas per GPU as the attention replicas whose source unit is local too (the engine takes
+    an idle replica on the job's GPU first, and each such GPU has one per stream there); its work on a
+    GPU belongs to that GPU's streams only.
+
+    ``colocation[u, v]``: unit ``v``'s shards on ``u``'s GPUs per shard of ``u``, summed over GPUs of
+    ``shards[gpu, u] x shards[gpu, v]``. The fixed point counts ``1 - 1/S`` of co-located work as other
+    streams'; on a GPU whose ``k`` streams are the only users of its local units, ``1 - 1/k`` is (a
+    chain: none), so pairs of local units there are scaled by ``(1 - 1/k) / (1 - 1/S)``.
+
+    :param homes: ``[units, GPUs]``: replicas per first GPU.
+    :param shards: ``[GPUs, units]``: serving shards.
+    :param source_rows: per unit, the unit its jobs come from.
+    """
+    units = homes.shape[0]
+    local = np.zeros(units, dtype=np.bool_)
+    local[attention_column] = True
+    for column in range(units):  # sources come first in model order (the first unit's: attention)
+        if column != attention_column and local[source_rows[column]]:
+            local[column] = (homes[column] == homes[attention_column]).all()
+    others_share = 1.0 - 1.0 / max(streams, 1)
+    colocation = np.zeros((units, units))
+    for gpu in range(shards.shape[0]):
+        local_streams = shards[gpu, attention_column]
+        own_scale = (
+            (1.0 - 1.0 / local_streams) / others_share if local_streams > 0 and others_share > 0 else 1.0
+        )
+        for column in range(units):
+            for other in range(units):
+                weight = shards[gpu, column] * shards[gpu, other]
+                colocation[column, other] += weight * own_scale if local[column] and local[other] else weight
+    for column in range(units):
+        colocation[column] /= max(shards[:, column].sum(), 1.0)
+    return local, colocation
+
+
 # ---------------------------------------------------------------------------------------- lookups
 @njit(cache=True)
 def _line_at(intercepts: FloatArray, slopes: FloatArray, points_per_octave: float, tokens: float) -> float:
@@ -338,6 +452,12 @@ def _attention_decode_s(constants: KernelConstants, decodes: float, context_toke
         return 0.0
     c = constants.decode_coefficients
     return c[0] + c[1] * decodes + c[2] * context_tokens
+
+
+@njit(cache=True)
+def _erlang_row(constants: KernelConstants, servers: int) -> FloatArray:
+    """The Erlang-C row of ``servers`` (clipped to the table's largest)."""
+    return constants.erlang_rows[min(servers, constants.erlang_rows.shape[0] - 1)]
 
 
 @njit(cache=True)
@@ -611,7 +731,9 @@ def _pool_step(
         # streams only, (S beta - 1) / S beta of the pool's (a lone stream never waits)
         seen = min(rho * others_share, UTILISATION_CEILING)
         waiting_calls = (
-            _erlang_at(layout.pool_erlang_rows[u], constants.erlang_steps, seen) * seen / (1.0 - seen)
+            _erlang_at(_erlang_row(constants, layout.pool_servers[u]), constants.erlang_steps, seen)
+            * seen
+            / (1.0 - seen)
         )
         # closed population: at most one job per busy stream is anywhere in the pools
         queue = min(waiting_calls * calls, max(busy_streams - servers, 0.0))
@@ -1080,7 +1202,11 @@ def solve_interval(
     service_s = prompt_mean * iteration_s / available if ready else 0.0
     admission_rho = min(x * service_s, UTILISATION_CEILING)
     prompt_cv2 = (prompts * prompts).sum() * inverse_quantiles / prompt_mean**2 - 1.0
-    prob_wait = _erlang_at(layout.stream_erlang_row, constants.erlang_steps, admission_rho) if ready else 0.0
+    prob_wait = (
+        _erlang_at(_erlang_row(constants, layout.stream_servers), constants.erlang_steps, admission_rho)
+        if ready
+        else 0.0
+    )
     admission_wait_s = (
         prob_wait * service_s / (max(streams, 1) * (1.0 - admission_rho)) * (1.0 + prompt_cv2) / 2.0
         if ready

@@ -20,10 +20,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from opscale.sim.fluid_kernel import ttft_quantiles
-from opscale.sim.queueing import ErlangCTable
 
 __all__ = [
-    "ErlangRows",
     "LogHistogram",
     "PoissonTailTable",
     "TtftMixture",
@@ -82,32 +80,6 @@ class TtftMixture:
             np.asarray(levels, dtype=np.float64),
         )
         return tuple(float(value) for value in values)
-
-
-class ErlangRows:
-    """Rows of an :class:`opscale.sim.queueing.ErlangCTable` at its utilisation grid points, built when
-    first asked, per server count (the compiled interval model interpolates them linearly in ``rho``).
-
-    :param table: the table.
-    :param grid_points: its utilisation grid points (as it was built with).
-    """
-
-    def __init__(self, table: ErlangCTable, grid_points: int) -> None:
-        self._table = table
-        self._grid = np.linspace(0.0, 1.0, grid_points)
-        #: grid intervals: ``rho`` lies between points ``int(rho * steps)`` and the next
-        self.steps = grid_points - 1
-        self.rows: dict[int, FloatArray] = {}
-
-    def row(self, servers: int) -> FloatArray:
-        """``C(c, c * rho)`` at the grid points for ``c = servers`` (clipped to the table's largest)."""
-        servers = min(int(servers), self._table.max_servers)
-        row = self.rows.get(servers)
-        if row is None:
-            row = self._table.lookup(np.full(self._grid.size, servers), self._grid)
-            row.setflags(write=False)
-            self.rows[servers] = row
-        return row
 
 
 def poisson_at_least(mean: FloatArray, needed: FloatArray) -> FloatArray:

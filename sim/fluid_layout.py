@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 
 from opscale.sim.cluster import ClusterState, PlacementError, colocation_affinity
@@ -32,6 +33,10 @@ from opscale.sim.models import ModelSpec, UnitKind
 __all__ = ["FluidLayout", "PlacedReplica", "ServingSummary"]
 
 FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+#: Slot-table column of a model-level instance (a replica of every unit) and of a free slot.
+INSTANCE_SLOT, FREE_SLOT = -1, -2
 
 #: Smallest KV cache of a replica, in blocks (the engine's rule).
 MIN_KV_BLOCKS = 16
@@ -51,6 +56,8 @@ class PlacedReplica:
     bytes_per_gpu: float
     ready_s: float
     kv_tokens: float = 0.0
+    #: its row in :class:`FluidLayout`'s slot table (-1 while not placed)
+    slot: int = -1
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,8 @@ class ServingSummary:
 
     :param replicas: per unit (model order), replicas serving (model level: instances).
     :param pending: per unit, replicas still loading.
-    :param homes: per unit, the first GPU of each serving replica (where its activations leave from)
-        and how many replicas of the unit start there.
+    :param homes: ``[units, GPUs]``: per unit, how many serving replicas start on each GPU (their first
+        GPU, where their activations leave from).
     :param gpu_shards: ``[GPUs holding a serving shard, units]``: each such GPU's serving shards per unit
         (GPU order; GPUs without one are left out).
     :param kv_tokens: KV capacity of each serving attention replica (model level: each instance).
@@ -70,9 +77,9 @@ class ServingSummary:
 
     replicas: tuple[int, ...]
     pending: tuple[int, ...]
-    homes: tuple[dict[int, int], ...]
+    homes: FloatArray
     gpu_shards: FloatArray
-    kv_tokens: tuple[float, ...]
+    kv_tokens: FloatArray
     next_ready_s: float
 
     @property
@@ -109,6 +116,34 @@ class FluidLayout:
         self.replicas = {unit: [] for unit in self.model.units}
         self.instances = []
         self.min_kv_tokens = max(self.min_kv_tokens, self.config.kv_block_tokens * MIN_KV_BLOCKS)
+        self._columns = {unit: column for column, unit in enumerate(self.model.units)}
+        # the placed replicas as a slot table (what serving_summary reads, compiled): per slot its unit
+        # column (INSTANCE_SLOT, FREE_SLOT), GPU group (padded with -1), ready time and KV tokens
+        self._slot_column = np.full(0, FREE_SLOT, dtype=np.int64)
+        self._slot_gpus = np.full((0, max(node.gpus_per_node for node in self.cluster.nodes)), -1, np.int64)
+        self._slot_ready_s = np.zeros(0)
+        self._slot_kv_tokens = np.zeros(0)
+        self._free_slots: list[int] = []
+
+    def _occupy_slot(self, column: int, replica: PlacedReplica) -> None:
+        """Record a placed ``replica`` (of unit ``column``, or ``INSTANCE_SLOT``) in the slot table."""
+        if not self._free_slots:
+            size = self._slot_column.size
+            grow = max(size, 32)
+            self._slot_column = np.concatenate([self._slot_column, np.full(grow, FREE_SLOT, np.int64)])
+            self._slot_gpus = np.concatenate(
+                [self._slot_gpus, np.full((grow, self._slot_gpus.shape[1]), -1, np.int64)]
+            )
+            self._slot_ready_s = np.concatenate([self._slot_ready_s, np.zeros(grow)])
+            self._slot_kv_tokens = np.concatenate([self._slot_kv_tokens, np.zeros(grow)])
+            self._free_slots = list(range(size + grow - 1, size - 1, -1))  # lowest slot first
+        slot = self._free_slots.pop()
+        self._slot_column[slot] = column
+        self._slot_gpus[slot] = -1
+        self._slot_gpus[slot, : len(replica.gpus)] = replica.gpus
+        self._slot_ready_s[slot] = replica.ready_s
+        self._slot_kv_tokens[slot] = replica.kv_tokens
+        replica.slot = slot
 
     # ------------------------------------------------------------------ model level
     def place_instance(
@@ -129,6 +164,7 @@ class FluidLayout:
         self.state.reserve(group, bytes_per_gpu, now_s)
         instance = PlacedReplica(group, bytes_per_gpu, ready_s, kv_tokens=float(kv_tokens))
         self.instances.append(instance)
+        self._occupy_slot(INSTANCE_SLOT, instance)
         return instance
 
     # ------------------------------------------------------------------ operator level
@@ -150,6 +186,7 @@ class FluidLayout:
         self.state.reserve(group, need, now_s)
         replica = PlacedReplica(group, need, ready_s)
         self.replicas[unit].append(replica)
+        self._occupy_slot(self._columns[unit], replica)
         return replica
 
     def place_attention(
@@ -186,6 +223,7 @@ class FluidLayout:
         self.state.reserve(group, need, now_s)
         replica = PlacedReplica(group, need, ready_s, kv_tokens=float(kv_tokens))
         self.replicas[unit].append(replica)
+        self._occupy_slot(self._columns[unit], replica)
         return replica
 
     def share_attention_memory(self) -> None:
@@ -206,6 +244,7 @@ class FluidLayout:
             replica.bytes_per_gpu += grow
             # the engine's stream holds whole blocks: (initial tokens // block + extra blocks) * block
             replica.kv_tokens = float((int(replica.kv_tokens) // block + extra_blocks) * block)
+            self._slot_kv_tokens[replica.slot] = replica.kv_tokens
         self.added_attention_kv_tokens = min((int(replica.kv_tokens) for replica in attention), default=0)
 
     def _group(
@@ -239,42 +278,31 @@ class FluidLayout:
         else:
             self.replicas[unit].remove(replica)
         self.state.release(replica.gpus, replica.bytes_per_gpu, now_s)
+        self._slot_column[replica.slot] = FREE_SLOT
+        self._free_slots.append(replica.slot)
+        replica.slot = -1
 
     # ------------------------------------------------------------------ summaries
-    def serving_summary(self, units: tuple[UnitKind, ...], serving_at_s: float) -> ServingSummary:
+    def serving_summary(self, serving_at_s: float) -> ServingSummary:
         """What the fluid model needs from the replicas serving at ``serving_at_s`` (``ready_s`` at or
-        before it); model level: every instance counts as a replica of every unit."""
-        columns = len(units)
-        replicas = [0] * columns
-        pending = [0] * columns
-        homes: list[dict[int, int]] = [{} for _ in units]
-        shard_counts = [0] * (self.cluster.num_gpus * columns)  # [gpu * columns + column]
-        kv_tokens: list[float] = []
-        next_ready_s = math.inf
-        for column, unit in enumerate(units):
-            unit_homes = homes[column]
-            serving = 0
-            for replica in self.instances or self.replicas[unit]:
-                if replica.ready_s > serving_at_s:
-                    pending[column] += 1
-                    if replica.ready_s < next_ready_s:
-                        next_ready_s = replica.ready_s
-                    continue
-                serving += 1
-                gpus = replica.gpus
-                unit_homes[gpus[0]] = unit_homes.get(gpus[0], 0) + 1
-                for gpu in gpus:
-                    shard_counts[gpu * columns + column] += 1
-                if unit is UnitKind.ATTENTION:
-                    kv_tokens.append(replica.kv_tokens)
-            replicas[column] = serving
-        gpu_shards = np.array(shard_counts, dtype=np.float64).reshape(self.cluster.num_gpus, columns)
+        before it), in the model's unit order; model level: every instance counts as a replica of every
+        unit."""
+        replicas, pending, next_ready_s, homes, shards, kv_tokens = _summarise_slots(
+            self._slot_column,
+            self._slot_gpus,
+            self._slot_ready_s,
+            self._slot_kv_tokens,
+            serving_at_s,
+            len(self._columns),
+            self.cluster.num_gpus,
+            self._columns[UnitKind.ATTENTION],
+        )
         return ServingSummary(
-            replicas=tuple(replicas),
-            pending=tuple(pending),
-            homes=tuple(homes),
-            gpu_shards=gpu_shards[gpu_shards.any(axis=1)],
-            kv_tokens=tuple(kv_tokens),
+            replicas=tuple(replicas.tolist()),
+            pending=tuple(pending.tolist()),
+            homes=homes,
+            gpu_shards=shards[shards.any(axis=1)],
+            kv_tokens=kv_tokens,
             next_ready_s=next_ready_s,
         )
 
@@ -294,3 +322,45 @@ class FluidLayout:
             f"{self.state.best_free_bytes() / 1e9:.2f} GB free of {self.state.gpus[0].capacity_bytes / 1e9:.1f} GB usable "
             f"({len(self.state.gpus)} GPUs)"
         )
+
+
+@njit(cache=True)
+def _summarise_slots(
+    slot_column: IntArray,
+    slot_gpus: IntArray,
+    slot_ready_s: FloatArray,
+    slot_kv_tokens: FloatArray,
+    serving_at_s: float,
+    columns: int,
+    num_gpus: int,
+    attention_column: int,
+) -> tuple[IntArray, IntArray, float, FloatArray, FloatArray, FloatArray]:
+    """:meth:`FluidLayout.serving_summary` over the slot table: per unit the serving and loading
+    replicas, the earliest ready time of a loading one, home GPUs ``[units, GPUs]``, serving shards
+    ``[GPUs, units]`` and the KV tokens of the serving attention replicas (or instances)."""
+    replicas = np.zeros(columns, dtype=np.int64)
+    pending = np.zeros(columns, dtype=np.int64)
+    homes = np.zeros((columns, num_gpus))
+    shards = np.zeros((num_gpus, columns))
+    kv_tokens = np.empty(slot_column.size)
+    serving_kv = 0
+    next_ready_s = math.inf
+    for slot in range(slot_column.size):
+        column = slot_column[slot]
+        if column == FREE_SLOT:
+            continue
+        first, last = (0, columns) if column == INSTANCE_SLOT else (column, column + 1)
+        if slot_ready_s[slot] > serving_at_s:
+            pending[first:last] += 1
+            next_ready_s = min(next_ready_s, slot_ready_s[slot])
+            continue
+        replicas[first:last] += 1
+        homes[first:last, slot_gpus[slot, 0]] += 1.0
+        for gpu in slot_gpus[slot]:
+            if gpu < 0:
+                break
+            shards[gpu, first:last] += 1.0
+        if first <= attention_column < last:
+            kv_tokens[serving_kv] = slot_kv_tokens[slot]
+            serving_kv += 1
+    return replicas, pending, next_ready_s, homes, shards, kv_tokens[:serving_kv]

@@ -228,6 +228,10 @@ class ErlangCTable:
         self._table = np.vstack([np.ones((1, grid_points)), table]).ravel()
         self._row_length = grid_points
         self._table.setflags(write=False)
+        #: ``[c, grid point]`` for ``c = 0 .. max_servers`` (a read-only view of the table)
+        self.rows: FloatArray = self._table.reshape(self.max_servers + 1, grid_points)
+        #: utilisation grid intervals: ``rho`` lies between points ``int(rho * steps)`` and the next
+        self.steps = self._steps
 
     def lookup(self, servers: ArrayLike, utilisation: ArrayLike) -> FloatArray:
         """``C(c, c * rho)`` by interpolation.

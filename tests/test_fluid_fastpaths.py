@@ -24,8 +24,9 @@ from opscale.sim.fluid_kernel import (
     _ttft_cdf,
     _ttft_partial_sums,
     _ttft_share_within,
+    colocation_matrix,
 )
-from opscale.sim.fluid_latency import ErlangRows, TtftMixture, shared_poisson_tail_table
+from opscale.sim.fluid_latency import TtftMixture, shared_poisson_tail_table
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec, get_gpu
 from opscale.sim.models import UnitKind, get_model
@@ -79,14 +80,12 @@ def test_segment_lines_match_the_vectorised_table() -> None:
 
 def test_erlang_rows_equal_the_table_lookup() -> None:
     table = shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS)
-    rows = ErlangRows(table, ERLANG_GRID_POINTS)
     rng = np.random.default_rng(2)
-    for servers, utilisation in zip(rng.integers(0, 200, 300), rng.uniform(-0.1, 1.1, 300), strict=True):
+    for servers, utilisation in zip(rng.integers(0, 129, 300), rng.uniform(-0.1, 1.1, 300), strict=True):
         expected = table.lookup_scalar(int(servers), float(utilisation))
-        assert _erlang_at(rows.row(int(servers)), rows.steps, float(utilisation)) == pytest.approx(
+        assert _erlang_at(table.rows[servers], table.steps, float(utilisation)) == pytest.approx(
             expected, rel=1e-12, abs=1e-15
         )
-    assert rows.row(500) is rows.row(MAX_TABLE_SERVERS)  # clipped to the table, built once
 
 
 def test_summed_poisson_tails_equal_the_vectorised_lookup(constants: KernelConstants) -> None:
@@ -152,8 +151,8 @@ def _brute_force_layout(simulator: FluidSimulator) -> tuple[np.ndarray, np.ndarr
                 weight = share[source_row, a] * share[column, b]
                 fixed[column] += weight * link.latency_s
                 per_token[column] += weight / link.bandwidth_bytes_per_s
-    fixed *= np.array(simulator._transfer_hops)
-    per_token *= np.array(simulator._transfer_bytes_per_token)
+    fixed *= simulator._transfer_constants.hops
+    per_token *= simulator._transfer_constants.bytes_per_token
     attention = units.index(UnitKind.ATTENTION)
     local = {attention}
     for column in range(len(units)):
@@ -186,6 +185,24 @@ def test_layout_summary_matches_the_pairwise_definitions() -> None:
     simulator.advance(5.0)  # the added replicas load in well under half an interval: they serve it
     _check_layout_summary(simulator)
     assert simulator.advance(5.0).units[UnitKind.FFN].replicas == 7
+    # removals free slots of the layout's table and additions reuse them: the summary follows
+    simulator.apply(
+        ScalingAction(
+            units={
+                UnitKind.FFN: UnitAction(replica_delta=-3),
+                UnitKind.ATTENTION: UnitAction(replica_delta=-1),
+                UnitKind.EMBED: UnitAction(replica_delta=1, placement="colocate"),
+            }
+        )
+    )
+    assert simulator.advance(5.0).units[UnitKind.FFN].replicas == 4
+    _check_layout_summary(simulator)
+    simulator.apply(ScalingAction(units={UnitKind.QKV_PROJ: UnitAction(replica_delta=2, placement="pack")}))
+    simulator.advance(5.0)
+    _check_layout_summary(simulator)
+    assert simulator._serving_summary.replicas == tuple(
+        len(simulator.layout.replicas[unit]) for unit in MODEL_SPEC.units
+    )
 
 
 def test_layout_summary_of_chains_and_shared_gpus() -> None:
@@ -201,9 +218,20 @@ def test_layout_summary_of_chains_and_shared_gpus() -> None:
         ClusterSpec.homogeneous("a100", 1), MODEL, deployment, poisson_trace(2.0, 60.0)
     )
     simulator.advance(5.0)
-    local = simulator._local_columns(simulator._serving_summary.homes)
+    summary = simulator._serving_summary
+    constants = simulator._kernel_constants
+    local, _ = colocation_matrix(
+        summary.homes,
+        summary.gpu_shards,
+        simulator._transfer_constants.source_rows,
+        constants.attention_column,
+        summary.replicas[constants.attention_column],
+    )
     units = MODEL_SPEC.units
-    assert {units[column] for column in local} == set(units) - {UnitKind.FFN, UnitKind.LM_HEAD}
+    assert {units[column] for column in np.flatnonzero(local)} == set(units) - {
+        UnitKind.FFN,
+        UnitKind.LM_HEAD,
+    }
     _check_layout_summary(simulator)
     # on GPUs 0 and 1 a chain's attention meets no other stream's work
     attention = units.index(UnitKind.ATTENTION)
