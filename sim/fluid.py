@@ -588,8 +588,9 @@ class FluidSimulator:
             report.messages.append(
                 f"batch cap {cap} for {unit.value!r} clipped to {clipped} (1..{MAX_BATCH_CAP_TOKENS})"
             )
-        if clipped != self._unit_configs[unit].batch_cap_tokens:
-            self._unit_configs[unit] = replace(self._unit_configs[unit], batch_cap_tokens=clipped)
+        config = self._unit_configs[unit]  # the simulator's own copy: callers get copies (deployment)
+        if clipped != config.batch_cap_tokens:
+            config.batch_cap_tokens = clipped
             self._layout_stale = True
 
     def _scale_unit(
