@@ -23,10 +23,15 @@ energy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
 
 from opscale.sim.config import SimConfig
 from opscale.sim.deployment import Placement, as_placement
@@ -196,6 +201,14 @@ class ClusterState:
             )
             for index in range(self.spec.num_gpus)
         ]
+        # what placement reads, per GPU, as arrays kept equal to the GpuState fields (the compiled
+        # find_group reads them): free memory and resident replicas; per node its first GPU and size
+        self._free_bytes = np.array([gpu.free_bytes for gpu in self.gpus])
+        self._residents = np.zeros(len(self.gpus), dtype=np.int64)
+        self._node_first_gpu = np.array(
+            [self.spec.gpus_of_node(node).start for node in range(len(self.spec.nodes))], dtype=np.int64
+        )
+        self._node_gpus = np.array([node.gpus_per_node for node in self.spec.nodes], dtype=np.int64)
 
     # ------------------------------------------------------------------ memory
     def replica_bytes_per_gpu(self, unit: UnitKind, tp: int, batch_cap_tokens: int) -> float:
@@ -226,6 +239,8 @@ class ClusterState:
                 gpu.powered_since_s = now_s
             gpu.residents += 1
             gpu.used_bytes += bytes_per_gpu
+            self._free_bytes[index] = gpu.free_bytes
+            self._residents[index] = gpu.residents
 
     def grow(self, gpus: tuple[int, ...], bytes_per_gpu: float) -> None:
         """Enlarge a resident replica's reservation (an attention replica taking leftover memory for KV)."""
@@ -236,6 +251,7 @@ class ClusterState:
                     f"GPU {index} has {gpu.free_bytes / _GB:.2f} GB free, asked {bytes_per_gpu / _GB:.2f} GB"
                 )
             gpu.used_bytes += bytes_per_gpu
+            self._free_bytes[index] = gpu.free_bytes
 
     def release(self, gpus: tuple[int, ...], bytes_per_gpu: float, now_s: float) -> None:
         """Free a replica's memory; a GPU left with no resident is powered off."""
@@ -243,6 +259,8 @@ class ClusterState:
             gpu = self.gpus[index]
             gpu.used_bytes = max(0.0, gpu.used_bytes - bytes_per_gpu)
             gpu.residents -= 1
+            self._free_bytes[index] = gpu.free_bytes
+            self._residents[index] = gpu.residents
             if gpu.residents == 0:
                 gpu.powered_s += now_s - gpu.powered_since_s
 
@@ -268,66 +286,35 @@ class ClusterState:
         :param exclude: GPUs not to use.
         """
         policy = as_placement(policy)  # a name set after construction reads as its policy, not spread-node
-        colocate = policy is Placement.COLOCATE
-        affinity = (affinity or {}) if colocate else {}
-        best: tuple[tuple[float, ...], tuple[int, ...]] | None = None
-        for node_index in range(len(self.spec.nodes)):
-            node_gpus = self.spec.gpus_of_node(node_index)
-            candidates = [
-                self.gpus[i]
-                for i in node_gpus
-                if i not in exclude and self.gpus[i].free_bytes + 1e-3 >= bytes_per_gpu
-            ]
-            if len(candidates) < tp:
-                continue
-            if tp > 1 and len(node_gpus) % tp == 0:
-                free = {g.index for g in candidates}
-                windows = [
-                    [self.gpus[i] for i in group]
-                    for group in aligned_tp_groups(node_gpus, tp)
-                    if all(i in free for i in group)
-                ]
-            else:
-                if policy is Placement.PACK:
-                    candidates.sort(key=lambda g: (not g.powered, g.free_bytes, g.index))
-                elif colocate:
-                    candidates.sort(
-                        key=lambda g: (-affinity.get(g.index, 0), not g.powered, g.free_bytes, g.index)
-                    )
-                else:
-                    candidates.sort(key=lambda g: (g.residents, -g.free_bytes, g.index))
-                windows = [candidates[:tp]]
-            for group in windows:
-                if policy is Placement.PACK:
-                    key: tuple[float, ...] = (
-                        sum(not g.powered for g in group),
-                        sum(g.free_bytes for g in group),
-                        node_index,
-                    )
-                elif colocate:
-                    key = (
-                        -sum(affinity.get(g.index, 0) for g in group),
-                        sum(not g.powered for g in group),
-                        sum(g.free_bytes for g in group),
-                        node_index,
-                    )
-                elif policy is Placement.SPREAD_GPU:
-                    key = (sum(g.residents for g in group), -sum(g.free_bytes for g in group), node_index)
-                else:
-                    node_units = 0 if unit_count_by_node is None else unit_count_by_node.get(node_index, 0)
-                    key = (
-                        node_units,
-                        sum(g.residents for g in group),
-                        -sum(g.free_bytes for g in group),
-                        node_index,
-                    )
-                if best is None or key < best[0]:
-                    best = (key, tuple(sorted(g.index for g in group)))
-        return None if best is None else best[1]
+        gpus = len(self.gpus)
+        affinity_per_gpu = np.zeros(gpus)
+        if policy is Placement.COLOCATE and affinity:
+            for index, value in affinity.items():
+                affinity_per_gpu[index] = value
+        units_per_node = np.zeros(len(self._node_gpus))
+        if unit_count_by_node:
+            for node, count in unit_count_by_node.items():
+                units_per_node[node] = count
+        excluded = np.zeros(gpus, dtype=np.bool_)
+        for index in exclude:
+            excluded[index] = True
+        group = _find_group(
+            self._free_bytes,
+            self._residents,
+            self._node_first_gpu,
+            self._node_gpus,
+            int(tp),
+            float(bytes_per_gpu),  # one compiled signature, whatever number type the caller has
+            _POLICY_CODES[policy],
+            affinity_per_gpu,
+            units_per_node,
+            excluded,
+        )
+        return tuple(group.tolist()) if group.size else None
 
     def best_free_bytes(self) -> float:
-        """Largest free memory on any GPU (for error messages)."""
-        return max(g.free_bytes for g in self.gpus)
+        """Largest free memory on any GPU (error messages, and a quick no-room test before placing)."""
+        return float(self._free_bytes.max())
 
     def check_gpus_exist(self, gpus: tuple[int, ...], what: str) -> None:
         """:raises ValueError: if a GPU index is outside the cluster (names it and the range)."""
@@ -377,3 +364,112 @@ class ClusterState:
 
     def memory_used_bytes(self) -> list[float]:
         return [g.used_bytes for g in self.gpus]
+
+
+#: :func:`_find_group`'s policy codes
+_PACK, _SPREAD_GPU, _SPREAD_NODE, _COLOCATE = 0, 1, 2, 3
+_POLICY_CODES = {
+    Placement.PACK: _PACK,
+    Placement.SPREAD_GPU: _SPREAD_GPU,
+    Placement.SPREAD_NODE: _SPREAD_NODE,
+    Placement.COLOCATE: _COLOCATE,
+}
+
+
+@njit(cache=True)
+def _gpu_rank(
+    policy: int,
+    gpu: int,
+    free_bytes: NDArray[np.float64],
+    residents: NDArray[np.int64],
+    affinity: NDArray[np.float64],
+) -> tuple[float, float, float, float]:
+    """A GPU's place in its policy's order (lower first; the index breaks ties): ``pack`` best fit among
+    powered GPUs, then unpowered ones; ``colocate`` the highest affinity, then as ``pack``; the spreads
+    the fewest residents, then the most free memory."""
+    unpowered = 1.0 if residents[gpu] == 0 else 0.0
+    if policy == _PACK:
+        return 0.0, unpowered, free_bytes[gpu], float(gpu)
+    if policy == _COLOCATE:
+        return -affinity[gpu], unpowered, free_bytes[gpu], float(gpu)
+    return 0.0, float(residents[gpu]), -free_bytes[gpu], float(gpu)
+
+
+@njit(cache=True)
+def _group_key(
+    policy: int,
+    group: NDArray[np.int64],
+    node: int,
+    free_bytes: NDArray[np.float64],
+    residents: NDArray[np.int64],
+    affinity: NDArray[np.float64],
+    units_per_node: NDArray[np.float64],
+) -> tuple[float, float, float, float]:
+    """A candidate group's place among the nodes' groups (lower first; the node breaks ties)."""
+    unpowered = free = resident = affine = 0.0
+    for gpu in group:
+        unpowered += 1.0 if residents[gpu] == 0 else 0.0
+        free += free_bytes[gpu]
+        resident += residents[gpu]
+        affine += affinity[gpu]
+    if policy == _PACK:
+        return 0.0, unpowered, free, float(node)
+    if policy == _COLOCATE:
+        return -affine, unpowered, free, float(node)
+    if policy == _SPREAD_GPU:
+        return 0.0, resident, -free, float(node)
+    return units_per_node[node], resident, -free, float(node)
+
+
+@njit(cache=True)
+def _find_group(
+    free_bytes: NDArray[np.float64],
+    residents: NDArray[np.int64],
+    node_first_gpu: NDArray[np.int64],
+    node_gpus: NDArray[np.int64],
+    tp: int,
+    bytes_per_gpu: float,
+    policy: int,
+    affinity: NDArray[np.float64],
+    units_per_node: NDArray[np.float64],
+    excluded: NDArray[np.bool_],
+) -> NDArray[np.int64]:
+    """:meth:`ClusterState.find_group` over the per-GPU arrays: the chosen group's GPUs, ascending
+    (empty: none fits). Per node, the candidate GPUs have room and are not excluded; with aligned TP
+    groups (``tp`` divides the node) every aligned group of candidates competes, otherwise the first
+    ``tp`` candidates in the policy's GPU order; the best group over the nodes wins (first on ties)."""
+    best_key = (math.inf, math.inf, math.inf, math.inf)
+    best = np.empty(0, dtype=np.int64)
+    for node in range(node_first_gpu.size):
+        first, size = node_first_gpu[node], node_gpus[node]
+        fits = np.zeros(size, dtype=np.bool_)
+        for offset in range(size):
+            gpu = first + offset
+            fits[offset] = not excluded[gpu] and free_bytes[gpu] + 1e-3 >= bytes_per_gpu
+        if fits.sum() < tp:
+            continue
+        if tp > 1 and size % tp == 0:
+            for start in range(0, size - tp + 1, tp):
+                if fits[start : start + tp].all():
+                    group = np.arange(first + start, first + start + tp)
+                    key = _group_key(policy, group, node, free_bytes, residents, affinity, units_per_node)
+                    if key < best_key:
+                        best_key, best = key, group
+            continue
+        # the first tp candidates of the policy's order (ranks are distinct: the index is in them)
+        group = np.empty(tp, dtype=np.int64)
+        taken = ~fits
+        for slot in range(tp):
+            chosen = -1
+            chosen_rank = (math.inf, math.inf, math.inf, math.inf)
+            for offset in range(size):
+                if not taken[offset]:
+                    rank = _gpu_rank(policy, first + offset, free_bytes, residents, affinity)
+                    if rank < chosen_rank:
+                        chosen, chosen_rank = offset, rank
+            taken[chosen] = True
+            group[slot] = first + chosen
+        key = _group_key(policy, group, node, free_bytes, residents, affinity, units_per_node)
+        if key < best_key:
+            best_key, best = key, np.sort(group)
+    return best

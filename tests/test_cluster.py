@@ -66,6 +66,26 @@ def test_pack_fills_powered_gpus_first_spread_uses_fresh_ones() -> None:
     assert state.find_group(1, 30e9, Placement.PACK) == (3,)
 
 
+def test_excluded_gpus_and_odd_group_sizes() -> None:
+    state = _state(2)
+    state.reserve((3,), 20e9, now_s=0.0)
+    # pack prefers the powered GPU 3 unless it is excluded; then the first fresh GPU (lowest index)
+    assert state.find_group(1, 10e9, Placement.PACK) == (3,)
+    assert state.find_group(1, 10e9, Placement.PACK, exclude=frozenset({3})) == (0,)
+    assert state.find_group(1, 10e9, Placement.PACK, exclude=frozenset(range(8))) == (8,)
+    # TP-3 does not divide a node of 8: the first three GPUs of the policy's order, in one node
+    assert state.find_group(3, 10e9, Placement.PACK) == (0, 1, 3)
+    assert state.find_group(3, 10e9, Placement.SPREAD_GPU) == (0, 1, 2)
+    # a group larger than any node never fits; neither does a replica larger than any GPU
+    assert state.find_group(16, 1e9, Placement.PACK) is None
+    assert state.find_group(1, 100e9, Placement.SPREAD_GPU) is None
+    # the placement arrays follow reservations, growth and releases
+    state.grow((3,), 5e9)
+    state.release((3,), 25e9, now_s=1.0)
+    assert state.best_free_bytes() == pytest.approx(72e9)
+    assert state.find_group(1, 10e9, Placement.PACK) == (0,)
+
+
 def test_spread_node_balances_a_unit_across_nodes() -> None:
     state = _state(2)
     group = state.find_group(1, 1e9, Placement.SPREAD_NODE, unit_count_by_node={0: 3, 1: 0})
