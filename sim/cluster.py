@@ -16,6 +16,9 @@ one node whose free memory fits the replica:
 * ``colocate``: the group with the highest :func:`colocation_affinity` (where the replica's jobs
   stay on their GPU), then as ``pack``.
 
+:meth:`ClusterState.find_group` runs compiled (numba) over per-GPU arrays of free memory and resident
+replicas that :class:`ClusterState` keeps equal to its :class:`GpuState` objects.
+
 A GPU is *powered* while any replica (loading, serving or draining) resides on it, *busy* while any
 of its replicas runs a call. Busy and compute-bound seconds are integrated per GPU for utilisation and
 energy.
