@@ -142,14 +142,6 @@ ERLANG_GRID_POINTS = 1025
 MAX_BATCH_CAP_TOKENS = 1 << 17
 
 
-@dataclass(eq=False)
-class _Pending:
-    """A replica (or instance) that is loading or serving, with its placement record."""
-
-    unit: UnitKind | None
-    placed: PlacedReplica
-
-
 @dataclass
 class _Solution:
     """One control interval: the interval model's figures and what the simulator adds to them.
@@ -242,7 +234,6 @@ class FluidSimulator:
         self._build_transfer_constants()
         self.layout = FluidLayout(cluster, self.model, self.config, min_kv_tokens=self._max_request_tokens)
         self._now_s = 0.0
-        self._pending: list[_Pending] = []
         #: load time of an added operator-level replica, per (unit, TP) (asked once)
         self._replica_load_s: dict[tuple[UnitKind, int], float] = {}
         self._place_initial(deployment)
@@ -362,7 +353,6 @@ class FluidSimulator:
                     raise layout.placement_error(
                         f"an instance of {self.model.name!r}", self._tp * self._pp, need
                     )
-                self._pending.append(_Pending(None, placed))
             return
         for unit in (*self._stateless, UnitKind.ATTENTION):
             config = self._unit_configs[unit]
@@ -400,15 +390,12 @@ class FluidSimulator:
             placed = self.layout.place_stateless(
                 unit, config.tp, config.batch_cap_tokens, policy, ready_s, self._now_s, explicit
             )
-        if placed is not None:
-            self._pending.append(_Pending(unit, placed))
         return placed
 
     def _check_requests_fit(self) -> None:
-        kv = [
-            r.placed.kv_tokens / (self._pp if r.unit is None else 1)
-            for r in self._pending
-            if r.unit in (None, UnitKind.ATTENTION)
+        layout = self.layout
+        kv = [r.kv_tokens / self._pp for r in layout.instances] + [
+            r.kv_tokens for r in layout.replicas[UnitKind.ATTENTION]
         ]
         if kv and self._arrivals.num_requests and self._max_request_tokens > max(kv):
             raise ValueError(
@@ -626,20 +613,15 @@ class FluidSimulator:
             if added:
                 report.replicas_added[unit] = added
             return
-        live = [r for r in self._pending if r.unit is unit]
         # the engine's rule: loading replicas first, then the one whose GPU empties soonest
-        # (ClusterState.release_order), then the most recently added
-        live.sort(
-            key=lambda r: (
-                r.placed.ready_s <= self._now_s,
-                self.layout.state.release_order(r.placed.gpus),
-                -r.placed.ready_s,
-            )
+        # (ClusterState.release_order), then the most recently added (ties: placement order)
+        live = sorted(
+            self.layout.replicas[unit],
+            key=lambda r: (r.ready_s <= self._now_s, self.layout.state.release_order(r.gpus), -r.ready_s),
         )
         removable = live[: max(0, min(-delta, len(live) - 1))]
-        for record in removable:
-            self._pending.remove(record)
-            self.layout.remove(unit, record.placed, self._now_s)
+        for replica in removable:
+            self.layout.remove(unit, replica, self._now_s)
         if len(removable) < -delta:
             report.repairs += 1
             report.messages.append(
@@ -658,7 +640,6 @@ class FluidSimulator:
                 placed = self.layout.place_instance(self._tp, self._pp, budget, ready_s, self._now_s)
                 if placed is None:
                     break
-                self._pending.append(_Pending(None, placed))
                 added += 1
             if added < delta:
                 report.repairs += 1
@@ -669,11 +650,10 @@ class FluidSimulator:
                 for unit in self._unit_configs:
                     report.replicas_added[unit] = added
             return
-        live = sorted(self._pending, key=lambda r: (r.placed.ready_s <= self._now_s, -r.placed.ready_s))
+        live = sorted(self.layout.instances, key=lambda r: (r.ready_s <= self._now_s, -r.ready_s))
         removable = live[: max(0, min(-delta, len(live) - 1))]
-        for record in removable:
-            self._pending.remove(record)
-            self.layout.remove(None, record.placed, self._now_s)
+        for instance in removable:
+            self.layout.remove(None, instance, self._now_s)
         if len(removable) < -delta:
             report.repairs += 1
             report.messages.append(f"instances: asked {delta}, removed {len(removable)} (keeps at least one)")
@@ -777,8 +757,9 @@ class FluidSimulator:
                 for column, unit in enumerate(self._units)
             }
         if self._granularity == "model":
-            serving = sum(1 for r in self._pending if r.placed.ready_s <= now)
-            return {u: (serving, len(self._pending) - serving) for u in self._units}
+            instances = self.layout.instances
+            serving = sum(1 for r in instances if r.ready_s <= now)
+            return {u: (serving, len(instances) - serving) for u in self._units}
         counts = {}
         for unit in self._units:
             replicas = self.layout.replicas[unit]

@@ -267,13 +267,13 @@ def test_a_loading_instance_serves_from_the_boundary_nearest_its_ready_time() ->
     )
     simulator.advance(2.0)
     simulator.apply(ScalingAction(instance_delta=1))
-    ready_s = max(record.placed.ready_s for record in simulator._pending)
+    ready_s = max(instance.ready_s for instance in simulator.layout.instances)
     simulator.advance(ready_s - 3.4 - simulator.now_s)
     one = simulator.advance(2.0)  # ends 1.4 s before the ready time
     late = simulator.advance(2.0)  # ready 1.4 s in (after its middle): one instance serves it
     early = simulator.advance(2.0)  # ready 0.6 s before it starts
     simulator.apply(ScalingAction(instance_delta=1))
-    ready_s = max(record.placed.ready_s for record in simulator._pending)
+    ready_s = max(instance.ready_s for instance in simulator.layout.instances)
     simulator.advance(ready_s - 0.6 - simulator.now_s)
     mostly = simulator.advance(2.0)  # ready 0.6 s in (before its middle): the third instance serves all of it
     assert one.units[UnitKind.FFN].pending_replicas == 1 and late.units[UnitKind.FFN].replicas == 2
