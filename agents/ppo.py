@@ -342,6 +342,9 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
     # 1. Run directory and the exact configuration, so the run can be repeated from it.
     env_id = canonical_env_id(config.env_id)
     probe_env = make_env(env_id, config.env_kwargs)  # fail fast, in this process, on a bad id or key
+    # one reset here compiles the simulator's numba kernels (or loads them from the cache) before
+    # subprocess envs start: on a fresh install they would otherwise all compile at once
+    probe_env.reset(seed=config.seed)
     noop = noop_action(probe_env)
     if config.hold_out_windows and config.env_kwargs.get("episode_start_s") is None:
         training_starts = window_range(probe_env, "random")
