@@ -13,8 +13,10 @@ import math
 import numpy as np
 import pytest
 
+from opscale.sim.cluster import _find_group
 from opscale.sim.costmodel import default_cost_model
 from opscale.sim.deployment import Deployment, ScalingAction, UnitAction
+from opscale.sim.engine import DiscreteEventSimulator
 from opscale.sim.fluid import ERLANG_GRID_POINTS, MAX_TABLE_SERVERS, FluidSimulator
 from opscale.sim.fluid_kernel import (
     KernelConstants,
@@ -25,8 +27,11 @@ from opscale.sim.fluid_kernel import (
     _ttft_partial_sums,
     _ttft_share_within,
     colocation_matrix,
+    solve_interval,
+    transfer_terms,
 )
 from opscale.sim.fluid_latency import TtftMixture, shared_poisson_tail_table
+from opscale.sim.fluid_layout import _summarise_slots
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec, get_gpu
 from opscale.sim.models import UnitKind, get_model
@@ -292,3 +297,26 @@ def test_light_load_leaves_no_backlog_wait() -> None:
     intervals = [simulator.advance(5.0) for _ in range(40)]
     assert all(m.waiting_requests == 0 for m in intervals)
     assert max(m.units[UnitKind.ATTENTION].mean_wait_s for m in intervals) < 1e-3
+
+
+def test_compiled_functions_keep_one_signature() -> None:
+    """Both granularities, both simulators and a scaling action call the numba functions with the same
+    argument types: a second signature would mean a compile of several seconds in the middle of a run
+    (an int where a float was passed, a writeable array where a read-only one was)."""
+    trace = poisson_trace(2.0, 30.0)
+    model_level = Deployment.model_level(MODEL, "a100", instances=1, num_nodes=1)
+    replicas = {unit.value: 1 for unit in MODEL_SPEC.units}
+    operator_level = Deployment.operator_level(MODEL, "a100", replicas=replicas, num_nodes=1)
+    cluster = ClusterSpec.homogeneous("a100", 1)
+    for deployment in (model_level, operator_level):
+        simulator = FluidSimulator(cluster, MODEL, deployment, trace)
+        simulator.advance(5.0)
+        simulator.apply(
+            ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=1, placement="colocate")})
+        )
+        simulator.advance(5.0)
+    engine = DiscreteEventSimulator(cluster, MODEL, operator_level, trace)
+    engine.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=1, placement="spread-gpu")}))
+    engine.advance(5.0)
+    for compiled in (solve_interval, transfer_terms, colocation_matrix, _summarise_slots, _find_group):
+        assert len(compiled.signatures) == 1, (compiled.__name__, compiled.signatures)
