@@ -196,7 +196,6 @@ class AttentionSurrogate:
         #: per prior token)
         self.prefill_coefficients: FloatArray = coefficients
         self.prefill_coefficients.setflags(write=False)
-        self._prefill_list = [float(c) for c in coefficients]
         fitted = features @ coefficients
         #: worst relative error of the prefill fit on its grid
         self.prefill_fit_error = float(np.max(np.abs(fitted - times) / times))
@@ -221,7 +220,7 @@ class AttentionSurrogate:
         (vectorised; 0 where ``chunk_tokens`` is 0)."""
         chunk = np.asarray(chunk_tokens, dtype=np.float64)
         prior = np.asarray(prior_tokens, dtype=np.float64)
-        c0, c1, c2, c3, c4 = self._prefill_list
+        c0, c1, c2, c3, c4 = self.prefill_coefficients
         fitted = c0 + chunk * (c1 + c2 * 0.5 * (chunk + 1.0) + c3 * prior) + c4 * prior
         value: FloatArray = np.where(chunk > 0, np.maximum(fitted, 0.0), 0.0)
         return value
