@@ -205,8 +205,10 @@ class ClusterState:
             for index in range(self.spec.num_gpus)
         ]
         # what placement reads, per GPU, as arrays kept equal to the GpuState fields (the compiled
-        # find_group reads them): free memory and resident replicas; per node its first GPU and size
+        # find_group and the fluid's scale-down order read them): free and used memory and resident
+        # replicas; per node its first GPU and size
         self._free_bytes = np.array([gpu.free_bytes for gpu in self.gpus])
+        self._used_bytes = np.zeros(len(self.gpus))
         self._residents = np.zeros(len(self.gpus), dtype=np.int64)
         self._node_first_gpu = np.array(
             [self.spec.gpus_of_node(node).start for node in range(len(self.spec.nodes))], dtype=np.int64
@@ -243,6 +245,7 @@ class ClusterState:
             gpu.residents += 1
             gpu.used_bytes += bytes_per_gpu
             self._free_bytes[index] = gpu.free_bytes
+            self._used_bytes[index] = gpu.used_bytes
             self._residents[index] = gpu.residents
 
     def grow(self, gpus: tuple[int, ...], bytes_per_gpu: float) -> None:
@@ -255,6 +258,7 @@ class ClusterState:
                 )
             gpu.used_bytes += bytes_per_gpu
             self._free_bytes[index] = gpu.free_bytes
+            self._used_bytes[index] = gpu.used_bytes
 
     def release(self, gpus: tuple[int, ...], bytes_per_gpu: float, now_s: float) -> None:
         """Free a replica's memory; a GPU left with no resident is powered off."""
@@ -263,6 +267,7 @@ class ClusterState:
             gpu.used_bytes = max(0.0, gpu.used_bytes - bytes_per_gpu)
             gpu.residents -= 1
             self._free_bytes[index] = gpu.free_bytes
+            self._used_bytes[index] = gpu.used_bytes
             self._residents[index] = gpu.residents
             if gpu.residents == 0:
                 gpu.powered_s += now_s - gpu.powered_since_s

@@ -613,13 +613,10 @@ class FluidSimulator:
             if added:
                 report.replicas_added[unit] = added
             return
-        # the engine's rule: loading replicas first, then the one whose GPU empties soonest
-        # (ClusterState.release_order), then the most recently added (ties: placement order)
-        live = sorted(
-            self.layout.replicas[unit],
-            key=lambda r: (r.ready_s <= self._now_s, self.layout.state.release_order(r.gpus), -r.ready_s),
+        # the engine's rule (FluidLayout.scale_down_order); one replica always stays
+        removable = self.layout.scale_down_order(
+            unit, min(-delta, len(self.layout.replicas[unit]) - 1), self._now_s
         )
-        removable = live[: max(0, min(-delta, len(live) - 1))]
         for replica in removable:
             self.layout.remove(unit, replica, self._now_s)
         if len(removable) < -delta:

@@ -282,6 +282,25 @@ class FluidLayout:
         self._free_slots.append(replica.slot)
         replica.slot = -1
 
+    def scale_down_order(self, unit: UnitKind, count: int, now_s: float) -> list[PlacedReplica]:
+        """The first ``count`` replicas of ``unit`` in the engine's scale-down
+        order: loading ones first, then the one whose GPUs empty out soonest
+        (:meth:`ClusterState.release_order`: fewest residents, then least memory used, on the group's
+        most crowded GPU), then the most recently added; ties keep placement order."""
+        placed = self.replicas[unit]
+        if count <= 0:
+            return []
+        positions = _scale_down_order(
+            np.array([replica.slot for replica in placed], dtype=np.int64),
+            self._slot_gpus,
+            self._slot_ready_s,
+            self.state._residents,
+            self.state._used_bytes,
+            float(now_s),
+            int(count),
+        )
+        return [placed[position] for position in positions]
+
     # ------------------------------------------------------------------ summaries
     def serving_summary(self, serving_at_s: float) -> ServingSummary:
         """What the fluid model needs from the replicas serving at ``serving_at_s`` (``ready_s`` at or
@@ -364,3 +383,50 @@ def _summarise_slots(
             kv_tokens[serving_kv] = slot_kv_tokens[slot]
             serving_kv += 1
     return replicas, pending, next_ready_s, homes, shards, kv_tokens[:serving_kv]
+
+
+@njit(cache=True)
+def _scale_down_order(
+    slots: IntArray,
+    slot_gpus: IntArray,
+    slot_ready_s: FloatArray,
+    residents: IntArray,
+    used_bytes: FloatArray,
+    now_s: float,
+    count: int,
+) -> IntArray:
+    """:meth:`FluidLayout.scale_down_order` over the slot table: positions in ``slots`` of the first
+    ``count`` by key (serving, most residents on a GPU of the group, most bytes used on one, -ready
+    time), the earlier position first on ties (a stable sort's order)."""
+    keys = np.empty((slots.size, 4))
+    for position in range(slots.size):
+        slot = slots[position]
+        staying = 0
+        used = 0.0
+        for gpu in slot_gpus[slot]:
+            if gpu < 0:
+                break
+            staying = max(staying, residents[gpu])
+            used = max(used, used_bytes[gpu])
+        ready_s = slot_ready_s[slot]
+        keys[position, 0] = 1.0 if ready_s <= now_s else 0.0
+        keys[position, 1] = staying
+        keys[position, 2] = used
+        keys[position, 3] = -ready_s
+    taken = np.zeros(slots.size, dtype=np.bool_)
+    order = np.empty(min(count, slots.size), dtype=np.int64)
+    for rank in range(order.size):
+        best = -1
+        for position in range(slots.size):
+            if taken[position]:
+                continue
+            if best < 0 or (
+                keys[position, 0],
+                keys[position, 1],
+                keys[position, 2],
+                keys[position, 3],
+            ) < (keys[best, 0], keys[best, 1], keys[best, 2], keys[best, 3]):
+                best = position
+        taken[best] = True
+        order[rank] = best
+    return order

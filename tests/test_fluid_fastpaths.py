@@ -31,7 +31,7 @@ from opscale.sim.fluid_kernel import (
     transfer_terms,
 )
 from opscale.sim.fluid_latency import TtftMixture, shared_poisson_tail_table
-from opscale.sim.fluid_layout import _summarise_slots
+from opscale.sim.fluid_layout import _scale_down_order, _summarise_slots
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec, get_gpu
 from opscale.sim.models import UnitKind, get_model
@@ -210,6 +210,41 @@ def test_layout_summary_matches_the_pairwise_definitions() -> None:
     )
 
 
+def test_scale_down_order_matches_the_sorted_definition() -> None:
+    """The compiled scale-down order (over the slot table and the cluster's arrays) is the engine's rule
+    as a stable sort: loading first, then ``ClusterState.release_order``, then the latest ready; checked
+    on layouts grown and shrunk at random across two nodes, with loading and serving replicas mixed."""
+    rng = np.random.default_rng(7)
+    deployment = Deployment.operator_level(
+        MODEL, "a100", replicas=dict.fromkeys((u.value for u in MODEL_SPEC.units), 2), num_nodes=2
+    )
+    simulator = FluidSimulator(
+        ClusterSpec.homogeneous("a100", 2), MODEL, deployment, poisson_trace(2.0, 600.0)
+    )
+    layout = simulator.layout
+    policies = ["pack", "spread-gpu", "spread-node", "colocate"]
+    checked = 0
+    for _ in range(60):
+        simulator.advance(float(rng.choice([0.5, 5.0])))  # some replicas still load at the next check
+        unit = MODEL_SPEC.units[rng.integers(len(MODEL_SPEC.units))]
+        delta = int(rng.integers(-3, 4)) or 1
+        now_s = simulator.now_s
+        expected = sorted(
+            layout.replicas[unit],
+            key=lambda r: (r.ready_s <= now_s, layout.state.release_order(r.gpus), -r.ready_s),
+        )
+        for count in range(len(expected) + 1):
+            assert layout.scale_down_order(unit, count, now_s) == expected[:count]
+            checked += 1
+        simulator.apply(
+            ScalingAction(units={unit: UnitAction(replica_delta=delta, placement=str(rng.choice(policies)))})
+        )
+        # the arrays the compiled code reads follow every reserve, grow and release
+        assert layout.state._used_bytes.tolist() == [gpu.used_bytes for gpu in layout.state.gpus]
+        assert layout.state._residents.tolist() == [gpu.residents for gpu in layout.state.gpus]
+    assert checked > 200
+
+
 def test_layout_summary_of_chains_and_shared_gpus() -> None:
     """Chains (every unit beside its stream: no co-located work of other streams) next to a GPU with two
     streams, and an FFN pool that is not placed like the streams (so it, and the LM head fed by it,
@@ -315,8 +350,17 @@ def test_compiled_functions_keep_one_signature() -> None:
             ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=1, placement="colocate")})
         )
         simulator.advance(5.0)
+        simulator.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=-1)}))
+        simulator.advance(5.0)
     engine = DiscreteEventSimulator(cluster, MODEL, operator_level, trace)
     engine.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=1, placement="spread-gpu")}))
     engine.advance(5.0)
-    for compiled in (solve_interval, transfer_terms, colocation_matrix, _summarise_slots, _find_group):
+    for compiled in (
+        solve_interval,
+        transfer_terms,
+        colocation_matrix,
+        _summarise_slots,
+        _scale_down_order,
+        _find_group,
+    ):
         assert len(compiled.signatures) == 1, (compiled.__name__, compiled.signatures)
