@@ -214,6 +214,7 @@ class ClusterState:
             [self.spec.gpus_of_node(node).start for node in range(len(self.spec.nodes))], dtype=np.int64
         )
         self._node_gpus = np.array([node.gpus_per_node for node in self.spec.nodes], dtype=np.int64)
+        self._no_exclusion = np.zeros(len(self.gpus), dtype=np.bool_)
 
     # ------------------------------------------------------------------ memory
     def replica_bytes_per_gpu(self, unit: UnitKind, tp: int, batch_cap_tokens: int) -> float:
@@ -293,10 +294,9 @@ class ClusterState:
         :param affinity: per GPU, :func:`colocation_affinity` (``colocate``; absent GPUs count 0).
         :param exclude: GPUs not to use.
         """
-        policy = as_placement(policy)  # a name set after construction reads as its policy, not spread-node
         gpus = len(self.gpus)
         affinity_per_gpu = np.zeros(gpus)
-        if policy is Placement.COLOCATE and affinity:
+        if affinity:
             for index, value in affinity.items():
                 affinity_per_gpu[index] = value
         units_per_node = np.zeros(len(self._node_gpus))
@@ -306,6 +306,21 @@ class ClusterState:
         excluded = np.zeros(gpus, dtype=np.bool_)
         for index in exclude:
             excluded[index] = True
+        return self.find_group_per_gpu(tp, bytes_per_gpu, policy, affinity_per_gpu, units_per_node, excluded)
+
+    def find_group_per_gpu(
+        self,
+        tp: int,
+        bytes_per_gpu: float,
+        policy: Placement,
+        affinity_per_gpu: NDArray[np.float64],
+        units_per_node: NDArray[np.float64],
+        excluded: NDArray[np.bool_] | None = None,
+    ) -> tuple[int, ...] | None:
+        """:meth:`find_group` with its inputs as arrays (what a caller that keeps them as arrays passes):
+        ``affinity_per_gpu`` per GPU (read only by ``colocate``), ``units_per_node`` per node (read only
+        by ``spread-node``), ``excluded`` per GPU (``None``: none)."""
+        policy = as_placement(policy)  # a name set after construction reads as its policy, not spread-node
         group = _find_group(
             self._free_bytes,
             self._residents,
@@ -316,7 +331,7 @@ class ClusterState:
             _POLICY_CODES[policy],
             affinity_per_gpu,
             units_per_node,
-            excluded,
+            self._no_exclusion if excluded is None else excluded,
         )
         return tuple(group.tolist()) if group.size else None
 

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-from opscale.sim.cluster import ClusterState, PlacementError, colocation_affinity
+from opscale.sim.cluster import ClusterState, PlacementError
 from opscale.sim.config import SimConfig
 from opscale.sim.deployment import Placement
 from opscale.sim.hardware import ClusterSpec
@@ -117,6 +117,10 @@ class FluidLayout:
         self.instances = []
         self.min_kv_tokens = max(self.min_kv_tokens, self.config.kv_block_tokens * MIN_KV_BLOCKS)
         self._columns = {unit: column for column, unit in enumerate(self.model.units)}
+        self._node_of_gpu = np.array(
+            [self.cluster.node_of(gpu) for gpu in range(self.cluster.num_gpus)], np.int64
+        )
+        self._node_count = len(self.cluster.nodes)
         # the placed replicas as a slot table (what serving_summary reads, compiled): per slot its unit
         # column (INSTANCE_SLOT, FREE_SLOT), GPU group (padded with -1), ready time and KV tokens
         self._slot_column = np.full(0, FREE_SLOT, dtype=np.int64)
@@ -256,19 +260,16 @@ class FluidLayout:
             return explicit
         if self.state.best_free_bytes() + 1e-3 < need:
             return None  # no GPU has room (find_group's test): skip its per-node search
-        by_node: dict[int, int] | None = None
-        if policy is Placement.SPREAD_NODE:  # the only policy that reads the unit's replicas per node
-            by_node = {}
-            for replica in self.replicas[unit]:
-                node = self.state.gpus[replica.gpus[0]].node
-                by_node[node] = by_node.get(node, 0) + 1
-        affinity = None
-        if policy is Placement.COLOCATE:
-            homes = {
-                other: [replica.gpus[0] for replica in placed] for other, placed in self.replicas.items()
-            }
-            affinity = colocation_affinity(unit, homes)
-        return self.state.find_group(tp, need, policy, unit_count_by_node=by_node, affinity=affinity)
+        affinity, units_per_node = _placement_context(
+            self._slot_column,
+            self._slot_gpus,
+            len(self._columns),
+            self._columns[unit],
+            self._columns[UnitKind.ATTENTION],
+            self._node_of_gpu,
+            self._node_count,
+        )
+        return self.state.find_group_per_gpu(tp, need, policy, affinity, units_per_node)
 
     # ------------------------------------------------------------------ removal
     def remove(self, unit: UnitKind | None, replica: PlacedReplica, now_s: float) -> None:
@@ -430,3 +431,39 @@ def _scale_down_order(
         taken[best] = True
         order[rank] = best
     return order
+
+
+@njit(cache=True)
+def _placement_context(
+    slot_column: IntArray,
+    slot_gpus: IntArray,
+    columns: int,
+    column: int,
+    attention_column: int,
+    node_of_gpu: IntArray,
+    num_nodes: int,
+) -> tuple[FloatArray, FloatArray]:
+    """What placing one more replica of unit ``column`` reads from the replicas in place (loading or
+    serving): per GPU its :func:`~opscale.sim.cluster.colocation_affinity` (``colocate``), per node the
+    unit's replicas there (``spread-node``), both counted by home (first) GPU."""
+    num_gpus = node_of_gpu.size
+    streams = np.zeros(num_gpus)  # attention replicas per home GPU
+    own = np.zeros(num_gpus)  # the unit's replicas per home GPU
+    most_of_one_unit = np.zeros(num_gpus)  # per GPU, the most replicas of one stateless unit
+    per_unit = np.zeros((columns, num_gpus))
+    units_per_node = np.zeros(num_nodes)
+    for slot in range(slot_column.size):
+        other = slot_column[slot]
+        if other < 0:  # a free slot (instances never meet operator-level placement)
+            continue
+        home = slot_gpus[slot, 0]
+        per_unit[other, home] += 1.0
+        if other == attention_column:
+            streams[home] += 1.0
+        else:
+            most_of_one_unit[home] = max(most_of_one_unit[home], per_unit[other, home])
+        if other == column:
+            own[home] += 1.0
+            units_per_node[node_of_gpu[home]] += 1.0
+    excess = most_of_one_unit - streams if column == attention_column else streams - own
+    return np.maximum(excess, 0.0), units_per_node

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from opscale.sim.cluster import _find_group
+from opscale.sim.cluster import _find_group, colocation_affinity
 from opscale.sim.costmodel import default_cost_model
 from opscale.sim.deployment import Deployment, ScalingAction, UnitAction
 from opscale.sim.engine import DiscreteEventSimulator
@@ -31,7 +31,7 @@ from opscale.sim.fluid_kernel import (
     transfer_terms,
 )
 from opscale.sim.fluid_latency import TtftMixture, shared_poisson_tail_table
-from opscale.sim.fluid_layout import _scale_down_order, _summarise_slots
+from opscale.sim.fluid_layout import _placement_context, _scale_down_order, _summarise_slots
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec, get_gpu
 from opscale.sim.models import UnitKind, get_model
@@ -210,10 +210,13 @@ def test_layout_summary_matches_the_pairwise_definitions() -> None:
     )
 
 
-def test_scale_down_order_matches_the_sorted_definition() -> None:
-    """The compiled scale-down order (over the slot table and the cluster's arrays) is the engine's rule
-    as a stable sort: loading first, then ``ClusterState.release_order``, then the latest ready; checked
-    on layouts grown and shrunk at random across two nodes, with loading and serving replicas mixed."""
+def test_placement_reads_of_the_slot_table_match_their_definitions() -> None:
+    """What the fluid's placement computes compiled over the slot table and the cluster's arrays is the
+    engine's definition, on layouts grown and shrunk at random across two nodes (loading and serving
+    replicas mixed): the scale-down order is a stable sort by loading first, then
+    ``ClusterState.release_order``, then the latest ready; the co-location affinity is
+    :func:`colocation_affinity` of the replicas' home GPUs; the per-node count is the unit's replicas
+    per node."""
     rng = np.random.default_rng(7)
     deployment = Deployment.operator_level(
         MODEL, "a100", replicas=dict.fromkeys((u.value for u in MODEL_SPEC.units), 2), num_nodes=2
@@ -236,6 +239,23 @@ def test_scale_down_order_matches_the_sorted_definition() -> None:
         for count in range(len(expected) + 1):
             assert layout.scale_down_order(unit, count, now_s) == expected[:count]
             checked += 1
+        homes = {other: [r.gpus[0] for r in placed] for other, placed in layout.replicas.items()}
+        affinity, units_per_node = _placement_context(
+            layout._slot_column,
+            layout._slot_gpus,
+            len(MODEL_SPEC.units),
+            MODEL_SPEC.units.index(unit),
+            MODEL_SPEC.units.index(UnitKind.ATTENTION),
+            layout._node_of_gpu,
+            2,
+        )
+        assert dict(zip(*np.nonzero(affinity), affinity[affinity > 0], strict=True)) == colocation_affinity(
+            unit, homes
+        )
+        per_node = [
+            sum(1 for gpu in homes[unit] if simulator.cluster.node_of(gpu) == node) for node in range(2)
+        ]
+        assert units_per_node.tolist() == per_node
         simulator.apply(
             ScalingAction(units={unit: UnitAction(replica_delta=delta, placement=str(rng.choice(policies)))})
         )
@@ -361,6 +381,7 @@ def test_compiled_functions_keep_one_signature() -> None:
         colocation_matrix,
         _summarise_slots,
         _scale_down_order,
+        _placement_context,
         _find_group,
     ):
         assert len(compiled.signatures) == 1, (compiled.__name__, compiled.signatures)
