@@ -215,6 +215,7 @@ class ClusterState:
         )
         self._node_gpus = np.array([node.gpus_per_node for node in self.spec.nodes], dtype=np.int64)
         self._no_exclusion = np.zeros(len(self.gpus), dtype=np.bool_)
+        self._gpus_powered = 0  # GPUs with a resident, counted at reserve and release
 
     # ------------------------------------------------------------------ memory
     def replica_bytes_per_gpu(self, unit: UnitKind, tp: int, batch_cap_tokens: int) -> float:
@@ -243,6 +244,7 @@ class ClusterState:
             gpu = self.gpus[index]
             if gpu.residents == 0:
                 gpu.powered_since_s = now_s
+                self._gpus_powered += 1
             gpu.residents += 1
             gpu.used_bytes += bytes_per_gpu
             self._free_bytes[index] = gpu.free_bytes
@@ -272,6 +274,7 @@ class ClusterState:
             self._residents[index] = gpu.residents
             if gpu.residents == 0:
                 gpu.powered_s += now_s - gpu.powered_since_s
+                self._gpus_powered -= 1
 
     # ------------------------------------------------------------------ placement
     def find_group(
@@ -364,7 +367,8 @@ class ClusterState:
 
     @property
     def gpus_powered(self) -> int:
-        return sum(1 for g in self.gpus if g.powered)
+        """GPUs holding at least one replica."""
+        return self._gpus_powered
 
     def release_order(
         self, gpus: tuple[int, ...], leaving: Mapping[int, int] | None = None

@@ -112,9 +112,8 @@ from opscale.sim.fluid_kernel import (
     KernelLayout,
     PoolCarry,
     TransferConstants,
-    colocation_matrix,
+    operator_layout,
     solve_interval,
-    transfer_terms,
 )
 from opscale.sim.fluid_latency import LogHistogram, TtftMixture, shared_poisson_tail_table
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
@@ -227,8 +226,13 @@ class FluidSimulator:
         self._units = self.model.units
         self._stateless = tuple(u for u in self._units if u is not UnitKind.ATTENTION)
         self._lm_head_row = self._stateless.index(UnitKind.LM_HEAD)
-        self._pool_columns_list = [self._units.index(u) for u in self._stateless]
+        self._pool_columns = np.array([self._units.index(u) for u in self._stateless], dtype=np.int64)
         self._attention_column = self._units.index(UnitKind.ATTENTION)
+        # the pools' batch caps, in pool order, as the layout reads them (_set_batch_cap keeps it equal)
+        self._pool_index = {unit: pool for pool, unit in enumerate(self._stateless)}
+        self._pool_caps = np.array(
+            [float(self._unit_configs[unit].batch_cap_tokens) for unit in self._stateless]
+        )
         self._erlang = shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS)
         self._build_tables()
         self._build_transfer_constants()
@@ -311,7 +315,7 @@ class FluidSimulator:
             dense=self._dense_segments,
             points_per_octave=float(GRID_POINTS_PER_OCTAVE),
             lm_head_row=self._lm_head_row,
-            pool_columns=np.array(self._pool_columns_list, dtype=np.int64),
+            pool_columns=self._pool_columns,
             attention_column=self._attention_column,
             prefill_coefficients=attention.prefill_coefficients,
             decode_coefficients=np.array(
@@ -412,7 +416,7 @@ class FluidSimulator:
         self._layout_valid_until_s = summary.next_ready_s
         self._serving_summary = summary
         self._powered_count = float(self.layout.state.gpus_powered)
-        self._replicas = [float(count) for count in summary.replicas]
+        self._replicas = np.array(summary.replicas, dtype=np.float64).tolist()
         kv_tokens = summary.kv_tokens
         budget = float(self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens)
         if self._granularity == "model":
@@ -428,40 +432,17 @@ class FluidSimulator:
                 serving_gpus=float(summary.active_gpus),
             )
             return
-        streams = summary.replicas[self._attention_column]
-        fixed, per_token = transfer_terms(self._transfer_constants, summary.homes)
-        # contention in the fixed point: the other units' shards on each unit's GPUs
-        _, colocation = colocation_matrix(
+        self._kernel_layout = operator_layout(
+            self._transfer_constants,
             summary.homes,
             summary.gpu_shards,
-            self._transfer_constants.source_rows,
+            np.array(summary.replicas, dtype=np.int64),
+            kv_tokens,
+            self._pool_columns,
+            self._pool_caps,
             self._attention_column,
-            streams,
-        )
-        pool_columns = self._pool_columns_list
-        pool_replicas = [self._replicas[column] for column in pool_columns]
-        # share of the other streams a pool still serves while one of its replicas is held
-        other_streams = max(streams - 1, 1)
-        self._kernel_layout = KernelLayout(
-            ready=streams > 0 and all(summary.replicas),
-            streams=streams,
-            kv_per_stream=float(kv_tokens.sum()) / kv_tokens.size if kv_tokens.size else 0.0,
-            budget=budget,
-            stream_servers=max(streams, 1),
-            powered=self._powered_count,
-            serving_gpus=float(summary.active_gpus),
-            pool_replicas=np.array(pool_replicas),
-            pool_caps=np.array([float(self._unit_configs[u].batch_cap_tokens) for u in self._stateless]),
-            pool_servers=np.array(pool_replicas, dtype=np.int64),
-            contention_free=np.array(
-                [min(max(replicas - 1.0, 0.0) / other_streams, 1.0) for replicas in pool_replicas]
-            ),
-            pool_transfer_fixed_s=np.array([fixed[column] for column in pool_columns]),
-            pool_transfer_per_token_s=np.array([per_token[column] for column in pool_columns]),
-            attention_transfer_fixed_s=fixed[self._attention_column],
-            attention_transfer_per_token_s=per_token[self._attention_column],
-            colocation=colocation,
-            gpu_shards=summary.gpu_shards,
+            budget,
+            self._powered_count,
         )
 
     def _build_transfer_constants(self) -> None:
@@ -578,6 +559,8 @@ class FluidSimulator:
         config = self._unit_configs[unit]  # the simulator's own copy: callers get copies (deployment)
         if clipped != config.batch_cap_tokens:
             config.batch_cap_tokens = clipped
+            if unit in self._pool_index:
+                self._pool_caps[self._pool_index[unit]] = clipped
             self._layout_stale = True
 
     def _scale_unit(

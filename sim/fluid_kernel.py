@@ -400,6 +400,60 @@ def colocation_matrix(
     return local, colocation
 
 
+@njit(cache=True)
+def operator_layout(
+    links: TransferConstants,
+    homes: FloatArray,
+    gpu_shards: FloatArray,
+    replicas: NDArray[np.int64],
+    kv_tokens: FloatArray,
+    pool_columns: NDArray[np.int64],
+    pool_caps: FloatArray,
+    attention_column: int,
+    budget: float,
+    powered: float,
+) -> KernelLayout:
+    """An operator-level :class:`KernelLayout` from the serving replicas' summary
+    (:meth:`opscale.sim.fluid_layout.FluidLayout.serving_summary`: ``homes``, ``gpu_shards``, serving
+    ``replicas`` per unit, ``kv_tokens`` per attention replica) and the pools' batch caps."""
+    streams = replicas[attention_column]
+    fixed, per_token = transfer_terms(links, homes)
+    # contention in the fixed point: the other units' shards on each unit's GPUs
+    _, colocation = colocation_matrix(homes, gpu_shards, links.source_rows, attention_column, streams)
+    pool_servers = replicas[pool_columns]
+    pool_replicas = pool_servers.astype(np.float64)
+    # share of the other streams a pool still serves while one of its replicas is held
+    other_streams = max(streams - 1, 1)
+    contention_free = np.empty(pool_columns.size)
+    for pool in range(pool_columns.size):
+        contention_free[pool] = min(max(pool_replicas[pool] - 1.0, 0.0) / other_streams, 1.0)
+    kv_total = 0.0
+    for tokens in kv_tokens:
+        kv_total += tokens
+    every_unit_serves = True
+    for count in replicas:
+        every_unit_serves = every_unit_serves and count > 0
+    return KernelLayout(
+        streams > 0 and every_unit_serves,
+        streams,
+        kv_total / kv_tokens.size if kv_tokens.size else 0.0,
+        budget,
+        max(streams, 1),
+        powered,
+        float(gpu_shards.shape[0]),
+        pool_replicas,
+        pool_caps.copy(),
+        pool_servers,
+        contention_free,
+        fixed[pool_columns],
+        per_token[pool_columns],
+        fixed[attention_column],
+        per_token[attention_column],
+        colocation,
+        gpu_shards,
+    )
+
+
 # ---------------------------------------------------------------------------------------- lookups
 @njit(cache=True)
 def _line_at(intercepts: FloatArray, slopes: FloatArray, points_per_octave: float, tokens: float) -> float:

@@ -321,7 +321,7 @@ class FluidLayout:
             replicas=tuple(replicas.tolist()),
             pending=tuple(pending.tolist()),
             homes=homes,
-            gpu_shards=shards[shards.any(axis=1)],
+            gpu_shards=shards,
             kv_tokens=kv_tokens,
             next_ready_s=next_ready_s,
         )
@@ -357,7 +357,7 @@ def _summarise_slots(
 ) -> tuple[IntArray, IntArray, float, FloatArray, FloatArray, FloatArray]:
     """:meth:`FluidLayout.serving_summary` over the slot table: per unit the serving and loading
     replicas, the earliest ready time of a loading one, home GPUs ``[units, GPUs]``, serving shards
-    ``[GPUs, units]`` and the KV tokens of the serving attention replicas (or instances)."""
+    ``[GPUs holding one, units]`` and the KV tokens of the serving attention replicas (or instances)."""
     replicas = np.zeros(columns, dtype=np.int64)
     pending = np.zeros(columns, dtype=np.int64)
     homes = np.zeros((columns, num_gpus))
@@ -383,7 +383,12 @@ def _summarise_slots(
         if first <= attention_column < last:
             kv_tokens[serving_kv] = slot_kv_tokens[slot]
             serving_kv += 1
-    return replicas, pending, next_ready_s, homes, shards, kv_tokens[:serving_kv]
+    holding = 0  # the GPUs holding a serving shard, in GPU order
+    for gpu in range(num_gpus):
+        if shards[gpu].any():
+            shards[holding] = shards[gpu]
+            holding += 1
+    return replicas, pending, next_ready_s, homes, shards[:holding].copy(), kv_tokens[:serving_kv]
 
 
 @njit(cache=True)

@@ -27,8 +27,8 @@ from opscale.sim.fluid_kernel import (
     _ttft_partial_sums,
     _ttft_share_within,
     colocation_matrix,
+    operator_layout,
     solve_interval,
-    transfer_terms,
 )
 from opscale.sim.fluid_latency import TtftMixture, shared_poisson_tail_table
 from opscale.sim.fluid_layout import _placement_context, _scale_down_order, _summarise_slots
@@ -377,8 +377,7 @@ def test_compiled_functions_keep_one_signature() -> None:
     engine.advance(5.0)
     for compiled in (
         solve_interval,
-        transfer_terms,
-        colocation_matrix,
+        operator_layout,  # calls transfer_terms and colocation_matrix
         _summarise_slots,
         _scale_down_order,
         _placement_context,
