@@ -262,6 +262,7 @@ def test_placement_reads_of_the_slot_table_match_their_definitions() -> None:
         # the arrays the compiled code reads follow every reserve, grow and release
         assert layout.state._used_bytes.tolist() == [gpu.used_bytes for gpu in layout.state.gpus]
         assert layout.state._residents.tolist() == [gpu.residents for gpu in layout.state.gpus]
+        assert layout.state.gpus_powered == sum(1 for gpu in layout.state.gpus if gpu.residents)
     assert checked > 200
 
 
