@@ -75,6 +75,8 @@ def as_placement(value: Placement | str) -> Placement:
 
     :raises ValueError: for an unknown name (lists the valid ones).
     """
+    if isinstance(value, Placement):
+        return value  # (Placement(value) would return it too, through the slower enum lookup)
     try:
         return Placement(value)
     except ValueError:

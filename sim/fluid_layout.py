@@ -143,8 +143,7 @@ class FluidLayout:
             self._free_slots = list(range(size + grow - 1, size - 1, -1))  # lowest slot first
         slot = self._free_slots.pop()
         self._slot_column[slot] = column
-        self._slot_gpus[slot] = -1
-        self._slot_gpus[slot, : len(replica.gpus)] = replica.gpus
+        self._slot_gpus[slot] = replica.gpus + (-1,) * (self._slot_gpus.shape[1] - len(replica.gpus))
         self._slot_ready_s[slot] = replica.ready_s
         self._slot_kv_tokens[slot] = replica.kv_tokens
         replica.slot = slot
@@ -258,8 +257,6 @@ class FluidLayout:
             if any(self.state.gpus[i].free_bytes + 1e-3 < need for i in explicit):
                 return None
             return explicit
-        if self.state.best_free_bytes() + 1e-3 < need:
-            return None  # no GPU has room (find_group's test): skip its per-node search
         affinity, units_per_node = _placement_context(
             self._slot_column,
             self._slot_gpus,
