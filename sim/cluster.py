@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -44,11 +44,13 @@ from opscale.sim.models import ModelSpec, UnitKind
 __all__ = [
     "ClusterState",
     "GpuState",
+    "PlacementArrays",
     "PlacementError",
     "Replica",
     "ReplicaState",
     "aligned_tp_groups",
     "colocation_affinity",
+    "policy_code",
 ]
 
 _GB = 1e9
@@ -90,6 +92,19 @@ def colocation_affinity(unit: UnitKind, homes: Mapping[UnitKind, Iterable[int]])
         own = counts.get(unit, {})
         excess = {gpu: count - own.get(gpu, 0) for gpu, count in streams.items()}
     return {gpu: value for gpu, value in excess.items() if value > 0}
+
+
+class PlacementArrays(NamedTuple):
+    """The per-GPU arrays of a :class:`ClusterState` that compiled placement reads (kept equal to its
+    :class:`GpuState` objects by ``reserve``, ``grow`` and ``release``), and per node its first GPU and
+    size."""
+
+    used_bytes: NDArray[np.float64]
+    free_bytes: NDArray[np.float64]
+    residents: NDArray[np.int64]
+    capacity_bytes: NDArray[np.float64]
+    node_first_gpu: NDArray[np.int64]
+    node_gpus: NDArray[np.int64]
 
 
 class PlacementError(ValueError):
@@ -215,6 +230,14 @@ class ClusterState:
         )
         self._node_gpus = np.array([node.gpus_per_node for node in self.spec.nodes], dtype=np.int64)
         self._no_exclusion = np.zeros(len(self.gpus), dtype=np.bool_)
+        self._placement_arrays = PlacementArrays(
+            self._used_bytes,
+            self._free_bytes,
+            self._residents,
+            np.array([gpu.capacity_bytes for gpu in self.gpus]),
+            self._node_first_gpu,
+            self._node_gpus,
+        )
         self._gpus_powered = 0  # GPUs with a resident, counted at reserve and release
 
     # ------------------------------------------------------------------ memory
@@ -323,7 +346,6 @@ class ClusterState:
         """:meth:`find_group` with its inputs as arrays (what a caller that keeps them as arrays passes):
         ``affinity_per_gpu`` per GPU (read only by ``colocate``), ``units_per_node`` per node (read only
         by ``spread-node``), ``excluded`` per GPU (``None``: none)."""
-        policy = as_placement(policy)  # a name set after construction reads as its policy, not spread-node
         group = _find_group(
             self._free_bytes,
             self._residents,
@@ -331,12 +353,16 @@ class ClusterState:
             self._node_gpus,
             int(tp),
             float(bytes_per_gpu),  # one compiled signature, whatever number type the caller has
-            _POLICY_CODES[policy],
+            policy_code(policy),
             affinity_per_gpu,
             units_per_node,
             self._no_exclusion if excluded is None else excluded,
         )
         return tuple(group.tolist()) if group.size else None
+
+    def placement_arrays(self) -> PlacementArrays:
+        """The arrays compiled placement reads (live views: do not write them)."""
+        return self._placement_arrays
 
     def best_free_bytes(self) -> float:
         """Largest free memory on any GPU (error messages, and a quick no-room test before placing)."""
@@ -401,6 +427,12 @@ _POLICY_CODES = {
     Placement.SPREAD_NODE: _SPREAD_NODE,
     Placement.COLOCATE: _COLOCATE,
 }
+
+
+def policy_code(policy: Placement | str) -> int:
+    """The compiled placement's code of ``policy`` (a policy or its name)."""
+    # as_placement: a name set after construction reads as its policy, not spread-node
+    return _POLICY_CODES[as_placement(policy)]
 
 
 @njit(cache=True)

@@ -574,19 +574,18 @@ class FluidSimulator:
                 load_s = self._replica_load_s[unit, config.tp] = self.config.replica_load_time_s(
                     weight_bytes, whole_instance=False
                 )
-            added = 0
-            for _ in range(delta):
-                placed = self._place_unit(
-                    unit,
-                    config,
-                    None,
-                    self._now_s + load_s,
-                    share_later=False,
-                    policy=placement or config.placement,
+            policy = placement or config.placement
+            ready_s = self._now_s + load_s
+            if unit is UnitKind.ATTENTION:
+                added = 0
+                while added < delta and self._place_unit(
+                    unit, config, None, ready_s, share_later=False, policy=policy
+                ):
+                    added += 1
+            else:
+                added = self.layout.place_stateless_many(
+                    unit, config.tp, config.batch_cap_tokens, policy, ready_s, self._now_s, delta
                 )
-                if placed is None:
-                    break
-                added += 1
             if added < delta:
                 report.repairs += 1
                 report.messages.append(

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-from opscale.sim.cluster import ClusterState, PlacementError
+from opscale.sim.cluster import ClusterState, PlacementArrays, PlacementError, _find_group, policy_code
 from opscale.sim.config import SimConfig
 from opscale.sim.deployment import Placement
 from opscale.sim.hardware import ClusterSpec
@@ -129,19 +129,25 @@ class FluidLayout:
         self._slot_kv_tokens = np.zeros(0)
         self._free_slots: list[int] = []
 
-    def _occupy_slot(self, column: int, replica: PlacedReplica) -> None:
-        """Record a placed ``replica`` (of unit ``column``, or ``INSTANCE_SLOT``) in the slot table."""
-        if not self._free_slots:
+    def _reserve_slots(self, count: int) -> list[int]:
+        """The next ``count`` free slots in the order they are taken (the table grows when short)."""
+        if len(self._free_slots) < count:
             size = self._slot_column.size
-            grow = max(size, 32)
+            grow = max(size, 32, count)
             self._slot_column = np.concatenate([self._slot_column, np.full(grow, FREE_SLOT, np.int64)])
             self._slot_gpus = np.concatenate(
                 [self._slot_gpus, np.full((grow, self._slot_gpus.shape[1]), -1, np.int64)]
             )
             self._slot_ready_s = np.concatenate([self._slot_ready_s, np.zeros(grow)])
             self._slot_kv_tokens = np.concatenate([self._slot_kv_tokens, np.zeros(grow)])
-            self._free_slots = list(range(size + grow - 1, size - 1, -1))  # lowest slot first
-        slot = self._free_slots.pop()
+            # the new slots are taken after the free ones, lowest first
+            self._free_slots[:0] = range(size + grow - 1, size - 1, -1)
+        return self._free_slots[: -count - 1 : -1]
+
+    def _occupy_slot(self, column: int, replica: PlacedReplica) -> None:
+        """Record a placed ``replica`` (of unit ``column``, or ``INSTANCE_SLOT``) in the slot table."""
+        (slot,) = self._reserve_slots(1)
+        self._free_slots.pop()
         self._slot_column[slot] = column
         self._slot_gpus[slot] = replica.gpus + (-1,) * (self._slot_gpus.shape[1] - len(replica.gpus))
         self._slot_ready_s[slot] = replica.ready_s
@@ -191,6 +197,43 @@ class FluidLayout:
         self.replicas[unit].append(replica)
         self._occupy_slot(self._columns[unit], replica)
         return replica
+
+    def place_stateless_many(
+        self,
+        unit: UnitKind,
+        tp: int,
+        batch_cap_tokens: int,
+        policy: Placement,
+        ready_s: float,
+        now_s: float,
+        count: int,
+    ) -> int:
+        """Place up to ``count`` replicas of a non-attention unit by ``policy``, one after the other as
+        :meth:`place_stateless` would, in one compiled search; returns how many fitted."""
+        need = self.replica_bytes_per_gpu(unit, tp, batch_cap_tokens)
+        state = self.state
+        groups = _place_replicas(
+            np.array(self._reserve_slots(count), dtype=np.int64),
+            self._slot_column,
+            self._slot_gpus,
+            self._slot_ready_s,
+            self._slot_kv_tokens,
+            len(self._columns),
+            self._columns[unit],
+            self._columns[UnitKind.ATTENTION],
+            self._node_of_gpu,
+            state.placement_arrays(),
+            int(tp),
+            float(need),
+            policy_code(policy),
+            float(ready_s),
+        )
+        placed = self.replicas[unit]
+        for row in groups:
+            group = tuple(row.tolist())
+            state.reserve(group, need, now_s)
+            placed.append(PlacedReplica(group, need, ready_s, slot=self._free_slots.pop()))
+        return len(groups)
 
     def place_attention(
         self,
@@ -469,3 +512,63 @@ def _placement_context(
             units_per_node[node_of_gpu[home]] += 1.0
     excess = most_of_one_unit - streams if column == attention_column else streams - own
     return np.maximum(excess, 0.0), units_per_node
+
+
+@njit(cache=True)
+def _place_replicas(
+    slots: IntArray,
+    slot_column: IntArray,
+    slot_gpus: IntArray,
+    slot_ready_s: FloatArray,
+    slot_kv_tokens: FloatArray,
+    columns: int,
+    column: int,
+    attention_column: int,
+    node_of_gpu: IntArray,
+    cluster: PlacementArrays,
+    tp: int,
+    bytes_per_gpu: float,
+    policy: int,
+    ready_s: float,
+) -> IntArray:
+    """:meth:`FluidLayout.place_stateless_many` over the slot table: places replicas of unit ``column``
+    in ``slots`` (in order) until one does not fit, each chosen as ``find_group`` would after the
+    previous one's reservation; returns their groups ``[placed, tp]``. The slot table is written; the
+    cluster's arrays are not (the caller reserves each group, as :meth:`ClusterState.reserve` keeps
+    them), so the reservations here are made on copies with the same arithmetic."""
+    used = cluster.used_bytes.copy()
+    free = cluster.free_bytes.copy()
+    residents = cluster.residents.copy()
+    no_exclusion = np.zeros(free.size, dtype=np.bool_)
+    groups = np.empty((slots.size, tp), dtype=np.int64)
+    placed = 0
+    for slot in slots:
+        affinity, units_per_node = _placement_context(
+            slot_column, slot_gpus, columns, column, attention_column, node_of_gpu, cluster.node_gpus.size
+        )
+        group = _find_group(
+            free,
+            residents,
+            cluster.node_first_gpu,
+            cluster.node_gpus,
+            tp,
+            bytes_per_gpu,
+            policy,
+            affinity,
+            units_per_node,
+            no_exclusion,
+        )
+        if group.size == 0:
+            break
+        for gpu in group:
+            used[gpu] += bytes_per_gpu
+            free[gpu] = cluster.capacity_bytes[gpu] - used[gpu]
+            residents[gpu] += 1
+        slot_column[slot] = column
+        slot_gpus[slot] = -1
+        slot_gpus[slot, :tp] = group
+        slot_ready_s[slot] = ready_s
+        slot_kv_tokens[slot] = 0.0
+        groups[placed] = group
+        placed += 1
+    return groups[:placed]

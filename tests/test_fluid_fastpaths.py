@@ -31,7 +31,7 @@ from opscale.sim.fluid_kernel import (
     solve_interval,
 )
 from opscale.sim.fluid_latency import TtftMixture, shared_poisson_tail_table
-from opscale.sim.fluid_layout import _placement_context, _scale_down_order, _summarise_slots
+from opscale.sim.fluid_layout import _place_replicas, _placement_context, _scale_down_order, _summarise_slots
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec, get_gpu
 from opscale.sim.models import UnitKind, get_model
@@ -382,6 +382,7 @@ def test_compiled_functions_keep_one_signature() -> None:
         _summarise_slots,
         _scale_down_order,
         _placement_context,
+        _place_replicas,
         _find_group,
     ):
         assert len(compiled.signatures) == 1, (compiled.__name__, compiled.signatures)
