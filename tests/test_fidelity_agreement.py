@@ -2,7 +2,9 @@
 
 Targets at 30 / 60 / 90 % of the engine-measured capacity: SLO attainment within 5 points, GPU count
 identical, energy within 10 %, mean TTFT and mean TBT within 20 %. The full table, with overload and
-burst rows, is printed by ``python -m opscale.experiments.fidelity_report``.
+burst rows, is printed by ``python -m opscale.experiments.fidelity_report``. The operator-level
+latency and SLO targets are judged on means over six paired traces: near saturation one 300-s window's
+mean TTFT varies by a factor 2.7 between seeds (see :func:`mean_result`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import pytest
 
 from opscale.experiments.fidelity_report import (
     AgreementCase,
+    FidelityResult,
     agreement_cases,
+    mean_result,
     measure_capacity,
     poisson_trace,
     run_fidelity,
@@ -25,6 +29,8 @@ from opscale.sim.fluid import FluidSimulator
 
 DURATION_S = 300.0
 LOADS = (0.3, 0.6, 0.9)
+#: Trace seeds of the operator-level means (paired: both fidelities replay each trace).
+SEEDS = range(6)
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +42,43 @@ def capacities() -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def compare(capacities: dict[str, float]) -> Callable[[int, float], dict[str, bool]]:
-    """``(case index, load) -> target checks``, each pair simulated once per module."""
-    results: dict[tuple[int, float], dict[str, bool]] = {}
+def runs(capacities: dict[str, float]) -> Callable[[int, float, int], tuple[FidelityResult, FidelityResult]]:
+    """``(case index, load, seed) -> (fluid, DES)`` on the same Poisson trace, each run once per module."""
+    results: dict[tuple[int, float, int], tuple[FidelityResult, FidelityResult]] = {}
 
-    def run(case_index: int, load: float) -> dict[str, bool]:
-        if (case_index, load) not in results:
+    def run(case_index: int, load: float, seed: int) -> tuple[FidelityResult, FidelityResult]:
+        key = (case_index, load, seed)
+        if key not in results:
             case = agreement_cases()[case_index]
-            trace = poisson_trace(load * capacities[case.label], DURATION_S, seed=0)
-            fluid = run_fidelity(FluidSimulator, case, trace, DURATION_S)
-            des = run_fidelity(DiscreteEventSimulator, case, trace, DURATION_S)
-            results[(case_index, load)] = within_targets(fluid, des)
-        return results[(case_index, load)]
+            trace = poisson_trace(load * capacities[case.label], DURATION_S, seed=seed)
+            results[key] = (
+                run_fidelity(FluidSimulator, case, trace, DURATION_S),
+                run_fidelity(DiscreteEventSimulator, case, trace, DURATION_S),
+            )
+        return results[key]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def compare(
+    runs: Callable[[int, float, int], tuple[FidelityResult, FidelityResult]],
+) -> Callable[[int, float], dict[str, bool]]:
+    """``(case index, load) -> target checks`` on the seed-0 trace."""
+    return lambda case_index, load: within_targets(*runs(case_index, load, 0))
+
+
+@pytest.fixture(scope="module")
+def compare_over_seeds(
+    runs: Callable[[int, float, int], tuple[FidelityResult, FidelityResult]],
+) -> Callable[[int, float], dict[str, bool]]:
+    """``(case index, load) -> target checks`` on the means over :data:`SEEDS` paired traces."""
+
+    def check(case_index: int, load: float) -> dict[str, bool]:
+        pairs = [runs(case_index, load, seed) for seed in SEEDS]
+        return within_targets(mean_result([f for f, _ in pairs]), mean_result([d for _, d in pairs]))
+
+    return check
 
 
 @pytest.mark.parametrize("load", LOADS)
@@ -68,23 +97,40 @@ def test_operator_level_gpus_energy_and_tbt_agree(
 
 
 @pytest.mark.slow
-def test_operator_level_all_targets_at_light_load(compare: Callable[[int, float], dict[str, bool]]) -> None:
-    checks = compare(1, 0.3)
-    assert all(checks.values()), checks
+@pytest.mark.parametrize("load", LOADS)
+def test_operator_level_ttft_agrees_over_seeds(
+    load: float, compare_over_seeds: Callable[[int, float], dict[str, bool]]
+) -> None:
+    """Mean TTFT over six paired 300-s traces: near saturation one window is too noisy to judge (the
+    engine's mean TTFT at 90 % ranges 0.23-0.63 s over these seeds; the fluid's mean is 6 % below the
+    engine's mean). Before session 8 the 90 % row compared one window and read as a 49 % gap."""
+    checks = compare_over_seeds(1, load)
+    assert checks["ttft"] and checks["tbt"] and checks["energy"] and checks["gpus"], checks
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="operator-level SLO attainment (60 %) and TTFT (90 %, admission waits near saturation) miss "
-    "the targets by a few points; the gap is reported by experiments/fidelity_report.py",
-    strict=False,
+@pytest.mark.parametrize(
+    "load",
+    [
+        pytest.param(
+            0.3,
+            marks=pytest.mark.xfail(
+                reason="operator-level SLO attainment at 30 % is 6.4 points low over six seeds (TBT tails: "
+                "the fluid charges the long prefill gaps a request meets at its admission interval's "
+                "prefill rate); see the README's fidelity section",
+                strict=True,
+            ),
+        ),
+        0.6,
+        0.9,
+    ],
 )
-@pytest.mark.parametrize("load", (0.6, 0.9))
-def test_operator_level_slo_and_ttft_agree(
-    load: float, compare: Callable[[int, float], dict[str, bool]]
+def test_operator_level_slo_agrees_over_seeds(
+    load: float, compare_over_seeds: Callable[[int, float], dict[str, bool]]
 ) -> None:
-    checks = compare(1, load)
-    assert checks["slo"] and checks["ttft"], checks
+    """SLO attainment over six paired traces: 3.3 points low at 60 %, 1.6 at 90 % (session 8)."""
+    checks = compare_over_seeds(1, load)
+    assert checks["slo"], checks
 
 
 @pytest.mark.slow
