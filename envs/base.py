@@ -19,6 +19,7 @@ import math
 import operator
 from abc import abstractmethod
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar, SupportsFloat
 
 import gymnasium as gym
@@ -43,6 +44,8 @@ __all__ = ["AutoscaleEnv", "MetricsSnapshot", "interval_metrics_dict"]
 
 _SECONDS_PER_DAY = 86400.0
 _RESET_OPTIONS = frozenset({"start_s", "deployment"})
+#: Draws of a jittered starting deployment (``initial_replica_jitter``) before an episode starts unjittered.
+JITTER_ATTEMPTS = 10
 #: Enum ``.value`` goes through a descriptor; a dict lookup is several times cheaper on the step path.
 _UNIT_NAMES: dict[UnitKind, str] = {unit: unit.value for unit in UnitKind}
 
@@ -258,6 +261,41 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
     def _max_replicas(self) -> int:
         """Cap on replicas per unit (operator level) or on instances (model level)."""
 
+    def _new_simulator(self, deployment: Deployment, window: RequestTrace, seed: int) -> ServingSimulator:
+        """A simulator of the configured fidelity serving ``window`` from ``deployment``."""
+        return simulator_class(self.config.fidelity)(
+            self.cluster,
+            self.model,
+            copy.deepcopy(deployment),
+            window,
+            slo=self.slo,
+            cost_model=self.cost_model,
+            config=self.sim_config,
+            seed=seed,
+        )
+
+    def _jittered(self, deployment: Deployment, jitter: int) -> Deployment:
+        """``deployment`` with each unit's replicas (model level: the instances) moved by a uniform draw in
+        ``-jitter..+jitter`` from ``self.np_random``, kept in ``1..max_replicas``. A unit on explicit GPUs
+        that shrinks keeps its first groups; one that grows is placed by its placement policy."""
+
+        def draw(replicas: int) -> int:
+            moved = replicas + int(self.np_random.integers(-jitter, jitter + 1))
+            return min(max(moved, 1), self.max_replicas)
+
+        if deployment.granularity == "model":
+            instances = draw(deployment.instances)
+            units = {unit: replace(config, replicas=instances) for unit, config in deployment.units.items()}
+            return replace(deployment, instances=instances, units=units)
+        units = {}
+        for unit, config in deployment.units.items():
+            replicas = draw(config.replicas)
+            gpus = config.gpus
+            if gpus is not None:
+                gpus = gpus[:replicas] if replicas <= len(gpus) else None
+            units[unit] = replace(config, replicas=replicas, gpus=gpus)
+        return deployment.with_units(units)
+
     @abstractmethod
     def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
         """``(replicas, addable)`` per action group, for :meth:`action_masks`."""
@@ -291,6 +329,7 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
                 self.np_random.uniform(self.trace.start_s, self.trace.end_s - self.episode_length_s)
             )
         deployment = self.initial_deployment
+        jitter = self.config.initial_replica_jitter
         if "deployment" in options:
             given = check_deployment(
                 options["deployment"], self.model, self.config.gpu, self.config.num_nodes
@@ -298,20 +337,24 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
             assert given is not None, "reset option 'deployment' must be a Deployment or its dict"
             self._check_deployment(given)
             deployment = given
+            jitter = 0
         self._window_start_s = start_s
-        self._episode_deployment = deployment
         window = self.trace.window(start_s, start_s + self.episode_length_s)
-        simulator_cls = simulator_class(self.config.fidelity)
-        self._sim = simulator_cls(
-            self.cluster,
-            self.model,
-            copy.deepcopy(deployment),
-            window,
-            slo=self.slo,
-            cost_model=self.cost_model,
-            config=self.sim_config,
-            seed=int(self.np_random.integers(0, 2**62)),
-        )
+        simulator_seed = int(self.np_random.integers(0, 2**62))
+        self._sim = None
+        # a jittered start the cluster cannot hold (no room, or attention replicas too small for the
+        # longest request) is redrawn; after JITTER_ATTEMPTS the episode starts unjittered
+        for _ in range(JITTER_ATTEMPTS if jitter else 0):
+            candidate = self._jittered(deployment, jitter)
+            try:
+                self._sim = self._new_simulator(candidate, window, simulator_seed)
+            except ValueError:
+                continue
+            deployment = candidate
+            break
+        if self._sim is None:
+            self._sim = self._new_simulator(deployment, window, simulator_seed)
+        self._episode_deployment = deployment
         self._steps = 0
         self._last_rate_per_s = 0.0
         self._last_metrics = None

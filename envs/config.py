@@ -34,6 +34,13 @@ Keys (all optional; see :func:`default_config` for the defaults):
 ``initial_deployment``        ``None`` (sized from the trace's rate, see :mod:`opscale.envs.sizing`),
                               a ``Deployment`` or its ``to_dict()`` form
 ``initial_utilisation``       target utilisation the default initial deployment is sized for, in (0, 1]
+``initial_replica_jitter``    ``j >= 0``: per reset, each unit's starting replicas (model level: the
+                              instances) move by a uniform draw in ``-j..+j`` (``self.np_random``), kept
+                              in ``1..max_replicas_per_unit``, so episodes start over- and
+                              under-provisioned; a draw the cluster cannot hold is redrawn (see
+                              ``AutoscaleEnv.reset``). A unit on explicit GPUs that grows is placed
+                              by its policy. ``reset(options={"deployment": ...})`` is never
+                              jittered. Default 0.
 ``fidelity``                  ``"des"`` (request-level truth) or ``"fluid"`` (fast analytic model)
 ``replica_deltas``            the replica (or instance) changes one action may ask for, e.g. -2..+2
 ``batch_cap_buckets_tokens``  batch caps an action may select (tokens per call)
@@ -92,6 +99,7 @@ _DEFAULTS: dict[str, Any] = {
     "sim_config": None,
     "initial_deployment": None,
     "initial_utilisation": 0.6,
+    "initial_replica_jitter": 0,
     "fidelity": "fluid",
     "replica_deltas": (-2, -1, 0, 1, 2),
     "batch_cap_buckets_tokens": (256, 512, 1024, 2048, 4096, 8192),
@@ -131,6 +139,7 @@ class EnvConfig:
     sim_config: Mapping[str, Any]
     initial_deployment: Deployment | None
     initial_utilisation: float
+    initial_replica_jitter: int
     fidelity: Fidelity
     replica_deltas: tuple[int, ...]
     batch_cap_buckets_tokens: tuple[int, ...]
@@ -359,6 +368,9 @@ def resolve_config(config: Mapping[str, Any] | None = None, **overrides: Any) ->
         sim_config=dict(sim_config),
         initial_deployment=check_deployment(merged["initial_deployment"], model, gpu, num_nodes),
         initial_utilisation=initial_utilisation,
+        initial_replica_jitter=_positive_int(
+            "initial_replica_jitter", merged["initial_replica_jitter"], allow_zero=True
+        ),
         fidelity=fidelity,
         replica_deltas=replica_deltas,
         batch_cap_buckets_tokens=buckets,

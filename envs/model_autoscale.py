@@ -57,7 +57,8 @@ class ModelAutoscaleEnv(AutoscaleEnv):
 
     ``initial_deployment`` (default: instances of the smallest TP degree leaving half a GPU for the KV
     cache, sized for the trace's mean rate, see :mod:`opscale.envs.sizing`) at the start of a trace
-    window chosen as in the operator-level environment.
+    window chosen as in the operator-level environment; ``initial_replica_jitter`` moves the number of
+    starting instances per reset.
 
     ## Episode End
 

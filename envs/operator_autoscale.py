@@ -98,8 +98,11 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
     ``initial_utilisation``, see :mod:`opscale.envs.sizing`) on an empty cluster at the start of a trace
     window of ``(warmup_intervals + horizon) x control_interval_s`` seconds. The window starts at
     ``reset(options={"start_s": s})``, else at ``episode_start_s`` (or uniformly at random in its
-    ``(low, high)`` range), else uniformly at random in the trace (from ``self.np_random``); ``reset(options={"deployment": d})`` starts that episode from ``d``
-    instead. ``warmup_intervals`` (default 1) are simulated with no action before the first
+    ``(low, high)`` range), else uniformly at random in the trace (from ``self.np_random``);
+    ``reset(options={"deployment": d})`` starts that episode from ``d`` instead. With
+    ``initial_replica_jitter = j`` each unit's starting replicas move by a uniform draw in ``-j..+j``
+    per reset (over- and under-provisioned starts; draws that do not fit are redrawn).
+    ``warmup_intervals`` (default 1) are simulated with no action before the first
     observation. The simulator's own seed is drawn from ``self.np_random``. Requests longer than the
     model's context are clipped (``long_requests``, counted in ``env.unwrapped.trace.notes``).
 
@@ -119,7 +122,8 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
     ## Version History
 
     * v0: initial version. Before the first release the placement dimension gained its fourth
-      choice, ``colocate`` (PPO models trained before it expect three choices per unit).
+      choice, ``colocate`` (PPO models trained before it expect three choices per unit), and the
+      config key ``initial_replica_jitter`` (default 0: episodes start as before).
     """
 
     granularity = "operator"

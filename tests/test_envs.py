@@ -90,6 +90,8 @@ def _layout(units: tuple[UnitKind, ...] = DENSE_UNITS) -> ObservationLayout:
         ({"trace": "azure-chat"}, "unknown trace 'azure-chat'; valid names: .*azure-conv.*default"),
         ({"trace": 42}, "unknown trace 42"),
         ({"long_requests": "wrap"}, "unknown long_requests policy 'wrap'; valid: clip, drop, error"),
+        ({"initial_replica_jitter": -1}, "'initial_replica_jitter' must be >= 0"),
+        ({"initial_replica_jitter": 1.5}, "'initial_replica_jitter' must be"),
     ],
 )
 def test_bad_config_raises_naming_value_and_choices(
@@ -482,6 +484,75 @@ def test_reset_can_start_from_another_deployment(trace: RequestTrace, fake_sim: 
     model_level = Deployment.model_level("qwen2-7b", "a100", instances=1, num_nodes=2)
     with pytest.raises(ValueError, match="needs a deployment of granularity 'operator', got 'model'"):
         env.reset(options={"deployment": model_level})
+
+
+@pytest.mark.parametrize("env_class", [OperatorAutoscaleEnv, ModelAutoscaleEnv])
+def test_initial_replica_jitter_starts_episodes_over_and_under_provisioned(env_class: type) -> None:
+    """Per reset each unit's starting replicas (model level: the instances) move by up to the jitter,
+    within 1..max_replicas, reproducibly per seed; the simulator serves the jittered start; a given
+    deployment is never jittered; jitter 0 starts from the initial deployment."""
+    env = env_class(initial_replica_jitter=2, horizon=4)
+    base_counts = _replica_counts(env.initial_deployment)
+    starts = []
+    for seed in range(8):
+        env.reset(seed=seed)
+        counts = _replica_counts(env._episode_deployment)
+        assert counts == _replica_counts(env._sim.deployment)
+        for unit, count in counts.items():
+            assert 1 <= count <= env.max_replicas
+            assert abs(count - base_counts[unit]) <= 2
+        starts.append(counts)
+    assert any(counts != base_counts for counts in starts)
+    assert len({tuple(counts.values()) for counts in starts}) > 1
+    env.reset(seed=3)
+    assert _replica_counts(env._episode_deployment) == starts[3]
+    env.reset(seed=3, options={"deployment": env.initial_deployment})
+    assert env._episode_deployment == env.initial_deployment
+    plain = env_class(horizon=4)
+    plain.reset(seed=3)
+    assert plain._episode_deployment == plain.initial_deployment
+
+
+# the default trace's longest prompts exceed Llama-2-70B's 4096-token context: the env clips them and says so
+# and the sized deployment does not fit one 4-GPU node: the env starts from one replica per unit, and says so
+@pytest.mark.filterwarnings("ignore:.*'llama-2-70b' has a 4096-token context:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*default deployment. the sized replicas:UserWarning")
+@pytest.mark.parametrize("jitter", [3, 40])
+def test_initial_replica_jitter_redraws_starts_the_cluster_cannot_hold(
+    jitter: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Llama-2-70B on one 4-GPU H100 node has little room to spare: many jittered starts do not fit.
+    They are redrawn (after ``JITTER_ATTEMPTS`` the episode would start from the initial deployment);
+    a reset never fails, and ends with one simulator built."""
+    attempts = {"made": 0, "failed": 0}
+    build = base.AutoscaleEnv._new_simulator
+
+    def counted(self: base.AutoscaleEnv, *args: object) -> object:
+        attempts["made"] += 1
+        try:
+            return build(self, *args)  # type: ignore[arg-type]
+        except ValueError:
+            attempts["failed"] += 1
+            raise
+
+    monkeypatch.setattr(base.AutoscaleEnv, "_new_simulator", counted)
+    env = OperatorAutoscaleEnv(
+        model="llama-2-70b",
+        gpu="h100",
+        num_nodes=1,
+        gpus_per_node=4,
+        initial_replica_jitter=jitter,
+        horizon=4,
+    )
+    for seed in range(6):
+        env.reset(seed=seed)
+        assert _replica_counts(env._episode_deployment) == _replica_counts(env._sim.deployment)
+    assert attempts["failed"] > 0
+    assert attempts["made"] - attempts["failed"] == 6  # one simulator per reset in the end
+
+
+def _replica_counts(deployment: Deployment) -> dict[UnitKind, int]:
+    return {unit: config.replicas for unit, config in deployment.units.items()}
 
 
 def test_config_conflicting_with_the_ids_keyword_is_an_error() -> None:

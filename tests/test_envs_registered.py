@@ -28,8 +28,11 @@ def _make(env_id: str, **kwargs: Any) -> gym.Env:
 
 
 @pytest.mark.parametrize("env_id", sorted(opscale.ENV_IDS))
-def test_gymnasium_and_sb3_checkers_pass_without_warnings(env_id: str) -> None:
-    env = _make(env_id, render_mode="ansi")
+@pytest.mark.parametrize("jitter", [0, 1])
+def test_gymnasium_and_sb3_checkers_pass_without_warnings(env_id: str, jitter: int) -> None:
+    """Every id, starting from its initial deployment and from jittered ones (``initial_replica_jitter``:
+    the checkers' reset-determinism checks cover the draw)."""
+    env = _make(env_id, render_mode="ansi", initial_replica_jitter=jitter)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gymnasium_check_env(env.unwrapped)
