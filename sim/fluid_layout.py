@@ -331,12 +331,13 @@ class FluidLayout:
         placed = self.replicas[unit]
         if count <= 0:
             return []
+        cluster = self.state.placement_arrays()
         positions = _scale_down_order(
             np.array([replica.slot for replica in placed], dtype=np.int64),
             self._slot_gpus,
             self._slot_ready_s,
-            self.state._residents,
-            self.state._used_bytes,
+            cluster.residents,
+            cluster.used_bytes,
             float(now_s),
             int(count),
         )
