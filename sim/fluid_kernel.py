@@ -568,6 +568,32 @@ def mean_arrival_s(
 
 
 @njit(cache=True)
+def _arrivals_time_integral(
+    arrival_s: FloatArray, cumulative_arrival_s: FloatArray, low: float, high: float
+) -> float:
+    """``integral of N(t) dt`` over ``[low, high]``, ``N(t)`` the arrivals at or before ``t``."""
+    below = np.searchsorted(arrival_s, low, side="right")
+    upto = np.searchsorted(arrival_s, high, side="right")
+    inside = (upto - below) * high - (cumulative_arrival_s[upto] - cumulative_arrival_s[below])
+    return below * (high - low) + inside
+
+
+@njit(cache=True)
+def _forward_arrival_ratio(
+    arrival_s: FloatArray, cumulative_arrival_s: FloatArray, start_s: float, end_s: float, life_s: float
+) -> float:
+    """The arrival rate a request admitted in ``[start_s, end_s)`` meets over the next ``life_s`` (at a
+    uniform time in the interval), over the interval's own arrival rate (1 when it has none)."""
+    own = np.searchsorted(arrival_s, end_s, side="right") - np.searchsorted(arrival_s, start_s, side="right")
+    if own == 0 or life_s <= 0.0:
+        return 1.0
+    met = _arrivals_time_integral(
+        arrival_s, cumulative_arrival_s, start_s + life_s, end_s + life_s
+    ) - _arrivals_time_integral(arrival_s, cumulative_arrival_s, start_s, end_s)
+    return met / life_s / own
+
+
+@njit(cache=True)
 def _arrival_sum_s(arrival_s: FloatArray, cumulative_arrival_s: FloatArray, position: float) -> float:
     """Summed arrival times of the first ``position`` requests (fractional: part of the next one)."""
     index = min(int(position), arrival_s.size - 1)
@@ -1280,8 +1306,24 @@ def solve_interval(
     # the busy-period rate x / beta: the share of its gaps that carry a prefill chunk is phi * beta
     phi_gap = phi * beta
     gap_mean_s = (1.0 - phi_gap) * decode_s + phi_gap * mean_prefill_s
+    # a request meets the prefills of the requests that arrive while it decodes, not its interval's: a
+    # burst's requests would each be charged the whole burst's prefills (the trace tells which arrive
+    # when; under a binding capacity admissions, not arrivals, set the rate)
+    phi_seen = phi_gap
+    if x >= x_demand and gaps_per_request > 0:
+        phi_seen = min(
+            1.0,
+            phi_gap
+            * _forward_arrival_ratio(
+                constants.arrival_s,
+                constants.cumulative_arrival_s,
+                start_s,
+                end_s,
+                gaps_per_request * gap_mean_s,
+            ),
+        )
     tbt_slo = constants.tbt_slo_s
-    over = (1.0 - phi_gap) * (1.0 if decode_s > tbt_slo else 0.0) + phi_gap * _prefill_share_over(
+    over = (1.0 - phi_seen) * (1.0 if decode_s > tbt_slo else 0.0) + phi_seen * _prefill_share_over(
         constants, tbt_slo, full_s, last_chunk, last_times, prefill_weights[0]
     )
     # the engine's per-request p99 is the gap at rank floor(0.99 (g - 1)) (0-based, no interpolation):
@@ -1293,7 +1335,7 @@ def solve_interval(
         if not constants.tbt_max:
             needed[q] = int(max(1.0, gaps[q] - math.floor(0.99 * max(gaps[q] - 1.0, 0.0))))
     over_tails = _poisson_total_at_least(constants, over, gaps, needed)
-    long_tails = _poisson_total_at_least(constants, phi_gap, gaps, needed)
+    long_tails = _poisson_total_at_least(constants, phi_seen, gaps, needed)
     tbt_ok = 1.0 - over_tails * inverse_quantiles
     long_share = long_tails * inverse_quantiles
     # per-request TBT statistic: a prefill iteration's time when long gaps count, else the decode gap

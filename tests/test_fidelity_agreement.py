@@ -2,9 +2,9 @@
 
 Targets at 30 / 60 / 90 % of the engine-measured capacity: SLO attainment within 5 points, GPU count
 identical, energy within 10 %, mean TTFT and mean TBT within 20 %. The full table, with overload and
-burst rows, is printed by ``python -m opscale.experiments.fidelity_report``. The operator-level
-latency and SLO targets are judged on means over six paired traces: near saturation one 300-s window's
-mean TTFT varies by a factor 2.7 between seeds (see :func:`mean_result`).
+burst rows, is printed by ``python -m opscale.experiments.fidelity_report``. The targets are judged
+on means over six paired traces: near saturation one 300-s window's mean TTFT varies by a factor 2.7
+between seeds (see :func:`mean_result`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from opscale.sim.fluid import FluidSimulator
 
 DURATION_S = 300.0
 LOADS = (0.3, 0.6, 0.9)
-#: Trace seeds of the operator-level means (paired: both fidelities replay each trace).
+#: Trace seeds of every comparison: the targets are judged on means over these paired traces (both
+#: fidelities replay each), as one 300-s window near saturation is too noisy (see ``mean_result``).
 SEEDS = range(6)
 
 
@@ -64,14 +65,6 @@ def runs(capacities: dict[str, float]) -> Callable[[int, float, int], tuple[Fide
 def compare(
     runs: Callable[[int, float, int], tuple[FidelityResult, FidelityResult]],
 ) -> Callable[[int, float], dict[str, bool]]:
-    """``(case index, load) -> target checks`` on the seed-0 trace."""
-    return lambda case_index, load: within_targets(*runs(case_index, load, 0))
-
-
-@pytest.fixture(scope="module")
-def compare_over_seeds(
-    runs: Callable[[int, float, int], tuple[FidelityResult, FidelityResult]],
-) -> Callable[[int, float], dict[str, bool]]:
     """``(case index, load) -> target checks`` on the means over :data:`SEEDS` paired traces."""
 
     def check(case_index: int, load: float) -> dict[str, bool]:
@@ -89,48 +82,15 @@ def test_model_level_agreement(load: float, compare: Callable[[int, float], dict
 
 @pytest.mark.slow
 @pytest.mark.parametrize("load", LOADS)
-def test_operator_level_gpus_energy_and_tbt_agree(
+def test_operator_level_meets_every_target(
     load: float, compare: Callable[[int, float], dict[str, bool]]
 ) -> None:
+    """Two streams and every unit on one GPU. Near saturation one window is too noisy to judge (the
+    engine's mean TTFT at 90 % ranges 0.23-0.63 s over these seeds): before session 8 a single window
+    read as a 49 % TTFT gap. The SLO was 6.4 points low at 30 % over six seeds until the fluid charged a
+    request the prefills of the requests arriving while it decodes instead of its interval's."""
     checks = compare(1, load)
-    assert checks["gpus"] and checks["energy"] and checks["tbt"], checks
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("load", LOADS)
-def test_operator_level_ttft_agrees_over_seeds(
-    load: float, compare_over_seeds: Callable[[int, float], dict[str, bool]]
-) -> None:
-    """Mean TTFT over six paired 300-s traces: near saturation one window is too noisy to judge (the
-    engine's mean TTFT at 90 % ranges 0.23-0.63 s over these seeds; the fluid's mean is 6 % below the
-    engine's mean). Before session 8 the 90 % row compared one window and read as a 49 % gap."""
-    checks = compare_over_seeds(1, load)
-    assert checks["ttft"] and checks["tbt"] and checks["energy"] and checks["gpus"], checks
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "load",
-    [
-        pytest.param(
-            0.3,
-            marks=pytest.mark.xfail(
-                reason="operator-level SLO attainment at 30 % is 6.4 points low over six seeds (TBT tails: "
-                "the fluid charges the long prefill gaps a request meets at its admission interval's "
-                "prefill rate); see the README's fidelity section",
-                strict=True,
-            ),
-        ),
-        0.6,
-        0.9,
-    ],
-)
-def test_operator_level_slo_agrees_over_seeds(
-    load: float, compare_over_seeds: Callable[[int, float], dict[str, bool]]
-) -> None:
-    """SLO attainment over six paired traces: 3.3 points low at 60 %, 1.6 at 90 % (session 8)."""
-    checks = compare_over_seeds(1, load)
-    assert checks["slo"], checks
+    assert all(checks.values()), checks
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 
 from opscale.sim.costmodel import AttentionBatch, default_cost_model
 from opscale.sim.fluid_arrivals import PRIOR_REQUESTS, SHAPE_BLOCK_S, ArrivalIndex
-from opscale.sim.fluid_kernel import mean_arrival_s, weighted_quantile
+from opscale.sim.fluid_kernel import _forward_arrival_ratio, mean_arrival_s, weighted_quantile
 from opscale.sim.fluid_latency import LogHistogram, PoissonTailTable, TtftMixture, poisson_at_least
 from opscale.sim.fluid_tables import AttentionSurrogate, UnitTimeTable
 from opscale.sim.hardware import get_gpu
@@ -71,6 +71,29 @@ def test_mean_arrival_of_fcfs_positions() -> None:
     assert mean(0.5, 1.5) == pytest.approx(1.5)  # half of request 0, half of request 1
     assert mean(-1.0, 9.0) == pytest.approx(15.0 / 4.0)  # clipped to the trace
     assert np.isnan(mean(2.0, 2.0))
+
+
+def test_forward_arrival_ratio_counts_the_arrivals_a_request_meets() -> None:
+    """The arrivals met over the next ``life_s`` by a request admitted at a uniform time in the interval
+    (a fine Riemann sum over admission times), over the interval's own arrival rate."""
+    rng = np.random.default_rng(3)
+    arrival_s = np.sort(rng.uniform(0.0, 60.0, 90))
+    cumulative = np.concatenate(([0.0], np.cumsum(arrival_s)))
+    for start_s, life_s in [(10.0, 4.0), (20.0, 12.0), (55.0, 8.0), (0.0, 0.5)]:
+        end_s = start_s + 5.0
+        admissions = np.linspace(start_s, end_s, 20_001)
+        met = np.searchsorted(arrival_s, admissions + life_s, side="right") - np.searchsorted(
+            arrival_s, admissions, side="right"
+        )
+        own = np.count_nonzero((arrival_s > start_s) & (arrival_s <= end_s))
+        expected = met.mean() / life_s / (own / 5.0)
+        ratio = _forward_arrival_ratio(arrival_s, cumulative, start_s, end_s, life_s)
+        assert ratio == pytest.approx(expected, rel=2e-3)
+    # a burst's requests meet only what arrives after them: fewer than the burst's own rate
+    burst = np.array([10.1, 10.2, 10.3, 10.4, 10.5, 30.0])
+    burst_cumulative = np.concatenate(([0.0], np.cumsum(burst)))
+    assert _forward_arrival_ratio(burst, burst_cumulative, 10.0, 15.0, 4.0) < 0.5
+    assert _forward_arrival_ratio(burst, burst_cumulative, 40.0, 45.0, 4.0) == 1.0  # none arrive: no change
 
 
 def test_arrival_index_rejects_bad_input() -> None:
