@@ -113,7 +113,7 @@ from opscale.sim.fluid_kernel import (
     PoolCarry,
     TransferConstants,
     operator_layout,
-    solve_interval,
+    solve_interval_fields,
 )
 from opscale.sim.fluid_latency import LogHistogram, TtftMixture, shared_poisson_tail_table
 from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
@@ -246,6 +246,7 @@ class FluidSimulator:
         self._layout_stale = True
         self._layout_valid_until_s = math.inf
         self._kernel_constants = self._build_kernel_constants()
+        self._kernel_constant_fields = tuple(self._kernel_constants)
         # fluid state carried across intervals (see opscale.sim.fluid_kernel)
         self._carry = KernelCarry(
             backlog=0.0,
@@ -662,13 +663,14 @@ class FluidSimulator:
 
     def _solve(self, start_s: float, end_s: float) -> _Solution:
         """The fluid model over ``[start_s, end_s)`` with the replicas serving at ``start_s``: one call
-        of the compiled :func:`opscale.sim.fluid_kernel.solve_interval`."""
+        of the compiled :func:`opscale.sim.fluid_kernel.solve_interval` (through
+        :func:`~opscale.sim.fluid_kernel.solve_interval_fields`: plain tuples are cheaper to pass)."""
         window = self._arrivals.window(start_s, end_s)
-        result, self._carry = solve_interval(
-            self._kernel_constants,
-            self._kernel_layout,
-            self._carry,
-            self._pools,
+        result, self._carry = solve_interval_fields(
+            self._kernel_constant_fields,
+            tuple(self._kernel_layout),
+            tuple(self._carry),
+            tuple(self._pools),
             start_s,
             end_s,
             window.count,

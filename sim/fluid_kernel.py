@@ -5,11 +5,11 @@ Python and hands each control interval to :func:`solve_interval`: the fixed poin
 iteration time and the unit pools, then TTFT, TBT, SLO attainment, per-unit figures and energy. The
 model is the one described in :mod:`opscale.sim.fluid`'s docstring; this module is only its
 arithmetic, over a handful of units and :data:`~opscale.sim.fluid.LENGTH_QUANTILES` length points.
-Compiled, one interval takes about 50 us, numba's call overhead (~17 us for the named tuples) included,
-against ~0.7 ms for the same arithmetic in plain Python (``experiments/bench_fluid.py`` times whole
-``advance`` calls).
+Compiled, one interval takes about 40-50 us, numba's call overhead included, against ~0.7 ms for the
+same arithmetic in plain Python (``experiments/bench_fluid.py`` times whole ``advance`` calls).
 
-Inputs come in three named tuples, built by the simulator:
+Inputs come in named tuples, built by the simulator, and cross into compiled code as plain tuples of
+their fields (:func:`solve_interval_fields`: numba types those in C, named tuples through Python):
 
 * :class:`KernelConstants`: what depends on the model, GPU, unit TPs, config and SLO (built once);
 * :class:`KernelLayout`: what depends on the replicas serving (rebuilt when an action changed the
@@ -43,7 +43,9 @@ __all__ = [
     "TransferConstants",
     "colocation_matrix",
     "mean_arrival_s",
+    "operator_layout",
     "solve_interval",
+    "solve_interval_fields",
     "transfer_terms",
     "ttft_quantiles",
     "weighted_quantile",
@@ -1067,6 +1069,40 @@ def _operator_power_w(
 
 
 # ---------------------------------------------------------------------------------------- interval
+@njit(cache=True)
+def solve_interval_fields(
+    constants: tuple,
+    layout: tuple,
+    carry: tuple,
+    pools: tuple,
+    start_s: float,
+    end_s: float,
+    arrivals: int,
+    prompt_level: float,
+    output_level: float,
+    prompt_shape: FloatArray,
+    output_shape: FloatArray,
+) -> tuple[IntervalResult, KernelCarry]:
+    """:func:`solve_interval` with its four named tuples passed as plain tuples of their fields (``tuple(x)``).
+
+    It runs every step. numba types a plain tuple's arguments in C (~1 us); a named tuple goes through its
+    Python typing (~9 us for :class:`KernelConstants`, ~13 us for all four).
+    """
+    return solve_interval(
+        KernelConstants(*constants),
+        KernelLayout(*layout),
+        KernelCarry(*carry),
+        PoolCarry(*pools),
+        start_s,
+        end_s,
+        arrivals,
+        prompt_level,
+        output_level,
+        prompt_shape,
+        output_shape,
+    )
+
+
 @njit(cache=True)
 def solve_interval(
     constants: KernelConstants,

@@ -28,7 +28,7 @@ from opscale.sim.fluid_kernel import (
     _ttft_share_within,
     colocation_matrix,
     operator_layout,
-    solve_interval,
+    solve_interval_fields,
 )
 from opscale.sim.fluid_latency import TtftMixture, shared_poisson_tail_table
 from opscale.sim.fluid_layout import _place_replicas, _placement_context, _scale_down_order, _summarise_slots
@@ -377,7 +377,7 @@ def test_compiled_functions_keep_one_signature() -> None:
     engine.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=1, placement="spread-gpu")}))
     engine.advance(5.0)
     for compiled in (
-        solve_interval,
+        solve_interval_fields,  # calls solve_interval
         operator_layout,  # calls transfer_terms and colocation_matrix
         _summarise_slots,
         _scale_down_order,
