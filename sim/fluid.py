@@ -53,9 +53,12 @@ those ready by the middle of the interval, see the approximations below):
    exponential, so TTFT's distribution (mean, p50, p99, share within the SLO) is a mixture over
    prompt quantiles. TBT: every gap is an iteration; a decoding request's gap carries another
    request's prefill chunk with probability ``phi_gap = x E[chunks] T`` (the others arrive at rate
-   ``x``, Poisson). A request with ``g`` gaps has its p99 (max) gap above the SLO when at least
-   ``g - floor(0.99 (g - 1))`` (one) of its gaps are over it (the engine's rank rule for the p99 of a
-   request's gaps): Poisson counts over output quantiles.
+   ``x``, Poisson). For the SLO a request's chance is scaled to the arrivals it meets while it decodes:
+   the trace's arrival rate over the next mean decode time (averaged over admission times in the
+   interval) over the interval's own, unless capacity binds; otherwise a burst's requests would each be
+   charged the whole burst's prefills. A request with ``g`` gaps has its p99 (max) gap above the SLO
+   when at least ``g - floor(0.99 (g - 1))`` (one) of its gaps are over it (the engine's rank rule for
+   the p99 of a request's gaps): Poisson counts over output quantiles.
 6. **SLO attainment** with the "decided" rule of :mod:`opscale.sim.metrics`: served requests are
    decided (at completion, approximated as the interval they are admitted in) with probability
    ``P(TTFT ok) x P(TBT ok)`` of meeting the SLO; queued requests whose wait passes the TTFT SLO are
