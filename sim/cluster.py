@@ -238,7 +238,6 @@ class ClusterState:
             self._node_first_gpu,
             self._node_gpus,
         )
-        self._gpus_powered = 0  # GPUs with a resident, counted at reserve and release
 
     # ------------------------------------------------------------------ memory
     def replica_bytes_per_gpu(self, unit: UnitKind, tp: int, batch_cap_tokens: int) -> float:
@@ -267,7 +266,6 @@ class ClusterState:
             gpu = self.gpus[index]
             if gpu.residents == 0:
                 gpu.powered_since_s = now_s
-                self._gpus_powered += 1
             gpu.residents += 1
             gpu.used_bytes += bytes_per_gpu
             self._free_bytes[index] = gpu.free_bytes
@@ -297,7 +295,6 @@ class ClusterState:
             self._residents[index] = gpu.residents
             if gpu.residents == 0:
                 gpu.powered_s += now_s - gpu.powered_since_s
-                self._gpus_powered -= 1
 
     # ------------------------------------------------------------------ placement
     def find_group(
@@ -394,7 +391,7 @@ class ClusterState:
     @property
     def gpus_powered(self) -> int:
         """GPUs holding at least one replica."""
-        return self._gpus_powered
+        return int(np.count_nonzero(self._residents))
 
     def release_order(
         self, gpus: tuple[int, ...], leaving: Mapping[int, int] | None = None

@@ -231,11 +231,6 @@ class FluidSimulator:
         self._lm_head_row = self._stateless.index(UnitKind.LM_HEAD)
         self._pool_columns = np.array([self._units.index(u) for u in self._stateless], dtype=np.int64)
         self._attention_column = self._units.index(UnitKind.ATTENTION)
-        # the pools' batch caps, in pool order, as the layout reads them (_set_batch_cap keeps it equal)
-        self._pool_index = {unit: pool for pool, unit in enumerate(self._stateless)}
-        self._pool_caps = np.array(
-            [float(self._unit_configs[unit].batch_cap_tokens) for unit in self._stateless]
-        )
         self._erlang = shared_erlang_c_table(MAX_TABLE_SERVERS, ERLANG_GRID_POINTS)
         self._build_tables()
         self._build_transfer_constants()
@@ -443,7 +438,7 @@ class FluidSimulator:
             np.array(summary.replicas, dtype=np.int64),
             kv_tokens,
             self._pool_columns,
-            self._pool_caps,
+            np.array([float(self._unit_configs[unit].batch_cap_tokens) for unit in self._stateless]),
             self._attention_column,
             budget,
             self._powered_count,
@@ -563,8 +558,6 @@ class FluidSimulator:
         config = self._unit_configs[unit]  # the simulator's own copy: callers get copies (deployment)
         if clipped != config.batch_cap_tokens:
             config.batch_cap_tokens = clipped
-            if unit in self._pool_index:
-                self._pool_caps[self._pool_index[unit]] = clipped
             self._layout_stale = True
 
     def _scale_unit(

@@ -444,7 +444,7 @@ def operator_layout(
         powered,
         float(gpu_shards.shape[0]),
         pool_replicas,
-        pool_caps.copy(),
+        pool_caps,
         pool_servers,
         contention_free,
         fixed[pool_columns],
