@@ -9,7 +9,7 @@ import torch as th
 from stable_baselines3.common.distributions import MultiCategoricalDistribution
 
 import opscale  # noqa: F401  (registers the environments)
-from opscale.agents.policies import MultiDiscreteActorCriticPolicy, GroupedMultiCategoricalDistribution
+from opscale.agents.policies import GroupedMultiCategoricalDistribution, MultiDiscreteActorCriticPolicy
 
 NVEC = [5, 3, 7, 2, 1]
 
