@@ -266,7 +266,7 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         return simulator_class(self.config.fidelity)(
             self.cluster,
             self.model,
-            copy.deepcopy(deployment),
+            deployment,  # simulators copy the unit configs they change (tested)
             window,
             slo=self.slo,
             cost_model=self.cost_model,

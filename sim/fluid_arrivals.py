@@ -62,8 +62,26 @@ class ArrivalWindow:
     output_shape_list: list[float]
 
 
+def quantiles_of(values: FloatArray, levels: FloatArray) -> FloatArray:
+    """``np.quantile(values, levels)`` (its default ``"linear"`` method), bit for bit, from one sort: numpy
+    partitions around every requested index, ~4x slower for 16 levels (and a new simulator per episode
+    computes a few of these). ``levels`` in ``[0, 1]``, ``values`` not empty and free of NaN."""
+    ordered = np.sort(values)
+    virtual = (ordered.size - 1) * levels
+    below = np.floor(virtual)
+    gamma = virtual - below
+    lower = below.astype(np.intp)
+    low = ordered[lower]
+    high = ordered[np.minimum(lower + 1, ordered.size - 1)]
+    step = high - low
+    # numpy's _lerp: from the nearer end, so that the result is monotone in the level
+    points: FloatArray = low + step * gamma
+    np.subtract(high, step * (1.0 - gamma), out=points, where=gamma >= 0.5)
+    return points
+
+
 def _shape(values: FloatArray, levels: FloatArray) -> FloatArray:
-    points = np.quantile(values, levels)
+    points = quantiles_of(values, levels)
     result: FloatArray = points / points.mean()
     return result
 

@@ -46,7 +46,11 @@ class Snapshot:
 
 @runtime_checkable
 class ServingSimulator(Protocol):
-    """One serving simulation: a cluster, a model, a deployment, a trace, driven interval by interval."""
+    """One serving simulation: a cluster, a model, a deployment, a trace, driven interval by interval.
+
+    An implementation keeps its own copies of what it changes: the deployment it was built from stays as
+    the caller made it (environments start every episode from the same object).
+    """
 
     cluster: ClusterSpec
     model: ModelSpec

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from opscale.sim.costmodel import AttentionBatch, default_cost_model
-from opscale.sim.fluid_arrivals import PRIOR_REQUESTS, SHAPE_BLOCK_S, ArrivalIndex
+from opscale.sim.fluid_arrivals import PRIOR_REQUESTS, SHAPE_BLOCK_S, ArrivalIndex, quantiles_of
 from opscale.sim.fluid_kernel import _forward_arrival_ratio, mean_arrival_s, weighted_quantile
 from opscale.sim.fluid_latency import LogHistogram, PoissonTailTable, TtftMixture, poisson_at_least
 from opscale.sim.fluid_tables import AttentionSurrogate, UnitTimeTable
@@ -49,6 +49,14 @@ def test_shape_follows_the_block_of_the_window() -> None:
     assert np.allclose(index.window(0.0, 5.0).prompt_shape, 1.0)
     late = index.window(SHAPE_BLOCK_S + 10.0, SHAPE_BLOCK_S + 15.0).prompt_shape
     assert late.min() < 0.1 and late.max() > 1.9
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 17, 1000, 4099])
+def test_quantiles_of_equals_numpys_linear_quantile_bit_for_bit(size: int) -> None:
+    rng = np.random.default_rng(size)
+    levels = np.concatenate(((np.arange(16) + 0.5) / 16, [0.0, 0.5, 1.0], rng.uniform(0, 1, 8)))
+    for values in (rng.lognormal(6.0, 1.2, size).round(), rng.integers(1, 5, size).astype(float)):  # ties too
+        np.testing.assert_array_equal(quantiles_of(values, levels), np.quantile(values, levels))
 
 
 def test_empty_window_falls_back_to_trace_statistics(arrivals: tuple) -> None:
