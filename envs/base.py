@@ -14,7 +14,6 @@ observation is filled into one list then normalised in numpy.
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 from abc import abstractmethod

@@ -104,11 +104,15 @@ def test_removal_takes_the_replica_alone_on_its_gpu(fidelity: str) -> None:
 
 @pytest.mark.parametrize("granularity", ["operator", "model"])
 @pytest.mark.parametrize("simulator_class", [DiscreteEventSimulator, FluidSimulator])
-def test_the_deployment_a_simulator_starts_from_is_never_changed(simulator_class: type, granularity: str) -> None:
+def test_the_deployment_a_simulator_starts_from_is_never_changed(
+    simulator_class: type, granularity: str
+) -> None:
     # environments pass the same deployment object to the simulator of every episode
     model = get_model(MODEL)
     if granularity == "operator":
-        deployment = Deployment.operator_level(MODEL, "a100", replicas={u: 1 for u in model.units}, num_nodes=2)
+        deployment = Deployment.operator_level(
+            MODEL, "a100", replicas={u: 1 for u in model.units}, num_nodes=2
+        )
         action = ScalingAction(
             units={unit: UnitAction(replica_delta=1, batch_cap_tokens=512) for unit in model.units}
         )
