@@ -17,7 +17,8 @@ one node whose free memory fits the replica:
   stay on their GPU), then as ``pack``.
 
 :meth:`ClusterState.find_group` runs compiled (numba) over per-GPU arrays of free memory and resident
-replicas that :class:`ClusterState` keeps equal to its :class:`GpuState` objects.
+replicas: :class:`ClusterState` keeps memory, residents and powered time only as such arrays
+(:class:`PlacementArrays`), which its :class:`GpuState` objects read through.
 
 A GPU is *powered* while any replica (loading, serving or draining) resides on it, *busy* while any
 of its replicas runs a call. Busy and compute-bound seconds are integrated per GPU for utilisation and
@@ -95,9 +96,9 @@ def colocation_affinity(unit: UnitKind, homes: Mapping[UnitKind, Iterable[int]])
 
 
 class PlacementArrays(NamedTuple):
-    """The per-GPU arrays of a :class:`ClusterState` that compiled placement reads (kept equal to its
-    :class:`GpuState` objects by ``reserve``, ``grow`` and ``release``), and per node its first GPU and
-    size."""
+    """The per-GPU state of a :class:`ClusterState` (the only copy: its :class:`GpuState` objects read
+    it), and per node its first GPU and size. ``free_bytes`` is ``capacity_bytes - used_bytes``, stored
+    because placement reads it most."""
 
     used_bytes: NDArray[np.float64]
     free_bytes: NDArray[np.float64]
@@ -105,6 +106,8 @@ class PlacementArrays(NamedTuple):
     capacity_bytes: NDArray[np.float64]
     node_first_gpu: NDArray[np.int64]
     node_gpus: NDArray[np.int64]
+    powered_since_s: NDArray[np.float64]
+    powered_s: NDArray[np.float64]
 
 
 class PlacementError(ValueError):
@@ -120,33 +123,74 @@ class ReplicaState(str, Enum):
     RELEASED = "released"
 
 
-@dataclass
 class GpuState:
     """One GPU: memory, residents and time integrals.
+
+    Memory, residents and powered time live in the per-GPU arrays of the :class:`ClusterState` (compiled
+    placement reads and writes them); this object reads them through. Busy time is kept here (the
+    discrete-event engine's sharing updates it on every call).
 
     :param index: global GPU index.
     :param node: node index.
     :param spec: GPU type.
     :param capacity_bytes: usable memory (HBM x ``gpu_memory_fraction``).
+    :param arrays: the cluster's per-GPU arrays.
     """
 
-    index: int
-    node: int
-    spec: GPUSpec
-    capacity_bytes: float
-    used_bytes: float = 0.0
-    residents: int = 0
-    busy: int = 0
-    busy_since_s: float = 0.0
-    powered_since_s: float = 0.0
-    #: integrals since the last :meth:`ClusterState.take_interval`.
-    busy_s: float = 0.0
-    compute_bound_s: float = 0.0
-    powered_s: float = 0.0
+    __slots__ = (
+        "_arrays",
+        "busy",
+        "busy_s",
+        "busy_since_s",
+        "capacity_bytes",
+        "compute_bound_s",
+        "index",
+        "node",
+        "spec",
+    )
+
+    def __init__(
+        self, index: int, node: int, spec: GPUSpec, capacity_bytes: float, arrays: PlacementArrays
+    ) -> None:
+        self.index = index
+        self.node = node
+        self.spec = spec
+        self.capacity_bytes = capacity_bytes
+        self._arrays = arrays
+        #: calls running now, and since when the GPU has been busy
+        self.busy = 0
+        self.busy_since_s = 0.0
+        #: integrals since the last :meth:`ClusterState.take_interval`
+        self.busy_s = 0.0
+        self.compute_bound_s = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"GpuState(index={self.index}, node={self.node}, spec={self.spec.name!r}, used_bytes={self.used_bytes}, "
+            f"residents={self.residents}, busy={self.busy})"
+        )
+
+    @property
+    def used_bytes(self) -> float:
+        return float(self._arrays.used_bytes[self.index])
 
     @property
     def free_bytes(self) -> float:
-        return self.capacity_bytes - self.used_bytes
+        return float(self._arrays.free_bytes[self.index])
+
+    @property
+    def residents(self) -> int:
+        return int(self._arrays.residents[self.index])
+
+    @property
+    def powered_since_s(self) -> float:
+        """When the GPU last went from no resident replica to one."""
+        return float(self._arrays.powered_since_s[self.index])
+
+    @property
+    def powered_s(self) -> float:
+        """Powered seconds since the last :meth:`ClusterState.take_interval`, up to the last release."""
+        return float(self._arrays.powered_s[self.index])
 
     @property
     def powered(self) -> bool:
@@ -210,34 +254,41 @@ class ClusterState:
     gpus: list[GpuState] = field(init=False)
 
     def __post_init__(self) -> None:
+        num_gpus = self.spec.num_gpus
+        capacity = np.array(
+            [
+                self.spec.gpu_of(index).memory_bytes * self.config.gpu_memory_fraction
+                for index in range(num_gpus)
+            ]
+        )
+        self._placement_arrays = PlacementArrays(
+            used_bytes=np.zeros(num_gpus),
+            free_bytes=capacity.copy(),
+            residents=np.zeros(num_gpus, dtype=np.int64),
+            capacity_bytes=capacity,
+            node_first_gpu=np.array(
+                [self.spec.gpus_of_node(node).start for node in range(len(self.spec.nodes))], dtype=np.int64
+            ),
+            node_gpus=np.array([node.gpus_per_node for node in self.spec.nodes], dtype=np.int64),
+            powered_since_s=np.zeros(num_gpus),
+            powered_s=np.zeros(num_gpus),
+        )
+        self._free_bytes = self._placement_arrays.free_bytes
+        self._used_bytes = self._placement_arrays.used_bytes
+        self._residents = self._placement_arrays.residents
+        self._node_first_gpu = self._placement_arrays.node_first_gpu
+        self._node_gpus = self._placement_arrays.node_gpus
+        self._no_exclusion = np.zeros(num_gpus, dtype=np.bool_)
         self.gpus = [
             GpuState(
                 index=index,
                 node=self.spec.node_of(index),
                 spec=self.spec.gpu_of(index),
-                capacity_bytes=self.spec.gpu_of(index).memory_bytes * self.config.gpu_memory_fraction,
+                capacity_bytes=float(capacity[index]),
+                arrays=self._placement_arrays,
             )
-            for index in range(self.spec.num_gpus)
+            for index in range(num_gpus)
         ]
-        # what placement reads, per GPU, as arrays kept equal to the GpuState fields (the compiled
-        # find_group and the fluid's scale-down order read them): free and used memory and resident
-        # replicas; per node its first GPU and size
-        self._free_bytes = np.array([gpu.free_bytes for gpu in self.gpus])
-        self._used_bytes = np.zeros(len(self.gpus))
-        self._residents = np.zeros(len(self.gpus), dtype=np.int64)
-        self._node_first_gpu = np.array(
-            [self.spec.gpus_of_node(node).start for node in range(len(self.spec.nodes))], dtype=np.int64
-        )
-        self._node_gpus = np.array([node.gpus_per_node for node in self.spec.nodes], dtype=np.int64)
-        self._no_exclusion = np.zeros(len(self.gpus), dtype=np.bool_)
-        self._placement_arrays = PlacementArrays(
-            self._used_bytes,
-            self._free_bytes,
-            self._residents,
-            np.array([gpu.capacity_bytes for gpu in self.gpus]),
-            self._node_first_gpu,
-            self._node_gpus,
-        )
 
     # ------------------------------------------------------------------ memory
     def replica_bytes_per_gpu(self, unit: UnitKind, tp: int, batch_cap_tokens: int) -> float:
@@ -255,22 +306,20 @@ class ClusterState:
 
         :raises PlacementError: if any GPU lacks the memory (the message names it and the limit).
         """
+        arrays = self._placement_arrays
         for index in gpus:
-            gpu = self.gpus[index]
-            if gpu.free_bytes + 1e-3 < bytes_per_gpu:
+            if arrays.free_bytes[index] + 1e-3 < bytes_per_gpu:
+                gpu = self.gpus[index]
                 raise PlacementError(
                     f"GPU {index} ({gpu.spec.name}) has {gpu.free_bytes / _GB:.2f} GB free of "
                     f"{gpu.capacity_bytes / _GB:.2f} GB usable; the replica needs {bytes_per_gpu / _GB:.2f} GB"
                 )
         for index in gpus:
-            gpu = self.gpus[index]
-            if gpu.residents == 0:
-                gpu.powered_since_s = now_s
-            gpu.residents += 1
-            gpu.used_bytes += bytes_per_gpu
-            self._free_bytes[index] = gpu.free_bytes
-            self._used_bytes[index] = gpu.used_bytes
-            self._residents[index] = gpu.residents
+            if arrays.residents[index] == 0:
+                arrays.powered_since_s[index] = now_s
+            arrays.residents[index] += 1
+            arrays.used_bytes[index] += bytes_per_gpu
+            arrays.free_bytes[index] = arrays.capacity_bytes[index] - arrays.used_bytes[index]
 
     def grow(self, gpus: tuple[int, ...], bytes_per_gpu: float) -> None:
         """Enlarge a resident replica's reservation (an attention replica taking leftover memory for KV)."""
@@ -280,21 +329,20 @@ class ClusterState:
                 raise PlacementError(
                     f"GPU {index} has {gpu.free_bytes / _GB:.2f} GB free, asked {bytes_per_gpu / _GB:.2f} GB"
                 )
-            gpu.used_bytes += bytes_per_gpu
-            self._free_bytes[index] = gpu.free_bytes
-            self._used_bytes[index] = gpu.used_bytes
+        arrays = self._placement_arrays
+        for index in gpus:
+            arrays.used_bytes[index] += bytes_per_gpu
+            arrays.free_bytes[index] = arrays.capacity_bytes[index] - arrays.used_bytes[index]
 
     def release(self, gpus: tuple[int, ...], bytes_per_gpu: float, now_s: float) -> None:
         """Free a replica's memory; a GPU left with no resident is powered off."""
+        arrays = self._placement_arrays
         for index in gpus:
-            gpu = self.gpus[index]
-            gpu.used_bytes = max(0.0, gpu.used_bytes - bytes_per_gpu)
-            gpu.residents -= 1
-            self._free_bytes[index] = gpu.free_bytes
-            self._used_bytes[index] = gpu.used_bytes
-            self._residents[index] = gpu.residents
-            if gpu.residents == 0:
-                gpu.powered_s += now_s - gpu.powered_since_s
+            arrays.used_bytes[index] = max(0.0, arrays.used_bytes[index] - bytes_per_gpu)
+            arrays.free_bytes[index] = arrays.capacity_bytes[index] - arrays.used_bytes[index]
+            arrays.residents[index] -= 1
+            if arrays.residents[index] == 0:
+                arrays.powered_s[index] += now_s - arrays.powered_since_s[index]
 
     # ------------------------------------------------------------------ placement
     def find_group(
@@ -376,16 +424,19 @@ class ClusterState:
     # ------------------------------------------------------------------ busy / power accounting
     def take_interval(self, now_s: float) -> list[tuple[GPUSpec, float, float, float]]:
         """Per GPU ``(spec, powered_s, busy_s, compute_bound_s)`` since the previous call; resets them."""
+        arrays = self._placement_arrays
+        powered = arrays.residents > 0
+        arrays.powered_s[powered] += now_s - arrays.powered_since_s[powered]
+        arrays.powered_since_s[powered] = now_s
+        powered_s = arrays.powered_s.tolist()
+        arrays.powered_s[:] = 0.0
         out = []
         for gpu in self.gpus:
-            if gpu.powered:
-                gpu.powered_s += now_s - gpu.powered_since_s
-                gpu.powered_since_s = now_s
             if gpu.busy:
                 gpu.busy_s += now_s - gpu.busy_since_s
                 gpu.busy_since_s = now_s
-            out.append((gpu.spec, gpu.powered_s, gpu.busy_s, min(gpu.compute_bound_s, gpu.busy_s)))
-            gpu.powered_s = gpu.busy_s = gpu.compute_bound_s = 0.0
+            out.append((gpu.spec, powered_s[gpu.index], gpu.busy_s, min(gpu.compute_bound_s, gpu.busy_s)))
+            gpu.busy_s = gpu.compute_bound_s = 0.0
         return out
 
     @property
@@ -413,7 +464,7 @@ class ClusterState:
         return staying, max(self.gpus[i].used_bytes for i in gpus)
 
     def memory_used_bytes(self) -> list[float]:
-        return [g.used_bytes for g in self.gpus]
+        return self._used_bytes.tolist()
 
 
 #: :func:`_find_group`'s policy codes
