@@ -314,12 +314,7 @@ class ClusterState:
                     f"GPU {index} ({gpu.spec.name}) has {gpu.free_bytes / _GB:.2f} GB free of "
                     f"{gpu.capacity_bytes / _GB:.2f} GB usable; the replica needs {bytes_per_gpu / _GB:.2f} GB"
                 )
-        for index in gpus:
-            if arrays.residents[index] == 0:
-                arrays.powered_since_s[index] = now_s
-            arrays.residents[index] += 1
-            arrays.used_bytes[index] += bytes_per_gpu
-            arrays.free_bytes[index] = arrays.capacity_bytes[index] - arrays.used_bytes[index]
+        reserve_group(tuple(arrays), np.array(gpus, dtype=np.int64), float(bytes_per_gpu), float(now_s))
 
     def grow(self, gpus: tuple[int, ...], bytes_per_gpu: float) -> None:
         """Enlarge a resident replica's reservation (an attention replica taking leftover memory for KV)."""
@@ -336,13 +331,9 @@ class ClusterState:
 
     def release(self, gpus: tuple[int, ...], bytes_per_gpu: float, now_s: float) -> None:
         """Free a replica's memory; a GPU left with no resident is powered off."""
-        arrays = self._placement_arrays
-        for index in gpus:
-            arrays.used_bytes[index] = max(0.0, arrays.used_bytes[index] - bytes_per_gpu)
-            arrays.free_bytes[index] = arrays.capacity_bytes[index] - arrays.used_bytes[index]
-            arrays.residents[index] -= 1
-            if arrays.residents[index] == 0:
-                arrays.powered_s[index] += now_s - arrays.powered_since_s[index]
+        release_group(
+            tuple(self._placement_arrays), np.array(gpus, dtype=np.int64), float(bytes_per_gpu), float(now_s)
+        )
 
     # ------------------------------------------------------------------ placement
     def find_group(
@@ -467,6 +458,37 @@ class ClusterState:
         return self._used_bytes.tolist()
 
 
+@njit(cache=True)
+def reserve_group(cluster: tuple, gpus: NDArray[np.int64], bytes_per_gpu: float, now_s: float) -> None:
+    """Count a resident replica of ``bytes_per_gpu`` on each of ``gpus`` (negative entries end the group:
+    slot-table padding); a GPU that gets its first resident is powered from ``now_s``. ``cluster`` is a
+    :class:`PlacementArrays` as a plain tuple (``tuple(arrays)``: cheaper to pass), written in place.
+    The caller has checked the room."""
+    arrays = PlacementArrays(*cluster)
+    for gpu in gpus:
+        if gpu < 0:
+            break
+        if arrays.residents[gpu] == 0:
+            arrays.powered_since_s[gpu] = now_s
+        arrays.residents[gpu] += 1
+        arrays.used_bytes[gpu] += bytes_per_gpu
+        arrays.free_bytes[gpu] = arrays.capacity_bytes[gpu] - arrays.used_bytes[gpu]
+
+
+@njit(cache=True)
+def release_group(cluster: tuple, gpus: NDArray[np.int64], bytes_per_gpu: float, now_s: float) -> None:
+    """Undo :func:`reserve_group`; a GPU left with no resident stops being powered at ``now_s``."""
+    arrays = PlacementArrays(*cluster)
+    for gpu in gpus:
+        if gpu < 0:
+            break
+        arrays.used_bytes[gpu] = max(0.0, arrays.used_bytes[gpu] - bytes_per_gpu)
+        arrays.free_bytes[gpu] = arrays.capacity_bytes[gpu] - arrays.used_bytes[gpu]
+        arrays.residents[gpu] -= 1
+        if arrays.residents[gpu] == 0:
+            arrays.powered_s[gpu] += now_s - arrays.powered_since_s[gpu]
+
+
 #: :func:`_find_group`'s policy codes
 _PACK, _SPREAD_GPU, _SPREAD_NODE, _COLOCATE = 0, 1, 2, 3
 _POLICY_CODES = {
@@ -479,8 +501,9 @@ _POLICY_CODES = {
 
 def policy_code(policy: Placement | str) -> int:
     """The compiled placement's code of ``policy`` (a policy or its name)."""
+    code = _POLICY_CODES.get(policy) if isinstance(policy, Placement) else None
     # as_placement: a name set after construction reads as its policy, not spread-node
-    return _POLICY_CODES[as_placement(policy)]
+    return _POLICY_CODES[as_placement(policy)] if code is None else code
 
 
 @njit(cache=True)

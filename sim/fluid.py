@@ -106,7 +106,14 @@ from numpy.typing import NDArray
 
 from opscale.sim.config import ContentionModel, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
-from opscale.sim.deployment import ApplyReport, Deployment, Placement, ScalingAction, UnitDeployment
+from opscale.sim.deployment import (
+    ApplyReport,
+    Deployment,
+    Placement,
+    ScalingAction,
+    UnitAction,
+    UnitDeployment,
+)
 from opscale.sim.fluid_arrivals import ArrivalIndex
 from opscale.sim.fluid_kernel import (
     IntervalResult,
@@ -119,7 +126,7 @@ from opscale.sim.fluid_kernel import (
     solve_interval_fields,
 )
 from opscale.sim.fluid_latency import LogHistogram, TtftMixture, shared_poisson_tail_table
-from opscale.sim.fluid_layout import FluidLayout, PlacedReplica
+from opscale.sim.fluid_layout import FluidLayout, ScalingStep
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, AttentionSurrogate, UnitTimeTable, segment_lines
 from opscale.sim.hardware import ClusterSpec, GPUSpec
 from opscale.sim.inputs import check_deployment, prepare_requests
@@ -350,8 +357,7 @@ class FluidSimulator:
         if self._granularity == "model":
             budget = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens
             for _ in range(deployment.instances):
-                placed = layout.place_instance(self._tp, self._pp, budget, 0.0, 0.0)
-                if placed is None:
+                if not layout.place_instance(self._tp, self._pp, budget, 0.0, 0.0):
                     need = self.model.total_weight_bytes(self._tp) / self._pp
                     raise layout.placement_error(
                         f"an instance of {self.model.name!r}", self._tp * self._pp, need
@@ -361,39 +367,18 @@ class FluidSimulator:
             config = self._unit_configs[unit]
             for index in range(config.replicas):
                 explicit = None if config.gpus is None else tuple(config.gpus[index])
-                placed = self._place_unit(
-                    unit, config, explicit, 0.0, share_later=True, policy=config.placement
-                )
-                if placed is None:
+                if unit is UnitKind.ATTENTION:
+                    placed = layout.place_attention(
+                        config.tp, config.batch_cap_tokens, config.placement, explicit
+                    )
+                else:
+                    placed = layout.place_stateless(
+                        unit, config.tp, config.batch_cap_tokens, config.placement, explicit
+                    )
+                if not placed:
                     need = layout.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
                     raise layout.placement_error(f"a replica of unit {unit.value!r}", config.tp, need)
         layout.share_attention_memory()
-
-    def _place_unit(
-        self,
-        unit: UnitKind,
-        config: UnitDeployment,
-        explicit: tuple[int, ...] | None,
-        ready_s: float,
-        *,
-        share_later: bool,
-        policy: Placement,
-    ) -> PlacedReplica | None:
-        if unit is UnitKind.ATTENTION:
-            placed = self.layout.place_attention(
-                config.tp,
-                config.batch_cap_tokens,
-                policy,
-                ready_s,
-                self._now_s,
-                share_later=share_later,
-                explicit=explicit,
-            )
-        else:
-            placed = self.layout.place_stateless(
-                unit, config.tp, config.batch_cap_tokens, policy, ready_s, self._now_s, explicit
-            )
-        return placed
 
     def _check_requests_fit(self) -> None:
         layout = self.layout
@@ -432,7 +417,7 @@ class FluidSimulator:
             )
             return
         self._kernel_layout = operator_layout(
-            self._transfer_constants,
+            self._transfer_constant_fields,
             summary.homes,
             summary.gpu_shards,
             np.array(summary.replicas, dtype=np.int64),
@@ -480,6 +465,7 @@ class FluidSimulator:
             inter_latency_s=cluster.interconnect.latency_s,
             inter_inverse_bandwidth=1.0 / cluster.interconnect.bandwidth_bytes_per_s,
         )
+        self._transfer_constant_fields = tuple(self._transfer_constants)
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -500,11 +486,11 @@ class FluidSimulator:
     def deployment(self) -> Deployment:
         gpus_per_node = self.cluster.nodes[0].gpus_per_node
         if self._granularity == "model":
-            instances = len(self.layout.instances)
+            instances = self.layout.instance_count()
             units = {u: replace(c, replicas=instances, gpus=None) for u, c in self._unit_configs.items()}
         else:
             units = {
-                u: replace(c, replicas=len(self.layout.replicas[u]), gpus=None)
+                u: replace(c, replicas=self.layout.replica_count(u), gpus=None)
                 for u, c in self._unit_configs.items()
             }
             instances = 0
@@ -520,23 +506,27 @@ class FluidSimulator:
         )
 
     def apply(self, action: ScalingAction) -> ApplyReport:
-        """Apply a scaling action now; infeasible parts are repaired and counted (as the engine does)."""
-        report = ApplyReport()
-        for unit, unit_action in action.units_in_apply_order():
-            unit = UnitKind(unit)
+        """Apply a scaling action now; infeasible parts are repaired and counted (as the engine does).
+
+        Operator level: every unit's batch cap is set first (a unit's cap only sizes its own added
+        replicas), then all replica changes run in one compiled call (:meth:`FluidLayout.scale`) in the
+        action's apply order; the report lists each unit's repairs in that order.
+        """
+        ordered = [
+            (unit if unit.__class__ is UnitKind else UnitKind(unit), unit_action)
+            for unit, unit_action in action.units_in_apply_order()
+        ]
+        steps: list[ScalingStep] = []
+        cap_messages: dict[UnitKind, str] = {}
+        for unit, unit_action in ordered:
             if unit not in self._unit_configs:
-                report.repairs += 1
-                report.messages.append(f"unit {unit.value!r} is not a unit of {self.model.name!r}; ignored")
                 continue
             if unit_action.batch_cap_tokens is not None:
-                self._set_batch_cap(unit, unit_action.batch_cap_tokens, report)
+                cap_messages[unit] = self._set_batch_cap(unit, unit_action.batch_cap_tokens)
             if self._granularity == "operator" and unit_action.replica_delta:
-                self._scale_unit(unit, unit_action.replica_delta, unit_action.placement, report)
-            elif unit_action.replica_delta:
-                report.repairs += 1
-                report.messages.append(
-                    f"replica_delta for {unit.value!r} ignored: model-level deployments scale by instance_delta"
-                )
+                steps.append(self._scaling_step(unit, unit_action.replica_delta, unit_action.placement))
+        changes = self.layout.scale(steps, self._now_s)
+        report = self._report(ordered, steps, changes, cap_messages)
         if action.instance_delta:
             if self._granularity == "model":
                 self._scale_instances(action.instance_delta, report)
@@ -548,63 +538,76 @@ class FluidSimulator:
         self._totals.gpus_peak = max(self._totals.gpus_peak, self.layout.state.gpus_powered)
         return report
 
-    def _set_batch_cap(self, unit: UnitKind, cap: int, report: ApplyReport) -> None:
+    def _set_batch_cap(self, unit: UnitKind, cap: int) -> str:
+        """Set ``unit``'s batch cap, clipped to ``1..MAX_BATCH_CAP_TOKENS``; the repair message of a clip
+        (empty: none)."""
         clipped = min(max(int(cap), 1), MAX_BATCH_CAP_TOKENS)
-        if clipped != cap:
-            report.repairs += 1
-            report.messages.append(
-                f"batch cap {cap} for {unit.value!r} clipped to {clipped} (1..{MAX_BATCH_CAP_TOKENS})"
-            )
         config = self._unit_configs[unit]  # the simulator's own copy: callers get copies (deployment)
         if clipped != config.batch_cap_tokens:
             config.batch_cap_tokens = clipped
             self._layout_stale = True
+        if clipped == cap:
+            return ""
+        return f"batch cap {cap} for {unit.value!r} clipped to {clipped} (1..{MAX_BATCH_CAP_TOKENS})"
 
-    def _scale_unit(
-        self, unit: UnitKind, delta: int, placement: Placement | None, report: ApplyReport
-    ) -> None:
+    def _scaling_step(self, unit: UnitKind, delta: int, placement: Placement | None) -> ScalingStep:
         config = self._unit_configs[unit]
-        if delta > 0:
-            load_s = self._replica_load_s.get((unit, config.tp))
-            if load_s is None:
-                weight_bytes = 0.0 if unit is UnitKind.ATTENTION else self.model.weight_bytes(unit, config.tp)
-                load_s = self._replica_load_s[unit, config.tp] = self.config.replica_load_time_s(
-                    weight_bytes, whole_instance=False
-                )
-            policy = placement or config.placement
-            ready_s = self._now_s + load_s
-            if unit is UnitKind.ATTENTION:
-                added = 0
-                while added < delta and self._place_unit(
-                    unit, config, None, ready_s, share_later=False, policy=policy
-                ):
-                    added += 1
-            else:
-                added = self.layout.place_stateless_many(
-                    unit, config.tp, config.batch_cap_tokens, policy, ready_s, self._now_s, delta
-                )
-            if added < delta:
-                report.repairs += 1
-                report.messages.append(
-                    f"{unit.value}: asked +{delta} replicas, added {added} (no GPU with "
-                    f"{self.layout.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens) / 1e9:.2f} GB free)"
-                )
-            if added:
-                report.replicas_added[unit] = added
-            return
-        # the engine's rule (FluidLayout.scale_down_order); one replica always stays
-        removable = self.layout.scale_down_order(
-            unit, min(-delta, len(self.layout.replicas[unit]) - 1), self._now_s
-        )
-        for replica in removable:
-            self.layout.remove(unit, replica, self._now_s)
-        if len(removable) < -delta:
-            report.repairs += 1
-            report.messages.append(
-                f"{unit.value}: asked {delta} replicas, removed {len(removable)} (keeps at least one)"
+        load_s = self._replica_load_s.get((unit, config.tp))
+        if load_s is None:
+            weight_bytes = 0.0 if unit is UnitKind.ATTENTION else self.model.weight_bytes(unit, config.tp)
+            load_s = self._replica_load_s[unit, config.tp] = self.config.replica_load_time_s(
+                weight_bytes, whole_instance=False
             )
-        if removable:
-            report.replicas_removed[unit] = len(removable)
+        return ScalingStep(
+            unit=unit,
+            delta=delta,
+            tp=config.tp,
+            batch_cap_tokens=config.batch_cap_tokens,
+            policy=placement or config.placement,
+            ready_s=self._now_s + load_s,
+        )
+
+    def _report(
+        self,
+        ordered: list[tuple[UnitKind, UnitAction]],
+        steps: list[ScalingStep],
+        changes: list[int],
+        cap_messages: dict[UnitKind, str],
+    ) -> ApplyReport:
+        """The report of the unit actions ``ordered`` (apply order): what each added or removed, and its
+        repairs (unknown unit, clipped batch cap, replicas that did not fit or must stay, a replica delta
+        at model level), unit by unit."""
+        report = ApplyReport()
+        results = {step.unit: (step, change) for step, change in zip(steps, changes, strict=True)}
+        for unit, unit_action in ordered:
+            repairs: list[str] = []
+            if unit not in self._unit_configs:
+                repairs.append(f"unit {unit.value!r} is not a unit of {self.model.name!r}; ignored")
+            elif cap_messages.get(unit):
+                repairs.append(cap_messages[unit])
+            if unit in results:
+                step, change = results[unit]
+                if step.delta > 0 and change < step.delta:
+                    need = self.layout.replica_bytes_per_gpu(unit, step.tp, step.batch_cap_tokens)
+                    repairs.append(
+                        f"{unit.value}: asked +{step.delta} replicas, added {change} (no GPU with "
+                        f"{need / 1e9:.2f} GB free)"
+                    )
+                elif step.delta < 0 and change > step.delta:
+                    repairs.append(
+                        f"{unit.value}: asked {step.delta} replicas, removed {-change} (keeps at least one)"
+                    )
+                if change > 0:
+                    report.replicas_added[unit] = change
+                elif change < 0:
+                    report.replicas_removed[unit] = -change
+            elif unit_action.replica_delta and unit in self._unit_configs:
+                repairs.append(
+                    f"replica_delta for {unit.value!r} ignored: model-level deployments scale by instance_delta"
+                )
+            report.repairs += len(repairs)
+            report.messages += repairs
+        return report
 
     def _scale_instances(self, delta: int, report: ApplyReport) -> None:
         if delta > 0:
@@ -612,10 +615,9 @@ class FluidSimulator:
             ready_s = self._now_s + self.config.replica_load_time_s(weights, whole_instance=True)
             budget = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens
             added = 0
-            for _ in range(delta):
-                placed = self.layout.place_instance(self._tp, self._pp, budget, ready_s, self._now_s)
-                if placed is None:
-                    break
+            while added < delta and self.layout.place_instance(
+                self._tp, self._pp, budget, ready_s, self._now_s
+            ):
                 added += 1
             if added < delta:
                 report.repairs += 1
@@ -629,7 +631,7 @@ class FluidSimulator:
         live = sorted(self.layout.instances, key=lambda r: (r.ready_s <= self._now_s, -r.ready_s))
         removable = live[: max(0, min(-delta, len(live) - 1))]
         for instance in removable:
-            self.layout.remove(None, instance, self._now_s)
+            self.layout.remove(instance, self._now_s)
         if len(removable) < -delta:
             report.repairs += 1
             report.messages.append(f"instances: asked {delta}, removed {len(removable)} (keeps at least one)")
@@ -726,23 +728,12 @@ class FluidSimulator:
 
     def _replica_counts(self) -> dict[UnitKind, tuple[int, int]]:
         """Per unit, ``(serving, loading)`` replicas now (model level: instances, for every unit)."""
-        now = self._now_s
         summary = self._serving_summary
-        if now < summary.next_ready_s:  # nothing started serving since the summary: its counts hold
-            return {
-                unit: (summary.replicas[column], summary.pending[column])
-                for column, unit in enumerate(self._units)
-            }
-        if self._granularity == "model":
-            instances = self.layout.instances
-            serving = sum(1 for r in instances if r.ready_s <= now)
-            return {u: (serving, len(instances) - serving) for u in self._units}
-        counts = {}
-        for unit in self._units:
-            replicas = self.layout.replicas[unit]
-            serving = sum(1 for r in replicas if r.ready_s <= now)
-            counts[unit] = (serving, len(replicas) - serving)
-        return counts
+        if self._now_s < summary.next_ready_s:  # nothing started serving since the summary: its counts hold
+            serving, loading = summary.replicas, summary.pending
+        else:
+            serving, loading = self.layout.replica_counts(self._now_s)
+        return {unit: (serving[column], loading[column]) for column, unit in enumerate(self._units)}
 
     def snapshot(self) -> Snapshot:
         return Snapshot(

@@ -404,7 +404,7 @@ def colocation_matrix(
 
 @njit(cache=True)
 def operator_layout(
-    links: TransferConstants,
+    transfer: tuple,
     homes: FloatArray,
     gpu_shards: FloatArray,
     replicas: NDArray[np.int64],
@@ -417,7 +417,10 @@ def operator_layout(
 ) -> KernelLayout:
     """An operator-level :class:`KernelLayout` from the serving replicas' summary
     (:meth:`opscale.sim.fluid_layout.FluidLayout.serving_summary`: ``homes``, ``gpu_shards``, serving
-    ``replicas`` per unit, ``kv_tokens`` per attention replica) and the pools' batch caps."""
+    ``replicas`` per unit, ``kv_tokens`` per attention replica) and the pools' batch caps. ``transfer`` is
+    the :class:`TransferConstants` as a plain tuple (``tuple(constants)``: numba types a named tuple
+    argument in Python, ~9 us a call)."""
+    links = TransferConstants(*transfer)
     streams = replicas[attention_column]
     fixed, per_token = transfer_terms(links, homes)
     # contention in the fixed point: the other units' shards on each unit's GPUs

@@ -19,18 +19,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-from opscale.sim.cluster import ClusterState, PlacementArrays, PlacementError, _find_group, policy_code
+from opscale.sim.cluster import (
+    ClusterState,
+    PlacementArrays,
+    PlacementError,
+    _find_group,
+    policy_code,
+    release_group,
+    reserve_group,
+)
 from opscale.sim.config import SimConfig
 from opscale.sim.deployment import Placement
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
-__all__ = ["FluidLayout", "PlacedReplica", "ServingSummary"]
+__all__ = ["FluidLayout", "PlacedReplica", "ScalingStep", "ServingSummary"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -42,22 +51,42 @@ INSTANCE_SLOT, FREE_SLOT = -1, -2
 MIN_KV_BLOCKS = 16
 
 
-@dataclass(eq=False)
+class ScalingStep(NamedTuple):
+    """One unit's part of a scaling action, as :meth:`FluidLayout.scale` takes it.
+
+    :param unit: the unit.
+    :param delta: replicas to add (> 0) or remove (< 0).
+    :param tp: the unit's TP degree.
+    :param batch_cap_tokens: its batch cap (attention: the token budget), for the memory of added replicas.
+    :param policy: where added replicas go.
+    :param ready_s: when added replicas start serving.
+    """
+
+    unit: UnitKind
+    delta: int
+    tp: int
+    batch_cap_tokens: int
+    policy: Placement
+    ready_s: float
+
+
+@dataclass(frozen=True)
 class PlacedReplica:
-    """One replica (or one model-level instance) as the fluid simulator tracks it.
+    """One replica (or one model-level instance) as the fluid simulator has placed it: a read-only view
+    of its row in :class:`FluidLayout`'s slot table.
 
     :param gpus: its GPU group.
     :param bytes_per_gpu: memory reserved on each of them.
     :param ready_s: when it starts serving.
     :param kv_tokens: KV capacity in tokens (attention replicas and instances; per instance, all streams).
+    :param slot: its row in the slot table.
     """
 
     gpus: tuple[int, ...]
     bytes_per_gpu: float
     ready_s: float
-    kv_tokens: float = 0.0
-    #: its row in :class:`FluidLayout`'s slot table (-1 while not placed)
-    slot: int = -1
+    kv_tokens: float
+    slot: int
 
 
 @dataclass(frozen=True)
@@ -92,6 +121,12 @@ class ServingSummary:
 class FluidLayout:
     """Placement state: the replicas of every unit (or the instances) on the cluster's GPUs.
 
+    The replicas are rows of a slot table (numpy arrays, what the compiled placement, scaling and
+    summary read and write): per slot the unit column (``INSTANCE_SLOT`` for a model-level instance,
+    ``FREE_SLOT``), the GPU group (padded with -1), the ready time, the KV tokens, the bytes reserved per
+    GPU and a placement sequence number (the order replicas were placed in, which breaks scale-down
+    ties). :attr:`replicas` and :attr:`instances` read it as :class:`PlacedReplica` records.
+
     :param cluster: the cluster.
     :param model: the model.
     :param config: engine constants (memory fraction, KV block size).
@@ -103,8 +138,6 @@ class FluidLayout:
     config: SimConfig
     min_kv_tokens: int = 0
     state: ClusterState = field(init=False)
-    replicas: dict[UnitKind, list[PlacedReplica]] = field(init=False)
-    instances: list[PlacedReplica] = field(init=False)
     # KV tokens a run-time-added attention replica reserves (the engine's rule): the smallest start-up share
     added_attention_kv_tokens: int = field(init=False, default=0)
     _replica_bytes: dict[tuple[UnitKind, int, int], float] = field(
@@ -113,21 +146,21 @@ class FluidLayout:
 
     def __post_init__(self) -> None:
         self.state = ClusterState(self.cluster, self.model, self.config)
-        self.replicas = {unit: [] for unit in self.model.units}
-        self.instances = []
         self.min_kv_tokens = max(self.min_kv_tokens, self.config.kv_block_tokens * MIN_KV_BLOCKS)
         self._columns = {unit: column for column, unit in enumerate(self.model.units)}
         self._node_of_gpu = np.array(
             [self.cluster.node_of(gpu) for gpu in range(self.cluster.num_gpus)], np.int64
         )
         self._node_count = len(self.cluster.nodes)
-        # the placed replicas as a slot table (what serving_summary reads, compiled): per slot its unit
-        # column (INSTANCE_SLOT, FREE_SLOT), GPU group (padded with -1), ready time and KV tokens
         self._slot_column = np.full(0, FREE_SLOT, dtype=np.int64)
         self._slot_gpus = np.full((0, max(node.gpus_per_node for node in self.cluster.nodes)), -1, np.int64)
         self._slot_ready_s = np.zeros(0)
         self._slot_kv_tokens = np.zeros(0)
+        self._slot_bytes = np.zeros(0)
+        self._slot_sequence = np.zeros(0, dtype=np.int64)
+        #: free slots, the next one taken last (a stack: a released slot is the next one reused)
         self._free_slots: list[int] = []
+        self._next_sequence = 0
 
     def _reserve_slots(self, count: int) -> list[int]:
         """The next ``count`` free slots in the order they are taken (the table grows when short)."""
@@ -140,25 +173,87 @@ class FluidLayout:
             )
             self._slot_ready_s = np.concatenate([self._slot_ready_s, np.zeros(grow)])
             self._slot_kv_tokens = np.concatenate([self._slot_kv_tokens, np.zeros(grow)])
+            self._slot_bytes = np.concatenate([self._slot_bytes, np.zeros(grow)])
+            self._slot_sequence = np.concatenate([self._slot_sequence, np.zeros(grow, np.int64)])
             # the new slots are taken after the free ones, lowest first
             self._free_slots[:0] = range(size + grow - 1, size - 1, -1)
         return self._free_slots[: -count - 1 : -1]
 
-    def _occupy_slot(self, column: int, replica: PlacedReplica) -> None:
-        """Record a placed ``replica`` (of unit ``column``, or ``INSTANCE_SLOT``) in the slot table."""
+    def _slot_table(self) -> tuple[IntArray, IntArray, FloatArray, FloatArray, FloatArray, IntArray]:
+        """The slot table's arrays, as :func:`_apply_scaling` takes them."""
+        return (
+            self._slot_column,
+            self._slot_gpus,
+            self._slot_ready_s,
+            self._slot_kv_tokens,
+            self._slot_bytes,
+            self._slot_sequence,
+        )
+
+    def _occupy_slot(
+        self, column: int, gpus: tuple[int, ...], bytes_per_gpu: float, ready_s: float, kv_tokens: float = 0.0
+    ) -> None:
+        """Record a replica (of unit ``column``, or ``INSTANCE_SLOT``) placed on ``gpus`` (reserved)."""
         (slot,) = self._reserve_slots(1)
         self._free_slots.pop()
         self._slot_column[slot] = column
-        self._slot_gpus[slot] = replica.gpus + (-1,) * (self._slot_gpus.shape[1] - len(replica.gpus))
-        self._slot_ready_s[slot] = replica.ready_s
-        self._slot_kv_tokens[slot] = replica.kv_tokens
-        replica.slot = slot
+        self._slot_gpus[slot] = gpus + (-1,) * (self._slot_gpus.shape[1] - len(gpus))
+        self._slot_ready_s[slot] = ready_s
+        self._slot_kv_tokens[slot] = kv_tokens
+        self._slot_bytes[slot] = bytes_per_gpu
+        self._slot_sequence[slot] = self._next_sequence
+        self._next_sequence += 1
+
+    def _placed(self, column: int) -> list[PlacedReplica]:
+        """The replicas in slots of ``column``, in placement order."""
+        slots = np.flatnonzero(self._slot_column == column)
+        slots = slots[np.argsort(self._slot_sequence[slots])]
+        return [
+            PlacedReplica(
+                gpus=tuple(gpu for gpu in self._slot_gpus[slot].tolist() if gpu >= 0),
+                bytes_per_gpu=float(self._slot_bytes[slot]),
+                ready_s=float(self._slot_ready_s[slot]),
+                kv_tokens=float(self._slot_kv_tokens[slot]),
+                slot=int(slot),
+            )
+            for slot in slots
+        ]
+
+    @property
+    def replicas(self) -> dict[UnitKind, list[PlacedReplica]]:
+        """Per unit, its replicas (loading or serving) in placement order (read-only records)."""
+        return {unit: self._placed(column) for unit, column in self._columns.items()}
+
+    @property
+    def instances(self) -> list[PlacedReplica]:
+        """The model-level instances in placement order (read-only records)."""
+        return self._placed(INSTANCE_SLOT)
+
+    def replica_count(self, unit: UnitKind) -> int:
+        """Replicas of ``unit`` placed (loading or serving)."""
+        return int(np.count_nonzero(self._slot_column == self._columns[unit]))
+
+    def instance_count(self) -> int:
+        """Model-level instances placed (loading or serving)."""
+        return int(np.count_nonzero(self._slot_column == INSTANCE_SLOT))
+
+    def replica_counts(self, now_s: float) -> tuple[list[int], list[int]]:
+        """Per unit (model order), the replicas serving at ``now_s`` and those still loading; an instance
+        counts as a replica of every unit."""
+        columns = len(self._columns)
+        placed = self._slot_column
+        serving = self._slot_ready_s <= now_s
+        instances = placed == INSTANCE_SLOT
+        units = placed >= 0
+        serving_counts = np.bincount(placed[units & serving], minlength=columns)
+        loading_counts = np.bincount(placed[units & ~serving], minlength=columns)
+        serving_counts += int(np.count_nonzero(instances & serving))
+        loading_counts += int(np.count_nonzero(instances & ~serving))
+        return serving_counts.tolist(), loading_counts.tolist()
 
     # ------------------------------------------------------------------ model level
-    def place_instance(
-        self, tp: int, pp: int, token_budget: int, ready_s: float, now_s: float
-    ) -> PlacedReplica | None:
-        """Place one instance; ``None`` when no node has ``tp x pp`` GPUs with room."""
+    def place_instance(self, tp: int, pp: int, token_budget: int, ready_s: float, now_s: float) -> bool:
+        """Place one instance; ``False`` when no node has ``tp x pp`` GPUs with room."""
         model = self.model
         need = model.total_weight_bytes(tp) / pp + model.hidden_size * model.dtype_bytes * token_budget / tp
         kv_per_token = model.kv_bytes_per_token(tp) / pp
@@ -166,111 +261,55 @@ class FluidLayout:
             tp * pp, need + kv_per_token * self.config.kv_block_tokens * MIN_KV_BLOCKS, Placement.PACK
         )
         if group is None:
-            return None
+            return False
         free = min(self.state.gpus[i].free_bytes for i in group)
         kv_tokens = int((free - need) / kv_per_token)
         bytes_per_gpu = need + kv_tokens * kv_per_token
         self.state.reserve(group, bytes_per_gpu, now_s)
-        instance = PlacedReplica(group, bytes_per_gpu, ready_s, kv_tokens=float(kv_tokens))
-        self.instances.append(instance)
-        self._occupy_slot(INSTANCE_SLOT, instance)
-        return instance
+        self._occupy_slot(INSTANCE_SLOT, group, bytes_per_gpu, ready_s, float(kv_tokens))
+        return True
 
-    # ------------------------------------------------------------------ operator level
+    def remove(self, replica: PlacedReplica, now_s: float) -> None:
+        """Release ``replica`` (a unit's replica or an instance) and free its slot."""
+        self.state.release(replica.gpus, replica.bytes_per_gpu, now_s)
+        self._slot_column[replica.slot] = FREE_SLOT
+        self._free_slots.append(replica.slot)
+
+    # ------------------------------------------------------------------ operator level: start-up
     def place_stateless(
         self,
         unit: UnitKind,
         tp: int,
         batch_cap_tokens: int,
         policy: Placement,
-        ready_s: float,
-        now_s: float,
         explicit: tuple[int, ...] | None = None,
-    ) -> PlacedReplica | None:
-        """Place one replica of a non-attention unit; ``None`` when it fits nowhere."""
+    ) -> bool:
+        """Place one start-up replica of a non-attention unit (ready at once); ``False`` when it fits
+        nowhere."""
         need = self.replica_bytes_per_gpu(unit, tp, batch_cap_tokens)
         group = self._group(unit, tp, need, policy, explicit)
         if group is None:
-            return None
-        self.state.reserve(group, need, now_s)
-        replica = PlacedReplica(group, need, ready_s)
-        self.replicas[unit].append(replica)
-        self._occupy_slot(self._columns[unit], replica)
-        return replica
-
-    def place_stateless_many(
-        self,
-        unit: UnitKind,
-        tp: int,
-        batch_cap_tokens: int,
-        policy: Placement,
-        ready_s: float,
-        now_s: float,
-        count: int,
-    ) -> int:
-        """Place up to ``count`` replicas of a non-attention unit by ``policy``, one after the other as
-        :meth:`place_stateless` would, in one compiled search; returns how many fitted."""
-        need = self.replica_bytes_per_gpu(unit, tp, batch_cap_tokens)
-        state = self.state
-        groups = _place_replicas(
-            np.array(self._reserve_slots(count), dtype=np.int64),
-            self._slot_column,
-            self._slot_gpus,
-            self._slot_ready_s,
-            self._slot_kv_tokens,
-            len(self._columns),
-            self._columns[unit],
-            self._columns[UnitKind.ATTENTION],
-            self._node_of_gpu,
-            state.placement_arrays(),
-            int(tp),
-            float(need),
-            policy_code(policy),
-            float(ready_s),
-        )
-        placed = self.replicas[unit]
-        for row in groups:
-            group = tuple(row.tolist())
-            state.reserve(group, need, now_s)
-            placed.append(PlacedReplica(group, need, ready_s, slot=self._free_slots.pop()))
-        return len(groups)
+            return False
+        self.state.reserve(group, need, 0.0)
+        self._occupy_slot(self._columns[unit], group, need, 0.0)
+        return True
 
     def place_attention(
-        self,
-        tp: int,
-        token_budget: int,
-        policy: Placement,
-        ready_s: float,
-        now_s: float,
-        *,
-        share_later: bool,
-        explicit: tuple[int, ...] | None = None,
-    ) -> PlacedReplica | None:
-        """Place one attention replica; ``None`` when it fits nowhere.
-
-        :param share_later: at build time: take the minimum KV cache now, :meth:`share_attention_memory`
-            spreads the rest once every replica is placed. Otherwise take the smallest start-up share
-            (:attr:`added_attention_kv_tokens`), or the memory left if less.
-        """
+        self, tp: int, token_budget: int, policy: Placement, explicit: tuple[int, ...] | None = None
+    ) -> bool:
+        """Place one start-up attention replica (ready at once) with the minimum KV cache;
+        :meth:`share_attention_memory` spreads the rest once every replica is placed. ``False`` when it
+        fits nowhere."""
         unit = UnitKind.ATTENTION
         base = self.replica_bytes_per_gpu(unit, tp, token_budget)
         kv_per_token = self.model.kv_bytes_per_token(tp)
         group = self._group(unit, tp, base + kv_per_token * self.min_kv_tokens, policy, explicit)
         if group is None:
-            return None
-        if share_later:
-            kv_tokens = self.min_kv_tokens
-        else:
-            kv_tokens = min(
-                self.added_attention_kv_tokens,
-                int((min(self.state.gpus[i].free_bytes for i in group) - base) / kv_per_token),
-            )
-        need = base + kv_tokens * kv_per_token
-        self.state.reserve(group, need, now_s)
-        replica = PlacedReplica(group, need, ready_s, kv_tokens=float(kv_tokens))
-        self.replicas[unit].append(replica)
-        self._occupy_slot(self._columns[unit], replica)
-        return replica
+            return False
+        need = base + self.min_kv_tokens * kv_per_token
+        self.state.reserve(group, need, 0.0)
+        self._occupy_slot(self._columns[unit], group, need, 0.0, float(self.min_kv_tokens))
+        return True
 
     def share_attention_memory(self) -> None:
         """Give every attention replica an even share of the memory left on its GPUs (in whole blocks)."""
@@ -287,11 +326,13 @@ class FluidLayout:
             extra_blocks = int(extra_bytes / kv_per_token) // block
             grow = extra_blocks * block * kv_per_token
             self.state.grow(replica.gpus, grow)
-            replica.bytes_per_gpu += grow
+            self._slot_bytes[replica.slot] += grow
             # the engine's stream holds whole blocks: (initial tokens // block + extra blocks) * block
-            replica.kv_tokens = float((int(replica.kv_tokens) // block + extra_blocks) * block)
-            self._slot_kv_tokens[replica.slot] = replica.kv_tokens
-        self.added_attention_kv_tokens = min((int(replica.kv_tokens) for replica in attention), default=0)
+            self._slot_kv_tokens[replica.slot] = float(
+                (int(replica.kv_tokens) // block + extra_blocks) * block
+            )
+        kv_tokens = self._slot_kv_tokens[self._slot_column == self._columns[UnitKind.ATTENTION]]
+        self.added_attention_kv_tokens = int(kv_tokens.min()) if kv_tokens.size else 0
 
     def _group(
         self, unit: UnitKind, tp: int, need: float, policy: Placement, explicit: tuple[int, ...] | None
@@ -311,37 +352,56 @@ class FluidLayout:
         )
         return self.state.find_group_per_gpu(tp, need, policy, affinity, units_per_node)
 
-    # ------------------------------------------------------------------ removal
-    def remove(self, unit: UnitKind | None, replica: PlacedReplica, now_s: float) -> None:
-        """Release ``replica`` of ``unit`` (``None``: a model-level instance)."""
-        if unit is None:
-            self.instances.remove(replica)
-        else:
-            self.replicas[unit].remove(replica)
-        self.state.release(replica.gpus, replica.bytes_per_gpu, now_s)
-        self._slot_column[replica.slot] = FREE_SLOT
-        self._free_slots.append(replica.slot)
-        replica.slot = -1
+    # ------------------------------------------------------------------ operator level: scaling
+    def scale(self, steps: list[ScalingStep], now_s: float) -> list[int]:
+        """Scale the units of ``steps`` in order, in one compiled call; returns per step the replicas
+        added (> 0) or removed (< 0).
 
-    def scale_down_order(self, unit: UnitKind, count: int, now_s: float) -> list[PlacedReplica]:
-        """The first ``count`` replicas of ``unit`` in the engine's scale-down
-        order: loading ones first, then the one whose GPUs empty out soonest
-        (:meth:`ClusterState.release_order`: fewest residents, then least memory used, on the group's
-        most crowded GPU), then the most recently added; ties keep placement order."""
-        placed = self.replicas[unit]
-        if count <= 0:
+        A removal takes the unit's replicas in the engine's scale-down order (loading ones first, then
+        the one whose GPUs empty out soonest: :meth:`ClusterState.release_order`, fewest residents, then
+        least memory used, on the group's most crowded GPU; then the most recently added; ties keep
+        placement order) and always leaves one. An addition places replicas one after the other by the
+        step's policy, as the engine does, until one does not fit. An added attention replica takes the
+        smallest start-up share of KV cache (:attr:`added_attention_kv_tokens`), or the memory left if
+        less (at least the minimum).
+        """
+        if not steps:
             return []
-        cluster = self.state.placement_arrays()
-        positions = _scale_down_order(
-            np.array([replica.slot for replica in placed], dtype=np.int64),
-            self._slot_gpus,
-            self._slot_ready_s,
-            cluster.residents,
-            cluster.used_bytes,
+        attention_column = self._columns[UnitKind.ATTENTION]
+        rows = []
+        additions = 0
+        for step in steps:
+            column = self._columns[step.unit]
+            if step.delta > 0:
+                additions += step.delta
+            rows.append(
+                (
+                    column,
+                    step.delta,
+                    step.tp,
+                    self.replica_bytes_per_gpu(step.unit, step.tp, step.batch_cap_tokens),
+                    self.model.kv_bytes_per_token(step.tp) if column == attention_column else 0.0,
+                    policy_code(step.policy),
+                    step.ready_s,
+                )
+            )
+        self._reserve_slots(additions)
+        changes, free_slots, placed = _apply_scaling(
+            self._slot_table(),
+            np.array(self._free_slots, dtype=np.int64),
+            tuple(self.state.placement_arrays()),
+            self._node_of_gpu,
+            len(self._columns),
+            attention_column,
+            np.array(rows, dtype=np.float64),
+            float(self.min_kv_tokens),
+            float(self.added_attention_kv_tokens),
+            self._next_sequence,
             float(now_s),
-            int(count),
         )
-        return [placed[position] for position in positions]
+        self._free_slots = free_slots.tolist()
+        self._next_sequence += placed
+        return changes.tolist()
 
     # ------------------------------------------------------------------ summaries
     def serving_summary(self, serving_at_s: float) -> ServingSummary:
@@ -442,9 +502,10 @@ def _scale_down_order(
     now_s: float,
     count: int,
 ) -> IntArray:
-    """:meth:`FluidLayout.scale_down_order` over the slot table: positions in ``slots`` of the first
-    ``count`` by key (serving, most residents on a GPU of the group, most bytes used on one, -ready
-    time), the earlier position first on ties (a stable sort's order)."""
+    """The engine's scale-down order (see :meth:`FluidLayout.scale`) over the slot table: positions in
+    ``slots`` (a unit's replicas in placement order) of the first ``count`` by key (serving, most
+    residents on a GPU of the group, most bytes used on one, -ready time), the earlier position first on
+    ties (a stable sort's order)."""
     keys = np.empty((slots.size, 4))
     for position in range(slots.size):
         slot = slots[position]
@@ -516,60 +577,102 @@ def _placement_context(
 
 
 @njit(cache=True)
-def _place_replicas(
-    slots: IntArray,
-    slot_column: IntArray,
-    slot_gpus: IntArray,
-    slot_ready_s: FloatArray,
-    slot_kv_tokens: FloatArray,
-    columns: int,
-    column: int,
-    attention_column: int,
+def _apply_scaling(
+    table: tuple,
+    free_slots: IntArray,
+    cluster: tuple,
     node_of_gpu: IntArray,
-    cluster: PlacementArrays,
-    tp: int,
-    bytes_per_gpu: float,
-    policy: int,
-    ready_s: float,
-) -> IntArray:
-    """:meth:`FluidLayout.place_stateless_many` over the slot table: places replicas of unit ``column``
-    in ``slots`` (in order) until one does not fit, each chosen as ``find_group`` would after the
-    previous one's reservation; returns their groups ``[placed, tp]``. The slot table is written; the
-    cluster's arrays are not (the caller reserves each group, as :meth:`ClusterState.reserve` keeps
-    them), so the reservations here are made on copies with the same arithmetic."""
-    used = cluster.used_bytes.copy()
-    free = cluster.free_bytes.copy()
-    residents = cluster.residents.copy()
-    no_exclusion = np.zeros(free.size, dtype=np.bool_)
-    groups = np.empty((slots.size, tp), dtype=np.int64)
-    placed = 0
-    for slot in slots:
-        affinity, units_per_node = _placement_context(
-            slot_column, slot_gpus, columns, column, attention_column, node_of_gpu, cluster.node_gpus.size
+    columns: int,
+    attention_column: int,
+    steps: FloatArray,
+    min_kv_tokens: float,
+    added_kv_tokens: float,
+    next_sequence: int,
+    now_s: float,
+) -> tuple[IntArray, IntArray, int]:
+    """:meth:`FluidLayout.scale` over the slot table (``table``: its arrays, written in place) and the
+    cluster's :class:`~opscale.sim.cluster.PlacementArrays` (``cluster``, as a plain tuple, written in
+    place). ``steps`` has one row per unit change, in order: unit column, replica delta, TP degree, bytes
+    per GPU of an added replica (attention: before its KV cache), KV bytes per token (attention), policy
+    code, ready time of added replicas (one float array: one argument to type instead of seven).
+    ``free_slots`` is the free-slot stack (taken from the end, released slots pushed there); it holds at
+    least as many slots as the steps add. Returns per step the replicas added (> 0) or removed (< 0),
+    the free-slot stack after, and the replicas placed."""
+    slot_column, slot_gpus, slot_ready_s, slot_kv_tokens, slot_bytes, slot_sequence = table
+    arrays = PlacementArrays(*cluster)
+    stack = np.empty(free_slots.size + slot_column.size, dtype=np.int64)
+    stack[: free_slots.size] = free_slots
+    free = free_slots.size
+    no_exclusion = np.zeros(node_of_gpu.size, dtype=np.bool_)
+    changes = np.zeros(steps.shape[0], dtype=np.int64)
+    sequence = next_sequence
+    for step in range(steps.shape[0]):
+        column, delta, tp = int(steps[step, 0]), int(steps[step, 1]), int(steps[step, 2])
+        need_bytes, kv_per_token, policy, ready_s = (
+            steps[step, 3],
+            steps[step, 4],
+            int(steps[step, 5]),
+            steps[step, 6],
         )
-        group = _find_group(
-            free,
-            residents,
-            cluster.node_first_gpu,
-            cluster.node_gpus,
-            tp,
-            bytes_per_gpu,
-            policy,
-            affinity,
-            units_per_node,
-            no_exclusion,
-        )
-        if group.size == 0:
-            break
-        for gpu in group:
-            used[gpu] += bytes_per_gpu
-            free[gpu] = cluster.capacity_bytes[gpu] - used[gpu]
-            residents[gpu] += 1
-        slot_column[slot] = column
-        slot_gpus[slot] = -1
-        slot_gpus[slot, :tp] = group
-        slot_ready_s[slot] = ready_s
-        slot_kv_tokens[slot] = 0.0
-        groups[placed] = group
-        placed += 1
-    return groups[:placed]
+        if delta < 0:
+            # the unit's replicas in placement order; one always stays
+            members = np.flatnonzero(slot_column == column)
+            members = members[np.argsort(slot_sequence[members])]
+            count = min(-delta, members.size - 1)
+            if count <= 0:
+                continue
+            order = _scale_down_order(
+                members, slot_gpus, slot_ready_s, arrays.residents, arrays.used_bytes, now_s, count
+            )
+            for position in order:
+                slot = members[position]
+                release_group(cluster, slot_gpus[slot], slot_bytes[slot], now_s)
+                slot_column[slot] = FREE_SLOT
+                stack[free] = slot
+                free += 1
+            changes[step] = -count
+            continue
+        # an attention replica needs room for the minimum KV cache too
+        search_bytes = need_bytes + kv_per_token * min_kv_tokens if column == attention_column else need_bytes
+        placed = 0
+        while placed < delta:
+            affinity, units_per_node = _placement_context(
+                slot_column, slot_gpus, columns, column, attention_column, node_of_gpu, arrays.node_gpus.size
+            )
+            group = _find_group(
+                arrays.free_bytes,
+                arrays.residents,
+                arrays.node_first_gpu,
+                arrays.node_gpus,
+                tp,
+                search_bytes,
+                policy,
+                affinity,
+                units_per_node,
+                no_exclusion,
+            )
+            if group.size == 0:
+                break
+            bytes_per_gpu = need_bytes
+            kv_tokens = 0.0
+            if column == attention_column:
+                # the smallest start-up share, or the memory left if less
+                least_free = math.inf
+                for gpu in group:
+                    least_free = min(least_free, arrays.free_bytes[gpu])
+                kv_tokens = min(added_kv_tokens, float(int((least_free - bytes_per_gpu) / kv_per_token)))
+                bytes_per_gpu = bytes_per_gpu + kv_tokens * kv_per_token
+            reserve_group(cluster, group, bytes_per_gpu, now_s)
+            free -= 1
+            slot = stack[free]
+            slot_column[slot] = column
+            slot_gpus[slot] = -1
+            slot_gpus[slot, :tp] = group
+            slot_ready_s[slot] = ready_s
+            slot_kv_tokens[slot] = kv_tokens
+            slot_bytes[slot] = bytes_per_gpu
+            slot_sequence[slot] = sequence
+            sequence += 1
+            placed += 1
+        changes[step] = placed
+    return changes, stack[:free].copy(), sequence - next_sequence

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from opscale.sim.cluster import _find_group, colocation_affinity
+from opscale.sim.cluster import _find_group, colocation_affinity, release_group, reserve_group
 from opscale.sim.costmodel import default_cost_model
 from opscale.sim.deployment import Deployment, ScalingAction, UnitAction
 from opscale.sim.engine import DiscreteEventSimulator
@@ -31,7 +31,7 @@ from opscale.sim.fluid_kernel import (
     solve_interval_fields,
 )
 from opscale.sim.fluid_latency import TtftMixture, shared_poisson_tail_table
-from opscale.sim.fluid_layout import _place_replicas, _placement_context, _scale_down_order, _summarise_slots
+from opscale.sim.fluid_layout import _apply_scaling, _placement_context, _scale_down_order, _summarise_slots
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, UnitTimeTable
 from opscale.sim.hardware import ClusterSpec, get_gpu
 from opscale.sim.models import UnitKind, get_model
@@ -232,12 +232,25 @@ def test_placement_reads_of_the_slot_table_match_their_definitions() -> None:
         unit = MODEL_SPEC.units[rng.integers(len(MODEL_SPEC.units))]
         delta = int(rng.integers(-3, 4)) or 1
         now_s = simulator.now_s
-        expected = sorted(
-            layout.replicas[unit],
-            key=lambda r: (r.ready_s <= now_s, layout.state.release_order(r.gpus), -r.ready_s),
-        )
+        placed = layout.replicas[unit]  # in placement order
+        expected = [
+            replica.slot
+            for replica in sorted(
+                placed, key=lambda r: (r.ready_s <= now_s, layout.state.release_order(r.gpus), -r.ready_s)
+            )
+        ]
+        cluster = layout.state.placement_arrays()
         for count in range(len(expected) + 1):
-            assert layout.scale_down_order(unit, count, now_s) == expected[:count]
+            positions = _scale_down_order(
+                np.array([replica.slot for replica in placed], dtype=np.int64),
+                layout._slot_gpus,
+                layout._slot_ready_s,
+                cluster.residents,
+                cluster.used_bytes,
+                now_s,
+                count,
+            )
+            assert [placed[position].slot for position in positions] == expected[:count]
             checked += 1
         homes = {other: [r.gpus[0] for r in placed] for other, placed in layout.replicas.items()}
         affinity, units_per_node = _placement_context(
@@ -256,13 +269,26 @@ def test_placement_reads_of_the_slot_table_match_their_definitions() -> None:
             sum(1 for gpu in homes[unit] if simulator.cluster.node_of(gpu) == node) for node in range(2)
         ]
         assert units_per_node.tolist() == per_node
-        simulator.apply(
+        report = simulator.apply(
             ScalingAction(units={unit: UnitAction(replica_delta=delta, placement=str(rng.choice(policies)))})
         )
-        # the arrays the compiled code reads follow every reserve, grow and release
-        assert layout.state._used_bytes.tolist() == [gpu.used_bytes for gpu in layout.state.gpus]
-        assert layout.state._residents.tolist() == [gpu.residents for gpu in layout.state.gpus]
-        assert layout.state.gpus_powered == sum(1 for gpu in layout.state.gpus if gpu.residents)
+        # a removal takes the replicas first in that order (one always stays)
+        removed = report.replicas_removed.get(unit, 0)
+        assert removed == (min(-delta, len(placed) - 1) if delta < 0 else 0)
+        assert {r.slot for r in layout.replicas[unit]} >= set(expected[removed:])
+        assert not {r.slot for r in layout.replicas[unit]} & set(expected[:removed])
+        # the cluster's memory and residents are the sums over the replicas placed on each GPU
+        used = np.zeros(simulator.cluster.num_gpus)
+        residents = np.zeros(simulator.cluster.num_gpus, dtype=np.int64)
+        for replicas in layout.replicas.values():
+            for replica in replicas:
+                for gpu in replica.gpus:
+                    used[gpu] += replica.bytes_per_gpu
+                    residents[gpu] += 1
+        np.testing.assert_allclose(cluster.used_bytes, used, rtol=1e-9, atol=1e-3)
+        np.testing.assert_allclose(cluster.free_bytes, cluster.capacity_bytes - used, rtol=1e-9, atol=1e-3)
+        assert cluster.residents.tolist() == residents.tolist()
+        assert layout.state.gpus_powered == int(np.count_nonzero(residents))
     assert checked > 200
 
 
@@ -376,13 +402,17 @@ def test_compiled_functions_keep_one_signature() -> None:
     engine = DiscreteEventSimulator(cluster, MODEL, operator_level, trace)
     engine.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=1, placement="spread-gpu")}))
     engine.advance(5.0)
+    engine.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=-1)}))
+    engine.advance(5.0)
     for compiled in (
         solve_interval_fields,  # calls solve_interval
         operator_layout,  # calls transfer_terms and colocation_matrix
         _summarise_slots,
         _scale_down_order,
         _placement_context,
-        _place_replicas,
+        _apply_scaling,
+        reserve_group,
+        release_group,
         _find_group,
     ):
         assert len(compiled.signatures) == 1, (compiled.__name__, compiled.signatures)
