@@ -245,6 +245,7 @@ class FluidSimulator:
         self._now_s = 0.0
         #: load time of an added operator-level replica, per (unit, TP) (asked once)
         self._replica_load_s: dict[tuple[UnitKind, int], float] = {}
+        self._instance_load_time_s: float | None = None
         self._place_initial(deployment)
         self._check_requests_fit()
         #: the layout figures (:meth:`_refresh_layout`) need recomputing before the next solve
@@ -383,7 +384,7 @@ class FluidSimulator:
     def _check_requests_fit(self) -> None:
         layout = self.layout
         kv = [r.kv_tokens / self._pp for r in layout.instances] + [
-            r.kv_tokens for r in layout.replicas[UnitKind.ATTENTION]
+            r.kv_tokens for r in layout.replicas_of(UnitKind.ATTENTION)
         ]
         if kv and self._arrivals.num_requests and self._max_request_tokens > max(kv):
             raise ValueError(
@@ -609,10 +610,16 @@ class FluidSimulator:
             report.messages += repairs
         return report
 
+    def _instance_load_s(self) -> float:
+        """Load time of an added instance (asked once: the sum over units costs more than a step)."""
+        if self._instance_load_time_s is None:
+            weights = self.model.total_weight_bytes(self._tp) / self._pp
+            self._instance_load_time_s = self.config.replica_load_time_s(weights, whole_instance=True)
+        return self._instance_load_time_s
+
     def _scale_instances(self, delta: int, report: ApplyReport) -> None:
         if delta > 0:
-            weights = self.model.total_weight_bytes(self._tp) / self._pp
-            ready_s = self._now_s + self.config.replica_load_time_s(weights, whole_instance=True)
+            ready_s = self._now_s + self._instance_load_s()
             budget = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens
             added = 0
             while added < delta and self.layout.place_instance(

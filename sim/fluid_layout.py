@@ -143,6 +143,7 @@ class FluidLayout:
     _replica_bytes: dict[tuple[UnitKind, int, int], float] = field(
         init=False, default_factory=dict, repr=False
     )
+    _instance_weight_bytes: dict[int, float] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.state = ClusterState(self.cluster, self.model, self.config)
@@ -224,6 +225,10 @@ class FluidLayout:
         """Per unit, its replicas (loading or serving) in placement order (read-only records)."""
         return {unit: self._placed(column) for unit, column in self._columns.items()}
 
+    def replicas_of(self, unit: UnitKind) -> list[PlacedReplica]:
+        """``replicas[unit]``, without reading the other units."""
+        return self._placed(self._columns[unit])
+
     @property
     def instances(self) -> list[PlacedReplica]:
         """The model-level instances in placement order (read-only records)."""
@@ -254,8 +259,11 @@ class FluidLayout:
     # ------------------------------------------------------------------ model level
     def place_instance(self, tp: int, pp: int, token_budget: int, ready_s: float, now_s: float) -> bool:
         """Place one instance; ``False`` when no node has ``tp x pp`` GPUs with room."""
+        weights = self._instance_weight_bytes.get(tp)
+        if weights is None:  # memoised: the sum over units is asked for every added instance
+            weights = self._instance_weight_bytes[tp] = self.model.total_weight_bytes(tp)
         model = self.model
-        need = model.total_weight_bytes(tp) / pp + model.hidden_size * model.dtype_bytes * token_budget / tp
+        need = weights / pp + model.hidden_size * model.dtype_bytes * token_budget / tp
         kv_per_token = model.kv_bytes_per_token(tp) / pp
         group = self.state.find_group(
             tp * pp, need + kv_per_token * self.config.kv_block_tokens * MIN_KV_BLOCKS, Placement.PACK
@@ -313,7 +321,7 @@ class FluidLayout:
 
     def share_attention_memory(self) -> None:
         """Give every attention replica an even share of the memory left on its GPUs (in whole blocks)."""
-        attention = self.replicas[UnitKind.ATTENTION]
+        attention = self.replicas_of(UnitKind.ATTENTION)
         sharers: dict[int, int] = {}
         for replica in attention:
             for index in replica.gpus:
