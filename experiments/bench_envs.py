@@ -24,6 +24,7 @@ import cProfile
 import os
 import pstats
 import time
+import timeit
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -202,6 +203,12 @@ def profile_fast_env(max_steps: int, max_seconds: float) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
+def python_reference_s(repeats: int = 10) -> float:
+    """Seconds CPython takes for ``sum(range(10**6))``, the best of ``repeats``: a yardstick of the core's
+    speed (shared cloud cores drift by ~20 % within an hour), printed beside the figures."""
+    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=repeats))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run, figures are noisy")
@@ -235,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_1min = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{os.cpu_count()} CPUs, 1-min load average {load_1min:.1f} (figures scale down when the machine is shared)"
+    )
+    print(
+        f"this core's pace: sum(range(10**6)) in {1e3 * python_reference_s():.1f} ms "
+        "(compare figures across machines or hours in proportion)"
     )
     print(f"{'benchmark':<{width}}  {'env steps/s':>12}  {'target':>8}  status")
     for name, value, target in rows:
