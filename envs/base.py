@@ -163,6 +163,7 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
         #: the simulators' memory model (per-replica bytes and usable capacity per GPU), for masks
         self._memory = ClusterState(self.cluster, self.model, self.sim_config)
         self._gpu_capacity_bytes = np.array([gpu.capacity_bytes for gpu in self._memory.gpus])
+        self._replica_bytes: dict[tuple[UnitKind, int, int], float] = {}
         self._sim: ServingSimulator | None = None
         self._window_start_s = 0.0
         self._episode_deployment = self.initial_deployment
@@ -495,14 +496,21 @@ class AutoscaleEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def _free_bytes_per_gpu(self) -> np.ndarray:
         assert self._sim is not None
-        used = np.asarray(self._sim.snapshot().gpu_memory_used_bytes, dtype=np.float64)
-        capacity = np.array(
-            [
-                self.cluster.gpu_of(i).memory_bytes * self.sim_config.gpu_memory_fraction
-                for i in range(used.size)
-            ]
-        )
-        return capacity - used
+        return self._gpu_capacity_bytes - np.asarray(self._sim.memory_used_bytes(), dtype=np.float64)
+
+    def _current_batch_cap(self, unit: UnitKind) -> int:
+        """``unit``'s batch cap now (as :meth:`_current_replicas`: the last interval's, or the start's)."""
+        if self._last_metrics is None:
+            return self._episode_deployment.units[unit].batch_cap_tokens
+        return self._last_metrics.units[unit].batch_cap_tokens
+
+    def _replica_bytes_per_gpu(self, unit: UnitKind, tp: int, batch_cap_tokens: int) -> float:
+        """:meth:`ClusterState.replica_bytes_per_gpu`, memoised (masks ask it for every unit every step)."""
+        key = (unit, tp, batch_cap_tokens)
+        need = self._replica_bytes.get(key)
+        if need is None:
+            need = self._replica_bytes[key] = self._memory.replica_bytes_per_gpu(unit, tp, batch_cap_tokens)
+        return need
 
     def _addable_from(self, free_bytes_per_gpu: np.ndarray, replica_bytes_per_gpu: float, tp: int) -> int:
         return addable_replicas(free_bytes_per_gpu, replica_bytes_per_gpu, tp, self.config.gpus_per_node)

@@ -107,12 +107,11 @@ class ModelAutoscaleEnv(AutoscaleEnv):
         return action, messages
 
     def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
-        deployment = self.simulator.deployment
-        memory = self._memory
-        tp, pp = deployment.tp, deployment.pp
-        token_budget = max(unit.batch_cap_tokens for unit in deployment.units.values())
+        tp, pp = self._episode_deployment.tp, self._episode_deployment.pp  # actions never change them
+        token_budget = max(self._current_batch_cap(unit) for unit in self.units)
         # one GPU of an instance holds 1/pp of every unit's TP shard plus room for the KV of the trace's longest request
-        need = sum(memory.replica_bytes_per_gpu(unit, tp, token_budget) for unit in self.units) / pp
-        need += self.longest_request_tokens * memory.kv_bytes_per_token_per_gpu(tp) / pp
+        need = sum(self._replica_bytes_per_gpu(unit, tp, token_budget) for unit in self.units) / pp
+        need += self.longest_request_tokens * self._memory.kv_bytes_per_token_per_gpu(tp) / pp
         addable = self._addable_from(self._free_bytes_per_gpu(), need, tp * pp)
-        return np.array([deployment.instances]), np.array([addable])
+        # every unit has one replica per instance: attention stands for the instance count
+        return np.array([self._current_replicas(UnitKind.ATTENTION)]), np.array([addable])

@@ -8,7 +8,7 @@ import numpy as np
 
 from opscale.envs.base import AutoscaleEnv
 from opscale.envs.sizing import size_operator_level
-from opscale.envs.spaces import ActionCodec, OperatorActionCodec
+from opscale.envs.spaces import ActionCodec, OperatorActionCodec, addable_replicas_of_units
 from opscale.sim.deployment import Deployment, ScalingAction, UnitAction
 from opscale.sim.models import UnitKind
 
@@ -169,18 +169,14 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
         return ScalingAction(units=capped, instance_delta=action.instance_delta), messages
 
     def _mask_state(self) -> tuple[np.ndarray, np.ndarray]:
-        deployment = self.simulator.deployment
-        free = self._free_bytes_per_gpu()
-        memory = self._memory
-        replicas = np.empty(len(self.units), dtype=np.int64)
-        addable = np.empty(len(self.units), dtype=np.int64)
-        for i, unit in enumerate(self.units):
-            unit_deployment = deployment.units[unit]
-            tp = unit_deployment.tp
-            need = memory.replica_bytes_per_gpu(unit, tp, unit_deployment.batch_cap_tokens)
+        tps = [self._episode_deployment.units[unit].tp for unit in self.units]  # actions never change a TP
+        needs = []
+        for unit, tp in zip(self.units, tps, strict=True):
+            need = self._replica_bytes_per_gpu(unit, tp, self._current_batch_cap(unit))
             if unit is UnitKind.ATTENTION:
                 # an attention replica needs room for the KV of the trace's longest request
-                need += self.longest_request_tokens * memory.kv_bytes_per_token_per_gpu(tp)
-            replicas[i] = unit_deployment.replicas
-            addable[i] = self._addable_from(free, need, tp)
-        return replicas, addable
+                need += self.longest_request_tokens * self._memory.kv_bytes_per_token_per_gpu(tp)
+            needs.append(need)
+        addable = addable_replicas_of_units(self._free_bytes_per_gpu(), needs, tps, self.config.gpus_per_node)
+        replicas = [self._current_replicas(unit) for unit in self.units]
+        return np.array(replicas, dtype=np.int64), np.array(addable, dtype=np.int64)

@@ -38,6 +38,7 @@ __all__ = [
     "ObservationLayout",
     "OperatorActionCodec",
     "addable_replicas",
+    "addable_replicas_of_units",
     "decode_observation",
 ]
 
@@ -290,26 +291,48 @@ def addable_replicas(
     ``tp`` (a TP replica needs one slot on each of ``tp`` GPUs of the node). It is an upper bound used for
     action masks; the simulator's placement is the authority and repairs what does not fit.
     """
-    if replica_bytes <= 0:
-        return 1 << 30
-    slots = np.floor(np.maximum(free_bytes_per_gpu, 0.0) / replica_bytes).astype(np.int64)
-    if tp == 1:
-        return int(slots.sum())
-    total = 0
-    for node_slots in slots.reshape(-1, gpus_per_node).tolist():
-        # k TP replicas fit on a node iff its GPUs offer k*tp slots with at most k on any one GPU:
-        # sum(min(slots, k)) >= k*tp. The left side is concave in k, so the k that fit are 0..K;
-        # bisect for K (small replicas give thousands of slots: counting up k by k was the cost
-        # of every action mask)
-        low, high = 0, sum(node_slots) // tp
-        while low < high:
-            middle = (low + high + 1) // 2
-            if sum(min(slot, middle) for slot in node_slots) >= middle * tp:
-                low = middle
-            else:
-                high = middle - 1
-        total += low
-    return total
+    return addable_replicas_of_units(free_bytes_per_gpu, [replica_bytes], [tp], gpus_per_node)[0]
+
+
+def addable_replicas_of_units(
+    free_bytes_per_gpu: np.ndarray, replica_bytes: Sequence[float], tps: Sequence[int], gpus_per_node: int
+) -> list[int]:
+    """:func:`addable_replicas` of several units at once (one numpy pass over units x GPUs: masks ask it
+    for every unit every step)."""
+    needs = np.asarray(replica_bytes, dtype=np.float64)
+    sized = needs > 0
+    # per unit and GPU, the replica slots (a unit of no size fits without bound)
+    slots = np.floor(np.maximum(free_bytes_per_gpu, 0.0)[None, :] / np.where(sized, needs, 1.0)[:, None])
+    counts: list[int] = []
+    for unit_slots, tp, is_sized in zip(slots.astype(np.int64).tolist(), tps, sized.tolist(), strict=True):
+        if not is_sized:
+            counts.append(1 << 30)
+        elif tp == 1:
+            counts.append(sum(unit_slots))
+        else:
+            counts.append(
+                sum(
+                    _tp_groups(unit_slots[first : first + gpus_per_node], tp)
+                    for first in range(0, len(unit_slots), gpus_per_node)
+                )
+            )
+    return counts
+
+
+def _tp_groups(node_slots: list[int], tp: int) -> int:
+    """TP-``tp`` replicas that fit on one node whose GPUs have ``node_slots`` slots each."""
+    # k TP replicas fit on a node iff its GPUs offer k*tp slots with at most k on any one GPU:
+    # sum(min(slots, k)) >= k*tp. The left side is concave in k, so the k that fit are 0..K;
+    # bisect for K (small replicas give thousands of slots: counting up k by k was the cost
+    # of every action mask)
+    low, high = 0, sum(node_slots) // tp
+    while low < high:
+        middle = (low + high + 1) // 2
+        if sum(min(slot, middle) for slot in node_slots) >= middle * tp:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class ActionCodec(Protocol):
@@ -331,13 +354,11 @@ class ActionCodec(Protocol):
     def masks(self, replicas: np.ndarray, addable: np.ndarray, max_replicas: int) -> np.ndarray: ...
 
 
-def _delta_mask(deltas: np.ndarray, replicas: int, addable: int, max_replicas: int) -> np.ndarray:
+def _delta_mask(deltas: list[int], replicas: int, addable: int, max_replicas: int) -> list[bool]:
     """Replica deltas keeping ``1 <= replicas + delta <= max_replicas`` and adding at most ``addable``.
-    Zero (no change) is always allowed, so a mask never has an all-false dimension."""
-    after = replicas + deltas
-    allowed = (after >= 1) & (after <= max_replicas) & (deltas <= addable)
-    allowed[deltas == 0] = True
-    return allowed
+    Zero (no change) is always allowed, so a mask never has an all-false dimension. (Plain Python: a
+    handful of deltas per unit, asked every step, costs less than numpy's per-call overhead.)"""
+    return [delta == 0 or (1 <= replicas + delta <= max_replicas and delta <= addable) for delta in deltas]
 
 
 def _bucket_index(batch_cap_tokens: int | None, buckets: tuple[int, ...]) -> int:
@@ -379,7 +400,7 @@ class OperatorActionCodec:
         self.batch_cap_buckets_tokens = tuple(batch_cap_buckets_tokens)
         per_unit = [len(self.replica_deltas), len(self.batch_cap_buckets_tokens) + 1, len(PLACEMENT_CHOICES)]
         self._nvec = np.array(per_unit * len(self.units), dtype=np.int64)
-        self._deltas = np.array(self.replica_deltas, dtype=np.int64)
+        self._delta_list = list(self.replica_deltas)
         self._caps: tuple[int | None, ...] = (None, *self.batch_cap_buckets_tokens)
         # Every (delta, cap, placement) triple decoded once: decoding is then three list lookups per unit.
         # The simulator only reads actions, so these instances are shared between steps.
@@ -452,12 +473,12 @@ class OperatorActionCodec:
         :param addable: per unit, replicas that still fit in free GPU memory.
         :param max_replicas: the per-unit replica cap.
         """
-        parts: list[np.ndarray] = []
-        caps_and_placements = np.ones(len(self._caps) + len(PLACEMENT_CHOICES), dtype=bool)
-        for i in range(len(self.units)):
-            parts.append(_delta_mask(self._deltas, int(replicas[i]), int(addable[i]), max_replicas))
-            parts.append(caps_and_placements)
-        return np.concatenate(parts)
+        caps_and_placements = [True] * (len(self._caps) + len(PLACEMENT_CHOICES))
+        flat: list[bool] = []
+        for unit_replicas, unit_addable in zip(replicas.tolist(), addable.tolist(), strict=True):
+            flat += _delta_mask(self._delta_list, unit_replicas, unit_addable, max_replicas)
+            flat += caps_and_placements
+        return np.array(flat, dtype=bool)
 
 
 class ModelActionCodec:
@@ -484,7 +505,7 @@ class ModelActionCodec:
         self._nvec = np.array(
             [len(self.replica_deltas), len(self.batch_cap_buckets_tokens) + 1], dtype=np.int64
         )
-        self._deltas = np.array(self.replica_deltas, dtype=np.int64)
+        self._delta_list = list(self.replica_deltas)
         self._caps: tuple[int | None, ...] = (None, *self.batch_cap_buckets_tokens)
 
     @property
@@ -531,9 +552,5 @@ class ModelActionCodec:
 
     def masks(self, replicas: np.ndarray, addable: np.ndarray, max_replicas: int) -> np.ndarray:
         """Flat boolean mask; ``replicas`` / ``addable`` hold one entry: instances now / instances that fit."""
-        return np.concatenate(
-            [
-                _delta_mask(self._deltas, int(replicas[0]), int(addable[0]), max_replicas),
-                np.ones(len(self._caps), dtype=bool),
-            ]
-        )
+        deltas = _delta_mask(self._delta_list, int(replicas[0]), int(addable[0]), max_replicas)
+        return np.array(deltas + [True] * len(self._caps), dtype=bool)

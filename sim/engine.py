@@ -1061,12 +1061,15 @@ class DiscreteEventSimulator:
         )
         return units
 
+    def memory_used_bytes(self) -> list[float]:
+        return self.state.memory_used_bytes()
+
     def snapshot(self) -> Snapshot:
         return Snapshot(
             time_s=self.now_s,
             deployment=self.deployment,
             gpus_powered=self.state.gpus_powered,
-            gpu_memory_used_bytes=self.state.memory_used_bytes(),
+            gpu_memory_used_bytes=self.memory_used_bytes(),
             last_interval=self._last_interval,
         )
 

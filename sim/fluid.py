@@ -742,12 +742,15 @@ class FluidSimulator:
             serving, loading = self.layout.replica_counts(self._now_s)
         return {unit: (serving[column], loading[column]) for column, unit in enumerate(self._units)}
 
+    def memory_used_bytes(self) -> list[float]:
+        return self.layout.state.memory_used_bytes()
+
     def snapshot(self) -> Snapshot:
         return Snapshot(
             time_s=self._now_s,
             deployment=self.deployment,
             gpus_powered=self.layout.state.gpus_powered,
-            gpu_memory_used_bytes=self.layout.state.memory_used_bytes(),
+            gpu_memory_used_bytes=self.memory_used_bytes(),
             last_interval=self._last_interval,
         )
 

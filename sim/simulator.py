@@ -73,6 +73,11 @@ class ServingSimulator(Protocol):
 
     def snapshot(self) -> Snapshot: ...
 
+    def memory_used_bytes(self) -> list[float]:
+        """GPU memory reserved now, per GPU, bytes (``snapshot().gpu_memory_used_bytes`` without the rest
+        of the snapshot: action masks read it every step)."""
+        ...
+
     def summary(self) -> RunSummary: ...
 
 

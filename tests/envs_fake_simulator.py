@@ -95,12 +95,15 @@ class FakeSimulator:
             units=units,
         )
 
+    def memory_used_bytes(self) -> list[float]:
+        return [0.0] * self.cluster.num_gpus
+
     def snapshot(self) -> Snapshot:
         return Snapshot(
             time_s=self._now_s,
             deployment=copy.deepcopy(self._deployment),
             gpus_powered=1,
-            gpu_memory_used_bytes=[0.0] * self.cluster.num_gpus,
+            gpu_memory_used_bytes=self.memory_used_bytes(),
         )
 
     def summary(self) -> RunSummary:

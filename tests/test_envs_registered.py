@@ -110,6 +110,43 @@ def test_maskable_ppo_reads_the_masks() -> None:
     assert env.action_space.contains(action)
 
 
+@pytest.mark.parametrize("env_id", sorted(opscale.ENV_IDS))
+def test_masks_read_the_simulators_deployment_and_memory(env_id: str) -> None:
+    """The masks' replica counts, batch caps and free memory (read from the last interval and a cheap
+    memory accessor) are the simulator's deployment and snapshot, along random actions (loading and
+    draining replicas included)."""
+    from opscale.envs.spaces import addable_replicas
+
+    env = _make(env_id, horizon=40)
+    base = env.unwrapped
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    for _ in range(12 if env_id.endswith("fast-v0") else 6):
+        env.step(env.action_space.sample())
+        simulator = base.simulator  # type: ignore[attr-defined]
+        deployment, snapshot = simulator.deployment, simulator.snapshot()
+        free = base._gpu_capacity_bytes - np.array(snapshot.gpu_memory_used_bytes)  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(base._free_bytes_per_gpu(), free)  # type: ignore[attr-defined]
+        replicas, addable = base._mask_state()  # type: ignore[attr-defined]
+        memory, longest = base._memory, base.longest_request_tokens  # type: ignore[attr-defined]
+        gpus_per_node = base.config.gpus_per_node  # type: ignore[attr-defined]
+        if deployment.granularity == "model":
+            tp, pp = deployment.tp, deployment.pp
+            budget = max(config.batch_cap_tokens for config in deployment.units.values())
+            need = sum(memory.replica_bytes_per_gpu(unit, tp, budget) for unit in deployment.units) / pp
+            need += longest * memory.kv_bytes_per_token_per_gpu(tp) / pp
+            assert replicas.tolist() == [deployment.instances]
+            assert addable.tolist() == [addable_replicas(free, need, tp * pp, gpus_per_node)]
+            continue
+        for i, unit in enumerate(base.units):  # type: ignore[attr-defined]
+            config = deployment.units[unit]
+            need = memory.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
+            if unit is UnitKind.ATTENTION:
+                need += longest * memory.kv_bytes_per_token_per_gpu(config.tp)
+            assert replicas[i] == config.replicas, unit
+            assert addable[i] == addable_replicas(free, need, config.tp, gpus_per_node), unit
+
+
 @pytest.mark.parametrize("unit", [UnitKind.ATTENTION, UnitKind.FFN])
 def test_masks_agree_with_the_simulators_repairs_for_single_unit_actions(unit: UnitKind) -> None:
     """Adding replicas of one unit until the node is full: an add the mask allows is carried out,
