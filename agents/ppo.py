@@ -337,7 +337,7 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
 
     from opscale.agents.callbacks import HParamCallback, ServingEvalCallback, ServingMetricsCallback
     from opscale.agents.evaluation import window_range
-    from opscale.agents.policies import MultiDiscreteActorCriticPolicy
+    from opscale.agents.policies import MaskableMultiDiscreteActorCriticPolicy, MultiDiscreteActorCriticPolicy
 
     # 1. Run directory and the exact configuration, so the run can be repeated from it.
     env_id = canonical_env_id(config.env_id)
@@ -365,12 +365,12 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
     envs.action_space.seed(config.seed)
     set_random_seed(config.seed)
 
-    # 3. The algorithm: PPO (with one batched categorical over the MultiDiscrete action instead of
-    # SB3's one per dimension: twice PPO's own speed), or MaskablePPO which asks each env for
-    # action_masks() every step (sb3-contrib's own masked distribution).
+    # 3. The algorithm: PPO, or MaskablePPO which asks each env for action_masks() every step. Both
+    # compute the MultiDiscrete distribution per group of equally sized dimensions instead of SB3's
+    # (and sb3-contrib's) one categorical per dimension: over twice PPO's own speed.
     maskable = config.algo is Algo.MASKABLE_PPO
     model = (MaskablePPO if maskable else PPO)(
-        "MlpPolicy" if maskable else MultiDiscreteActorCriticPolicy,
+        MaskableMultiDiscreteActorCriticPolicy if maskable else MultiDiscreteActorCriticPolicy,
         envs,
         learning_rate=config.learning_rate,
         n_steps=config.n_steps,
@@ -428,6 +428,7 @@ def train(config: PPOConfig, *, progress_bar: bool = False, verbose: int = 0) ->
         envs.close()
         if eval_env is not None:
             eval_env.close()
+        model.logger.close()  # flushes and closes progress.csv and the TensorBoard writer
     best_path = run_dir / "best_model.zip"
     return TrainResult(
         run_dir=run_dir,

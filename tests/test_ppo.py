@@ -131,8 +131,14 @@ def test_tiny_run_trains_saves_reloads_and_evaluates(tiny_runs: dict[str, TrainR
         isinstance(policy, SB3Policy)
         and type(policy.model).__name__ == {"ppo": "PPO", "maskable-ppo": "MaskablePPO"}[algo]
     )
-    if algo == "ppo":  # one batched categorical over the MultiDiscrete action (opscale.agents.policies)
-        assert type(policy.model.policy).__name__ == "MultiDiscreteActorCriticPolicy"
+    # the MultiDiscrete distribution computed per group of equal dimensions (opscale.agents.policies)
+    assert (
+        type(policy.model.policy).__name__
+        == {
+            "ppo": "MultiDiscreteActorCriticPolicy",
+            "maskable-ppo": "MaskableMultiDiscreteActorCriticPolicy",
+        }[algo]
+    )
     observation, _ = env.reset(seed=5)
     steps, done = 0, False
     offsets = np.concatenate([[0], np.cumsum(env.action_space.nvec)[:-1]])
