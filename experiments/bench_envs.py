@@ -6,7 +6,7 @@
   target >= 1,500 env steps/s;
 * ``OperatorAutoscale-v0`` (DES) on the default workload and config (5-s control interval):
   target >= 50 env steps/s;
-* no-op actions (the deployment stays as sized), the model-level ids for comparison, and the env
+* no-op actions (the deployment stays as sized), the model-level ids and MaskablePPO for comparison, and the env
   layer's own cost (a replayed interval instead of a simulation), which bounds what any simulator
   behind it can reach; likewise PPO on the replayed interval, which bounds the PPO figure.
 
@@ -146,19 +146,27 @@ def reset_s(env_id: str, resets: int) -> float:
     return (time.perf_counter() - start) / resets
 
 
-def ppo_steps_per_s(total_timesteps: int, max_seconds: float, num_envs: int = 8, seed: int = 0) -> float:
+def ppo_steps_per_s(
+    total_timesteps: int, max_seconds: float, num_envs: int = 8, seed: int = 0, *, maskable: bool = False
+) -> float:
     """Env steps per second of SB3 PPO (``MlpPolicy``, ``n_steps=256``, ``batch_size=256``, 10 epochs)
     on ``num_envs`` fast environments in a ``DummyVecEnv``: ``learn`` wall time (rollouts and updates)
     until ``total_timesteps`` or ``max_seconds``, whichever comes first. With a slow simulator the
     budget may end inside the first rollout, and the figure is then the rollout speed alone. PPO runs
     as ``opscale train`` runs it: :class:`~opscale.agents.policies.MultiDiscreteActorCriticPolicy`,
     torch in :func:`opscale.agents.ppo.small_network_torch` (one thread, no distribution argument
-    checks)."""
+    checks).
+
+    :param maskable: sb3-contrib's MaskablePPO instead (with
+        :class:`~opscale.agents.policies.MaskableMultiDiscreteActorCriticPolicy`; it asks every env for
+        ``action_masks()`` every step).
+    """
+    from sb3_contrib import MaskablePPO
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
-    from opscale.agents.policies import MultiDiscreteActorCriticPolicy
+    from opscale.agents.policies import MaskableMultiDiscreteActorCriticPolicy, MultiDiscreteActorCriticPolicy
     from opscale.agents.ppo import small_network_torch
 
     class StopAt(BaseCallback):
@@ -170,8 +178,8 @@ def ppo_steps_per_s(total_timesteps: int, max_seconds: float, num_envs: int = 8,
             return time.perf_counter() < self.deadline
 
     vec_env = make_vec_env(FAST_ID, n_envs=num_envs, seed=seed)
-    model = PPO(
-        MultiDiscreteActorCriticPolicy,
+    model = (MaskablePPO if maskable else PPO)(
+        MaskableMultiDiscreteActorCriticPolicy if maskable else MultiDiscreteActorCriticPolicy,
         vec_env,
         n_steps=256,
         batch_size=256,
@@ -232,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         (
             "SB3 PPO, 8 DummyVecEnv x replayed interval (PPO's own cost)",
             ppo_layer_steps_per_s(ppo_steps, seconds),
+            0.0,
+        ),
+        (
+            f"sb3-contrib MaskablePPO, 8 DummyVecEnv x {FAST_ID}",
+            ppo_steps_per_s(ppo_steps, seconds, maskable=True),
             0.0,
         ),
         (f"{DES_ID}, random actions", env_steps_per_s(DES_ID, des_steps, seconds), 50.0),
