@@ -10,9 +10,15 @@ for the same deployment and actions:
 * an operator-level deployment places the stateless replicas first (model order), then the attention
   replicas with a minimum KV cache (the longest request, at least 16 blocks); once all are placed the
   memory left on each GPU is shared evenly among the attention replicas there;
-* an attention replica added later takes all the memory left on its GPUs as KV cache.
+* an attention replica added later takes the smallest start-up share of KV cache, or the memory left
+  on its GPUs if less (at least the minimum);
+* a scale-down takes a unit's replicas in the engine's order (loading first, then those whose GPUs
+  empty out soonest) and always leaves one.
 
-What the fluid model needs from a placement is summarised by :meth:`FluidLayout.serving_summary`.
+Placed replicas are rows of a slot table (numpy arrays) and the cluster's memory lives in
+:class:`~opscale.sim.cluster.ClusterState`'s per-GPU arrays, so an action's scaling runs compiled in one
+call (:meth:`FluidLayout.scale`). What the fluid model needs from a placement is summarised by
+:meth:`FluidLayout.serving_summary`.
 """
 
 from __future__ import annotations
