@@ -50,20 +50,29 @@ FAST_ID = "opscale/OperatorAutoscale-fast-v0"
 DES_ID = "opscale/OperatorAutoscale-v0"
 
 
+#: Untimed random steps before a timed run (scale-ups, scale-downs, a refresh: every compiled call).
+WARM_UP_STEPS = 3
+
+
 def env_steps_per_s(
     env_id: str, max_steps: int, max_seconds: float, *, noop: bool = False, seed: int = 0, **kwargs: Any
 ) -> float:
     """Steps per second of one environment (through ``gym.make``'s wrappers, resets on truncation
-    counted) over ``max_steps`` steps or ``max_seconds`` of wall time, whichever ends first.
+    counted) over ``max_steps`` steps or ``max_seconds`` of wall time, whichever ends first. A few
+    untimed steps first load (or, after a change, compile) the numba functions the run calls.
 
     :param noop: send the no-change action every step instead of random valid actions (drawn up front).
     """
     env = gym.make(env_id, **kwargs)
     env.action_space.seed(seed)
+    warm_up = [env.action_space.sample() for _ in range(WARM_UP_STEPS)]
     if noop:
         actions = [env.unwrapped.codec.noop()]  # type: ignore[attr-defined]
     else:
         actions = [env.action_space.sample() for _ in range(min(max_steps, 1024))]
+    env.reset(seed=seed)
+    for action in warm_up:
+        env.step(action)
     env.reset(seed=seed)
     steps = 0
     start = time.perf_counter()
