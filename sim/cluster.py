@@ -182,20 +182,6 @@ class GpuState:
     def residents(self) -> int:
         return int(self._arrays.residents[self.index])
 
-    @property
-    def powered_since_s(self) -> float:
-        """When the GPU last went from no resident replica to one."""
-        return float(self._arrays.powered_since_s[self.index])
-
-    @property
-    def powered_s(self) -> float:
-        """Powered seconds since the last :meth:`ClusterState.take_interval`, up to the last release."""
-        return float(self._arrays.powered_s[self.index])
-
-    @property
-    def powered(self) -> bool:
-        return self.residents > 0
-
 
 @dataclass(eq=False)
 class Replica:
@@ -273,11 +259,6 @@ class ClusterState:
             powered_since_s=np.zeros(num_gpus),
             powered_s=np.zeros(num_gpus),
         )
-        self._free_bytes = self._placement_arrays.free_bytes
-        self._used_bytes = self._placement_arrays.used_bytes
-        self._residents = self._placement_arrays.residents
-        self._node_first_gpu = self._placement_arrays.node_first_gpu
-        self._node_gpus = self._placement_arrays.node_gpus
         self._no_exclusion = np.zeros(num_gpus, dtype=np.bool_)
         self.gpus = [
             GpuState(
@@ -361,7 +342,7 @@ class ClusterState:
         if affinity:
             for index, value in affinity.items():
                 affinity_per_gpu[index] = value
-        units_per_node = np.zeros(len(self._node_gpus))
+        units_per_node = np.zeros(len(self._placement_arrays.node_gpus))
         if unit_count_by_node:
             for node, count in unit_count_by_node.items():
                 units_per_node[node] = count
@@ -382,11 +363,12 @@ class ClusterState:
         """:meth:`find_group` with its inputs as arrays (what a caller that keeps them as arrays passes):
         ``affinity_per_gpu`` per GPU (read only by ``colocate``), ``units_per_node`` per node (read only
         by ``spread-node``), ``excluded`` per GPU (``None``: none)."""
+        arrays = self._placement_arrays
         group = _find_group(
-            self._free_bytes,
-            self._residents,
-            self._node_first_gpu,
-            self._node_gpus,
+            arrays.free_bytes,
+            arrays.residents,
+            arrays.node_first_gpu,
+            arrays.node_gpus,
             int(tp),
             float(bytes_per_gpu),  # one compiled signature, whatever number type the caller has
             policy_code(policy),
@@ -402,7 +384,7 @@ class ClusterState:
 
     def best_free_bytes(self) -> float:
         """Largest free memory on any GPU (error messages, and a quick no-room test before placing)."""
-        return float(self._free_bytes.max())
+        return float(self._placement_arrays.free_bytes.max())
 
     def check_gpus_exist(self, gpus: tuple[int, ...], what: str) -> None:
         """:raises ValueError: if a GPU index is outside the cluster (names it and the range)."""
@@ -433,7 +415,7 @@ class ClusterState:
     @property
     def gpus_powered(self) -> int:
         """GPUs holding at least one replica."""
-        return int(np.count_nonzero(self._residents))
+        return int(np.count_nonzero(self._placement_arrays.residents))
 
     def release_order(
         self, gpus: tuple[int, ...], leaving: Mapping[int, int] | None = None
@@ -455,7 +437,7 @@ class ClusterState:
         return staying, max(self.gpus[i].used_bytes for i in gpus)
 
     def memory_used_bytes(self) -> list[float]:
-        return self._used_bytes.tolist()
+        return self._placement_arrays.used_bytes.tolist()
 
 
 @njit(cache=True)
