@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
 from sb3_contrib.common.maskable.distributions import MaskableMultiCategoricalDistribution
 from stable_baselines3.common.distributions import MultiCategoricalDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
 
 import opscale  # noqa: F401  (registers the environments)
 from opscale.agents.policies import (
@@ -60,6 +63,34 @@ def test_policy_uses_it_on_the_operator_env_and_keeps_the_network() -> None:
     action, _ = policy.predict(observation, deterministic=False)
     assert env.action_space.contains(action)
     env.close()
+
+
+@pytest.mark.parametrize(
+    "policy_class", [MultiDiscreteActorCriticPolicy, MaskableMultiDiscreteActorCriticPolicy]
+)
+def test_adam_is_fused_by_default_and_steps_as_sb3s_adam(policy_class: type) -> None:
+    space = gym.spaces.MultiDiscrete(NVEC)
+    observations = gym.spaces.Box(-1.0, 1.0, (4,))
+    th.manual_seed(0)
+    fused = policy_class(observations, space, lambda _: 3e-4)
+    assert fused.optimizer.defaults["fused"] and fused.optimizer.defaults["eps"] == 1e-5
+    # SB3's default (``eps`` only) when the caller sets the options
+    plain = policy_class(observations, space, lambda _: 3e-4, optimizer_kwargs={"eps": 1e-5})
+    assert not plain.optimizer.defaults["fused"]
+    plain.load_state_dict(fused.state_dict())
+    batch = th.rand(32, 4)
+    actions = th.stack([th.randint(0, n, (32,)) for n in NVEC], dim=1)
+    for policy in (fused, plain):
+        for _ in range(3):
+            values, log_prob, entropy = policy.evaluate_actions(batch, actions)
+            loss = values.square().mean() - log_prob.mean() - 0.01 * entropy.mean()
+            policy.optimizer.zero_grad()
+            loss.backward()
+            policy.optimizer.step()
+    for (name, fused_parameter), plain_parameter in zip(
+        fused.named_parameters(), plain.parameters(), strict=True
+    ):
+        th.testing.assert_close(fused_parameter, plain_parameter, msg=name)
 
 
 @pytest.mark.parametrize("space", [gym.spaces.Discrete(4), gym.spaces.Box(-1.0, 1.0, (2,))])
@@ -144,3 +175,86 @@ def test_maskable_policy_uses_it_and_maskable_ppo_trains_with_it() -> None:
     action, _ = model.predict(observation, action_masks=masks)
     assert env.action_space.contains(action)
     env.close()
+
+
+def _torch_pass(policy: th.nn.Module, *args: object) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    with th.enable_grad():  # recording gradients: the policy's own torch pass
+        actions, values, log_prob = policy(*args)
+    return actions, values.detach(), log_prob.detach()
+
+
+def _sharpened(policy_class: type[ActorCriticPolicy], **kwargs: Any) -> Any:
+    """A policy on the operator env's spaces whose action logits spread wider than at initialisation."""
+    env = gym.make("opscale/OperatorAutoscale-fast-v0", horizon=2)
+    th.manual_seed(0)
+    policy = policy_class(env.observation_space, env.action_space, lambda _: 3e-4, **kwargs)
+    with th.no_grad():
+        policy.action_net.weight.mul_(300.0)  # SB3 initialises it with gain 0.01: near-uniform choices
+    env.close()
+    return policy
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_compiled_rollout_pass_gives_the_torch_pass_actions_values_and_log_probs(deterministic: bool) -> None:
+    policy = _sharpened(MultiDiscreteActorCriticPolicy)
+    observations = th.rand(64, policy.observation_space.shape[0], generator=th.Generator().manual_seed(1))
+    with th.no_grad():
+        assert policy._rollout_pass(observations) is not None
+        th.manual_seed(7)
+        actions, values, log_prob = policy(observations, deterministic)
+    th.manual_seed(7)
+    reference = _torch_pass(policy, observations, deterministic)
+    assert th.equal(actions, reference[0])
+    th.testing.assert_close(values, reference[1], rtol=1e-5, atol=1e-5)
+    th.testing.assert_close(log_prob, reference[2], rtol=1e-5, atol=1e-4)
+    assert len(set(map(tuple, actions.tolist()))) > 1 or deterministic  # the draws do differ per row
+
+
+def test_compiled_masked_pass_gives_the_torch_pass_and_never_a_forbidden_choice() -> None:
+    policy = _sharpened(MaskableMultiDiscreteActorCriticPolicy)
+    generator = th.Generator().manual_seed(2)
+    observations = th.rand(64, policy.observation_space.shape[0], generator=generator)
+    masks = th.rand(64, sum(policy.action_space.nvec), generator=generator) < 0.6
+    offsets = np.cumsum([0, *policy.action_space.nvec[:-1]])
+    masks[:, offsets] = True  # each dimension's first choice allowed: none is left without one
+    with th.no_grad():
+        th.manual_seed(3)
+        actions, values, log_prob = policy(observations, False, masks.numpy())
+    th.manual_seed(3)
+    reference = _torch_pass(policy, observations, False, masks.numpy())
+    assert th.equal(actions, reference[0])
+    th.testing.assert_close(values, reference[1], rtol=1e-5, atol=1e-5)
+    th.testing.assert_close(log_prob, reference[2], rtol=1e-5, atol=1e-4)
+    assert masks.numpy()[np.arange(64)[:, None], offsets + actions.numpy()].all()
+
+
+def test_compiled_pass_follows_weight_updates_moves_and_copies() -> None:
+    import copy
+
+    policy = _sharpened(MultiDiscreteActorCriticPolicy)
+    observations = th.rand(8, policy.observation_space.shape[0], generator=th.Generator().manual_seed(4))
+    with th.no_grad():
+        before = policy(observations, True)[2]
+        for parameter in policy.parameters():  # an optimiser step writes in place
+            parameter.add_(0.05)
+        after = policy(observations, True)[2]
+        clone = copy.deepcopy(policy)
+        for parameter in clone.parameters():
+            parameter.mul_(0.5)
+        assert th.equal(policy(observations, True)[2], after)  # the original keeps its own weights
+        cloned = clone(observations, True)[2]
+    assert not th.allclose(before, after)
+    th.testing.assert_close(after, _torch_pass(policy, observations, True)[2], rtol=1e-5, atol=1e-4)
+    th.testing.assert_close(cloned, _torch_pass(clone, observations, True)[2], rtol=1e-5, atol=1e-4)
+    policy.to("cpu", dtype=th.float64)  # no compiled form for float64: the torch pass
+    with th.no_grad():
+        assert policy._rollout_pass(observations.double()) is None
+
+
+def test_networks_without_a_compiled_form_keep_the_torch_pass() -> None:
+    policy = _sharpened(MultiDiscreteActorCriticPolicy, activation_fn=th.nn.ELU)
+    observations = th.rand(4, policy.observation_space.shape[0])
+    with th.no_grad():
+        assert policy._rollout_pass(observations) is None
+        actions, _, _ = policy(observations)
+    assert actions.shape == (4, len(policy.action_space.nvec))
