@@ -126,7 +126,7 @@ from opscale.sim.fluid_kernel import (
     solve_interval_fields,
 )
 from opscale.sim.fluid_latency import LogHistogram, TtftMixture, shared_poisson_tail_table
-from opscale.sim.fluid_layout import FluidLayout, ScalingStep
+from opscale.sim.fluid_layout import FluidLayout
 from opscale.sim.fluid_tables import GRID_POINTS_PER_OCTAVE, AttentionSurrogate, UnitTimeTable, segment_lines
 from opscale.sim.hardware import ClusterSpec, GPUSpec
 from opscale.sim.inputs import check_deployment, prepare_requests
@@ -243,8 +243,10 @@ class FluidSimulator:
         self._build_transfer_constants()
         self.layout = FluidLayout(cluster, self.model, self.config, min_kv_tokens=self._max_request_tokens)
         self._now_s = 0.0
-        #: load time of an added operator-level replica, per (unit, TP) (asked once)
-        self._replica_load_s: dict[tuple[UnitKind, int], float] = {}
+        #: the fixed part of a unit's scaling row, per (unit, batch cap, action placement, unit placement)
+        self._scaling_constants: dict[
+            tuple[UnitKind, int, Placement | None, Placement], tuple[float, ...]
+        ] = {}
         self._instance_load_time_s: float | None = None
         self._place_initial(deployment)
         self._check_requests_fit()
@@ -517,17 +519,23 @@ class FluidSimulator:
             (unit if unit.__class__ is UnitKind else UnitKind(unit), unit_action)
             for unit, unit_action in action.units_in_apply_order()
         ]
-        steps: list[ScalingStep] = []
+        configs = self._unit_configs
+        operator_level = self._granularity == "operator"
+        rows: list[tuple[float, ...]] = []
+        scaled: list[UnitKind] = []
         cap_messages: dict[UnitKind, str] = {}
         for unit, unit_action in ordered:
-            if unit not in self._unit_configs:
+            config = configs.get(unit)
+            if config is None:
                 continue
-            if unit_action.batch_cap_tokens is not None:
-                cap_messages[unit] = self._set_batch_cap(unit, unit_action.batch_cap_tokens)
-            if self._granularity == "operator" and unit_action.replica_delta:
-                steps.append(self._scaling_step(unit, unit_action.replica_delta, unit_action.placement))
-        changes = self.layout.scale(steps, self._now_s)
-        report = self._report(ordered, steps, changes, cap_messages)
+            cap = unit_action.batch_cap_tokens
+            if cap is not None and not (cap == config.batch_cap_tokens and 1 <= cap <= MAX_BATCH_CAP_TOKENS):
+                cap_messages[unit] = self._set_batch_cap(unit, cap)
+            if operator_level and unit_action.replica_delta:
+                rows.append(self._scaling_row(unit, config, unit_action.replica_delta, unit_action.placement))
+                scaled.append(unit)
+        changes = self.layout.scale(rows, self._now_s)
+        report = self._report(ordered, dict(zip(scaled, changes, strict=True)), cap_messages)
         if action.instance_delta:
             if self._granularity == "model":
                 self._scale_instances(action.instance_delta, report)
@@ -536,7 +544,8 @@ class FluidSimulator:
                 report.messages.append("instance_delta ignored: operator-level deployments scale per unit")
         if report.replicas_added or report.replicas_removed:
             self._layout_stale = True
-        self._totals.gpus_peak = max(self._totals.gpus_peak, self.layout.state.gpus_powered)
+        if report.replicas_added:  # only an addition can power a GPU
+            self._totals.gpus_peak = max(self._totals.gpus_peak, self.layout.state.gpus_powered)
         return report
 
     def _set_batch_cap(self, unit: UnitKind, cap: int) -> str:
@@ -551,63 +560,67 @@ class FluidSimulator:
             return ""
         return f"batch cap {cap} for {unit.value!r} clipped to {clipped} (1..{MAX_BATCH_CAP_TOKENS})"
 
-    def _scaling_step(self, unit: UnitKind, delta: int, placement: Placement | None) -> ScalingStep:
-        config = self._unit_configs[unit]
-        load_s = self._replica_load_s.get((unit, config.tp))
-        if load_s is None:
+    def _scaling_row(
+        self, unit: UnitKind, config: UnitDeployment, delta: int, placement: Placement | None
+    ) -> tuple[float, ...]:
+        """``unit``'s row of :meth:`FluidLayout.scale`. All but the delta and the ready time depend on the
+        unit's batch cap and placement only (memoised: random actions scale most units every step)."""
+        key = (unit, config.batch_cap_tokens, placement, config.placement)
+        constants = self._scaling_constants.get(key)
+        if constants is None:
             weight_bytes = 0.0 if unit is UnitKind.ATTENTION else self.model.weight_bytes(unit, config.tp)
-            load_s = self._replica_load_s[unit, config.tp] = self.config.replica_load_time_s(
-                weight_bytes, whole_instance=False
+            load_s = self.config.replica_load_time_s(weight_bytes, whole_instance=False)
+            constants = (
+                *self.layout.scaling_constants(
+                    unit, config.tp, config.batch_cap_tokens, placement or config.placement
+                ),
+                load_s,
             )
-        return ScalingStep(
-            unit=unit,
-            delta=delta,
-            tp=config.tp,
-            batch_cap_tokens=config.batch_cap_tokens,
-            policy=placement or config.placement,
-            ready_s=self._now_s + load_s,
-        )
+            self._scaling_constants[key] = constants
+        column, tp, need_bytes, kv_bytes_per_token, policy, load_s = constants
+        return (column, delta, tp, need_bytes, kv_bytes_per_token, policy, self._now_s + load_s)
 
     def _report(
         self,
         ordered: list[tuple[UnitKind, UnitAction]],
-        steps: list[ScalingStep],
-        changes: list[int],
+        changes: dict[UnitKind, int],
         cap_messages: dict[UnitKind, str],
     ) -> ApplyReport:
-        """The report of the unit actions ``ordered`` (apply order): what each added or removed, and its
-        repairs (unknown unit, clipped batch cap, replicas that did not fit or must stay, a replica delta
-        at model level), unit by unit."""
+        """The report of the unit actions ``ordered`` (apply order), given the replicas each scaled unit
+        added or removed (``changes``): what each did, and its repairs (unknown unit, clipped batch cap,
+        replicas that did not fit or must stay, a replica delta at model level), unit by unit."""
         report = ApplyReport()
-        results = {step.unit: (step, change) for step, change in zip(steps, changes, strict=True)}
+        added, removed, messages = report.replicas_added, report.replicas_removed, report.messages
         for unit, unit_action in ordered:
-            repairs: list[str] = []
-            if unit not in self._unit_configs:
-                repairs.append(f"unit {unit.value!r} is not a unit of {self.model.name!r}; ignored")
-            elif cap_messages.get(unit):
-                repairs.append(cap_messages[unit])
-            if unit in results:
-                step, change = results[unit]
-                if step.delta > 0 and change < step.delta:
-                    need = self.layout.replica_bytes_per_gpu(unit, step.tp, step.batch_cap_tokens)
-                    repairs.append(
-                        f"{unit.value}: asked +{step.delta} replicas, added {change} (no GPU with "
-                        f"{need / 1e9:.2f} GB free)"
+            config = self._unit_configs.get(unit)
+            if config is None:
+                messages.append(f"unit {unit.value!r} is not a unit of {self.model.name!r}; ignored")
+                continue
+            cap_message = cap_messages.get(unit)
+            if cap_message:
+                messages.append(cap_message)
+            delta = unit_action.replica_delta
+            change = changes.get(unit)
+            if change is None:
+                if delta:
+                    messages.append(
+                        f"replica_delta for {unit.value!r} ignored: model-level deployments scale by instance_delta"
                     )
-                elif step.delta < 0 and change > step.delta:
-                    repairs.append(
-                        f"{unit.value}: asked {step.delta} replicas, removed {-change} (keeps at least one)"
-                    )
-                if change > 0:
-                    report.replicas_added[unit] = change
-                elif change < 0:
-                    report.replicas_removed[unit] = -change
-            elif unit_action.replica_delta and unit in self._unit_configs:
-                repairs.append(
-                    f"replica_delta for {unit.value!r} ignored: model-level deployments scale by instance_delta"
+                continue
+            if delta > 0 and change < delta:
+                need = self.layout.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
+                messages.append(
+                    f"{unit.value}: asked +{delta} replicas, added {change} (no GPU with {need / 1e9:.2f} GB free)"
                 )
-            report.repairs += len(repairs)
-            report.messages += repairs
+            elif delta < 0 and change > delta:
+                messages.append(
+                    f"{unit.value}: asked {delta} replicas, removed {-change} (keeps at least one)"
+                )
+            if change > 0:
+                added[unit] = change
+            elif change < 0:
+                removed[unit] = -change
+        report.repairs = len(messages)
         return report
 
     def _instance_load_s(self) -> float:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -45,7 +44,7 @@ from opscale.sim.deployment import Placement
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
-__all__ = ["FluidLayout", "PlacedReplica", "ScalingStep", "ServingSummary"]
+__all__ = ["FluidLayout", "PlacedReplica", "ServingSummary"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -55,25 +54,6 @@ INSTANCE_SLOT, FREE_SLOT = -1, -2
 
 #: Smallest KV cache of a replica, in blocks (the engine's rule).
 MIN_KV_BLOCKS = 16
-
-
-class ScalingStep(NamedTuple):
-    """One unit's part of a scaling action, as :meth:`FluidLayout.scale` takes it.
-
-    :param unit: the unit.
-    :param delta: replicas to add (> 0) or remove (< 0).
-    :param tp: the unit's TP degree.
-    :param batch_cap_tokens: its batch cap (attention: the token budget), for the memory of added replicas.
-    :param policy: where added replicas go.
-    :param ready_s: when added replicas start serving.
-    """
-
-    unit: UnitKind
-    delta: int
-    tp: int
-    batch_cap_tokens: int
-    policy: Placement
-    ready_s: float
 
 
 @dataclass(frozen=True)
@@ -367,38 +347,37 @@ class FluidLayout:
         return self.state.find_group_per_gpu(tp, need, policy, affinity, units_per_node)
 
     # ------------------------------------------------------------------ operator level: scaling
-    def scale(self, steps: list[ScalingStep], now_s: float) -> list[int]:
-        """Scale the units of ``steps`` in order, in one compiled call; returns per step the replicas
-        added (> 0) or removed (< 0).
+    def scaling_constants(
+        self, unit: UnitKind, tp: int, batch_cap_tokens: int, policy: Placement
+    ) -> tuple[int, int, float, float, int]:
+        """The part of a :meth:`scale` row fixed by the unit's configuration: ``(unit column, TP degree,
+        bytes per GPU of an added replica (attention: before its KV cache), KV bytes per token (attention;
+        else 0), placement code)``."""
+        column = self._columns[unit]
+        kv_bytes_per_token = self.model.kv_bytes_per_token(tp) if unit is UnitKind.ATTENTION else 0.0
+        need_bytes = self.replica_bytes_per_gpu(unit, tp, batch_cap_tokens)
+        return column, tp, need_bytes, kv_bytes_per_token, policy_code(policy)
+
+    def scale(self, rows: list[tuple[float, ...]], now_s: float) -> list[int]:
+        """Scale units in order, in one compiled call; returns per row the replicas added (> 0) or removed
+        (< 0). A row is ``(unit column, replica delta, TP degree, bytes per GPU, KV bytes per token,
+        placement code, ready time of added replicas)``: :meth:`scaling_constants` with the delta and the
+        ready time.
 
         A removal takes the unit's replicas in the engine's scale-down order (loading ones first, then
         the one whose GPUs empty out soonest: :meth:`ClusterState.release_order`, fewest residents, then
         least memory used, on the group's most crowded GPU; then the most recently added; ties keep
         placement order) and always leaves one. An addition places replicas one after the other by the
-        step's policy, as the engine does, until one does not fit. An added attention replica takes the
+        row's policy, as the engine does, until one does not fit. An added attention replica takes the
         smallest start-up share of KV cache (:attr:`added_attention_kv_tokens`), or the memory left if
         less (at least the minimum).
         """
-        if not steps:
+        if not rows:
             return []
-        attention_column = self._columns[UnitKind.ATTENTION]
-        rows = []
         additions = 0
-        for step in steps:
-            column = self._columns[step.unit]
-            if step.delta > 0:
-                additions += step.delta
-            rows.append(
-                (
-                    column,
-                    step.delta,
-                    step.tp,
-                    self.replica_bytes_per_gpu(step.unit, step.tp, step.batch_cap_tokens),
-                    self.model.kv_bytes_per_token(step.tp) if column == attention_column else 0.0,
-                    policy_code(step.policy),
-                    step.ready_s,
-                )
-            )
+        for row in rows:
+            if row[1] > 0:
+                additions += int(row[1])
         self._reserve_slots(additions)
         changes, free_slots, placed = _apply_scaling(
             self._slot_table(),
@@ -406,7 +385,7 @@ class FluidLayout:
             tuple(self.state.placement_arrays()),
             self._node_of_gpu,
             len(self._columns),
-            attention_column,
+            self._columns[UnitKind.ATTENTION],
             np.array(rows, dtype=np.float64),
             float(self.min_kv_tokens),
             float(self.added_attention_kv_tokens),

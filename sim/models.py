@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
 
@@ -181,6 +181,10 @@ class ModelSpec:
     qkv_bias: bool = False
     tied_embeddings: bool = False
     vision: VisionEncoderSpec | None = None
+    #: :meth:`weight_bytes` per (unit, TP): asked for every replica placed, and the spec never changes
+    _weight_bytes_memo: dict[tuple[UnitKind | str, int], float] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -343,6 +347,12 @@ class ModelSpec:
     # ----------------------------------------------------------------- bytes
     def weight_bytes(self, unit: UnitKind, tp: int = 1) -> float:
         """Weight bytes of ``unit`` over all its layers, on one TP shard."""
+        memo = self._weight_bytes_memo.get((unit, tp))
+        if memo is None:
+            memo = self._weight_bytes_memo[unit, tp] = self._weight_bytes(unit, tp)
+        return memo
+
+    def _weight_bytes(self, unit: UnitKind, tp: int) -> float:
         unit = self._check_unit(unit)
         self.validate_tp(tp)
         d = self.dtype_bytes
