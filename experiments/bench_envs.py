@@ -2,8 +2,9 @@
 
 * ``OperatorAutoscale-fast-v0`` alone (through ``gym.make``'s wrappers, random valid actions drawn up
   front, resets included; default config): target >= 5,000 env steps/s;
-* SB3 PPO on it with 8 ``DummyVecEnv`` envs (``learn`` wall time, rollouts and updates included):
-  target >= 1,500 env steps/s;
+* SB3 PPO on it with 8 ``DummyVecEnv`` envs (``learn`` wall time, rollouts and updates included), its
+  untrained policy acting uniformly at random: target >= 1,500 env steps/s; and again started with the
+  no-op bias ``opscale train`` gives it by default (fewer replica changes per step);
 * ``OperatorAutoscale-v0`` (DES) on the default workload and config (5-s control interval):
   target >= 50 env steps/s;
 * no-op actions (the deployment stays as sized), the model-level ids and MaskablePPO for comparison, and the env
@@ -156,7 +157,13 @@ def reset_s(env_id: str, resets: int) -> float:
 
 
 def ppo_steps_per_s(
-    total_timesteps: int, max_seconds: float, num_envs: int = 8, seed: int = 0, *, maskable: bool = False
+    total_timesteps: int,
+    max_seconds: float,
+    num_envs: int = 8,
+    seed: int = 0,
+    *,
+    maskable: bool = False,
+    noop_logit_bias: float = 0.0,
 ) -> float:
     """Env steps per second of SB3 PPO (``MlpPolicy``, ``n_steps=256``, ``batch_size=256``, 10 epochs)
     on ``num_envs`` fast environments in a ``DummyVecEnv``: ``learn`` wall time (rollouts and updates)
@@ -169,6 +176,9 @@ def ppo_steps_per_s(
     :param maskable: sb3-contrib's MaskablePPO instead (with
         :class:`~opscale.agents.policies.MaskableMultiDiscreteActorCriticPolicy`; it asks every env for
         ``action_masks()`` every step).
+    :param noop_logit_bias: start the policy biased towards no-op actions, as ``opscale train`` does by
+        default (:attr:`opscale.agents.ppo.PPOConfig.noop_logit_bias`); 0: an untrained policy's
+        uniformly random actions, the simulator's costliest steps.
     """
     from sb3_contrib import MaskablePPO
     from stable_baselines3 import PPO
@@ -176,7 +186,7 @@ def ppo_steps_per_s(
     from stable_baselines3.common.env_util import make_vec_env
 
     from opscale.agents.policies import MaskableMultiDiscreteActorCriticPolicy, MultiDiscreteActorCriticPolicy
-    from opscale.agents.ppo import small_network_torch
+    from opscale.agents.ppo import bias_towards_noop, small_network_torch
 
     class StopAt(BaseCallback):
         def __init__(self, deadline: float) -> None:
@@ -196,6 +206,8 @@ def ppo_steps_per_s(
         device="cpu",
         verbose=0,
     )
+    if noop_logit_bias:
+        bias_towards_noop(model, gym.make(FAST_ID).unwrapped.codec.noop(), noop_logit_bias)  # type: ignore[attr-defined]
     with small_network_torch(threads=1):
         start = time.perf_counter()
         model.learn(total_timesteps=total_timesteps, callback=StopAt(start + max_seconds))
@@ -246,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         (f"{FAST_ID}, no-op actions", env_steps_per_s(FAST_ID, fast_steps, seconds, noop=True), 0.0),
         (f"{model_fast_id}, random actions", env_steps_per_s(model_fast_id, fast_steps, seconds), 0.0),
         (f"SB3 PPO, 8 DummyVecEnv x {FAST_ID}", ppo_steps_per_s(ppo_steps, seconds), 1500.0),
+        (
+            "  the same, policy started as `opscale train` starts it (no-op bias 2.0)",
+            ppo_steps_per_s(ppo_steps, seconds, noop_logit_bias=2.0),
+            0.0,
+        ),
         (
             "SB3 PPO, 8 DummyVecEnv x replayed interval (PPO's own cost)",
             ppo_layer_steps_per_s(ppo_steps, seconds),
