@@ -85,7 +85,8 @@ contention of long calls follows the convoy argument of :func:`opscale.sim.fluid
 heuristic, not a derivation); admission waits near saturation are approximate. ``SimConfig`` fields
 about individual requests or calls (``attention_drain``, ``service_time_distribution``,
 ``record_requests``, ``fast_forward_decode``) do not apply; image tokens join the prompt as in the
-engine.
+engine. Moves (``UnitAction.move_replicas``) are not modelled: :meth:`FluidSimulator.apply` ignores them
+and counts each as a repair.
 
 Cost: one solve per :meth:`~FluidSimulator.advance`; its cost depends on neither the request rate nor
 the replica count. The model's arithmetic is compiled with numba (:mod:`opscale.sim.fluid_kernel`, about
@@ -588,7 +589,7 @@ class FluidSimulator:
     ) -> ApplyReport:
         """The report of the unit actions ``ordered`` (apply order), given the replicas each scaled unit
         added or removed (``changes``): what each did, and its repairs (unknown unit, clipped batch cap,
-        replicas that did not fit or must stay, a replica delta at model level), unit by unit."""
+        a move, replicas that did not fit or must stay, a replica delta at model level), unit by unit."""
         report = ApplyReport()
         added, removed, messages = report.replicas_added, report.replicas_removed, report.messages
         for unit, unit_action in ordered:
@@ -600,12 +601,20 @@ class FluidSimulator:
             if cap_message:
                 messages.append(cap_message)
             delta = unit_action.replica_delta
-            change = changes.get(unit)
-            if change is None:
-                if delta:
+            if self._granularity == "model":
+                if delta or unit_action.move_replicas:
                     messages.append(
-                        f"replica_delta for {unit.value!r} ignored: model-level deployments scale by instance_delta"
+                        f"replica_delta / move_replicas for {unit.value!r} ignored: model-level deployments "
+                        "scale by instance_delta"
                     )
+                continue
+            if unit_action.move_replicas:
+                messages.append(
+                    f"move_replicas for {unit.value!r} ignored: the fluid fidelity does not model moves "
+                    "(the des fidelity does)"
+                )
+            change = changes.get(unit)
+            if change is None:  # no replica delta
                 continue
             if delta > 0 and change < delta:
                 need = self.layout.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)

@@ -176,17 +176,47 @@ def test_operator_level_actions_are_repaired_and_counted() -> None:
                 UnitKind.FFN: UnitAction(replica_delta=-5),
                 UnitKind.QKV_PROJ: UnitAction(replica_delta=2, batch_cap_tokens=10**9),
                 UnitKind.MOE: UnitAction(replica_delta=1),
+                UnitKind.O_PROJ: UnitAction(move_replicas=1),
             },
             instance_delta=1,
         )
     )
     assert report.replicas_removed[UnitKind.FFN] == 1  # keeps one
     assert report.replicas_added[UnitKind.QKV_PROJ] == 2
-    assert report.repairs == 4  # ffn floor, cap clip, unit not in model, instance_delta on operator level
+    # ffn floor, cap clip, unit not in model, a move (not modelled), instance_delta on operator level
+    assert report.repairs == 5 == len(report.messages)
+    assert any("move_replicas for 'o_proj' ignored" in message for message in report.messages)
+    assert UnitKind.O_PROJ not in report.replicas_added and UnitKind.O_PROJ not in report.replicas_removed
     deployment = simulator.deployment
     assert deployment.units[UnitKind.FFN].replicas == 1 and deployment.units[UnitKind.QKV_PROJ].replicas == 3
     metrics = simulator.advance(5.0)
     assert metrics.units[UnitKind.QKV_PROJ].replicas == 3  # an operator loads in well under 5 s
+
+
+@pytest.mark.parametrize("granularity", ["model", "operator"])
+def test_repairs_count_as_the_engines(granularity: str) -> None:
+    """The same malformed action is repaired the same number of times by both fidelities (a move counts
+    once in the fluid, which does not model it; at model level a replica delta and a move count once)."""
+    deployment = (
+        Deployment.model_level(MODEL, "a100", instances=1, num_nodes=1)
+        if granularity == "model"
+        else operator_level()
+    )
+    action = ScalingAction(
+        units={
+            UnitKind.FFN: UnitAction(replica_delta=-5, move_replicas=1),
+            UnitKind.O_PROJ: UnitAction(batch_cap_tokens=0),
+            UnitKind.MOE: UnitAction(replica_delta=1),
+        }
+    )
+    trace = poisson_trace(2.0, 30.0)
+    cluster = ClusterSpec.homogeneous("a100", deployment.num_nodes)
+    engine_report = DiscreteEventSimulator(cluster, MODEL, deployment, trace).apply(action)
+    fluid_report = fluid(deployment, trace).apply(action)
+    # unit not in the model, cap clip, ffn floor or model-level delta (and, operator level, the move)
+    expected = 3 if granularity == "model" else 4
+    assert fluid_report.repairs == len(fluid_report.messages) == expected
+    assert engine_report.repairs == expected - (granularity == "operator")  # the engine moves the replica
 
 
 @pytest.mark.parametrize(
