@@ -18,6 +18,7 @@ from opscale.agents.policies import (
     MaskableGroupedMultiCategoricalDistribution,
     MaskableMultiDiscreteActorCriticPolicy,
     MultiDiscreteActorCriticPolicy,
+    _CompiledRolloutPass,
 )
 
 NVEC = [5, 3, 7, 2, 1]
@@ -258,3 +259,30 @@ def test_networks_without_a_compiled_form_keep_the_torch_pass() -> None:
         assert policy._rollout_pass(observations) is None
         actions, _, _ = policy(observations)
     assert actions.shape == (4, len(policy.action_space.nvec))
+
+
+def test_ppo_with_the_compiled_pass_is_reproducible_per_seed() -> None:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    def train(seed: int) -> list[th.Tensor]:
+        env = make_vec_env(
+            "opscale/OperatorAutoscale-fast-v0", n_envs=2, seed=seed, env_kwargs={"horizon": 8}
+        )
+        model = PPO(
+            MultiDiscreteActorCriticPolicy,
+            env,
+            n_steps=16,
+            batch_size=16,
+            n_epochs=2,
+            seed=seed,
+            device="cpu",
+        )
+        model.learn(64)
+        assert isinstance(model.policy._compiled_pass, _CompiledRolloutPass)  # the rollouts ran compiled
+        env.close()
+        return [parameter.detach().clone() for parameter in model.policy.parameters()]
+
+    first, again, other = train(0), train(0), train(1)
+    assert all(th.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(th.equal(a, b) for a, b in zip(first, other, strict=True))
