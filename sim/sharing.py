@@ -18,11 +18,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import simpy
+from simpy.core import NORMAL
 
 from opscale.sim.cluster import ClusterState
 from opscale.sim.config import ContentionModel, SimConfig
 
 __all__ = ["GpuSharing"]
+
+
+class _Finish:
+    """A call's finish event, pushed straight onto SimPy's queue: what :meth:`simpy.Environment.step`
+    reads of an event (``callbacks``, ``_ok``, ``_value``) and no more. A ``Timeout`` costs ~1.5 us to
+    create and schedule, this ~0.9 us, and the engine schedules one per call."""
+
+    __slots__ = ("_ok", "_value", "callbacks")
+
+    def __init__(self, call: _Call, callback: Callable[[_Finish], None]) -> None:
+        self._ok = True
+        self._value = call
+        self.callbacks: list[Callable[[_Finish], None]] | None = [callback]
 
 
 class _Call:
@@ -62,7 +76,7 @@ class _Call:
         self.end_s = now_s + work_s + fixed_s
         self.due_s = self.end_s
         #: the pending finish event that counts (earlier ones of a re-timed call are stale)
-        self.event: simpy.Event | None = None
+        self.event: _Finish | None = None
 
 
 class GpuSharing:
@@ -124,8 +138,8 @@ class GpuSharing:
                 self._rerate(affected, now)
         # _schedule, inlined (hot path); the call is new, so it has no earlier event
         call.due_s = call.end_s
-        event = self.env.timeout(call.end_s - now, call)
-        event.callbacks.append(self._on_event)
+        event = _Finish(call, self._on_event)
+        self.env.schedule(event, NORMAL, call.end_s - now)  # type: ignore[arg-type]
         call.event = event
 
     def _rerate(self, calls: list[_Call], now_s: float) -> None:
@@ -155,13 +169,12 @@ class GpuSharing:
 
     def _schedule(self, call: _Call, at_s: float, now_s: float) -> None:
         call.due_s = at_s
-        event = self.env.timeout(at_s - now_s, call)
-        event.callbacks.append(self._on_event)
+        event = _Finish(call, self._on_event)
+        self.env.schedule(event, NORMAL, at_s - now_s)  # type: ignore[arg-type]
         call.event = event
 
-    def _end(self, event: simpy.Event) -> None:
-        call = event.value
-        assert isinstance(call, _Call)
+    def _end(self, event: _Finish) -> None:
+        call = event._value
         if event is not call.event:
             return  # re-timed since
         now = self.env.now
