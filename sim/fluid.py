@@ -85,8 +85,8 @@ contention of long calls follows the convoy argument of :func:`opscale.sim.fluid
 heuristic, not a derivation); admission waits near saturation are approximate. ``SimConfig`` fields
 about individual requests or calls (``attention_drain``, ``service_time_distribution``,
 ``record_requests``, ``fast_forward_decode``) do not apply; image tokens join the prompt as in the
-engine. Moves (``UnitAction.move_replicas``) are not modelled: :meth:`FluidSimulator.apply` ignores them
-and counts each as a repair.
+engine. A move (``UnitAction.move_replicas``) places the new replica at once, as the engine does, and
+the old one leaves when the new one serves (at the start of that interval).
 
 Cost: one solve per :meth:`~FluidSimulator.advance`; its cost depends on neither the request rate nor
 the replica count. The model's arithmetic is compiled with numba (:mod:`opscale.sim.fluid_kernel`, about
@@ -524,6 +524,8 @@ class FluidSimulator:
         operator_level = self._granularity == "operator"
         rows: list[tuple[float, ...]] = []
         scaled: list[UnitKind] = []
+        changes: dict[UnitKind, int] = {}
+        moves: dict[UnitKind, int] = {}
         cap_messages: dict[UnitKind, str] = {}
         for unit, unit_action in ordered:
             config = configs.get(unit)
@@ -532,11 +534,19 @@ class FluidSimulator:
             cap = unit_action.batch_cap_tokens
             if cap is not None and not (cap == config.batch_cap_tokens and 1 <= cap <= MAX_BATCH_CAP_TOKENS):
                 cap_messages[unit] = self._set_batch_cap(unit, cap)
-            if operator_level and unit_action.replica_delta:
+            if not operator_level:
+                continue
+            if unit_action.replica_delta:
                 rows.append(self._scaling_row(unit, config, unit_action.replica_delta, unit_action.placement))
                 scaled.append(unit)
-        changes = self.layout.scale(rows, self._now_s)
-        report = self._report(ordered, dict(zip(scaled, changes, strict=True)), cap_messages)
+            if unit_action.move_replicas > 0:
+                # the engine moves a unit's replicas right after scaling it, before the next unit's turn
+                changes.update(zip(scaled, self.layout.scale(rows, self._now_s), strict=True))
+                rows, scaled = [], []
+                row = self._scaling_row(unit, config, 0, unit_action.placement)
+                moves[unit] = self.layout.move(row, unit_action.move_replicas, self._now_s)
+        changes.update(zip(scaled, self.layout.scale(rows, self._now_s), strict=True))
+        report = self._report(ordered, changes, moves, cap_messages)
         if action.instance_delta:
             if self._granularity == "model":
                 self._scale_instances(action.instance_delta, report)
@@ -585,11 +595,13 @@ class FluidSimulator:
         self,
         ordered: list[tuple[UnitKind, UnitAction]],
         changes: dict[UnitKind, int],
+        moves: dict[UnitKind, int],
         cap_messages: dict[UnitKind, str],
     ) -> ApplyReport:
         """The report of the unit actions ``ordered`` (apply order), given the replicas each scaled unit
-        added or removed (``changes``): what each did, and its repairs (unknown unit, clipped batch cap,
-        a move, replicas that did not fit or must stay, a replica delta at model level), unit by unit."""
+        added or removed (``changes``) and moved (``moves``): what each did, and its repairs (unknown
+        unit, clipped batch cap, replicas that did not fit or must stay, moves short of room, a replica
+        delta or move at model level), unit by unit, in the engine's words."""
         report = ApplyReport()
         added, removed, messages = report.replicas_added, report.replicas_removed, report.messages
         for unit, unit_action in ordered:
@@ -608,14 +620,7 @@ class FluidSimulator:
                         "scale by instance_delta"
                     )
                 continue
-            if unit_action.move_replicas:
-                messages.append(
-                    f"move_replicas for {unit.value!r} ignored: the fluid fidelity does not model moves "
-                    "(the des fidelity does)"
-                )
-            change = changes.get(unit)
-            if change is None:  # no replica delta
-                continue
+            change = changes.get(unit, 0)
             if delta > 0 and change < delta:
                 need = self.layout.replica_bytes_per_gpu(unit, config.tp, config.batch_cap_tokens)
                 messages.append(
@@ -629,6 +634,17 @@ class FluidSimulator:
                 added[unit] = change
             elif change < 0:
                 removed[unit] = -change
+            moved = moves.get(unit)
+            if moved is None:
+                continue
+            if moved < unit_action.move_replicas:
+                messages.append(
+                    f"{unit.value}: asked to move {unit_action.move_replicas} replicas, moving {moved} "
+                    "(serving replicas or room elsewhere lacking)"
+                )
+            if moved:
+                added[unit] = added.get(unit, 0) + moved
+                removed[unit] = removed.get(unit, 0) + moved
         report.repairs = len(messages)
         return report
 
@@ -678,6 +694,8 @@ class FluidSimulator:
         end = start + dt_s
         # replicas ready by the middle of the interval serve all of it, later ones from the next interval
         serving_at_s = start + 0.5 * dt_s
+        if self.layout.departures_pending and self.layout.depart(serving_at_s, start):
+            self._layout_stale = True  # moved replicas whose replacements serve from this interval left
         if self._layout_stale or serving_at_s >= self._layout_valid_until_s:
             self._refresh_layout(serving_at_s)
         solution = self._solve(start, end)

@@ -148,6 +148,10 @@ class FluidLayout:
         #: free slots, the next one taken last (a stack: a released slot is the next one reused)
         self._free_slots: list[int] = []
         self._next_sequence = 0
+        self._no_exclusion = np.zeros(self.cluster.num_gpus, dtype=np.bool_)
+        #: replicas a move replaces: (slot, placement sequence, the replacement's slot and sequence, when
+        #: the replacement serves)
+        self._departures: list[tuple[int, int, int, int, float]] = []
 
     def _reserve_slots(self, count: int) -> list[int]:
         """The next ``count`` free slots in the order they are taken (the table grows when short)."""
@@ -265,9 +269,12 @@ class FluidLayout:
 
     def remove(self, replica: PlacedReplica, now_s: float) -> None:
         """Release ``replica`` (a unit's replica or an instance) and free its slot."""
-        self.state.release(replica.gpus, replica.bytes_per_gpu, now_s)
-        self._slot_column[replica.slot] = FREE_SLOT
-        self._free_slots.append(replica.slot)
+        self._release_slot(replica.slot, replica.gpus, replica.bytes_per_gpu, now_s)
+
+    def _release_slot(self, slot: int, gpus: tuple[int, ...], bytes_per_gpu: float, now_s: float) -> None:
+        self.state.release(gpus, bytes_per_gpu, now_s)
+        self._slot_column[slot] = FREE_SLOT
+        self._free_slots.append(slot)
 
     # ------------------------------------------------------------------ operator level: start-up
     def place_stateless(
@@ -358,7 +365,9 @@ class FluidLayout:
         need_bytes = self.replica_bytes_per_gpu(unit, tp, batch_cap_tokens)
         return column, tp, need_bytes, kv_bytes_per_token, policy_code(policy)
 
-    def scale(self, rows: list[tuple[float, ...]], now_s: float) -> list[int]:
+    def scale(
+        self, rows: list[tuple[float, ...]], now_s: float, excluded: NDArray[np.bool_] | None = None
+    ) -> list[int]:
         """Scale units in order, in one compiled call; returns per row the replicas added (> 0) or removed
         (< 0). A row is ``(unit column, replica delta, TP degree, bytes per GPU, KV bytes per token,
         placement code, ready time of added replicas)``: :meth:`scaling_constants` with the delta and the
@@ -370,7 +379,8 @@ class FluidLayout:
         placement order) and always leaves one. An addition places replicas one after the other by the
         row's policy, as the engine does, until one does not fit. An added attention replica takes the
         smallest start-up share of KV cache (:attr:`added_attention_kv_tokens`), or the memory left if
-        less (at least the minimum).
+        less (at least the minimum). Added replicas avoid the GPUs ``excluded`` marks (per GPU; ``None``:
+        none).
         """
         if not rows:
             return []
@@ -391,10 +401,70 @@ class FluidLayout:
             float(self.added_attention_kv_tokens),
             self._next_sequence,
             float(now_s),
+            self._no_exclusion if excluded is None else excluded,
         )
         self._free_slots = free_slots.tolist()
         self._next_sequence += placed
         return changes.tolist()
+
+    def move(self, row: tuple[float, ...], count: int, now_s: float) -> int:
+        """Make-before-break moves, as the engine makes them: up to ``count`` of the unit's serving
+        replicas, those on the most crowded GPUs first (residents before any move; ties in placement
+        order), each get a new replica placed by the row's policy off their GPUs, ready at the row's
+        ready time; the old one leaves once the new one serves (:meth:`depart`). ``row`` is a
+        :meth:`scale` row (its delta is ignored). Returns the replicas moved (a candidate whose new
+        replica fits nowhere stays)."""
+        column, ready_s = int(row[0]), row[6]
+        slots = np.flatnonzero((self._slot_column == column) & (self._slot_ready_s <= now_s))
+        slots = slots[np.argsort(self._slot_sequence[slots], kind="stable")]
+        residents = self.state.placement_arrays().residents
+        gpus_of = [[gpu for gpu in self._slot_gpus[slot].tolist() if gpu >= 0] for slot in slots]
+        crowding = [max(int(residents[gpu]) for gpu in gpus) for gpus in gpus_of]
+        order = sorted(range(len(slots)), key=lambda candidate: -crowding[candidate])
+        addition = (row[0], 1.0, *row[2:])
+        moved = 0
+        for candidate in order[:count]:
+            excluded = np.zeros(self.cluster.num_gpus, dtype=np.bool_)
+            excluded[gpus_of[candidate]] = True
+            if self.scale([addition], now_s, excluded)[0] == 1:
+                slot = int(slots[candidate])
+                new_sequence = self._next_sequence - 1  # the replica just placed
+                (new_slot,) = np.flatnonzero(
+                    (self._slot_sequence == new_sequence) & (self._slot_column == column)
+                )
+                self._departures.append(
+                    (slot, int(self._slot_sequence[slot]), int(new_slot), new_sequence, ready_s)
+                )
+                moved += 1
+        return moved
+
+    @property
+    def departures_pending(self) -> bool:
+        """Whether a moved replica still waits for its replacement to serve."""
+        return bool(self._departures)
+
+    def depart(self, serving_at_s: float, now_s: float) -> bool:
+        """Release the replicas whose replacements serve at ``serving_at_s`` (the fluid counts a replica as
+        serving a whole interval from the interval it is ready by the middle of), at ``now_s``. As in the
+        engine, a replacement removed while it loaded (scale-down takes loading replicas first) leaves the
+        old replica in place, and an old replica removed since is not removed twice. Returns whether any
+        left."""
+        staying: list[tuple[int, int, int, int, float]] = []
+        left = False
+        for departure in self._departures:
+            slot, sequence, new_slot, new_sequence, serves_s = departure
+            if serves_s > serving_at_s:
+                staying.append(departure)
+            elif self._placed_as(slot, sequence) and self._placed_as(new_slot, new_sequence):
+                gpus = tuple(gpu for gpu in self._slot_gpus[slot].tolist() if gpu >= 0)
+                self._release_slot(slot, gpus, float(self._slot_bytes[slot]), now_s)
+                left = True
+        self._departures = staying
+        return left
+
+    def _placed_as(self, slot: int, sequence: int) -> bool:
+        """Whether ``slot`` still holds the replica placed ``sequence``-th (slots are reused)."""
+        return bool(self._slot_column[slot] != FREE_SLOT and self._slot_sequence[slot] == sequence)
 
     # ------------------------------------------------------------------ summaries
     def serving_summary(self, serving_at_s: float) -> ServingSummary:
@@ -582,6 +652,7 @@ def _apply_scaling(
     added_kv_tokens: float,
     next_sequence: int,
     now_s: float,
+    excluded: NDArray[np.bool_],
 ) -> tuple[IntArray, IntArray, int]:
     """:meth:`FluidLayout.scale` over the slot table (``table``: its arrays, written in place) and the
     cluster's :class:`~opscale.sim.cluster.PlacementArrays` (``cluster``, as a plain tuple, written in
@@ -589,14 +660,13 @@ def _apply_scaling(
     per GPU of an added replica (attention: before its KV cache), KV bytes per token (attention), policy
     code, ready time of added replicas (one float array: one argument to type instead of seven).
     ``free_slots`` is the free-slot stack (taken from the end, released slots pushed there); it holds at
-    least as many slots as the steps add. Returns per step the replicas added (> 0) or removed (< 0),
-    the free-slot stack after, and the replicas placed."""
+    least as many slots as the steps add; added replicas avoid the GPUs ``excluded`` marks. Returns per
+    step the replicas added (> 0) or removed (< 0), the free-slot stack after, and the replicas placed."""
     slot_column, slot_gpus, slot_ready_s, slot_kv_tokens, slot_bytes, slot_sequence = table
     arrays = PlacementArrays(*cluster)
     stack = np.empty(free_slots.size + slot_column.size, dtype=np.int64)
     stack[: free_slots.size] = free_slots
     free = free_slots.size
-    no_exclusion = np.zeros(node_of_gpu.size, dtype=np.bool_)
     changes = np.zeros(steps.shape[0], dtype=np.int64)
     sequence = next_sequence
     for step in range(steps.shape[0]):
@@ -642,7 +712,7 @@ def _apply_scaling(
                 policy,
                 affinity,
                 units_per_node,
-                no_exclusion,
+                excluded,
             )
             if group.size == 0:
                 break

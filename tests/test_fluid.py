@@ -183,20 +183,78 @@ def test_operator_level_actions_are_repaired_and_counted() -> None:
     )
     assert report.replicas_removed[UnitKind.FFN] == 1  # keeps one
     assert report.replicas_added[UnitKind.QKV_PROJ] == 2
-    # ffn floor, cap clip, unit not in model, a move (not modelled), instance_delta on operator level
-    assert report.repairs == 5 == len(report.messages)
-    assert any("move_replicas for 'o_proj' ignored" in message for message in report.messages)
-    assert UnitKind.O_PROJ not in report.replicas_added and UnitKind.O_PROJ not in report.replicas_removed
+    assert (
+        report.repairs == 4 == len(report.messages)
+    )  # ffn floor, cap clip, unit not in model, instance_delta
+    assert report.replicas_added[UnitKind.O_PROJ] == report.replicas_removed[UnitKind.O_PROJ] == 1  # moved
     deployment = simulator.deployment
     assert deployment.units[UnitKind.FFN].replicas == 1 and deployment.units[UnitKind.QKV_PROJ].replicas == 3
     metrics = simulator.advance(5.0)
     assert metrics.units[UnitKind.QKV_PROJ].replicas == 3  # an operator loads in well under 5 s
 
 
+@pytest.mark.parametrize("unit", [UnitKind.FFN, UnitKind.ATTENTION])
+def test_a_move_places_and_releases_as_the_engine_does(unit: UnitKind) -> None:
+    """Make before break: the new replica is placed off the old one's GPUs at once, the old one leaves
+    once the new one serves; GPUs and memory end as the engine's, the serving count never drops."""
+    deployment = operator_level()
+    cluster = ClusterSpec.homogeneous("a100", deployment.num_nodes)
+    trace = poisson_trace(2.0, 60.0)
+    engine = DiscreteEventSimulator(cluster, MODEL, deployment, trace)
+    model = fluid(deployment, trace)
+    simulators: list[ServingSimulator] = [engine, model]
+    for simulator in simulators:
+        simulator.advance(5.0)
+    before = model.snapshot().gpu_memory_used_bytes
+    serving = model.advance(5.0).units[unit].replicas
+    engine.advance(5.0)
+    action = ScalingAction(units={unit: UnitAction(move_replicas=2, placement="spread-gpu")})
+    engine_report, fluid_report = (simulator.apply(action) for simulator in simulators)
+    assert fluid_report.replicas_added == engine_report.replicas_added == {unit: 2}
+    assert fluid_report.replicas_removed == engine_report.replicas_removed == {unit: 2}
+    assert fluid_report.repairs == engine_report.repairs == 0
+    after_apply = model.snapshot().gpu_memory_used_bytes  # both old and new replicas hold memory
+    assert sum(after_apply) > sum(before)
+    metrics = model.advance(5.0)  # the new replicas load in well under 2.5 s: they serve, the old left
+    assert metrics.units[unit].replicas == serving and metrics.units[unit].pending_replicas == 0
+    assert sum(model.snapshot().gpu_memory_used_bytes) < sum(after_apply)
+    for _ in range(2):
+        engine.advance(5.0)
+        model.advance(5.0)
+    assert model.snapshot().gpus_powered == engine.snapshot().gpus_powered
+    assert np.allclose(model.snapshot().gpu_memory_used_bytes, engine.snapshot().gpu_memory_used_bytes)
+    assert not np.allclose(model.snapshot().gpu_memory_used_bytes, before)  # the replicas did move
+    assert model.deployment.units[unit].replicas == engine.deployment.units[unit].replicas == serving
+
+
+def test_a_move_whose_replacement_is_removed_while_loading_keeps_the_old_replica() -> None:
+    deployment = operator_level()
+    cluster = ClusterSpec.homogeneous("a100", deployment.num_nodes)
+    trace = poisson_trace(2.0, 60.0)
+    simulators: list[ServingSimulator] = [
+        DiscreteEventSimulator(cluster, MODEL, deployment, trace),
+        fluid(deployment, trace),
+    ]
+    replicas = deployment.units[UnitKind.FFN].replicas
+    for simulator in simulators:
+        simulator.advance(5.0)
+        simulator.apply(
+            ScalingAction(units={UnitKind.FFN: UnitAction(move_replicas=1, placement="spread-gpu")})
+        )
+        # scale-down takes loading replicas first: the replacement goes, so the move is void
+        report = simulator.apply(ScalingAction(units={UnitKind.FFN: UnitAction(replica_delta=-1)}))
+        assert report.replicas_removed == {UnitKind.FFN: 1}
+        for _ in range(3):
+            simulator.advance(5.0)
+        assert simulator.deployment.units[UnitKind.FFN].replicas == replicas
+    engine, model = simulators
+    assert np.allclose(model.snapshot().gpu_memory_used_bytes, engine.snapshot().gpu_memory_used_bytes)
+
+
 @pytest.mark.parametrize("granularity", ["model", "operator"])
 def test_repairs_count_as_the_engines(granularity: str) -> None:
-    """The same malformed action is repaired the same number of times by both fidelities (a move counts
-    once in the fluid, which does not model it; at model level a replica delta and a move count once)."""
+    """The same malformed action is repaired the same number of times, with the same messages, by both
+    fidelities (at model level a replica delta and a move count once)."""
     deployment = (
         Deployment.model_level(MODEL, "a100", instances=1, num_nodes=1)
         if granularity == "model"
@@ -205,7 +263,7 @@ def test_repairs_count_as_the_engines(granularity: str) -> None:
     action = ScalingAction(
         units={
             UnitKind.FFN: UnitAction(replica_delta=-5, move_replicas=1),
-            UnitKind.O_PROJ: UnitAction(batch_cap_tokens=0),
+            UnitKind.O_PROJ: UnitAction(batch_cap_tokens=0, move_replicas=10),
             UnitKind.MOE: UnitAction(replica_delta=1),
         }
     )
@@ -213,10 +271,12 @@ def test_repairs_count_as_the_engines(granularity: str) -> None:
     cluster = ClusterSpec.homogeneous("a100", deployment.num_nodes)
     engine_report = DiscreteEventSimulator(cluster, MODEL, deployment, trace).apply(action)
     fluid_report = fluid(deployment, trace).apply(action)
-    # unit not in the model, cap clip, ffn floor or model-level delta (and, operator level, the move)
-    expected = 3 if granularity == "model" else 4
-    assert fluid_report.repairs == len(fluid_report.messages) == expected
-    assert engine_report.repairs == expected - (granularity == "operator")  # the engine moves the replica
+    # unit not in the model, cap clip, and the ffn floor and more o_proj moves than replicas, or at model
+    # level the ffn and o_proj deltas or moves
+    assert fluid_report.repairs == len(fluid_report.messages) == engine_report.repairs == 4
+    assert fluid_report.messages == engine_report.messages
+    assert fluid_report.replicas_added == engine_report.replicas_added
+    assert fluid_report.replicas_removed == engine_report.replicas_removed
 
 
 @pytest.mark.parametrize(
