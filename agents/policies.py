@@ -345,7 +345,7 @@ def _fused_adam_by_default(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-class _RolloutInNumpy(nn.Module):
+class _CompiledRollouts(nn.Module):
     """Mixin of the policies below: their forward pass is compiled (:class:`_CompiledRolloutPass`) when no
     gradient is recorded and the observations are on the CPU, i.e. while PPO collects rollouts."""
 
@@ -372,7 +372,7 @@ class _RolloutInNumpy(nn.Module):
         return state
 
 
-class MultiDiscreteActorCriticPolicy(_RolloutInNumpy, ActorCriticPolicy):
+class MultiDiscreteActorCriticPolicy(_CompiledRollouts, ActorCriticPolicy):
     """SB3's ``MlpPolicy`` with :class:`GroupedMultiCategoricalDistribution` for ``MultiDiscrete``
     action spaces (any other space: unchanged). The network is the same: one linear head with
     ``sum(nvec)`` logits. Its Adam is fused unless ``optimizer_class`` or ``optimizer_kwargs`` is given,
@@ -392,7 +392,7 @@ class MultiDiscreteActorCriticPolicy(_RolloutInNumpy, ActorCriticPolicy):
         return rollout(obs, deterministic)
 
 
-class MaskableMultiDiscreteActorCriticPolicy(_RolloutInNumpy, MaskableActorCriticPolicy):
+class MaskableMultiDiscreteActorCriticPolicy(_CompiledRollouts, MaskableActorCriticPolicy):
     """sb3-contrib's ``MlpPolicy`` for ``MaskablePPO`` with
     :class:`MaskableGroupedMultiCategoricalDistribution` for ``MultiDiscrete`` action spaces (any other
     space: unchanged). The network is the same; its Adam is fused and its rollouts run compiled as in
