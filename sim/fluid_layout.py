@@ -375,7 +375,8 @@ class FluidLayout:
 
         A removal takes the unit's replicas in the engine's scale-down order (loading ones first, then
         the one whose GPUs empty out soonest: :meth:`ClusterState.release_order`, fewest residents, then
-        least memory used, on the group's most crowded GPU; then the most recently added; ties keep
+        least memory used, on the group's most crowded GPU; then the most recently added, where the
+        engine takes an idle replica before a busy one, a state the fluid does not track; ties keep
         placement order) and always leaves one. An addition places replicas one after the other by the
         row's policy, as the engine does, until one does not fit. An added attention replica takes the
         smallest start-up share of KV cache (:attr:`added_attention_kv_tokens`), or the memory left if
