@@ -43,6 +43,10 @@ Keys (all optional; see :func:`default_config` for the defaults):
                               jittered. Default 0.
 ``fidelity``                  ``"des"`` (request-level truth) or ``"fluid"`` (fast analytic model)
 ``replica_deltas``            the replica (or instance) changes one action may ask for, e.g. -2..+2
+``chain_actions``             operator level only: ``True`` adds an action dimension that adds or removes
+                              one co-located chain (one replica of every unit, the model-level
+                              instance's layout) in one choice; see ``OperatorActionCodec``. Default
+                              ``False`` (the space as it was)
 ``batch_cap_buckets_tokens``  batch caps an action may select (tokens per call)
 ``max_replicas_per_unit``     ``None`` (the cluster's GPU count; model level: instances that fit) or a cap
 ``queue_scale_tokens``        queue length that maps to observation value 1 (log scale)
@@ -102,6 +106,7 @@ _DEFAULTS: dict[str, Any] = {
     "initial_replica_jitter": 0,
     "fidelity": "fluid",
     "replica_deltas": (-2, -1, 0, 1, 2),
+    "chain_actions": False,
     "batch_cap_buckets_tokens": (256, 512, 1024, 2048, 4096, 8192),
     "max_replicas_per_unit": None,
     "queue_scale_tokens": 1.0e6,
@@ -142,6 +147,7 @@ class EnvConfig:
     initial_replica_jitter: int
     fidelity: Fidelity
     replica_deltas: tuple[int, ...]
+    chain_actions: bool
     batch_cap_buckets_tokens: tuple[int, ...]
     max_replicas_per_unit: int | None
     queue_scale_tokens: float
@@ -155,6 +161,12 @@ class EnvConfig:
 
 def _choices(values: object) -> str:
     return ", ".join(str(v) for v in values)  # type: ignore[attr-defined]
+
+
+def _check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"config {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def _positive_number(key: str, value: Any, *, allow_zero: bool = False) -> float:
@@ -373,6 +385,7 @@ def resolve_config(config: Mapping[str, Any] | None = None, **overrides: Any) ->
         ),
         fidelity=fidelity,
         replica_deltas=replica_deltas,
+        chain_actions=_check_bool("chain_actions", merged["chain_actions"]),
         batch_cap_buckets_tokens=buckets,
         max_replicas_per_unit=None
         if max_replicas is None

@@ -77,6 +77,11 @@ class ModelAutoscaleEnv(AutoscaleEnv):
     granularity = "model"
 
     def _make_codec(self) -> ActionCodec:
+        if self.config.chain_actions:
+            raise ValueError(
+                "config 'chain_actions' is for the operator-level envs; a model-level action's instance "
+                "delta already adds or removes whole instances"
+            )
         return ModelActionCodec(self.units, self.config.replica_deltas, self.config.batch_cap_buckets_tokens)
 
     def _max_replicas(self) -> int:

@@ -47,6 +47,12 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
                 unit ``colocate`` add ``k`` co-located chains; see ``Placement``)
     ==========  ==========================================================================
 
+    With ``chain_actions=True`` one more dimension comes last (index ``3 x units``): 0 removes one
+    co-located chain, 1 leaves the chains alone, 2 adds one (every unit +1, attention ``spread-gpu``, the
+    others ``colocate``: what the per-unit dimensions can also say, as one choice). When it is not 1 it
+    overrides every unit's replica delta and placement for that step; batch caps still apply. The mask
+    allows a chain change only if every unit allows it.
+
     Parts that cannot be carried out (fewer than one replica, no GPU with room) are repaired by the
     simulator (clipped to what fits), additions beyond ``max_replicas_per_unit`` by the environment;
     both are counted in ``info["repairs"]`` and described in ``info["repair_messages"]``. ``env.action_masks()``
@@ -123,14 +129,18 @@ class OperatorAutoscaleEnv(AutoscaleEnv):
 
     * v0: initial version. Before the first release the placement dimension gained its fourth
       choice, ``colocate`` (PPO models trained before it expect three choices per unit), and the
-      config key ``initial_replica_jitter`` (default 0: episodes start as before).
+      config keys ``initial_replica_jitter`` (default 0: episodes start as before) and
+      ``chain_actions`` (default ``False``: the action space as before).
     """
 
     granularity = "operator"
 
     def _make_codec(self) -> ActionCodec:
         return OperatorActionCodec(
-            self.units, self.config.replica_deltas, self.config.batch_cap_buckets_tokens
+            self.units,
+            self.config.replica_deltas,
+            self.config.batch_cap_buckets_tokens,
+            chain_actions=self.config.chain_actions,
         )
 
     def _max_replicas(self) -> int:

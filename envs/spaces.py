@@ -27,6 +27,7 @@ from opscale.sim.deployment import Placement, ScalingAction, UnitAction
 from opscale.sim.models import UnitKind
 
 __all__ = [
+    "CHAIN_DELTAS",
     "GLOBAL_FEATURES",
     "KEEP_BATCH_CAP",
     "PLACEMENT_CHOICES",
@@ -51,6 +52,8 @@ PLACEMENT_CHOICES: tuple[Placement, ...] = (
 )
 #: Batch-cap dimension value meaning "keep the current cap"; value ``i >= 1`` selects bucket ``i - 1``.
 KEEP_BATCH_CAP = 0
+#: the chain dimension's values (``chain_actions``): remove one co-located chain, none, add one
+CHAIN_DELTAS: tuple[int, ...] = (-1, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -382,9 +385,18 @@ class OperatorActionCodec:
     * ``3i+1``: batch cap, ``0`` keeps the cap, ``k >= 1`` sets ``batch_cap_buckets_tokens[k-1]``;
     * ``3i+2``: placement of replicas added by this action: 0 pack, 1 spread-gpu, 2 spread-node, 3 colocate.
 
+    With ``chain_actions``, one more dimension, last: ``0`` removes one co-located chain, ``1`` leaves
+    the chains alone, ``2`` adds one. A chain is one replica of every unit (attention ``spread-gpu``, the
+    others ``colocate`` beside it: the model-level instance's layout); removing one takes one replica of
+    every unit, which the simulators take from the GPU that empties soonest. When it is not ``1`` it
+    replaces every unit's replica delta and placement for that step; the units' batch caps still apply.
+    A macro action: the per-unit dimensions can express it, but a factorised policy almost never samples
+    the same change in every unit at once.
+
     :param units: scaling units, in the model's forward order.
     :param replica_deltas: sorted deltas, including 0.
     :param batch_cap_buckets_tokens: sorted batch caps.
+    :param chain_actions: add the chain dimension.
     """
 
     dims_per_unit = 3
@@ -394,12 +406,16 @@ class OperatorActionCodec:
         units: Sequence[UnitKind],
         replica_deltas: Sequence[int],
         batch_cap_buckets_tokens: Sequence[int],
+        *,
+        chain_actions: bool = False,
     ) -> None:
         self.units = tuple(units)
         self.replica_deltas = tuple(replica_deltas)
         self.batch_cap_buckets_tokens = tuple(batch_cap_buckets_tokens)
+        self.chain_actions = chain_actions
         per_unit = [len(self.replica_deltas), len(self.batch_cap_buckets_tokens) + 1, len(PLACEMENT_CHOICES)]
-        self._nvec = np.array(per_unit * len(self.units), dtype=np.int64)
+        chain = [len(CHAIN_DELTAS)] if chain_actions else []
+        self._nvec = np.array(per_unit * len(self.units) + chain, dtype=np.int64)
         self._delta_list = list(self.replica_deltas)
         self._caps: tuple[int | None, ...] = (None, *self.batch_cap_buckets_tokens)
         # Every (delta, cap, placement) triple decoded once: decoding is then three list lookups per unit.
@@ -432,12 +448,28 @@ class OperatorActionCodec:
 
     def decode_values(self, values: list[int]) -> ScalingAction:
         """:meth:`decode` of the action as a list of ints (what the environment's step path holds)."""
+        if self.chain_actions and CHAIN_DELTAS[values[-1]]:
+            return self._chain_action(CHAIN_DELTAS[values[-1]], values)
         table = self._unit_actions
         units = {unit: table[values[j]][values[j + 1]][values[j + 2]] for unit, j in self._unit_slots}
         return ScalingAction(units=units)
 
+    def _chain_action(self, delta: int, values: list[int]) -> ScalingAction:
+        """Every unit ``delta`` in a chain's layout, each with its own batch-cap choice."""
+        return ScalingAction(
+            units={
+                unit: UnitAction(
+                    replica_delta=delta,
+                    batch_cap_tokens=self._caps[values[j + 1]],
+                    placement=Placement.SPREAD_GPU if unit is UnitKind.ATTENTION else Placement.COLOCATE,
+                )
+                for unit, j in self._unit_slots
+            }
+        )
+
     def encode(self, action: ScalingAction) -> np.ndarray:
-        """The action vector of ``action`` (units it omits get no change, pack placement).
+        """The action vector of ``action`` (units it omits get no change, pack placement; the chain
+        dimension, if any, leaves the chains alone: a chain is encoded unit by unit).
 
         :raises ValueError: for a unit not in this env, an unrepresentable delta or a cap that is no bucket.
         """
@@ -463,7 +495,9 @@ class OperatorActionCodec:
     def noop(self) -> np.ndarray:
         """The action that changes nothing."""
         vector = np.zeros(self._nvec.size, dtype=np.int64)
-        vector[0::3] = self.replica_deltas.index(0)
+        vector[0 : 3 * len(self.units) : 3] = self.replica_deltas.index(0)
+        if self.chain_actions:
+            vector[-1] = CHAIN_DELTAS.index(0)
         return vector
 
     def masks(self, replicas: np.ndarray, addable: np.ndarray, max_replicas: int) -> np.ndarray:
@@ -478,6 +512,13 @@ class OperatorActionCodec:
         for unit_replicas, unit_addable in zip(replicas.tolist(), addable.tolist(), strict=True):
             flat += _delta_mask(self._delta_list, unit_replicas, unit_addable, max_replicas)
             flat += caps_and_placements
+        if self.chain_actions:
+            # a chain change must be allowed for every unit at once
+            per_unit = [
+                _delta_mask(list(CHAIN_DELTAS), unit_replicas, unit_addable, max_replicas)
+                for unit_replicas, unit_addable in zip(replicas.tolist(), addable.tolist(), strict=True)
+            ]
+            flat += [all(allowed) for allowed in zip(*per_unit, strict=True)]
         return np.array(flat, dtype=bool)
 
 

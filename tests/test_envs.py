@@ -92,6 +92,7 @@ def _layout(units: tuple[UnitKind, ...] = DENSE_UNITS) -> ObservationLayout:
         ({"long_requests": "wrap"}, "unknown long_requests policy 'wrap'; valid: clip, drop, error"),
         ({"initial_replica_jitter": -1}, "'initial_replica_jitter' must be >= 0"),
         ({"initial_replica_jitter": 1.5}, "'initial_replica_jitter' must be"),
+        ({"chain_actions": 1}, "'chain_actions' must be true or false, got 1"),
     ],
 )
 def test_bad_config_raises_naming_value_and_choices(
@@ -221,6 +222,52 @@ def test_operator_codec_round_trips_and_rejects_unrepresentable() -> None:
         codec.encode(ScalingAction(units={UnitKind.FFN: UnitAction(batch_cap_tokens=300)}))
     with pytest.raises(ValueError, match="this env's units"):
         codec.encode(ScalingAction(units={UnitKind.MOE: UnitAction(replica_delta=1)}))
+
+
+def test_chain_dimension_adds_or_removes_one_replica_of_every_unit() -> None:
+    codec = OperatorActionCodec(DENSE_UNITS, (-2, -1, 0, 1, 2), (512, 2048), chain_actions=True)
+    assert list(codec.nvec) == [5, 3, 4] * 7 + [3]
+    noop = codec.noop()
+    assert noop[-1] == 1 and all(u.replica_delta == 0 for u in codec.decode(noop).units.values())
+    attention = 3 * DENSE_UNITS.index(UnitKind.ATTENTION)
+    vector = noop.copy()
+    vector[attention : attention + 3] = [0, 2, 0]  # -2 replicas, cap 2048, pack: overridden but the cap
+    vector[-1] = 2
+    added = codec.decode(vector).units
+    assert {u.replica_delta for u in added.values()} == {1}
+    assert added[UnitKind.ATTENTION].placement is Placement.SPREAD_GPU
+    assert {added[unit].placement for unit in DENSE_UNITS if unit is not UnitKind.ATTENTION} == {
+        Placement.COLOCATE
+    }
+    assert added[UnitKind.ATTENTION].batch_cap_tokens == 2048 and added[UnitKind.FFN].batch_cap_tokens is None
+    vector[-1] = 0
+    assert {u.replica_delta for u in codec.decode(vector).units.values()} == {-1}
+    assert codec.encode(codec.decode(noop))[-1] == 1  # encoding goes unit by unit
+    # masks: a chain change only where every unit allows it
+    replicas, addable = np.full(7, 2), np.full(7, 3)
+    assert list(codec.masks(replicas, addable, 16)[-3:]) == [True, True, True]
+    replicas[DENSE_UNITS.index(UnitKind.NORM)] = 1  # one norm replica: no chain to remove
+    addable[DENSE_UNITS.index(UnitKind.FFN)] = 0  # no room for another ffn: none to add
+    assert list(codec.masks(replicas, addable, 16)[-3:]) == [False, True, False]
+
+
+@pytest.mark.parametrize("fidelity", ["fluid", "des"])
+def test_a_chain_action_scales_every_unit_by_one_in_the_simulator(fidelity: str) -> None:
+    env = OperatorAutoscaleEnv(config={"chain_actions": True, "horizon": 4, "fidelity": fidelity})
+    env.reset(seed=0)
+    before = dict(env.simulator.deployment.units)
+    action = env.codec.noop()
+    action[-1] = 2
+    _, _, _, _, info = env.step(action)
+    assert info["repairs"] == 0
+    after = env.simulator.deployment.units
+    assert all(after[unit].replicas == before[unit].replicas + 1 for unit in env.units)
+    action[-1] = 0
+    env.step(action)
+    assert all(env.simulator.deployment.units[unit].replicas == before[unit].replicas for unit in env.units)
+    env.close()
+    with pytest.raises(ValueError, match="'chain_actions' is for the operator-level envs"):
+        ModelAutoscaleEnv(config={"chain_actions": True})
 
 
 def test_model_codec_sets_one_cap_for_every_unit() -> None:

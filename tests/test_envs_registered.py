@@ -40,6 +40,18 @@ def test_gymnasium_and_sb3_checkers_pass_without_warnings(env_id: str, jitter: i
     env.close()
 
 
+@pytest.mark.parametrize("env_id", sorted(env_id for env_id in opscale.ENV_IDS if "Operator" in env_id))
+def test_checkers_pass_with_chain_actions(env_id: str) -> None:
+    env = _make(env_id, chain_actions=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gymnasium_check_env(env.unwrapped)
+        sb3_check_env(env, warn=True)
+    masks = env.unwrapped.action_masks()  # type: ignore[attr-defined]
+    assert masks.shape == (int(env.action_space.nvec.sum()),)  # type: ignore[attr-defined]
+    env.close()
+
+
 @pytest.mark.parametrize("env_id", sorted(opscale.ENV_IDS))
 def test_same_seed_gives_identical_trajectories(env_id: str) -> None:
     def rollout(seed: int) -> list[tuple[np.ndarray, float, dict]]:

@@ -86,6 +86,8 @@ def _describe(args: argparse.Namespace) -> int:
 
         choices = ", ".join(f"{index} {placement.value}" for index, placement in enumerate(PLACEMENT_CHOICES))
         print(f"  placement of added replicas (third dimension of each unit): {choices}")
+        if base.config.chain_actions:
+            print("  chain (the last dimension): 0 removes one co-located chain, 1 none, 2 adds one")
     print(f"\nobservation space Box{env.observation_space.shape} (float32):")
     print(base.observation_layout.table())
     print("\nstarting deployment:")
