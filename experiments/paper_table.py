@@ -112,6 +112,8 @@ class PaperTableConfig:
     :param ppo_timesteps: training steps per case (fluid fidelity).
     :param ppo_n_envs: parallel training envs.
     :param ppo_train_horizon: decisions per training episode.
+    :param ppo_chain_actions: train and evaluate PPO with the operator-level env's chain dimension
+        (``chain_actions``: one choice adds or removes a co-located chain), the other policies as before.
     :param num_nodes: cluster size (8-GPU nodes) of the matched-load comparison.
     :param model_num_nodes: per model, a cluster size replacing ``num_nodes`` (models whose default
         deployment does not fit ``num_nodes``).
@@ -142,6 +144,7 @@ class PaperTableConfig:
     ppo_timesteps: int = 50_000
     ppo_n_envs: int = 4
     ppo_train_horizon: int = 60
+    ppo_chain_actions: bool = False
     num_nodes: int = 2
     model_num_nodes: Mapping[str, int] = field(default_factory=lambda: {"llama-2-70b": 6})
     horizon: int = 120
@@ -208,9 +211,12 @@ class PaperTableConfig:
             Case(model, gpu, trace) for model in self.models for gpu in self.gpus for trace in self.traces
         ]
 
-    def env_config(self, case: Case, *, horizon: int | None = None) -> dict[str, Any]:
-        """The environment configuration of ``case`` (shared by every policy and by PPO training)."""
-        return {
+    def env_config(
+        self, case: Case, *, horizon: int | None = None, policy: PaperPolicy | None = None
+    ) -> dict[str, Any]:
+        """The environment configuration of ``case`` (shared by every policy and by PPO training; PPO's
+        adds ``chain_actions`` when :attr:`ppo_chain_actions` is set)."""
+        config: dict[str, Any] = {
             "model": case.model,
             "gpu": case.gpu,
             "trace": case.trace,
@@ -219,6 +225,9 @@ class PaperTableConfig:
             "control_interval_s": self.control_interval_s,
             "trace_rate_scale": float(self.trace_rate_scales.get(case.trace, 1.0)),
         }
+        if policy is PaperPolicy.PPO and self.ppo_chain_actions:
+            config["chain_actions"] = True
+        return config
 
 
 @dataclass(frozen=True)
@@ -364,7 +373,7 @@ def _train_ppo(config: PaperTableConfig, case: Case) -> tuple[Path, float, int]:
     # Another realisation (``trace_seed``) of a generated trace (embedded default, ServeGen arrivals) than the
     # evaluation's; training windows also end before the held-out tail (``PPOConfig.hold_out_windows``).
     env_kwargs: dict[str, Any] = {
-        **config.env_config(case, horizon=config.ppo_train_horizon),
+        **config.env_config(case, horizon=config.ppo_train_horizon, policy=PaperPolicy.PPO),
         "trace_seed": config.seed + 1,
     }
     # PPO starts where operator-greedy starts (the planner's deployment for the trace's mean rate), in
@@ -440,7 +449,7 @@ def _throughput(
     """Bisect the trace's rate scale at ``budget_nodes`` nodes; returns the search and the sustained rate."""
     from opscale.agents.evaluation import evaluate
 
-    base_config = config.env_config(case, horizon=config.throughput_horizon)
+    base_config = config.env_config(case, horizon=config.throughput_horizon, policy=policy)
     base_scale = float(base_config["trace_rate_scale"])
     offered: dict[float, float] = {}
 
@@ -500,7 +509,7 @@ def _run_case(config: PaperTableConfig, case: Case, progress: _Progress) -> Case
                 spec,
                 POLICY_ENV_IDS[policy],
                 seeds=config.eval_seeds,
-                env_config=env_config,
+                env_config=config.env_config(case, policy=policy),
                 windows="held-out",
                 out_dir=config.out_dir / "evaluations" / case.slug / policy.value,
                 policy_kwargs=_policy_kwargs(policy),

@@ -241,6 +241,8 @@ def _markdown(
                 if case_result.ppo_timesteps
                 else "given on the command line"
             )
+            if config.ppo_chain_actions:
+                trained += "; with the chain action dimension (`chain_actions`)"
             ppo_lines.append(f"- {case_result.case.slug}: `{case_result.ppo_model}` ({trained})")
     sections = [
         "# Paper table: model-level vs operator-level vs PPO autoscaling",

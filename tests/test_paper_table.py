@@ -100,6 +100,28 @@ def tiny_table(tmp_path_factory: pytest.TempPathFactory) -> PaperTableResult:
     return run_paper_table(config, command="test")
 
 
+def test_ppo_with_chain_actions_trains_and_is_evaluated_with_them(tmp_path: Path) -> None:
+    config = PaperTableConfig.quick(
+        out_dir=tmp_path / "out",
+        policies=("model-level", "ppo"),
+        ppo_chain_actions=True,
+        ppo_timesteps=256,
+        ppo_train_horizon=8,
+        horizon=4,
+        eval_seeds=(1000,),
+        throughput_horizon=3,
+        bisection_probes=1,
+        progress=False,
+    )
+    case = config.cases()[0]
+    assert config.env_config(case, policy=PaperPolicy.PPO)["chain_actions"] is True
+    assert "chain_actions" not in config.env_config(case, policy=PaperPolicy.MODEL_LEVEL)
+    result = run_paper_table(config, command="test")
+    ppo = result.cases[0].policies[PaperPolicy.PPO]
+    assert ppo.evaluation.episodes  # a chain-action model ran on a chain-action env
+    assert "chain action dimension" in result.files["markdown"].read_text()
+
+
 def test_tiny_paper_table_writes_every_output(tiny_table: PaperTableResult) -> None:
     out = tiny_table.config.out_dir
     for name in (

@@ -55,6 +55,11 @@ def add_parser(subparsers: Any) -> None:
         "--ppo-model", type=Path, help="saved PPO/MaskablePPO model to use instead of training"
     )
     paper.add_argument("--ppo-timesteps", type=int, help="PPO training steps per case")
+    paper.add_argument(
+        "--ppo-chain-actions",
+        action="store_true",
+        help="train and evaluate PPO with the chain action dimension (env key chain_actions)",
+    )
     paper.add_argument("--seeds", type=int, nargs="+", help="evaluation seeds (paired across policies)")
     paper.add_argument("--horizon", type=int, help="decisions per evaluation episode")
     paper.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,6 +70,8 @@ def _paper_table(args: argparse.Namespace) -> int:
     from opscale.experiments.paper_table import PaperTableConfig, run_paper_table
 
     changes: dict[str, Any] = {"out_dir": args.out, "progress": not args.no_progress}
+    if args.ppo_chain_actions:
+        changes["ppo_chain_actions"] = True
     for key, value in (
         ("models", args.models),
         ("gpus", args.gpus),
