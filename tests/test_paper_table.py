@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -84,34 +85,29 @@ def test_unknown_trace_fails_before_any_work(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "o").exists()
 
 
+def _tiny_config(out_dir: Path, **changes: Any) -> PaperTableConfig:
+    """PPO trained for two rollouts, 4-decision windows, two bisection probes, one seed."""
+    tiny: dict[str, Any] = {
+        "ppo_timesteps": 256,
+        "ppo_train_horizon": 8,
+        "horizon": 4,
+        "eval_seeds": (1000,),
+        "throughput_horizon": 3,
+        "bisection_probes": 2,
+        "progress": False,
+    }
+    return PaperTableConfig.quick(out_dir=out_dir, **{**tiny, **changes})
+
+
 @pytest.fixture(scope="module")
 def tiny_table(tmp_path_factory: pytest.TempPathFactory) -> PaperTableResult:
-    """Every policy, PPO trained for two rollouts, 4-decision windows, two bisection probes."""
-    config = PaperTableConfig.quick(
-        out_dir=tmp_path_factory.mktemp("paper") / "out",
-        ppo_timesteps=256,
-        ppo_train_horizon=8,
-        horizon=4,
-        eval_seeds=(1000,),
-        throughput_horizon=3,
-        bisection_probes=2,
-        progress=False,
-    )
-    return run_paper_table(config, command="test")
+    """Every policy, at :func:`_tiny_config`'s sizes."""
+    return run_paper_table(_tiny_config(tmp_path_factory.mktemp("paper") / "out"), command="test")
 
 
 def test_ppo_with_chain_actions_trains_and_is_evaluated_with_them(tmp_path: Path) -> None:
-    config = PaperTableConfig.quick(
-        out_dir=tmp_path / "out",
-        policies=("model-level", "ppo"),
-        ppo_chain_actions=True,
-        ppo_timesteps=256,
-        ppo_train_horizon=8,
-        horizon=4,
-        eval_seeds=(1000,),
-        throughput_horizon=3,
-        bisection_probes=1,
-        progress=False,
+    config = _tiny_config(
+        tmp_path / "out", policies=("model-level", "ppo"), ppo_chain_actions=True, bisection_probes=1
     )
     case = config.cases()[0]
     assert config.env_config(case, policy=PaperPolicy.PPO)["chain_actions"] is True
