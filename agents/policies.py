@@ -281,13 +281,13 @@ class _CompiledRolloutPass:
     ) -> None:
         self.actor = actor
         self.critic = critic
-        sizes = distribution.action_dims
-        offsets = np.cumsum([0, *sizes[:-1]])
-        dimensions = np.zeros((len(sizes), 5), dtype=np.int64)
+        dimensions = np.zeros((len(distribution.action_dims), 5), dtype=np.int64)
         draws_at = 0
-        for members, _ in distribution._groups:
+        for members, index in distribution._groups:
+            choices = index.shape[0]
             for place, dimension in enumerate(members.tolist()):
-                dimensions[dimension] = (offsets[dimension], sizes[dimension], draws_at, len(members), place)
+                # index[0, place]: where the dimension's first choice sits in the flat logits
+                dimensions[dimension] = (int(index[0, place]), choices, draws_at, len(members), place)
             draws_at += len(members)
         self.dimensions = dimensions
         self.draws_per_row = draws_at

@@ -207,7 +207,7 @@ def ppo_steps_per_s(
         verbose=0,
     )
     if noop_logit_bias:
-        bias_towards_noop(model, gym.make(FAST_ID).unwrapped.codec.noop(), noop_logit_bias)  # type: ignore[attr-defined]
+        bias_towards_noop(model, vec_env.envs[0].unwrapped.codec.noop(), noop_logit_bias)  # type: ignore[attr-defined]
     with small_network_torch(threads=1):
         start = time.perf_counter()
         model.learn(total_timesteps=total_timesteps, callback=StopAt(start + max_seconds))

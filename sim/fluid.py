@@ -543,7 +543,7 @@ class FluidSimulator:
                 # the engine moves a unit's replicas right after scaling it, before the next unit's turn
                 changes.update(zip(scaled, self.layout.scale(rows, self._now_s), strict=True))
                 rows, scaled = [], []
-                row = self._scaling_row(unit, config, 0, unit_action.placement)
+                row = self._scaling_row(unit, config, 1, unit_action.placement)  # one new replica per move
                 moves[unit] = self.layout.move(row, unit_action.move_replicas, self._now_s)
         changes.update(zip(scaled, self.layout.scale(rows, self._now_s), strict=True))
         report = self._report(ordered, changes, moves, cap_messages)

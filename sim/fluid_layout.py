@@ -412,8 +412,8 @@ class FluidLayout:
         """Make-before-break moves, as the engine makes them: up to ``count`` of the unit's serving
         replicas, those on the most crowded GPUs first (residents before any move; ties in placement
         order), each get a new replica placed by the row's policy off their GPUs, ready at the row's
-        ready time; the old one leaves once the new one serves (:meth:`depart`). ``row`` is a
-        :meth:`scale` row (its delta is ignored). Returns the replicas moved (a candidate whose new
+        ready time; the old one leaves once the new one serves (:meth:`depart`). ``row`` is the
+        :meth:`scale` row that adds one such replica. Returns the replicas moved (a candidate whose new
         replica fits nowhere stays)."""
         column, ready_s = int(row[0]), row[6]
         slots = np.flatnonzero((self._slot_column == column) & (self._slot_ready_s <= now_s))
@@ -422,12 +422,11 @@ class FluidLayout:
         gpus_of = [[gpu for gpu in self._slot_gpus[slot].tolist() if gpu >= 0] for slot in slots]
         crowding = [max(int(residents[gpu]) for gpu in gpus) for gpus in gpus_of]
         order = sorted(range(len(slots)), key=lambda candidate: -crowding[candidate])
-        addition = (row[0], 1.0, *row[2:])
         moved = 0
         for candidate in order[:count]:
             excluded = np.zeros(self.cluster.num_gpus, dtype=np.bool_)
             excluded[gpus_of[candidate]] = True
-            if self.scale([addition], now_s, excluded)[0] == 1:
+            if self.scale([row], now_s, excluded)[0] == 1:
                 slot = int(slots[candidate])
                 new_sequence = self._next_sequence - 1  # the replica just placed
                 (new_slot,) = np.flatnonzero(
