@@ -43,6 +43,10 @@ from opscale.sim.hardware import ClusterSpec, GPUSpec
 from opscale.sim.models import ModelSpec, UnitKind
 
 __all__ = [
+    "BUSY_S",
+    "BUSY_SINCE",
+    "COMPUTE_BOUND_S",
+    "BusyArrays",
     "ClusterState",
     "GpuState",
     "PlacementArrays",
@@ -110,6 +114,19 @@ class PlacementArrays(NamedTuple):
     powered_s: NDArray[np.float64]
 
 
+#: Columns of :attr:`BusyArrays.floats`.
+BUSY_SINCE, BUSY_S, COMPUTE_BOUND_S = 0, 1, 2
+
+
+class BusyArrays(NamedTuple):
+    """Per GPU, the calls running (``calls``) and, in ``floats``, since when it has been busy and its
+    busy and compute-bound seconds since the last interval boundary (columns :data:`BUSY_SINCE`,
+    :data:`BUSY_S`, :data:`COMPUTE_BOUND_S`)."""
+
+    calls: NDArray[np.int64]
+    floats: NDArray[np.float64]
+
+
 class PlacementError(ValueError):
     """A replica does not fit anywhere (the message names the unit, the need and the best free memory)."""
 
@@ -127,8 +144,9 @@ class GpuState:
     """One GPU: memory, residents and time integrals.
 
     Memory, residents and powered time live in the per-GPU arrays of the :class:`ClusterState` (compiled
-    placement reads and writes them); this object reads them through. Busy time is kept here (the
-    discrete-event engine's sharing updates it on every call).
+    placement reads and writes them), and so do the busy count and integrals (:class:`BusyArrays`: the
+    discrete-event engine's GPU sharing updates them on every call, compiled at operator level); this
+    object reads and writes them through.
 
     :param index: global GPU index.
     :param node: node index.
@@ -137,32 +155,23 @@ class GpuState:
     :param arrays: the cluster's per-GPU arrays.
     """
 
-    __slots__ = (
-        "_arrays",
-        "busy",
-        "busy_s",
-        "busy_since_s",
-        "capacity_bytes",
-        "compute_bound_s",
-        "index",
-        "node",
-        "spec",
-    )
+    __slots__ = ("_arrays", "_busy", "capacity_bytes", "index", "node", "spec")
 
     def __init__(
-        self, index: int, node: int, spec: GPUSpec, capacity_bytes: float, arrays: PlacementArrays
+        self,
+        index: int,
+        node: int,
+        spec: GPUSpec,
+        capacity_bytes: float,
+        arrays: PlacementArrays,
+        busy: BusyArrays,
     ) -> None:
         self.index = index
         self.node = node
         self.spec = spec
         self.capacity_bytes = capacity_bytes
         self._arrays = arrays
-        #: calls running now, and since when the GPU has been busy
-        self.busy = 0
-        self.busy_since_s = 0.0
-        #: integrals since the last :meth:`ClusterState.take_interval`
-        self.busy_s = 0.0
-        self.compute_bound_s = 0.0
+        self._busy = busy
 
     def __repr__(self) -> str:
         return (
@@ -181,6 +190,42 @@ class GpuState:
     @property
     def residents(self) -> int:
         return int(self._arrays.residents[self.index])
+
+    @property
+    def busy(self) -> int:
+        """Calls running now."""
+        return int(self._busy.calls[self.index])
+
+    @busy.setter
+    def busy(self, value: int) -> None:
+        self._busy.calls[self.index] = value
+
+    @property
+    def busy_since_s(self) -> float:
+        """Since when the GPU has been busy (while it is)."""
+        return float(self._busy.floats[self.index, BUSY_SINCE])
+
+    @busy_since_s.setter
+    def busy_since_s(self, value: float) -> None:
+        self._busy.floats[self.index, BUSY_SINCE] = value
+
+    @property
+    def busy_s(self) -> float:
+        """Busy seconds since the last :meth:`ClusterState.take_interval`."""
+        return float(self._busy.floats[self.index, BUSY_S])
+
+    @busy_s.setter
+    def busy_s(self, value: float) -> None:
+        self._busy.floats[self.index, BUSY_S] = value
+
+    @property
+    def compute_bound_s(self) -> float:
+        """Compute-bound seconds since the last :meth:`ClusterState.take_interval`."""
+        return float(self._busy.floats[self.index, COMPUTE_BOUND_S])
+
+    @compute_bound_s.setter
+    def compute_bound_s(self, value: float) -> None:
+        self._busy.floats[self.index, COMPUTE_BOUND_S] = value
 
 
 @dataclass(eq=False)
@@ -214,6 +259,8 @@ class Replica:
     #: replica (bound once, so a call allocates no closure)
     call_jobs: list[Any] = field(default_factory=list, repr=False)
     on_call_done: Callable[[], None] | None = field(default=None, repr=False)
+    #: its row in the compiled call loop's arrays (:mod:`opscale.sim.compiled_pools`; -1: none)
+    kernel_slot: int = field(default=-1, repr=False)
     #: TP degree (GPUs in the group) and the GPU its activations leave from (hot-loop attributes)
     tp: int = field(init=False)
     home_gpu: int = field(init=False)
@@ -260,6 +307,7 @@ class ClusterState:
             powered_s=np.zeros(num_gpus),
         )
         self._no_exclusion = np.zeros(num_gpus, dtype=np.bool_)
+        self.busy_arrays = BusyArrays(np.zeros(num_gpus, dtype=np.int64), np.zeros((num_gpus, 3)))
         self.gpus = [
             GpuState(
                 index=index,
@@ -267,6 +315,7 @@ class ClusterState:
                 spec=self.spec.gpu_of(index),
                 capacity_bytes=float(capacity[index]),
                 arrays=self._placement_arrays,
+                busy=self.busy_arrays,
             )
             for index in range(num_gpus)
         ]

@@ -95,6 +95,10 @@ class SimConfig:
         one event (exact up to the linearisation of decode-attention time in the context length).
     :param clip_long_requests: ``False``: a request longer than the model's context limit is an error;
         ``True``: its prompt is clipped so prompt + output fit, and the clip is counted.
+    :param compiled_calls: run an operator-level deployment's calls (GPU sharing, unit pools, the
+        streams' walk along the units) in the compiled loop of :mod:`opscale.sim.call_kernel`, several
+        times faster with bitwise the same results; ``False``: the Python classes (exponential service
+        times always use them).
     """
 
     engine_overhead: EngineOverheadPreset = EngineOverheadPreset.MODERN
@@ -111,6 +115,7 @@ class SimConfig:
     record_requests: bool = True
     fast_forward_decode: bool = True
     clip_long_requests: bool = False
+    compiled_calls: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine_overhead", EngineOverheadPreset(self.engine_overhead))

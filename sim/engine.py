@@ -12,7 +12,9 @@ Serving semantics (DESIGN.md 2.4):
   :class:`~opscale.sim.pools.PooledStream` whose iterations visit shared unit pools
   (:mod:`opscale.sim.pools`: per-unit batching across streams up to the batch cap, one job per unit
   for all layers, transfers per layer between GPUs) and co-located calls share their GPU by processor
-  sharing (:mod:`opscale.sim.sharing`).
+  sharing (:mod:`opscale.sim.sharing`). These calls run in a compiled loop merged with SimPy's queue
+  (:mod:`opscale.sim.compiled_pools`, :mod:`opscale.sim.call_kernel`; bitwise the same results, several
+  times faster) unless ``SimConfig.compiled_calls`` is off or service times are exponential.
 * **Reconfiguration** (:meth:`DiscreteEventSimulator.apply`): new replicas serve after
   :meth:`SimConfig.replica_load_time_s`; removed stateless replicas finish their call; removed
   attention replicas hand their requests over (``migrate``: KV moved over the link, queued requests
@@ -44,7 +46,8 @@ import numpy as np
 import simpy
 
 from opscale.sim.cluster import ClusterState, PlacementError, Replica, ReplicaState, colocation_affinity
-from opscale.sim.config import AttentionDrain, SimConfig
+from opscale.sim.compiled_pools import CallEnvironment, CompiledCalls, CompiledPooledStream, CompiledUnitPool
+from opscale.sim.config import AttentionDrain, ServiceTimeDistribution, SimConfig
 from opscale.sim.costmodel import CostModel, default_cost_model
 from opscale.sim.deployment import (
     ApplyReport,
@@ -58,7 +61,7 @@ from opscale.sim.inputs import check_deployment, prepare_requests
 from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics, default_slo
 from opscale.sim.models import ModelSpec, UnitKind, get_model
 from opscale.sim.overhead import engine_overhead
-from opscale.sim.pools import Link, PooledStream, UnitPool
+from opscale.sim.pools import AttentionReplicaStream, Link, PooledStream, UnitPool
 from opscale.sim.power import PowerModel
 from opscale.sim.recorder import MetricsRecorder
 from opscale.sim.sharing import GpuSharing
@@ -127,11 +130,27 @@ class DiscreteEventSimulator:
         self.cost_model: CostModel = cost_model or default_cost_model()
         self.rng = np.random.default_rng(seed)
         self.power_model = power_model or PowerModel()
-        self.env = simpy.Environment()
+        check_deployment(deployment, cluster, self.model)
         self.state = ClusterState(cluster, self.model, self.config)
         self.link = Link(cluster)
-        self.sharing = GpuSharing(self.env, self.state, self.config)
-        check_deployment(deployment, cluster, self.model)
+        #: operator level: the compiled call loop (None: the Python classes, GpuSharing and UnitPool)
+        self.calls: CompiledCalls | None = None
+        if (
+            deployment.granularity == "operator"
+            and self.config.compiled_calls
+            and self.config.service_time_distribution is ServiceTimeDistribution.DETERMINISTIC
+        ):
+            env = CallEnvironment()
+            gpu = self.state.gpus[0].spec
+            latency_s, bandwidth = self.link.matrices()
+            self.calls = CompiledCalls(
+                env, self.state, self.config, self.model, latency_s, bandwidth, lambda tp: self.timer(gpu, tp)
+            )
+            self.env: simpy.Environment = env
+        else:
+            self.env = simpy.Environment()
+        #: the Python classes' GPU sharing (None with the compiled loop, which shares GPUs itself)
+        self.sharing = GpuSharing(self.env, self.state, self.config) if self.calls is None else None
         self._granularity = deployment.granularity
         self._tp = deployment.tp
         self._pp = deployment.pp
@@ -141,7 +160,7 @@ class DiscreteEventSimulator:
         self._timers: dict[tuple[GPUSpec, int], IterationTimer] = {}
         self.streams: list[Stream] = []
         self.instances: list[_Instance] = []
-        self.pools: dict[UnitKind, UnitPool] = {}
+        self.pools: dict[UnitKind, UnitPool | CompiledUnitPool] = {}
         self._attention_replicas: dict[Stream, Replica] = {}
         # KV tokens a run-time-added attention replica reserves: the smallest start-up share
         # (set by _share_attention_memory), so it leaves room for other replicas on its GPU
@@ -316,13 +335,22 @@ class DiscreteEventSimulator:
             f"usable ({len(self.state.gpus)} GPUs)"
         )
 
-    def _make_pool(self, unit: UnitKind) -> UnitPool:
+    def _make_pool(self, unit: UnitKind) -> UnitPool | CompiledUnitPool:
         units = self.model.units
         position = units.index(unit)
         previous = units[position - 1] if position > 0 else None
         per_token = 4.0 if previous is None else self.model.activation_bytes_per_token(previous)
         hops = self.model.layers_of(unit)
+        if self.calls is not None:
+            return CompiledUnitPool(
+                self.calls,
+                unit,
+                inbound_bytes_per_token=per_token * hops,
+                hops=hops,
+                batch_cap_tokens=self._unit_configs[unit].batch_cap_tokens,
+            )
         gpu = self.state.gpus[0].spec
+        assert self.sharing is not None
         return UnitPool(
             self.env,
             unit,
@@ -472,20 +500,33 @@ class DiscreteEventSimulator:
             ready_s=now,
             kv_tokens=kv_tokens,
         )
-        path: list[UnitPool | None] = [
-            None if u is UnitKind.ATTENTION else self.pools[u] for u in self.model.units
-        ]
-        stream = PooledStream(
-            len(self.streams),
-            self,
-            replica=replica,
-            path=path,
-            timer=self.timer(gpu, tp),
-            sharing=self.sharing,
-            link=self.link,
-            model=self.model,
-            **self._stream_kwargs(kv_tokens, config.batch_cap_tokens, gpu, tp),
-        )
+        stream_kwargs = self._stream_kwargs(kv_tokens, config.batch_cap_tokens, gpu, tp)
+        stream: AttentionReplicaStream
+        if self.calls is not None:
+            stream = CompiledPooledStream(
+                len(self.streams),
+                self,
+                replica=replica,
+                calls=self.calls,
+                timer=self.timer(gpu, tp),
+                **stream_kwargs,
+            )
+        else:
+            assert self.sharing is not None
+            path: list[UnitPool | None] = [
+                None if u is UnitKind.ATTENTION else self._python_pool(u) for u in self.model.units
+            ]
+            stream = PooledStream(
+                len(self.streams),
+                self,
+                replica=replica,
+                path=path,
+                timer=self.timer(gpu, tp),
+                sharing=self.sharing,
+                link=self.link,
+                model=self.model,
+                **stream_kwargs,
+            )
         self.streams.append(stream)
         self._attention_replicas[stream] = replica
         if ready_now:
@@ -504,6 +545,11 @@ class DiscreteEventSimulator:
 
             self.env.timeout(delay).callbacks.append(ready)
         return True
+
+    def _python_pool(self, unit: UnitKind) -> UnitPool:
+        pool = self.pools[unit]
+        assert isinstance(pool, UnitPool)
+        return pool
 
     def _share_attention_memory(self) -> None:
         """Give every attention replica an even share of the memory left on its GPUs."""
@@ -623,7 +669,7 @@ class DiscreteEventSimulator:
         )
 
     def _stream_home(self, stream: Stream) -> int:
-        if isinstance(stream, PooledStream):
+        if isinstance(stream, AttentionReplicaStream):
             return stream.replica.home_gpu
         return stream.instance.gpus[0]
 
@@ -631,10 +677,12 @@ class DiscreteEventSimulator:
         now = self.env.now
         stream.serving = False
         self.streams.remove(stream)
-        if isinstance(stream, PooledStream):
+        if isinstance(stream, AttentionReplicaStream):
             replica = self._attention_replicas.pop(stream)
             replica.state = ReplicaState.RELEASED
             self.state.release(replica.gpus, replica.memory_bytes_per_gpu, now)
+            if isinstance(stream, CompiledPooledStream):
+                stream.retire()
             return
         instance: _Instance = stream.instance
         instance.streams.remove(stream)
@@ -728,10 +776,7 @@ class DiscreteEventSimulator:
             for stream in self.streams:
                 stream.token_budget = clipped
         elif self._granularity == "operator":
-            pool = self.pools[unit]
-            pool.batch_cap_tokens = clipped
-            for replica in pool.replicas:
-                replica.batch_cap_tokens = clipped
+            self.pools[unit].set_batch_cap(clipped)
 
     def _scale_unit(
         self, unit: UnitKind, delta: int, placement: Placement | None, report: ApplyReport
@@ -770,7 +815,7 @@ class DiscreteEventSimulator:
         stream.accepting = False
         stream.draining = True
         if not stream.serving:
-            if isinstance(stream, PooledStream):
+            if isinstance(stream, AttentionReplicaStream):
                 self._attention_replicas[stream].state = ReplicaState.RELEASED
             self.on_stream_drained(stream)
         elif not stream.active:
@@ -778,7 +823,7 @@ class DiscreteEventSimulator:
         else:
             stream.on_new_work()
 
-    def _drain_pool_replica(self, pool: UnitPool, replica: Replica) -> None:
+    def _drain_pool_replica(self, pool: UnitPool | CompiledUnitPool, replica: Replica) -> None:
         pool.drain(replica, lambda r: self.state.release(r.gpus, r.memory_bytes_per_gpu, self.env.now))
 
     def _leaving_per_gpu(self) -> dict[int, int]:
@@ -815,7 +860,11 @@ class DiscreteEventSimulator:
         pool = self.pools[unit]
         live_replicas = [r for r in pool.replicas if r.state in (ReplicaState.LOADING, ReplicaState.SERVING)]
         live_replicas.sort(
-            key=lambda r: (r.state is ReplicaState.SERVING, self.state.release_order(r.gpus, leaving), r.busy)
+            key=lambda r: (
+                r.state is ReplicaState.SERVING,
+                self.state.release_order(r.gpus, leaving),
+                pool.is_busy(r),
+            )
         )
         removable_replicas = live_replicas[: max(0, min(count, len(live_replicas) - 1))]
         for replica in removable_replicas:
@@ -830,10 +879,12 @@ class DiscreteEventSimulator:
         crowding = {gpu.index: gpu.residents for gpu in self.state.gpus}
         moved = 0
         if unit is UnitKind.ATTENTION:
-            streams = [s for s in self.streams if s.accepting and s.serving and isinstance(s, PooledStream)]
+            streams = [
+                s for s in self.streams if s.accepting and s.serving and isinstance(s, AttentionReplicaStream)
+            ]
             streams.sort(key=lambda s: -max(crowding[i] for i in s.replica.gpus))
             for stream in streams[:count]:
-                assert isinstance(stream, PooledStream)
+                assert isinstance(stream, AttentionReplicaStream)
                 ok = self._add_attention_replica(
                     config,
                     None,
@@ -871,7 +922,7 @@ class DiscreteEventSimulator:
         if stream.accepting:
             self._drain_stream(stream)
 
-    def _drain_pool_replica_if_serving(self, pool: UnitPool, replica: Replica) -> None:
+    def _drain_pool_replica_if_serving(self, pool: UnitPool | CompiledUnitPool, replica: Replica) -> None:
         if replica.state is ReplicaState.SERVING:
             self._drain_pool_replica(pool, replica)
 
@@ -1031,18 +1082,12 @@ class DiscreteEventSimulator:
         calls = tokens = 0
         service = 0.0
         for stream in streams:
-            assert isinstance(stream, PooledStream)
-            stats = stream.attention_stats
+            assert isinstance(stream, AttentionReplicaStream)
+            stats = stream.take_attention_stats()
             calls += stats.calls
             tokens += stats.tokens
             service += stats.service_s
-            stream.attention_stats = type(stats)()
-            replica = stream.replica
-            if replica.busy:
-                replica.busy_s += end_s - replica.busy_since_s
-                replica.busy_since_s = end_s
-            attention_busy += replica.busy_s
-            replica.busy_s = 0.0
+            attention_busy += stream.take_replica_busy(end_s)
             stream.take_busy(end_s)
         serving_streams = sum(1 for s in streams if s.serving and s.accepting)
         cap = self._unit_configs[UnitKind.ATTENTION].batch_cap_tokens

@@ -35,7 +35,7 @@ from opscale.sim.models import ModelSpec, UnitKind
 from opscale.sim.sharing import GpuSharing
 from opscale.sim.streams import Batch, IterationTimer, Stream, StreamHost
 
-__all__ = ["Link", "PoolClient", "PooledStream", "UnitPool", "UnitStats"]
+__all__ = ["AttentionReplicaStream", "Link", "PoolClient", "PooledStream", "UnitPool", "UnitStats"]
 
 
 class PoolClient(Protocol):
@@ -66,6 +66,26 @@ class Link:
     def __init__(self, cluster: ClusterSpec) -> None:
         self.cluster = cluster
         self._pairs: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per GPU pair ``(latency_s, bandwidth_bytes_per_s)`` as :meth:`time_s` uses them (infinite
+        bandwidth where no link is crossed; the diagonal is never read)."""
+        spec = self.cluster
+        num_gpus = spec.num_gpus
+        node_of = np.array([spec.node_of(gpu) for gpu in range(num_gpus)])
+        latency = np.zeros((num_gpus, num_gpus))
+        bandwidth = np.full((num_gpus, num_gpus), np.inf)
+        members = {int(node): np.flatnonzero(node_of == node) for node in np.unique(node_of)}
+        for node_a, gpus_a in members.items():
+            for node_b, gpus_b in members.items():
+                pairs = [(a, b) for a in gpus_a[:2] for b in gpus_b[:2] if a != b]
+                link = spec.link_between(int(pairs[0][0]), int(pairs[0][1])) if pairs else None
+                if link is None:
+                    continue
+                block = np.ix_(node_of == node_a, node_of == node_b)
+                latency[block] = link.latency_s
+                bandwidth[block] = link.bandwidth_bytes_per_s
+        return latency, bandwidth
 
     def time_s(self, src: int, dst: int, num_bytes: float, hops: int) -> float:
         """``hops`` transfers totalling ``num_bytes`` from GPU ``src`` to ``dst`` (0 on the same GPU)."""
@@ -160,6 +180,14 @@ class UnitPool:
 
     def count(self, state: ReplicaState) -> int:
         return sum(1 for r in self.replicas if r.state is state)
+
+    def set_batch_cap(self, cap: int) -> None:
+        self.batch_cap_tokens = cap
+        for replica in self.replicas:
+            replica.batch_cap_tokens = cap
+
+    def is_busy(self, replica: Replica) -> bool:
+        return replica.busy
 
     # ------------------------------------------------------------------ work
     def _note_queue(self) -> None:
@@ -353,43 +381,18 @@ def _tokens_of(pool: UnitPool | None) -> _TokensOf:
     return _TokensOf.BATCH
 
 
-class PooledStream(Stream):
-    """An operator-level attention replica: each iteration visits the unit pools in model order,
-    runs attention on its own replica (its kernels shared with co-located calls; the iteration's engine
-    overhead and the inbound QKV transfer as a fixed part), and ends after the last unit. The LM head
-    serves one token per sequence sampled (decodes and finished prefills); the vision encoder is
-    visited only by iterations that start a request with image patches."""
+class AttentionReplicaStream(Stream):
+    """An operator-level attention replica: each iteration visits the unit pools in model order and
+    runs attention on its own replica. This base class builds the iterations; subclasses walk the
+    path (:class:`PooledStream` in Python, :class:`opscale.sim.compiled_pools.CompiledPooledStream`
+    compiled) and keep the attention replica's statistics."""
 
-    def __init__(
-        self,
-        stream_id: int,
-        host: StreamHost,
-        *,
-        replica: Replica,
-        path: list[UnitPool | None],
-        timer: IterationTimer,
-        sharing: GpuSharing,
-        link: Link,
-        model: ModelSpec,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, stream_id: int, host: StreamHost, *, replica: Replica, **kwargs: Any) -> None:
         super().__init__(stream_id, host, **kwargs)
         self.replica = replica
-        # per step: the pool (None: attention on this replica) and which token count its job carries
-        self._steps: list[tuple[UnitPool | None, _TokensOf]] = [(pool, _tokens_of(pool)) for pool in path]
-        self.timer = timer
-        self.sharing = sharing
-        self.link = link
-        self.qkv_bytes_per_token = model.activation_bytes_per_token(UnitKind.QKV_PROJ) * model.num_layers
-        self.layers = model.num_layers
-        self.job_tokens = 0
-        self.job_source_gpu = replica.home_gpu
-        self.job_enqueued_s = 0.0
-        self._step = 0
         self._batch: Batch | None = None
         self._sequences = 0
         self._batch_tokens = 0
-        self.attention_stats = UnitStats()
 
     def _next_iteration(self) -> None:
         if self.draining and self.host.on_stream_drained(self):
@@ -408,11 +411,79 @@ class PooledStream(Stream):
         self._sequences = len(batch.decodes) + len(batch.chunks)
         tokens = batch.num_tokens
         self._batch_tokens = tokens
-        self.job_tokens = tokens
         self.tokens_scheduled += tokens
+        self._walk(batch)
+
+    def _walk(self, batch: Batch) -> None:
+        """Send the iteration along the path; :meth:`_end_iteration` once the last unit is done."""
+        raise NotImplementedError
+
+    def _end_iteration(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        self._batch = None
+        self.finish(batch, self.env.now)
+        self._next_iteration()
+
+    def take_attention_stats(self) -> UnitStats:
+        """The attention replica's call statistics since the previous call (reset)."""
+        raise NotImplementedError
+
+    def take_replica_busy(self, now_s: float) -> float:
+        """The attention replica's busy seconds since the previous call (reset)."""
+        raise NotImplementedError
+
+
+class PooledStream(AttentionReplicaStream):
+    """:class:`AttentionReplicaStream` walking its path in Python: the attention kernels are shared with
+    co-located calls (the iteration's engine overhead and the inbound QKV transfer as a fixed part). The
+    LM head serves one token per sequence sampled (decodes and finished prefills); the vision encoder
+    is visited only by iterations that start a request with image patches."""
+
+    def __init__(
+        self,
+        stream_id: int,
+        host: StreamHost,
+        *,
+        replica: Replica,
+        path: list[UnitPool | None],
+        timer: IterationTimer,
+        sharing: GpuSharing,
+        link: Link,
+        model: ModelSpec,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(stream_id, host, replica=replica, **kwargs)
+        # per step: the pool (None: attention on this replica) and which token count its job carries
+        self._steps: list[tuple[UnitPool | None, _TokensOf]] = [(pool, _tokens_of(pool)) for pool in path]
+        self.timer = timer
+        self.sharing = sharing
+        self.link = link
+        self.qkv_bytes_per_token = model.activation_bytes_per_token(UnitKind.QKV_PROJ) * model.num_layers
+        self.layers = model.num_layers
+        self.job_tokens = 0
+        self.job_source_gpu = replica.home_gpu
+        self.job_enqueued_s = 0.0
+        self._step = 0
+        self.attention_stats = UnitStats()
+
+    def _walk(self, batch: Batch) -> None:
+        self.job_tokens = self._batch_tokens
         self.job_source_gpu = self.replica.home_gpu
         self._step = 0
         self._advance()
+
+    def take_attention_stats(self) -> UnitStats:
+        stats, self.attention_stats = self.attention_stats, UnitStats()
+        return stats
+
+    def take_replica_busy(self, now_s: float) -> float:
+        replica = self.replica
+        if replica.busy:
+            replica.busy_s += now_s - replica.busy_since_s
+            replica.busy_since_s = now_s
+        busy, replica.busy_s = replica.busy_s, 0.0
+        return busy
 
     def _advance(self) -> None:
         """Submit the iteration's job to the next unit on the path (or run attention, or finish)."""
@@ -441,11 +512,7 @@ class PooledStream(Stream):
             assert pool is not None
             pool.submit(self)
             return
-        batch = self._batch
-        assert batch is not None
-        self._batch = None
-        self.finish(batch, self.env.now)
-        self._next_iteration()
+        self._end_iteration()
 
     def _run_attention(self) -> None:
         batch = self._batch

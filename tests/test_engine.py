@@ -12,7 +12,7 @@ from opscale.sim.engine import DiscreteEventSimulator
 from opscale.sim.hardware import ClusterSpec
 from opscale.sim.metrics import SLO
 from opscale.sim.models import UnitKind, get_model
-from opscale.sim.pools import PooledStream
+from opscale.sim.pools import AttentionReplicaStream
 from opscale.sim.simulator import ServingSimulator, simulator_class
 from opscale.traces.trace import RequestTrace
 
@@ -448,7 +448,7 @@ def test_move_is_make_before_break() -> None:
     sim.advance(5.0)
     ffn = sim.pools[UnitKind.FFN].replicas
     assert len(ffn) == 1 and ffn[0].gpus != (0,)
-    assert [s.replica.gpus for s in sim.streams if isinstance(s, PooledStream)] != [(0,)]
+    assert [s.replica.gpus for s in sim.streams if isinstance(s, AttentionReplicaStream)] != [(0,)]
     sim.run_to_completion(10.0)
     assert sim.summary().completed == 300
     # a model-level deployment cannot move single units: repaired and counted
@@ -505,7 +505,7 @@ def test_request_no_replica_can_hold_any_more_is_rejected_and_counted() -> None:
     small.total_blocks = small.free_blocks = 100  # 1,600 tokens: too small for request 1
     big = max(sim.streams, key=lambda s: s.kv_tokens)
     sim.advance(5.0)
-    assert isinstance(big, PooledStream)
+    assert isinstance(big, AttentionReplicaStream)
     sim._drain_stream(big)  # leaves only the small replica
     sim.run_to_completion(10.0)
     assert sim.finished and sim.rejected_requests == 1
