@@ -51,9 +51,8 @@ I_PHASE = 2  # 1: a pool call ended and its jobs are being continued
 I_RESUME_SLOT = 3  # that call's replica
 I_RESUME_JOB = 4  # next job to continue
 I_RESUME_JOBS = 5  # jobs in the call
-I_PENDING_START = 6  # stream whose iteration starts at the next run (-1: none)
-I_NOTE_ARG = 7  # the stream or replica a note is about
-NUM_INTS = 8
+I_NOTE_ARG = 6  # the stream or replica a note is about
+NUM_INTS = 7
 # ---------------------------------------------------------------------- floats (scalars)
 F_NOW = 0
 F_FACTOR = 1  # contention factor (0: no sharing slowdown)
@@ -590,30 +589,63 @@ def _advance(k: CallState, stream: int) -> bool:
 
 
 @njit(cache=True)
-def _begin(k: CallState, stream: int) -> None:
-    """PooledStream._next_iteration's start (its fields were set by the caller)."""
+def _begin(
+    k: CallState,
+    stream: int,
+    batch_tokens: int,
+    sequences: int,
+    vision_patches: int,
+    chunks: bool,
+    attention_s: float,
+    host_s: float,
+) -> None:
+    """PooledStream._next_iteration's start: the batch's sizes, attention's kernel and host times."""
     stream_ints = k.stream_ints
-    stream_ints[stream, S_JOB_TOKENS] = stream_ints[stream, S_BATCH_TOKENS]
+    stream_ints[stream, S_BATCH_TOKENS] = batch_tokens
+    stream_ints[stream, S_SEQUENCES] = sequences
+    stream_ints[stream, S_VISION] = vision_patches
+    stream_ints[stream, S_CHUNKS] = chunks
+    k.stream_floats[stream, SF_ATT_KERNEL] = attention_s
+    k.stream_floats[stream, SF_ATT_HOST] = host_s
+    stream_ints[stream, S_JOB_TOKENS] = batch_tokens
     stream_ints[stream, S_JOB_SOURCE] = k.replica_ints[stream_ints[stream, S_REPLICA], R_HOME]
     stream_ints[stream, S_STEP] = 0
     _advance(k, stream)  # the path holds attention, so an iteration cannot end at once
 
 
 @njit(cache=True)
-def start_iteration(k: CallState, stream: int, now_s: float) -> None:
-    """Start ``stream``'s iteration now (its batch fields set in ``stream_ints``/``stream_floats``)."""
+def start_iteration(
+    k: CallState,
+    now_s: float,
+    margin: int,
+    stream: int,
+    batch_tokens: int,
+    sequences: int,
+    vision_patches: int,
+    chunks: bool,
+    attention_s: float,
+    host_s: float,
+) -> bool:
+    """Start ``stream``'s iteration now; False (nothing done) when the heap lacks ``margin`` room."""
+    if k.ints[I_HEAP_N] + margin > k.heap_times.shape[0]:
+        return False
     k.floats[F_NOW] = now_s
-    _begin(k, stream)
+    _begin(k, stream, batch_tokens, sequences, vision_patches, chunks, attention_s, host_s)
+    return True
 
 
 @njit(cache=True)
-def ready(k: CallState, pool: int, replica: int, now_s: float) -> None:
-    """UnitPool.replica_ready: the replica joins the idle list; queued jobs start."""
+def ready(k: CallState, now_s: float, margin: int, pool: int, replica: int) -> bool:
+    """UnitPool.replica_ready: the replica joins the idle list; queued jobs start. False (nothing done)
+    when the heap lacks ``margin`` room."""
+    if k.ints[I_HEAP_N] + margin > k.heap_times.shape[0]:
+        return False
     k.floats[F_NOW] = now_s
     pool_ints = k.pool_ints
     k.idle[pool, pool_ints[pool, P_IDLE]] = replica
     pool_ints[pool, P_IDLE] += 1
     _dispatch(k, pool)
+    return True
 
 
 @njit(cache=True)
@@ -641,9 +673,26 @@ def _continue_jobs(k: CallState) -> bool:
 
 
 @njit(cache=True)
-def run(k: CallState, limit_s: float, limit_priority: int, limit_id: int, margin: int) -> int:
+def run(
+    k: CallState,
+    limit_s: float,
+    limit_priority: int,
+    limit_id: int,
+    margin: int,
+    stream: int,
+    batch_tokens: int,
+    sequences: int,
+    vision_patches: int,
+    chunks: bool,
+    attention_s: float,
+    host_s: float,
+) -> int:
     """Process call endings before SimPy's next event ``(limit_s, limit_priority, limit_id)``; return a
-    NOTE_* code (``NOTE_NONE``: nothing left before the limit). ``margin``: heap room each event needs."""
+    NOTE_* code (``NOTE_NONE``: nothing left before the limit; ``NOTE_GROW``: the heap lacks ``margin``
+    room, the most one event needs, for the next event). ``stream`` >= 0: first start its iteration (as
+    :func:`start_iteration`; deferred from the end of its previous one, which the last run reported).
+    The caller makes sure the heap has ``margin`` room.
+    """
     ints = k.ints
     floats = k.floats
     replica_ints = k.replica_ints
@@ -654,10 +703,8 @@ def run(k: CallState, limit_s: float, limit_priority: int, limit_id: int, margin
     stream_floats = k.stream_floats
     times = k.heap_times
     ids = k.heap_ids
-    pending = ints[I_PENDING_START]
-    if pending >= 0:
-        ints[I_PENDING_START] = -1
-        _begin(k, pending)
+    if stream >= 0:
+        _begin(k, stream, batch_tokens, sequences, vision_patches, chunks, attention_s, host_s)
     if ints[I_PHASE] == 1 and _continue_jobs(k):
         return NOTE_ITERATION_DONE
     while ints[I_HEAP_N]:

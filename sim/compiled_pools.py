@@ -33,6 +33,8 @@ __all__ = ["CallEnvironment", "CompiledCalls", "CompiledPooledStream", "Compiled
 
 #: Smallest kernel-time table (tokens); tables grow by doubling, as IterationTimer's do.
 _MIN_TABLE_TOKENS = 4096
+#: :func:`call_kernel.run`'s arguments when no iteration starts first
+_NO_START = (-1, 0, 0, 0, False, 0.0, 0.0)
 
 
 class _EventIds:
@@ -82,7 +84,8 @@ class CompiledCalls:
     :param state: the cluster state (its GPU busy arrays are shared, not copied).
     :param config: contention model and factor.
     :param model: the served model (path and attention's inbound bytes).
-    :param link: transfer times between GPUs.
+    :param latency_s: per GPU pair, link latency (:meth:`opscale.sim.pools.Link.matrices`).
+    :param bandwidth: per GPU pair, link bandwidth in bytes/s (inf: no link).
     :param timer: ``tp -> IterationTimer`` for the cluster's GPU type.
     """
 
@@ -98,17 +101,19 @@ class CompiledCalls:
     ) -> None:
         self.env = env
         self.timer = timer
-        self.pools: list[CompiledUnitPool] = []
+        #: by pool index (the model's stateless units in order)
+        self.pools: dict[int, CompiledUnitPool] = {}
         self._pool_index = {
             unit: i for i, unit in enumerate(u for u in model.units if u is not UnitKind.ATTENTION)
         }
+        # per step: pool (-1: attention) and what its job's size is (PooledStream's _TokensOf)
+        sizes = {UnitKind.LM_HEAD: kernel.STEP_SEQUENCES, UnitKind.VISION_ENCODER: kernel.STEP_VISION}
         path = np.zeros((len(model.units), 2), dtype=np.int64)
         for step, unit in enumerate(model.units):
             if unit is UnitKind.ATTENTION:
                 path[step] = (-1, kernel.STEP_ATTENTION)
             else:
-                kind = {UnitKind.LM_HEAD: kernel.STEP_SEQUENCES, UnitKind.VISION_ENCODER: kernel.STEP_VISION}
-                path[step] = (self._pool_index[unit], kind.get(unit, kernel.STEP_BATCH))
+                path[step] = (self._pool_index[unit], sizes.get(unit, kernel.STEP_BATCH))
         num_pools = len(self._pool_index)
         num_gpus = len(state.gpus)
         floats = np.zeros(kernel.NUM_FLOATS)
@@ -120,7 +125,6 @@ class CompiledCalls:
         )
         floats[kernel.F_LAYERS] = model.num_layers
         ints = np.zeros(kernel.NUM_INTS, dtype=np.int64)
-        ints[kernel.I_PENDING_START] = -1
         env._eid = _EventIds(ints, next(env._eid))  # type: ignore[assignment]
         replicas, streams, max_tp = 16, 8, 1
         self._replicas: list[Replica | None] = []
@@ -130,7 +134,12 @@ class CompiledCalls:
         #: tables filled per (pool, tp), and the largest job seen (tokens)
         self._filled: set[tuple[int, int]] = set()
         self._max_job = 0
+        #: a stream ending its iteration (its next one starts at the next run), and that start's arguments
         self._deferred = -1
+        self._pending = _NO_START
+        # (the scalar arrays are never reallocated)
+        self._ints = ints
+        self._floats = floats
         self.arrays = CallArrays(
             ints=ints,
             floats=floats,
@@ -157,7 +166,7 @@ class CompiledCalls:
             affected=np.zeros(replicas + 1, dtype=np.int64),
         )
         self._state = kernel.CallState.of(self.arrays)
-        self._margin = 0
+        self._margin = self._heap_capacity = 0
         self._fit_heap()
         env.calls = self
 
@@ -180,10 +189,11 @@ class CompiledCalls:
         times[:size] = self.arrays.heap_times[:size]
         ids[:size] = self.arrays.heap_ids[:size]
         self._set(heap_times=times, heap_ids=ids)
+        self._heap_capacity = capacity
 
     def _grow_rows(self, replicas: int, streams: int, max_tp: int) -> None:
         a = self.arrays
-        old_replicas, old_streams = a.call_jobs.shape
+        old_streams = a.call_jobs.shape[1]
         old_tp = a.replica_ints.shape[1] - kernel.R_GPU0
 
         def grown(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -212,14 +222,13 @@ class CompiledCalls:
             resume_jobs=grown(a.resume_jobs, (streams,)),
             affected=grown(a.affected, (replicas + 1,)),
         )
-        del old_replicas
         self._fit_heap()
 
     def _cover_tokens(self) -> None:
         """Make the kernel-time tables long enough for any call: a call holds one job larger than the
         cap, or jobs (one per stream) summing to at most the cap."""
         a = self.arrays
-        largest_cap = max((pool.batch_cap_tokens for pool in self.pools), default=0)
+        largest_cap = max((pool.batch_cap_tokens for pool in self.pools.values()), default=0)
         streams = sum(1 for s in self._streams if s is not None)
         need = max(self._max_job, min(largest_cap, streams * self._max_job))
         length = a.tables.shape[2]
@@ -246,6 +255,12 @@ class CompiledCalls:
         self._filled.add((pool, tp))
 
     # ------------------------------------------------------------------ rows
+    def register_pool(self, pool: CompiledUnitPool) -> int:
+        """The pool's index (its unit's position among the model's stateless units)."""
+        index = self._pool_index[pool.unit]
+        self.pools[index] = pool
+        return index
+
     def add_replica(self, replica: Replica, pool: int, stream: int = -1) -> None:
         """Give ``replica`` a row (``pool`` -1: an attention replica, of ``stream``)."""
         if self._free_replicas:
@@ -254,11 +269,9 @@ class CompiledCalls:
         else:
             slot = len(self._replicas)
             self._replicas.append(replica)
-            rows = self.arrays.replica_ints.shape[0]
-            if slot >= rows or replica.tp > self.arrays.replica_ints.shape[1] - kernel.R_GPU0:
-                self._grow_rows(max(rows, 2 * slot), self.arrays.call_jobs.shape[1], replica.tp)
-        if replica.tp > self.arrays.replica_ints.shape[1] - kernel.R_GPU0:
-            self._grow_rows(self.arrays.replica_ints.shape[0], self.arrays.call_jobs.shape[1], replica.tp)
+        rows, columns = self.arrays.replica_ints.shape
+        if slot >= rows or replica.tp > columns - kernel.R_GPU0:
+            self._grow_rows(max(rows, 2 * slot), self.arrays.call_jobs.shape[1], replica.tp)
         replica.kernel_slot = slot
         row = self.arrays.replica_ints[slot]
         row[:] = 0
@@ -315,31 +328,27 @@ class CompiledCalls:
 
     # ------------------------------------------------------------------ running
     def begin(self, stream: CompiledPooledStream, batch: Batch, attention_s: float, host_s: float) -> None:
-        """Start ``stream``'s iteration on ``batch`` (now, or as the next run's first act when the stream
-        is ending an iteration: the same order, one compiled call fewer)."""
+        """Start ``stream``'s iteration on ``batch``: now, or, when the stream is ending its previous
+        iteration (the last thing it does then), as the next run's first act: the same order of events,
+        one compiled call fewer."""
         slot = stream.slot
-        row = self.arrays.stream_ints[slot]
-        row[kernel.S_BATCH_TOKENS] = stream.batch_tokens
-        row[kernel.S_SEQUENCES] = stream.sequences
-        row[kernel.S_VISION] = batch.vision_patches
-        row[kernel.S_CHUNKS] = 1 if batch.chunks else 0
-        floats = self.arrays.stream_floats[slot]
-        floats[kernel.SF_ATT_KERNEL] = attention_s
-        floats[kernel.SF_ATT_HOST] = host_s
-        job = max(stream.batch_tokens, batch.vision_patches)
+        tokens = stream.batch_tokens
+        vision = batch.vision_patches
+        job = tokens if tokens > vision else vision
         if job > self._max_job:
             self._max_job = job
             self._cover_tokens()
+        start = (slot, tokens, stream.sequences, vision, bool(batch.chunks), attention_s, host_s)
         if self._deferred == slot:
-            self.arrays.ints[kernel.I_PENDING_START] = slot
+            self._pending = start
             self._deferred = -1
             return
-        self._fit_heap()
-        kernel.start_iteration(self._state, slot, self.env.now)
+        while not kernel.start_iteration(self._state, self.env.now, self._margin, *start):
+            self._fit_heap()
 
     def ready(self, pool: int, replica: Replica) -> None:
-        self._fit_heap()
-        kernel.ready(self._state, pool, replica.kernel_slot, self.env.now)
+        while not kernel.ready(self._state, self.env.now, self._margin, pool, replica.kernel_slot):
+            self._fit_heap()
 
     def next_event_s(self) -> float:
         """Time of the earliest pending call event (inf: none)."""
@@ -353,20 +362,22 @@ class CompiledCalls:
         env = self.env
         queue = env._queue
         if queue:
-            limit_s, priority, event_id = queue[0][0], int(queue[0][1]), queue[0][2]
+            head = queue[0]
+            limit_s, priority, event_id = head[0], int(head[1]), head[2]
         else:
             limit_s, priority, event_id = math.inf, 0, 0
+        start, self._pending = self._pending, _NO_START
         while True:
-            if self.arrays.ints[kernel.I_HEAP_N] + self._margin > len(self.arrays.heap_times):
+            if self._ints[kernel.I_HEAP_N] + self._margin > self._heap_capacity:
                 self._fit_heap()
-            note = kernel.run(self._state, limit_s, priority, event_id, self._margin)
+            note = kernel.run(self._state, limit_s, priority, event_id, self._margin, *start)
             if note != kernel.NOTE_GROW:
                 break
-            self._fit_heap()
+            start = _NO_START
         if note == kernel.NOTE_NONE:
             return False
-        env._now = float(self.arrays.floats[kernel.F_NOW])
-        subject = int(self.arrays.ints[kernel.I_NOTE_ARG])
+        env._now = float(self._floats[kernel.F_NOW])
+        subject = int(self._ints[kernel.I_NOTE_ARG])
         if note == kernel.NOTE_ITERATION_DONE:
             stream = self._streams[subject]
             assert stream is not None
@@ -401,8 +412,7 @@ class CompiledUnitPool:
     ) -> None:
         self.calls = calls
         self.unit = unit
-        self.index = len(calls.pools)
-        calls.pools.append(self)
+        self.index = calls.register_pool(self)
         self.batch_cap_tokens = batch_cap_tokens
         self.replicas: list[Replica] = []
         calls.arrays.pool_floats[self.index, kernel.PF_INBOUND_BYTES_PER_TOKEN] = inbound_bytes_per_token
