@@ -400,11 +400,8 @@ class AttentionReplicaStream(Stream):
         if not self.serving:
             self._stop_busy()
             return
-        batch, preemptions = self.schedule()
-        if preemptions:
-            self.host.on_tokens(self, 0, 0, preemptions)
-        if not batch.decodes and not batch.chunks:
-            self._stop_busy()
+        batch = self._next_batch()
+        if batch is None:
             return
         self._batch = batch
         self.iteration_start_s = self.env.now

@@ -572,6 +572,17 @@ class Stream:
         """Schedule and start the next iteration, or go idle."""
         raise NotImplementedError
 
+    def _next_batch(self) -> Batch | None:
+        """The next iteration's batch (its preemptions reported), or None: nothing to run, the stream
+        goes idle."""
+        batch, preemptions = self.schedule()
+        if preemptions:
+            self.host.on_tokens(self, 0, 0, preemptions)
+        if not batch.decodes and not batch.chunks:
+            self._stop_busy()
+            return None
+        return batch
+
 
 class InstanceStream(Stream):
     """A stream whose every unit is dedicated and co-located (a model-level instance, or one pipeline
@@ -700,11 +711,8 @@ class InstanceStream(Stream):
             return
         if self.fast_forward and self._try_run():
             return
-        batch, preemptions = self.schedule()
-        if preemptions:
-            self.host.on_tokens(self, 0, 0, preemptions)
-        if not batch.decodes and not batch.chunks:
-            self._stop_busy()
+        batch = self._next_batch()
+        if batch is None:
             return
         self.iteration_start_s = self.env.now
         tokens = batch.num_tokens
