@@ -198,10 +198,17 @@ class CallState(structref.StructRefProxy):
 
     @classmethod
     def of(cls, arrays: CallArrays) -> CallState:
-        return cls(*arrays)
+        return _new_call_state(*arrays)
 
 
 structref.define_proxy(CallState, _CallStateType, list(CallArrays._fields))
+
+
+@njit(cache=True)
+def _new_call_state(*arrays: Any) -> CallState:
+    """``CallState(*arrays)`` built in compiled code, so that numba's cache keeps the constructor (the
+    proxy's own ``__new__`` compiles it anew in every process: ~0.6 s)."""
+    return CallState(*arrays)
 
 
 # ---------------------------------------------------------------------- event heap
