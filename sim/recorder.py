@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numba import njit
 
 from opscale.sim.hardware import GPUSpec
 from opscale.sim.metrics import SLO, IntervalMetrics, RunSummary, UnitIntervalMetrics
@@ -68,15 +69,31 @@ def gap_bins(values_s: np.ndarray) -> np.ndarray:
     return np.minimum(NUM_BINS - 1, scaled.astype(np.int64))
 
 
+@njit(cache=True)
+def _quantile_bin(counts: np.ndarray, quantile: float) -> int:
+    """Bin holding the value of rank ``floor(q * (n - 1))`` (0-based) among the binned values; -1 when
+    there are none. Compiled: it runs for every finished request, over ~700 bins."""
+    total = 0
+    last = -1
+    for i in range(counts.size):
+        if counts[i]:
+            total += counts[i]
+            last = i
+    if total == 0:
+        return -1
+    target = math.floor(quantile * (total - 1)) + 1
+    cumulative = 0
+    for i in range(counts.size):
+        cumulative += counts[i]
+        if cumulative >= target:
+            return i
+    return last
+
+
 def _histogram_quantile(counts: np.ndarray, quantile: float) -> float:
     """Quantile (linear rank ``q * (n - 1)``, as ``numpy.percentile``) of binned values."""
-    used = np.flatnonzero(counts)
-    if used.size == 0:
-        return 0.0
-    cumulative = np.cumsum(counts[used])
-    rank = quantile * (int(cumulative[-1]) - 1)
-    position = int(np.searchsorted(cumulative, math.floor(rank) + 1))
-    return float(BIN_VALUES_S[used[min(position, used.size - 1)]])
+    index = _quantile_bin(counts, quantile)
+    return 0.0 if index < 0 else float(BIN_VALUES_S[index])
 
 
 class StreamGaps:
