@@ -26,10 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
+from typing import TypeVar
 
 import numpy as np
 
 from opscale.sim.hardware import GPU_CATALOG, GPUSpec
+
+#: A fraction or an array of them.
+FractionT = TypeVar("FractionT", float, np.ndarray)
 
 __all__ = [
     "POWER_PRESETS",
@@ -111,6 +115,14 @@ def _check_fraction(name: str, value: np.ndarray) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
+def _powered_w(levels: GpuPowerProfile, busy: FractionT, compute: FractionT) -> FractionT:
+    """Power of a powered GPU (floats or arrays alike)."""
+    active_w = (1.0 - compute) * (levels.memory_bound_w - levels.idle_w) + compute * (
+        levels.compute_bound_w - levels.idle_w
+    )
+    return levels.idle_w + busy * active_w
+
+
 @dataclass(frozen=True)
 class PowerModel:
     """Per-GPU power as a function of utilisation and of how compute-bound the work is.
@@ -159,11 +171,7 @@ class PowerModel:
         compute = np.asarray(compute_bound_fraction, dtype=np.float64)
         _check_fraction("busy_fraction", busy)
         _check_fraction("compute_bound_fraction", compute)
-        levels = self.profile(gpu)
-        active_w = (1.0 - compute) * (levels.memory_bound_w - levels.idle_w) + compute * (
-            levels.compute_bound_w - levels.idle_w
-        )
-        return np.where(np.asarray(powered, dtype=bool), levels.idle_w + busy * active_w, 0.0)
+        return np.where(np.asarray(powered, dtype=bool), _powered_w(self.profile(gpu), busy, compute), 0.0)
 
     def power_w(
         self, gpu: GPUSpec, busy_fraction: float, compute_bound_fraction: float, powered: bool = True
@@ -175,7 +183,12 @@ class PowerModel:
         :param powered: ``False`` for a released GPU (draws 0 W).
         :raises ValueError: for fractions outside [0, 1].
         """
-        return float(self.power_w_array(gpu, busy_fraction, compute_bound_fraction, powered))
+        # plain floats: the engine asks this per GPU and interval, and 0-d arrays cost ~10x more
+        busy, compute = float(busy_fraction), float(compute_bound_fraction)
+        for name, value in (("busy_fraction", busy), ("compute_bound_fraction", compute)):
+            if not 0.0 <= value <= 1.0:  # (NaN fails too)
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        return _powered_w(self.profile(gpu), busy, compute) if powered else 0.0
 
     def energy_j(
         self, gpu: GPUSpec, duration_s: float, busy_fraction: float, compute_bound_fraction: float

@@ -37,6 +37,19 @@ def test_power_rises_linearly_with_busy_time_and_compute_share() -> None:
     assert power.power_w(gpu, 0.5, 0.5) == pytest.approx(75 + 0.5 * (0.5 * 305 + 0.5 * 625))
 
 
+def test_scalar_power_is_the_array_power_bit_for_bit() -> None:
+    power, rng = PowerModel(), np.random.default_rng(0)
+    for gpu in (get_gpu("a100"), get_gpu("h100")):
+        busy, compute = rng.random(200), rng.random(200)
+        powered = rng.random(200) < 0.8
+        array = power.power_w_array(gpu, busy, compute, powered)
+        scalars = [
+            power.power_w(gpu, float(b), float(c), bool(p))
+            for b, c, p in zip(busy, compute, powered, strict=True)
+        ]
+        assert np.array_equal(array, scalars)
+
+
 def test_energy_integrates_power() -> None:
     power, gpu = PowerModel(), get_gpu("a100")
     assert power.energy_j(gpu, 3600.0, 0.5, 0.0) == pytest.approx(3600 * (63 + 0.5 * 187))
@@ -53,6 +66,10 @@ def test_bad_inputs_are_rejected() -> None:
         power.power_w(gpu, 1.2, 0.0)
     with pytest.raises(ValueError, match="compute_bound_fraction must lie in"):
         power.power_w(gpu, 0.5, -0.1)
+    with pytest.raises(ValueError, match="busy_fraction must lie in"):
+        power.power_w(gpu, float("nan"), 0.0, powered=False)
+    with pytest.raises(ValueError, match="compute_bound_fraction must lie in"):
+        power.power_w_array(gpu, np.array([0.5, 0.5]), np.array([0.2, np.inf]))
     with pytest.raises(ValueError, match="exceeds powered time"):
         power.energy_from_busy_time_j(gpu, 1.0, 0.8, 0.8)
     with pytest.raises(ValueError, match=r"unknown power preset 'max'.*splitwise-constants"):
