@@ -395,10 +395,7 @@ class AttentionReplicaStream(Stream):
         self._batch_tokens = 0
 
     def _next_iteration(self) -> None:
-        if self.draining and self.host.on_stream_drained(self):
-            return
-        if not self.serving:
-            self._stop_busy()
+        if not self._may_run():
             return
         batch = self._next_batch()
         if batch is None:

@@ -572,6 +572,16 @@ class Stream:
         """Schedule and start the next iteration, or go idle."""
         raise NotImplementedError
 
+    def _may_run(self) -> bool:
+        """False when the stream stops instead of running an iteration: drained (the host retires it)
+        or not serving (it goes idle)."""
+        if self.draining and self.host.on_stream_drained(self):
+            return False
+        if not self.serving:
+            self._stop_busy()
+            return False
+        return True
+
     def _next_batch(self) -> Batch | None:
         """The next iteration's batch (its preemptions reported), or None: nothing to run, the stream
         goes idle."""
@@ -704,10 +714,7 @@ class InstanceStream(Stream):
         return busy
 
     def _next_iteration(self) -> None:
-        if self.draining and self.host.on_stream_drained(self):
-            return
-        if not self.serving:
-            self._stop_busy()
+        if not self._may_run():
             return
         if self.fast_forward and self._try_run():
             return
