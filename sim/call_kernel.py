@@ -31,6 +31,9 @@ import numpy as np
 from numba import njit, types
 from numba.experimental import structref
 from numpy.typing import NDArray
+from simpy.events import NORMAL
+
+from opscale.sim.cluster import BUSY_S, BUSY_SINCE, COMPUTE_BOUND_S
 
 __all__ = [
     "NOTE_GROW",
@@ -48,11 +51,12 @@ __all__ = [
 I_EID = 0  # next event id (shared with SimPy)
 I_HEAP_N = 1  # events in the heap
 I_PHASE = 2  # 1: a pool call ended and its jobs are being continued
-I_RESUME_SLOT = 3  # that call's replica
-I_RESUME_JOB = 4  # next job to continue
-I_RESUME_JOBS = 5  # jobs in the call
-I_NOTE_ARG = 6  # the stream or replica a note is about
-NUM_INTS = 7
+I_RESUME_HOME = 3  # that call's replica's home GPU and pool (kept here, not read from the replica's row:
+I_RESUME_POOL = 4  # a released replica's row may be reused before its jobs are continued)
+I_RESUME_JOB = 5  # next job to continue
+I_RESUME_JOBS = 6  # jobs in the call
+I_NOTE_ARG = 7  # the stream or replica a note is about
+NUM_INTS = 8
 # ---------------------------------------------------------------------- floats (scalars)
 F_NOW = 0
 F_FACTOR = 1  # contention factor (0: no sharing slowdown)
@@ -135,7 +139,7 @@ FloatArray = NDArray[np.float64]
 
 
 class CallArrays(NamedTuple):
-    """The compiled loop's state (crosses into numba as a plain tuple of its fields)."""
+    """The compiled loop's state (compiled code takes it as a :class:`CallState`, one reference)."""
 
     ints: IntArray  # NUM_INTS
     floats: FloatArray  # NUM_FLOATS
@@ -334,7 +338,7 @@ def _sharing_start(k: CallState, replica: int, work_s: float, fixed_s: float, co
     for g in range(tp):
         gpu = replica_ints[replica, R_GPU0 + g]
         if gpu_busy[gpu] == 0:
-            gpu_floats[gpu, 0] = now
+            gpu_floats[gpu, BUSY_SINCE] = now
         gpu_busy[gpu] += 1
     replica_floats[replica, RF_REMAINING] = work_s
     replica_floats[replica, RF_UPDATED] = now
@@ -377,9 +381,11 @@ def _sharing_end(k: CallState, replica: int) -> None:
     for g in range(tp):
         gpu = replica_ints[replica, R_GPU0 + g]
         gpu_busy[gpu] -= 1
-        gpu_floats[gpu, 2] += compute_bound_s
+        gpu_floats[gpu, COMPUTE_BOUND_S] += compute_bound_s
         if gpu_busy[gpu] == 0:
-            gpu_floats[gpu, 1] += max(0.0, now - replica_floats[replica, RF_FIXED] - gpu_floats[gpu, 0])
+            gpu_floats[gpu, BUSY_S] += max(
+                0.0, now - replica_floats[replica, RF_FIXED] - gpu_floats[gpu, BUSY_SINCE]
+            )
     if k.floats[F_FACTOR] != 0.0:
         affected = k.affected
         count = 0
@@ -606,7 +612,8 @@ def _begin(
     attention_s: float,
     host_s: float,
 ) -> None:
-    """PooledStream._next_iteration's start: the batch's sizes, attention's kernel and host times."""
+    """An iteration's start (AttentionReplicaStream._next_iteration, then PooledStream._walk's first
+    step): the batch's sizes, attention's kernel and host times."""
     stream_ints = k.stream_ints
     stream_ints[stream, S_BATCH_TOKENS] = batch_tokens
     stream_ints[stream, S_SEQUENCES] = sequences
@@ -661,8 +668,7 @@ def _continue_jobs(k: CallState) -> bool:
     job's iteration ended (reported; the rest continues at the next call)."""
     ints = k.ints
     stream_ints = k.stream_ints
-    replica = ints[I_RESUME_SLOT]
-    home = k.replica_ints[replica, R_HOME]
+    home = ints[I_RESUME_HOME]
     jobs = k.resume_jobs
     for j in range(ints[I_RESUME_JOB], ints[I_RESUME_JOBS]):
         stream = jobs[j]
@@ -673,7 +679,7 @@ def _continue_jobs(k: CallState) -> bool:
             ints[I_NOTE_ARG] = stream
             return True
     ints[I_PHASE] = 0
-    pool = k.replica_ints[replica, R_POOL]
+    pool = ints[I_RESUME_POOL]
     if k.pool_ints[pool, P_QUEUE_LEN] and k.pool_ints[pool, P_IDLE]:
         _dispatch(k, pool)
     return False
@@ -717,10 +723,13 @@ def run(
     while ints[I_HEAP_N]:
         time_s = times[0]
         event_id = ids[0, 0]
-        # calls are NORMAL (1) priority events
+        # calls are NORMAL priority events
         if not (
             time_s < limit_s
-            or (time_s == limit_s and (limit_priority > 1 or (limit_priority == 1 and event_id < limit_id)))
+            or (
+                time_s == limit_s
+                and (limit_priority > NORMAL or (limit_priority == NORMAL and event_id < limit_id))
+            )
         ):
             return NOTE_NONE
         if ints[I_HEAP_N] + margin > times.shape[0]:
@@ -753,7 +762,8 @@ def run(
         jobs = replica_ints[replica, R_JOBS]
         k.resume_jobs[:jobs] = k.call_jobs[replica, :jobs]
         ints[I_PHASE] = 1
-        ints[I_RESUME_SLOT] = replica
+        ints[I_RESUME_HOME] = replica_ints[replica, R_HOME]
+        ints[I_RESUME_POOL] = pool
         ints[I_RESUME_JOB] = 0
         ints[I_RESUME_JOBS] = jobs
         if replica_ints[replica, R_RELEASE]:

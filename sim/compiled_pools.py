@@ -31,8 +31,6 @@ from opscale.sim.streams import Batch, IterationTimer, StreamHost
 
 __all__ = ["CallEnvironment", "CompiledCalls", "CompiledPooledStream", "CompiledUnitPool"]
 
-#: Smallest kernel-time table (tokens); tables grow by doubling, as IterationTimer's do.
-_MIN_TABLE_TOKENS = 4096
 #: :func:`call_kernel.run`'s arguments when no iteration starts first
 _NO_START = (-1, 0, 0, 0, False, 0.0, 0.0)
 
@@ -89,6 +87,12 @@ class CompiledCalls:
     :param timer: ``tp -> IterationTimer`` for the cluster's GPU type.
     """
 
+    #: first row counts (the arrays double past them)
+    initial_replicas = 16
+    initial_streams = 8
+    #: smallest kernel-time table (tokens); tables grow by doubling, as IterationTimer's do
+    min_table_tokens = 4096
+
     def __init__(
         self,
         env: CallEnvironment,
@@ -126,7 +130,7 @@ class CompiledCalls:
         floats[kernel.F_LAYERS] = model.num_layers
         ints = np.zeros(kernel.NUM_INTS, dtype=np.int64)
         env._eid = _EventIds(ints, next(env._eid))  # type: ignore[assignment]
-        replicas, streams, max_tp = 16, 8, 1
+        replicas, streams, max_tp = self.initial_replicas, self.initial_streams, 1
         self._replicas: list[Replica | None] = []
         self._streams: list[CompiledPooledStream | None] = []
         self._free_replicas: list[int] = []
@@ -135,7 +139,7 @@ class CompiledCalls:
         self._filled: set[tuple[int, int]] = set()
         self._max_job = 0
         #: a stream ending its iteration (its next one starts at the next run), and that start's arguments
-        self._deferred = -1
+        self._deferred: CompiledPooledStream | None = None
         self._pending = _NO_START
         # (the scalar arrays are never reallocated)
         self._ints = ints
@@ -153,7 +157,7 @@ class CompiledCalls:
             pool_floats=np.zeros((num_pools, kernel.NUM_POOL_FLOATS)),
             queue=np.zeros((num_pools, streams), dtype=np.int64),
             idle=np.zeros((num_pools, replicas), dtype=np.int64),
-            tables=np.zeros((num_pools, max_tp + 1, _MIN_TABLE_TOKENS)),
+            tables=np.zeros((num_pools, max_tp + 1, self.min_table_tokens)),
             thresholds=np.zeros((num_pools, max_tp + 1), dtype=np.int64),
             stream_ints=np.zeros((streams, kernel.NUM_STREAM_INTS), dtype=np.int64),
             stream_floats=np.zeros((streams, kernel.NUM_STREAM_FLOATS)),
@@ -183,7 +187,7 @@ class CompiledCalls:
         capacity = len(self.arrays.heap_times)
         if size + 2 * self._margin <= capacity:
             return
-        capacity = max(2 * capacity, size + 4 * self._margin)
+        capacity = self._heap_capacity_for(size, capacity)
         times = np.zeros(capacity)
         ids = np.zeros((capacity, 2), dtype=np.int64)
         times[:size] = self.arrays.heap_times[:size]
@@ -191,9 +195,14 @@ class CompiledCalls:
         self._set(heap_times=times, heap_ids=ids)
         self._heap_capacity = capacity
 
+    def _heap_capacity_for(self, size: int, capacity: int) -> int:
+        """A regrown heap's capacity, for ``size`` events (a test hook: smaller capacities make the
+        loop stop for room more often)."""
+        return max(2 * capacity, size + 4 * self._margin)
+
     def _grow_rows(self, replicas: int, streams: int, max_tp: int) -> None:
         a = self.arrays
-        old_streams = a.call_jobs.shape[1]
+        old_streams = a.queue.shape[1]
         old_tp = a.replica_ints.shape[1] - kernel.R_GPU0
 
         def grown(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -234,7 +243,7 @@ class CompiledCalls:
         length = a.tables.shape[2]
         if need < length:
             return
-        length = max(_MIN_TABLE_TOKENS, 1 << int(need).bit_length())
+        length = max(self.min_table_tokens, 1 << int(need).bit_length())
         self._set(tables=np.zeros((a.tables.shape[0], a.tables.shape[1], length)))
         filled, self._filled = self._filled, set()
         for pool, tp in filled:
@@ -243,9 +252,7 @@ class CompiledCalls:
     def _fill(self, pool: int, tp: int) -> None:
         if (pool, tp) in self._filled:
             return
-        if tp >= self.arrays.tables.shape[1]:
-            replicas, streams = self.arrays.call_jobs.shape
-            self._grow_rows(replicas, streams, tp)
+        # (add_replica has grown the tables' TP axis to the replica's TP)
         unit = self.pools[pool].unit
         timer = self.timer(tp)
         length = self.arrays.tables.shape[2]
@@ -339,9 +346,9 @@ class CompiledCalls:
             self._max_job = job
             self._cover_tokens()
         start = (slot, tokens, stream.sequences, vision, bool(batch.chunks), attention_s, host_s)
-        if self._deferred == slot:
+        if self._deferred is stream:
             self._pending = start
-            self._deferred = -1
+            self._deferred = None
             return
         while not kernel.start_iteration(self._state, self.env.now, self._margin, *start):
             self._fit_heap()
@@ -381,9 +388,9 @@ class CompiledCalls:
         if note == kernel.NOTE_ITERATION_DONE:
             stream = self._streams[subject]
             assert stream is not None
-            self._deferred = subject
+            self._deferred = stream
             stream._end_iteration()
-            self._deferred = -1
+            self._deferred = None
         else:
             replica = self._replicas[subject]
             assert replica is not None and replica.on_released is not None

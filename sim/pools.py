@@ -68,23 +68,18 @@ class Link:
         self._pairs: dict[tuple[int, int], tuple[float, float]] = {}
 
     def matrices(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per GPU pair ``(latency_s, bandwidth_bytes_per_s)`` as :meth:`time_s` uses them (infinite
-        bandwidth where no link is crossed; the diagonal is never read)."""
+        """Per GPU pair ``(latency_s, bandwidth_bytes_per_s)`` of :meth:`time_s`'s link: the node's link
+        inside a node, the interconnect across nodes (the diagonal, never read: 0 and infinite)."""
         spec = self.cluster
-        num_gpus = spec.num_gpus
-        node_of = np.array([spec.node_of(gpu) for gpu in range(num_gpus)])
-        latency = np.zeros((num_gpus, num_gpus))
-        bandwidth = np.full((num_gpus, num_gpus), np.inf)
-        members = {int(node): np.flatnonzero(node_of == node) for node in np.unique(node_of)}
-        for node_a, gpus_a in members.items():
-            for node_b, gpus_b in members.items():
-                pairs = [(a, b) for a in gpus_a[:2] for b in gpus_b[:2] if a != b]
-                link = spec.link_between(int(pairs[0][0]), int(pairs[0][1])) if pairs else None
-                if link is None:
-                    continue
-                block = np.ix_(node_of == node_a, node_of == node_b)
-                latency[block] = link.latency_s
-                bandwidth[block] = link.bandwidth_bytes_per_s
+        node_of = np.array([spec.node_of(gpu) for gpu in range(spec.num_gpus)])
+        latency = np.full((node_of.size, node_of.size), spec.interconnect.latency_s)
+        bandwidth = np.full((node_of.size, node_of.size), spec.interconnect.bandwidth_bytes_per_s)
+        for index, node in enumerate(spec.nodes):
+            block = np.ix_(node_of == index, node_of == index)
+            latency[block] = node.link.latency_s
+            bandwidth[block] = node.link.bandwidth_bytes_per_s
+        np.fill_diagonal(latency, 0.0)
+        np.fill_diagonal(bandwidth, np.inf)
         return latency, bandwidth
 
     def time_s(self, src: int, dst: int, num_bytes: float, hops: int) -> float:

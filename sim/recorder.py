@@ -91,7 +91,8 @@ def _quantile_bin(counts: np.ndarray, quantile: float) -> int:
 
 
 def _histogram_quantile(counts: np.ndarray, quantile: float) -> float:
-    """Quantile (linear rank ``q * (n - 1)``, as ``numpy.percentile``) of binned values."""
+    """Quantile of binned values: the value of rank ``floor(q * (n - 1))``, numpy's ``"lower"``
+    percentile, read as its bin's centre (0 when there are none)."""
     index = _quantile_bin(counts, quantile)
     return 0.0 if index < 0 else float(BIN_VALUES_S[index])
 

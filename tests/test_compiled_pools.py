@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from opscale.sim.compiled_pools import CompiledPooledStream, CompiledUnitPool
+from opscale.sim import call_kernel
+from opscale.sim.compiled_pools import CompiledCalls, CompiledPooledStream, CompiledUnitPool
 from opscale.sim.config import SimConfig
 from opscale.sim.deployment import Deployment, Placement, ScalingAction, UnitAction
 from opscale.sim.engine import DiscreteEventSimulator
-from opscale.sim.hardware import ClusterSpec
+from opscale.sim.hardware import ClusterSpec, NodeSpec, get_gpu
 from opscale.sim.models import UnitKind, get_model
-from opscale.sim.pools import PooledStream, UnitPool
+from opscale.sim.pools import Link, PooledStream, UnitPool
 from opscale.traces.trace import RequestTrace
 
 PLACEMENTS = list(Placement)
@@ -123,8 +124,8 @@ def test_compiled_calls_are_the_default_and_exponential_service_keeps_the_python
 
 
 def test_compiled_state_grows_past_its_first_sizes() -> None:
-    """More replicas and streams than the first allocation (16 replicas, 8 streams), long batches
-    (kernel-time tables past 4,096 tokens) and a busy event heap."""
+    """More replicas and streams than the first allocation (16 replicas, 8 streams) and long batches
+    (kernel-time tables past 4,096 tokens)."""
     model = get_model("llama-2-7b")
     replicas = {u: 3 for u in model.units} | {UnitKind.ATTENTION: 10}
     deployment = Deployment.operator_level(
@@ -137,3 +138,46 @@ def test_compiled_state_grows_past_its_first_sizes() -> None:
     assert arrays.replica_ints.shape[0] > 16 and arrays.stream_ints.shape[0] > 8
     assert arrays.tables.shape[2] > 4096
     assert compiled == _run(False, "llama-2-7b", deployment, trace)[0]
+
+
+def test_compiled_loop_grows_every_array_mid_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows for one replica and one stream, 1-token tables and a heap with three events to spare: every
+    growth path runs, the loop's stops for heap room included, and the run is still the Python one."""
+    monkeypatch.setattr(CompiledCalls, "initial_replicas", 1)
+    monkeypatch.setattr(CompiledCalls, "initial_streams", 1)
+    monkeypatch.setattr(CompiledCalls, "min_table_tokens", 1)
+    monkeypatch.setattr(
+        CompiledCalls, "_heap_capacity_for", lambda self, size, capacity: size + self._margin + 3
+    )
+    grow_stops = 0
+    run = call_kernel.run
+
+    def counting_run(*args: Any) -> int:
+        nonlocal grow_stops
+        note = run(*args)
+        grow_stops += note == call_kernel.NOTE_GROW
+        return note
+
+    monkeypatch.setattr(call_kernel, "run", counting_run)
+    model = get_model("llama-2-7b")
+    deployment = Deployment.operator_level(
+        "llama-2-7b", "a100", replicas={u: 2 for u in model.units} | {UnitKind.ATTENTION: 3}, num_nodes=1
+    )
+    trace = _trace(400, 40.0, seed=9)
+    compiled, _ = _run(True, "llama-2-7b", deployment, trace, gpus_per_node=4)
+    assert grow_stops > 0
+    assert compiled == _run(False, "llama-2-7b", deployment, trace, gpus_per_node=4)[0]
+
+
+def test_link_matrices_give_every_pairs_transfer_time() -> None:
+    """Nodes of different GPU types (so different NVLink figures) and sizes, and the interconnect."""
+    cluster = ClusterSpec(
+        nodes=(NodeSpec(get_gpu("a100"), 2), NodeSpec(get_gpu("h100"), 3), NodeSpec(get_gpu("a100"), 1))
+    )
+    link = Link(cluster)
+    latency, bandwidth = link.matrices()
+    for src in range(cluster.num_gpus):
+        for dst in range(cluster.num_gpus):
+            expected = link.time_s(src, dst, 1e6, 3)
+            if src != dst:
+                assert 3 * latency[src, dst] + 1e6 / bandwidth[src, dst] == expected
