@@ -26,7 +26,7 @@ from opscale.sim.call_kernel import CallArrays
 from opscale.sim.cluster import ClusterState, Replica, ReplicaState
 from opscale.sim.config import ContentionModel, SimConfig
 from opscale.sim.models import ModelSpec, UnitKind
-from opscale.sim.pools import AttentionReplicaStream, UnitStats
+from opscale.sim.pools import AttentionReplicaStream, ReplicaLifecycle, UnitStats
 from opscale.sim.streams import Batch, IterationTimer, StreamHost
 
 __all__ = ["CallEnvironment", "CompiledCalls", "CompiledPooledStream", "CompiledUnitPool"]
@@ -398,7 +398,7 @@ class CompiledCalls:
         return True
 
 
-class CompiledUnitPool:
+class CompiledUnitPool(ReplicaLifecycle):
     """:class:`~opscale.sim.pools.UnitPool`'s interface over the compiled call loop.
 
     :param calls: the loop.
@@ -433,42 +433,31 @@ class CompiledUnitPool:
         replica.state = ReplicaState.SERVING
         self.calls.ready(self.index, replica)
 
-    def drain(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
-        was_loading = replica.state is ReplicaState.LOADING
-        replica.state = ReplicaState.DRAINING
+    def _drop_idle(self, replica: Replica) -> None:
         a = self.calls.arrays
-        slot = replica.kernel_slot
         idle = a.idle[self.index]
         count = int(a.pool_ints[self.index, kernel.P_IDLE])
         for j in range(count):
-            if idle[j] == slot:
+            if idle[j] == replica.kernel_slot:
                 idle[j : count - 1] = idle[j + 1 : count].copy()
                 a.pool_ints[self.index, kernel.P_IDLE] = count - 1
                 break
-        if not self.calls.busy(replica) or was_loading:
-            self.release(replica, on_released)
-        else:
-            replica.on_released = on_released
-            a.replica_ints[slot, kernel.R_RELEASE] = 1
 
-    def release(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
-        replica.state = ReplicaState.RELEASED
-        self.replicas.remove(replica)
+    def _release_when_done(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
+        replica.on_released = on_released
+        self.calls.arrays.replica_ints[replica.kernel_slot, kernel.R_RELEASE] = 1
+
+    def _forget(self, replica: Replica) -> None:
         self.calls.release_replica(replica)
-        on_released(replica)
 
     def set_batch_cap(self, cap: int) -> None:
-        self.batch_cap_tokens = cap
+        super().set_batch_cap(cap)
         for replica in self.replicas:
-            replica.batch_cap_tokens = cap
             self.calls.arrays.replica_ints[replica.kernel_slot, kernel.R_CAP] = cap
         self.calls._cover_tokens()
 
     def is_busy(self, replica: Replica) -> bool:
         return self.calls.busy(replica)
-
-    def count(self, state: ReplicaState) -> int:
-        return sum(1 for r in self.replicas if r.state is state)
 
     @property
     def stats(self) -> UnitStats:

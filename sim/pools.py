@@ -35,7 +35,15 @@ from opscale.sim.models import ModelSpec, UnitKind
 from opscale.sim.sharing import GpuSharing
 from opscale.sim.streams import Batch, IterationTimer, Stream, StreamHost
 
-__all__ = ["AttentionReplicaStream", "Link", "PoolClient", "PooledStream", "UnitPool", "UnitStats"]
+__all__ = [
+    "AttentionReplicaStream",
+    "Link",
+    "PoolClient",
+    "PooledStream",
+    "ReplicaLifecycle",
+    "UnitPool",
+    "UnitStats",
+]
 
 
 class PoolClient(Protocol):
@@ -94,7 +102,56 @@ class Link:
         return hops * pair[0] + num_bytes / pair[1]
 
 
-class UnitPool:
+class ReplicaLifecycle:
+    """A unit pool's replicas: draining, release and batch caps, the rules :class:`UnitPool` and
+    :class:`opscale.sim.compiled_pools.CompiledUnitPool` share. Subclasses keep the idle list and the
+    busy flags, which is where they differ."""
+
+    unit: UnitKind
+    replicas: list[Replica]
+    batch_cap_tokens: int
+
+    def drain(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
+        """Stop giving ``replica`` work; ``on_released`` runs once it is idle (at once if it is)."""
+        was_loading = replica.state is ReplicaState.LOADING
+        replica.state = ReplicaState.DRAINING
+        self._drop_idle(replica)
+        if not self.is_busy(replica) or was_loading:
+            self.release(replica, on_released)
+        else:
+            self._release_when_done(replica, on_released)
+
+    def release(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
+        """``replica`` leaves the pool; ``on_released`` runs."""
+        replica.state = ReplicaState.RELEASED
+        self.replicas.remove(replica)
+        self._forget(replica)
+        on_released(replica)
+
+    def count(self, state: ReplicaState) -> int:
+        return sum(1 for r in self.replicas if r.state is state)
+
+    def set_batch_cap(self, cap: int) -> None:
+        self.batch_cap_tokens = cap
+        for replica in self.replicas:
+            replica.batch_cap_tokens = cap
+
+    def is_busy(self, replica: Replica) -> bool:
+        raise NotImplementedError
+
+    def _drop_idle(self, replica: Replica) -> None:
+        """Take a draining ``replica`` off the idle list, if it is there."""
+        raise NotImplementedError
+
+    def _release_when_done(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
+        """Release a draining ``replica`` when its running call ends."""
+        raise NotImplementedError
+
+    def _forget(self, replica: Replica) -> None:
+        """Drop what the pool keeps of a released replica beyond its list entry."""
+
+
+class UnitPool(ReplicaLifecycle):
     """Replicas of one stateless unit with a shared queue.
 
     :param env: the SimPy environment.
@@ -157,32 +214,15 @@ class UnitPool:
         self.idle.append(replica)
         self.dispatch()
 
-    def drain(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
-        """Stop giving ``replica`` work; ``on_released`` runs once it is idle (at once if it is)."""
-        was_loading = replica.state is ReplicaState.LOADING
-        replica.state = ReplicaState.DRAINING
-        if replica in self.idle:
-            self.idle.remove(replica)
-        if not replica.busy or was_loading:
-            self._release(replica, on_released)
-        else:
-            replica.on_released = on_released
-
-    def _release(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
-        replica.state = ReplicaState.RELEASED
-        self.replicas.remove(replica)
-        on_released(replica)
-
-    def count(self, state: ReplicaState) -> int:
-        return sum(1 for r in self.replicas if r.state is state)
-
-    def set_batch_cap(self, cap: int) -> None:
-        self.batch_cap_tokens = cap
-        for replica in self.replicas:
-            replica.batch_cap_tokens = cap
-
     def is_busy(self, replica: Replica) -> bool:
         return replica.busy
+
+    def _drop_idle(self, replica: Replica) -> None:
+        if replica in self.idle:
+            self.idle.remove(replica)
+
+    def _release_when_done(self, replica: Replica, on_released: Callable[[Replica], None]) -> None:
+        replica.on_released = on_released
 
     # ------------------------------------------------------------------ work
     def _note_queue(self) -> None:
@@ -334,7 +374,7 @@ class UnitPool:
         self.stats.service_s += busy_s
         replica.busy_s += busy_s
         if replica.state is ReplicaState.DRAINING and replica.on_released is not None:
-            self._release(replica, replica.on_released)
+            self.release(replica, replica.on_released)
         else:
             self.idle.append(replica)
         for job in jobs:
