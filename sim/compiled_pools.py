@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import simpy
@@ -31,8 +31,19 @@ from opscale.sim.streams import Batch, IterationTimer, StreamHost
 
 __all__ = ["CallEnvironment", "CompiledCalls", "CompiledPooledStream", "CompiledUnitPool"]
 
+_T = TypeVar("_T")
 #: :func:`call_kernel.run`'s arguments when no iteration starts first
 _NO_START = (-1, 0, 0, 0, False, 0.0, 0.0)
+
+
+def _take_slot(slots: list[_T | None], free: list[int], item: _T) -> int:
+    """Put ``item`` in a freed slot if there is one, else in a new one at the end; its index."""
+    if free:
+        slot = free.pop()
+        slots[slot] = item
+        return slot
+    slots.append(item)
+    return len(slots) - 1
 
 
 class _EventIds:
@@ -270,12 +281,7 @@ class CompiledCalls:
 
     def add_replica(self, replica: Replica, pool: int, stream: int = -1) -> None:
         """Give ``replica`` a row (``pool`` -1: an attention replica, of ``stream``)."""
-        if self._free_replicas:
-            slot = self._free_replicas.pop()
-            self._replicas[slot] = replica
-        else:
-            slot = len(self._replicas)
-            self._replicas.append(replica)
+        slot = _take_slot(self._replicas, self._free_replicas, replica)
         rows, columns = self.arrays.replica_ints.shape
         if slot >= rows or replica.tp > columns - kernel.R_GPU0:
             self._grow_rows(max(rows, 2 * slot), self.arrays.call_jobs.shape[1], replica.tp)
@@ -301,15 +307,10 @@ class CompiledCalls:
         replica.kernel_slot = -1
 
     def add_stream(self, stream: CompiledPooledStream) -> int:
-        if self._free_streams:
-            slot = self._free_streams.pop()
-            self._streams[slot] = stream
-        else:
-            slot = len(self._streams)
-            self._streams.append(stream)
-            rows = self.arrays.stream_ints.shape[0]
-            if slot >= rows:
-                self._grow_rows(self.arrays.replica_ints.shape[0], 2 * rows, 1)
+        slot = _take_slot(self._streams, self._free_streams, stream)
+        rows = self.arrays.stream_ints.shape[0]
+        if slot >= rows:
+            self._grow_rows(self.arrays.replica_ints.shape[0], 2 * rows, 1)
         self.arrays.stream_ints[slot] = 0
         self.arrays.stream_floats[slot] = 0.0
         self._cover_tokens()
